@@ -1,0 +1,574 @@
+"""Run configuration: one pydantic model per component, the paper's defaults, presets.
+
+    from scalerl.config import load_config
+    cfg = load_config("my.yaml", preset="tiny-cpu", overrides=["generation.samples_per_prompt=8"])
+
+Defaults are the paper's (Khatri et al. 2025, "The Art of Scaling RL Compute for LLMs", sec. 7 of
+../shared/SCALERL.md): 48 prompts x 16 samples, k = 8, CISPO with eps_max = 4, AdamW lr 5e-7 with
+a 100-step warmup and eps 1e-15, 12,288 thinking + 2,048 answer + 2,048 prompt tokens, interruption
+drawn in [10k, 12k], No-Positive-Resampling at pass rate 0.9, FP32 LM head, evaluation on 1,000
+held-out prompts every 100 steps.
+
+Every field carries its bounds and a one-line description (shown in the Prefect UI run form and in
+docs/CONFIG.md). Unknown keys are rejected with the closest valid name; cross-field checks name the
+field path, the value and the allowed range. Credentials never live here: S3 keys come from the
+usual AWS_* environment variables, so run.json can be shared safely.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field, the value and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "Qwen/Qwen3-8B",
+        min_length=1,
+        description="Hugging Face hub id or local directory of the policy to train ('builtin:tiny' builds a tiny local model).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Parameter dtype of the model body in generator and trainer."
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) when name_or_path is a hub id."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub repository (only for models you trust)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save trainer memory."
+    )
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        "synthetic:arithmetic",
+        min_length=1,
+        description="'synthetic:arithmetic', 'synthetic:countdown', or a .parquet/.jsonl file with prompt and answer columns.",
+    )
+    task: Literal["auto", "math", "arithmetic", "countdown"] = Field(
+        "auto",
+        description="Verifier used for rewards; 'auto' takes the synthetic task's own verifier, or 'math' for files.",
+    )
+    prompt_column: str = Field(
+        "prompt", min_length=1, description="Column holding the prompt text in a dataset file."
+    )
+    answer_column: str = Field(
+        "answer", min_length=1, description="Column holding the reference answer in a dataset file."
+    )
+    id_column: str | None = Field(
+        None, description="Column with unique prompt ids; row numbers are used when unset."
+    )
+    num_train_prompts: int = Field(
+        20_000,
+        ge=1,
+        le=10_000_000,
+        description="Training prompts generated for synthetic sources (files use all rows not held out).",
+    )
+    num_eval_prompts: int = Field(
+        1_000,
+        ge=1,
+        le=1_000_000,
+        description="Held-out prompts for validation (the paper uses 1,000).",
+    )
+    seed: int = Field(0, ge=0, description="Seed for synthetic prompts and the train/eval split.")
+
+
+class GenerationConfig(_Section):
+    engine: Literal["vllm", "transformers"] = Field(
+        "vllm",
+        description="Inference engine: vLLM for real runs, transformers as the CPU fallback.",
+    )
+    prompts_per_batch: int = Field(
+        48, ge=1, le=100_000, description="Prompts in one trainer batch (paper: 48)."
+    )
+    samples_per_prompt: int = Field(
+        16,
+        ge=2,
+        le=1_024,
+        description="Completions G per prompt; at least 2 so a group has a variance (paper: 16).",
+    )
+    completions_per_batch: int | None = Field(
+        None,
+        ge=2,
+        description="Optional cross-check: must equal prompts_per_batch x samples_per_prompt (paper: 768).",
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, le=10.0, description="Sampling temperature of the generators."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    max_prompt_tokens: int = Field(
+        2_048,
+        ge=1,
+        le=1_048_576,
+        description="Prompt length budget; longer prompts finish with reason 'length' (paper: 2,048).",
+    )
+    max_new_tokens: int = Field(
+        14_336,
+        ge=1,
+        le=1_048_576,
+        description="Completion budget, thinking plus answer (paper: 12,288 + 2,048).",
+    )
+    num_generators: int = Field(
+        1, ge=1, le=1_024, description="Generator workers launched by the run flow."
+    )
+    max_batch_size: int = Field(
+        256, ge=1, le=65_536, description="Sequences decoded concurrently by one engine."
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="Share of accelerator memory vLLM may take."
+    )
+    seed: int = Field(
+        0, ge=0, description="Base sampling seed; every sample's seed is derived from it."
+    )
+
+
+class LengthControlConfig(_Section):
+    enabled: bool = Field(
+        True,
+        description="Interruption-based length control (paper sec. 4); off means plain truncation at max_new_tokens.",
+    )
+    thinking_budget_min: int = Field(
+        10_000,
+        ge=1,
+        description="Lower end of the window the interruption point is drawn from (paper: 10k).",
+    )
+    thinking_budget_max: int = Field(
+        12_000, ge=1, description="Upper end of the interruption window (paper: 12k)."
+    )
+    answer_budget: int = Field(
+        2_048,
+        ge=1,
+        description="Tokens allowed after an interruption for the final answer (paper: 2,048).",
+    )
+    interruption_phrase: str = Field(
+        "Okay, time is up. Let me stop thinking and formulate a final answer now. </think>",
+        min_length=1,
+        description="Text appended when the thinking budget runs out.",
+    )
+    think_end: str = Field(
+        "</think>", min_length=1, description="Marker that closes the reasoning section."
+    )
+
+
+class CISPOLoss(_Section):
+    type: Literal["cispo"] = Field(
+        "cispo", description="CISPO: truncated importance sampling REINFORCE (the ScaleRL loss)."
+    )
+    eps_max: float = Field(
+        4.0,
+        gt=0.0,
+        le=1_000.0,
+        description="Upper cap on the stop-gradient importance ratio (paper: 4; 4, 5, 8 behave alike).",
+    )
+
+
+class GRPOLoss(_Section):
+    type: Literal["grpo"] = Field("grpo", description="GRPO: PPO clipped surrogate (baseline).")
+    eps: float = Field(0.2, gt=0.0, lt=1.0, description="Symmetric clip range of the ratio.")
+
+
+class DAPOLoss(_Section):
+    type: Literal["dapo"] = Field(
+        "dapo", description="DAPO: asymmetric clip-higher surrogate (baseline)."
+    )
+    eps_low: float = Field(0.2, gt=0.0, lt=1.0, description="Lower clip range.")
+    eps_high: float = Field(
+        0.28, gt=0.0, le=10.0, description="Upper clip range (DAPO: 0.26 to 0.28)."
+    )
+
+
+class GSPOLoss(_Section):
+    type: Literal["gspo"] = Field(
+        "gspo", description="GSPO: sequence-level geometric-mean ratio (baseline)."
+    )
+    eps_low: float = Field(
+        3e-4, gt=0.0, lt=1.0, description="Lower clip range of the sequence ratio."
+    )
+    eps_high: float = Field(
+        4e-4, gt=0.0, le=1.0, description="Upper clip range of the sequence ratio."
+    )
+
+
+LossConfig = Annotated[CISPOLoss | GRPOLoss | DAPOLoss | GSPOLoss, Field(discriminator="type")]
+
+
+class AlgorithmConfig(_Section):
+    loss: LossConfig = Field(
+        default_factory=CISPOLoss, description="Policy-gradient loss, chosen by its 'type' field."
+    )
+    aggregation: Literal["prompt", "sample", "token"] = Field(
+        "prompt",
+        description="Loss aggregation: prompt-level average (ScaleRL), sample average (GRPO), token average (DAPO).",
+    )
+    advantage_normalization: Literal["batch", "group", "none"] = Field(
+        "batch",
+        description="Divide group-centered advantages by the batch std (ScaleRL), the group std, or nothing.",
+    )
+    zero_variance_filter: bool = Field(
+        True, description="Drop groups whose rewards are all equal (no replacement sampling)."
+    )
+    no_positive_resampling: bool = Field(
+        True, description="Retire prompts whose pass rate reaches pass_rate_threshold."
+    )
+    pass_rate_threshold: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Pass rate at which a prompt is retired from later epochs (paper: 0.9).",
+    )
+    fp32_lm_head: bool = Field(
+        True,
+        description="Compute the LM head and log-softmax in float32 in generator and trainer (paper sec. 3.3).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_loss_type(cls, data: Any) -> Any:
+        # `algorithm.loss.eps_max=5` alone should tune the default loss, not fail on a missing tag.
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("loss"), dict)
+            and "type" not in data["loss"]
+        ):
+            data = {**data, "loss": {"type": "cispo", **data["loss"]}}
+        return data
+
+
+class PipelineConfig(_Section):
+    max_off_policy_steps: int = Field(
+        8,
+        ge=0,
+        le=1_024,
+        description="PipelineRL k: a completion with any token from policy version v_old is trained at step v only if v - v_old <= k; the trainer waits rather than run more than k steps ahead. 0 = synchronous on-policy.",
+    )
+
+
+class OptimizerConfig(_Section):
+    lr: float = Field(
+        5e-7,
+        gt=0.0,
+        le=1.0,
+        description="AdamW learning rate, constant after warmup (paper: 5e-7).",
+    )
+    warmup_steps: int = Field(
+        100, ge=0, le=1_000_000, description="Linear warmup steps (paper: 100)."
+    )
+    eps: float = Field(1e-15, gt=0.0, le=1e-3, description="AdamW epsilon (paper: 1e-15).")
+    weight_decay: float = Field(
+        0.01, ge=0.0, le=1.0, description="AdamW weight decay (paper: 0.01)."
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping by global norm.")
+
+
+class TrainerConfig(_Section):
+    micro_batch_tokens: int = Field(
+        32_768,
+        ge=1,
+        description="Token budget of one micro-batch; gradients accumulate over micro-batches.",
+    )
+    checkpoint_every: int = Field(
+        50, ge=1, description="Trainer steps between checkpoints (one is also written at shutdown)."
+    )
+    max_nan_steps: int = Field(
+        3, ge=0, description="Steps with a non-finite loss that are skipped before the run stops."
+    )
+    seed: int = Field(0, ge=0, description="Trainer seed (data order ties, dropout).")
+
+
+class EvaluationConfig(_Section):
+    every_steps: int = Field(
+        100,
+        ge=1,
+        description="Evaluate the held-out pass rate every this many trainer steps (paper: 100).",
+    )
+    samples_per_prompt: int = Field(
+        16,
+        ge=1,
+        le=1_024,
+        description="Samples per held-out prompt; the pass rate is their mean (paper: 16).",
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, le=10.0, description="Sampling temperature for evaluation."
+    )
+
+
+class StorageConfig(_Section):
+    url: str = Field(
+        "./runs",
+        min_length=1,
+        description="Root of the run store: a local path, s3://bucket/prefix, or memory:// for tests.",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, Ceph, R2); credentials come from AWS_* variables, never from here.",
+    )
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Run id; a timestamped one is generated when unset.",
+    )
+
+
+class ScheduleConfig(_Section):
+    max_steps: int = Field(
+        5_000, ge=1, le=10_000_000, description="Stop after this many trainer steps."
+    )
+    compute_budget: float | None = Field(
+        None, gt=0.0, description="Stop when this much compute (in compute_unit) is spent."
+    )
+    compute_unit: Literal["steps", "samples", "tokens", "gpu_hours"] = Field(
+        "samples", description="Compute axis of the scaling fit and of compute_budget."
+    )
+
+
+class RunConfig(_Section):
+    """A whole ScaleRL run. The flow's parameter, the YAML file and the CLI all validate against it."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Prompts and verifier.")
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig, description="Generators and sampling."
+    )
+    length_control: LengthControlConfig = Field(
+        default_factory=LengthControlConfig, description="Interruption-based length control."
+    )
+    algorithm: AlgorithmConfig = Field(
+        default_factory=AlgorithmConfig,
+        description="Loss, advantages, filtering, curriculum, precision.",
+    )
+    pipeline: PipelineConfig = Field(
+        default_factory=PipelineConfig, description="PipelineRL-k asynchrony."
+    )
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="AdamW.")
+    trainer: TrainerConfig = Field(
+        default_factory=TrainerConfig, description="Trainer memory, checkpoints, safety."
+    )
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="Held-out validation."
+    )
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, description="Object storage of the run."
+    )
+    schedule: ScheduleConfig = Field(
+        default_factory=ScheduleConfig, description="When the run ends."
+    )
+
+    @property
+    def completions_per_batch(self) -> int:
+        return self.generation.prompts_per_batch * self.generation.samples_per_prompt
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> RunConfig:
+        gen, lc = self.generation, self.length_control
+        if (
+            gen.completions_per_batch is not None
+            and gen.completions_per_batch != self.completions_per_batch
+        ):
+            raise ValueError(
+                f"generation.completions_per_batch = {gen.completions_per_batch} must equal "
+                f"generation.prompts_per_batch x generation.samples_per_prompt = "
+                f"{gen.prompts_per_batch} x {gen.samples_per_prompt} = {self.completions_per_batch}. "
+                "Fix: change one of the three, or drop completions_per_batch."
+            )
+        if lc.enabled:
+            if lc.thinking_budget_min > lc.thinking_budget_max:
+                raise ValueError(
+                    f"length_control.thinking_budget_min = {lc.thinking_budget_min} is above "
+                    f"length_control.thinking_budget_max = {lc.thinking_budget_max}; allowed range "
+                    f"[1, {lc.thinking_budget_max}]. Fix: make min <= max."
+                )
+            room = gen.max_new_tokens - lc.answer_budget
+            if lc.thinking_budget_max > room:
+                raise ValueError(
+                    f"length_control.thinking_budget_max = {lc.thinking_budget_max} puts the interruption "
+                    f"window outside the generation budget; allowed range [1, {room}] "
+                    f"(generation.max_new_tokens {gen.max_new_tokens} - length_control.answer_budget "
+                    f"{lc.answer_budget}). Fix: lower the window or raise generation.max_new_tokens."
+                )
+        loss = self.algorithm.loss
+        if isinstance(loss, DAPOLoss) and loss.eps_high < loss.eps_low:
+            raise ValueError(
+                f"algorithm.loss.eps_high = {loss.eps_high} is below eps_low = {loss.eps_low}; "
+                f"allowed range [{loss.eps_low}, 10]. Fix: DAPO's clip-higher needs eps_high >= eps_low."
+            )
+        return self
+
+
+def _tiny_cpu() -> dict[str, Any]:
+    return {
+        "model": {"name_or_path": "builtin:tiny", "dtype": "float32"},
+        "data": {
+            "source": "synthetic:arithmetic",
+            "num_train_prompts": 512,
+            "num_eval_prompts": 64,
+        },
+        "generation": {
+            "engine": "transformers",
+            "prompts_per_batch": 8,
+            "samples_per_prompt": 8,
+            "max_prompt_tokens": 32,
+            "max_new_tokens": 48,
+            "max_batch_size": 64,
+            "gpu_memory_utilization": 0.3,
+        },
+        "length_control": {
+            "thinking_budget_min": 24,
+            "thinking_budget_max": 32,
+            "answer_budget": 16,
+        },
+        "optimizer": {"lr": 1e-4, "warmup_steps": 2},
+        "trainer": {"micro_batch_tokens": 4_096, "checkpoint_every": 5},
+        "evaluation": {"every_steps": 5, "samples_per_prompt": 4},
+        "schedule": {"max_steps": 30, "compute_unit": "samples"},
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's recipe as published (sec. 7); point model.name_or_path at your base model.
+    "paper": {},
+    # A whole pipeline on 2 CPU cores in minutes: tiny local model, small batches and budgets.
+    "tiny-cpu": _tiny_cpu(),
+}
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_LOSS_TYPES = {"cispo": CISPOLoss, "grpo": GRPOLoss, "dapo": DAPOLoss, "gspo": GSPOLoss}
+
+
+def _model_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `path` (for 'did you mean' suggestions)."""
+    if len(path) == 3 and path[:2] == ("algorithm", "loss") and path[2] in _LOSS_TYPES:
+        return _LOSS_TYPES[str(path[2])]
+    model: type[BaseModel] | None = RunConfig
+    for part in path:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+    return model
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    full = tuple(err["loc"])
+    loc = tuple(p for p in full if p not in _LOSS_TYPES)
+    path = ".".join(str(p) for p in loc) or "<config>"
+    if err["type"] == "union_tag_invalid":
+        tags = ", ".join(sorted(_LOSS_TYPES))
+        return f"{path}.type = {err['ctx']['tag']!r} is not a known loss; valid: {tags}"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(full[:-1])
+        valid = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = (
+            f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?"
+            if close
+            else f"valid keys here: {', '.join(valid)}"
+        )
+        return f"unknown key '{path}'; {hint}"
+    if err["type"] == "value_error":  # our cross-field checks carry their own path and fix
+        return str(err["msg"]).removeprefix("Value error, ")
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    return f"{path} = {shown}: {err['msg']}"
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict into a RunConfig, turning pydantic's report into a ConfigError."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(e) for e in exc.errors()]
+        raise ConfigError("invalid run configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'generation.samples_per_prompt=8' -> (['generation', 'samples_per_prompt'], 8)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
+        raise ConfigError(
+            f"override '{item}' is not of the form section.field=value. Fix: e.g. generation.samples_per_prompt=8"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = _deep_merge({}, data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None, *, preset: str | None = None, overrides: list[str] | None = None
+) -> RunConfig:
+    """Preset, then YAML file, then dotted overrides; validated once at the end."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            close = difflib.get_close_matches(preset, list(PRESETS), n=1)
+            hint = f" Fix: did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown preset '{preset}'; valid presets: {', '.join(PRESETS)}.{hint}"
+            )
+        data = _deep_merge(data, PRESETS[preset])
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist. Fix: pass the path of a YAML file.")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"config file {p} is not valid YAML ({exc.__class__.__name__}). Fix: check its syntax."
+            ) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {p} must hold a mapping of sections (model:, data:, ...), not {type(loaded).__name__}."
+            )
+        data = _deep_merge(data, loaded)
+    return validate_config(apply_overrides(data, overrides or []))
+
+
+def dump_config(config: RunConfig) -> str:
+    """YAML text of a config, loadable again by load_config."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,92 @@
+"""Render docs/CONFIG.md from the RunConfig schema (`scalerl config docs -o docs/CONFIG.md`).
+
+The document is generated, never edited by hand; tests/scalerl/test_config.py fails when it is stale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from scalerl.config import _LOSS_TYPES, PRESETS, AlgorithmConfig, RunConfig
+
+_BOUNDS = (
+    ("ge", ">="),
+    ("gt", ">"),
+    ("le", "<="),
+    ("lt", "<"),
+    ("min_length", "len >="),
+    ("pattern", "matches"),
+)
+
+
+def _bounds(info: FieldInfo) -> str:
+    parts = []
+    for meta in info.metadata:
+        for attr, sym in _BOUNDS:
+            value = getattr(meta, attr, None)
+            if value is not None:
+                parts.append(f"{sym} `{value}`" if attr == "pattern" else f"{sym} {value}")
+    return ", ".join(parts)
+
+
+def _type_name(info: FieldInfo) -> str:
+    text = str(info.annotation).replace("typing.", "")
+    for prefix in ("<class '",):
+        text = text.replace(prefix, "").replace("'>", "")
+    return text.replace("|", "\\|")
+
+
+def _default(info: FieldInfo) -> str:
+    if info.default_factory is not None:
+        value: Any = info.default_factory()
+        return "see below" if isinstance(value, BaseModel) else repr(value)
+    return repr(info.default)
+
+
+def _table(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = ["| field | type | default | bounds | description |", "|---|---|---|---|---|"]
+    for name, info in model.model_fields.items():
+        rows.append(
+            f"| `{prefix}{name}` | {_type_name(info)} | `{_default(info)}` | {_bounds(info)} | {info.description or ''} |"
+        )
+    return rows
+
+
+def render_config_markdown() -> str:
+    out = [
+        "# Run configuration reference",
+        "",
+        "Generated from `scalerl.config.RunConfig` by `scalerl config docs -o docs/CONFIG.md`; do not edit",
+        "by hand. Defaults are the paper's (ScaleRL, Khatri et al. 2025). Load a YAML file with the same",
+        "sections, start from a preset (`--preset`), and override single fields with",
+        "`--set section.field=value`. Unknown keys are rejected with the closest valid name.",
+        "",
+        f"Presets: {', '.join(f'`{name}`' for name in PRESETS)}.",
+        "",
+    ]
+    for section, info in RunConfig.model_fields.items():
+        model = info.annotation
+        out += [f"## `{section}`", "", info.description or "", ""]
+        if model is AlgorithmConfig:
+            out += _table(model, f"{section}.")
+            out += ["", "`algorithm.loss` is chosen by its `type`:", ""]
+            for loss_type, loss_model in _LOSS_TYPES.items():
+                out += [f"### `algorithm.loss.type: {loss_type}`", ""]
+                out += _table(loss_model, "algorithm.loss.")
+                out.append("")
+        else:
+            out += _table(model, f"{section}.")
+            out.append("")
+    for name, overrides in PRESETS.items():
+        out += [f"## Preset `{name}`", ""]
+        if not overrides:
+            out += ["The defaults above, unchanged.", ""]
+            continue
+        for section, fields in overrides.items():
+            for field, value in fields.items():
+                out.append(f"- `{section}.{field}` = `{value!r}`")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

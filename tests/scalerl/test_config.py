@@ -1,0 +1,182 @@
+"""RunConfig: the paper's defaults, presets, YAML + overrides, and the messages bad input gets."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scalerl.config import PRESETS, ConfigError, RunConfig, dump_config, load_config
+from scalerl.config_docs import render_config_markdown
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_the_papers_table():
+    # ../shared/SCALERL.md section 7, written out here rather than read from the code.
+    cfg = RunConfig()
+    assert cfg.generation.prompts_per_batch == 48
+    assert cfg.generation.samples_per_prompt == 16
+    assert cfg.completions_per_batch == 768
+    assert cfg.pipeline.max_off_policy_steps == 8
+    assert cfg.algorithm.loss.type == "cispo"
+    assert cfg.algorithm.loss.eps_max == 4.0
+    assert cfg.optimizer.lr == 5e-7
+    assert cfg.optimizer.warmup_steps == 100
+    assert cfg.optimizer.eps == 1e-15
+    assert cfg.optimizer.weight_decay == 0.01
+    assert cfg.generation.max_prompt_tokens == 2048
+    assert cfg.generation.max_new_tokens == 12288 + 2048
+    assert cfg.length_control.answer_budget == 2048
+    assert (cfg.length_control.thinking_budget_min, cfg.length_control.thinking_budget_max) == (
+        10_000,
+        12_000,
+    )
+    assert cfg.length_control.interruption_phrase == (
+        "Okay, time is up. Let me stop thinking and formulate a final answer now. </think>"
+    )
+    assert cfg.algorithm.pass_rate_threshold == 0.9
+    assert cfg.algorithm.aggregation == "prompt"
+    assert cfg.algorithm.advantage_normalization == "batch"
+    assert cfg.algorithm.zero_variance_filter is True
+    assert cfg.algorithm.no_positive_resampling is True
+    assert cfg.algorithm.fp32_lm_head is True
+    assert cfg.data.num_eval_prompts == 1000
+    assert cfg.evaluation.samples_per_prompt == 16
+    assert cfg.evaluation.every_steps == 100
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_validates(preset):
+    cfg = load_config(preset=preset)
+    assert (
+        cfg.completions_per_batch
+        == cfg.generation.prompts_per_batch * cfg.generation.samples_per_prompt
+    )
+
+
+def test_tiny_cpu_is_small():
+    cfg = load_config(preset="tiny-cpu")
+    assert cfg.model.name_or_path == "builtin:tiny"
+    assert cfg.completions_per_batch <= 128
+    assert cfg.generation.max_new_tokens <= 64
+
+
+def test_yaml_then_overrides_in_that_order(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"generation": {"samples_per_prompt": 4, "temperature": 0.7}}))
+    cfg = load_config(
+        path,
+        preset="tiny-cpu",
+        overrides=["generation.samples_per_prompt=2", "algorithm.loss.eps_max=8"],
+    )
+    assert cfg.generation.samples_per_prompt == 2  # override beats file
+    assert cfg.generation.temperature == 0.7  # file beats preset/default
+    assert cfg.generation.prompts_per_batch == 8  # preset beats default
+    assert cfg.algorithm.loss.eps_max == 8.0
+
+
+def test_switching_the_loss_by_type():
+    cfg = load_config(overrides=["algorithm.loss={type: dapo, eps_high: 0.26}"])
+    assert cfg.algorithm.loss.type == "dapo"
+    assert (cfg.algorithm.loss.eps_low, cfg.algorithm.loss.eps_high) == (0.2, 0.26)
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(preset="tiny-cpu", overrides=["algorithm.loss={type: gspo}"])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["generation.samples_per_promt=8"],
+            "unknown key 'generation.samples_per_promt'; did you mean 'generation.samples_per_prompt'?",
+        ),
+        (
+            ["algorithm.loss.eps=0.3"],
+            "unknown key 'algorithm.loss.eps'; did you mean 'algorithm.loss.eps_max'?",
+        ),
+        (["modle.dtype=float32"], "unknown key 'modle'; did you mean 'model'?"),
+        (
+            ["pipeline.max_off_policy_steps=-1"],
+            "pipeline.max_off_policy_steps = -1: Input should be greater than or equal to 0",
+        ),
+        (
+            ["algorithm.loss.eps_max=0"],
+            "algorithm.loss.eps_max = 0: Input should be greater than 0",
+        ),
+        (
+            ["algorithm.loss.type=ppo"],
+            "algorithm.loss.type = 'ppo' is not a known loss; valid: cispo, dapo, grpo, gspo",
+        ),
+        (
+            ["generation.samples_per_prompt=1"],
+            "generation.samples_per_prompt = 1: Input should be greater than or equal to 2",
+        ),
+        (
+            ["generation.completions_per_batch=700"],
+            "generation.completions_per_batch = 700 must equal generation.prompts_per_batch x "
+            "generation.samples_per_prompt = 48 x 16 = 768",
+        ),
+        (
+            ["length_control.thinking_budget_max=13000"],
+            "length_control.thinking_budget_max = 13000 puts the interruption window outside the generation "
+            "budget; allowed range [1, 12288]",
+        ),
+        (
+            ["length_control.thinking_budget_min=12001"],
+            "length_control.thinking_budget_min = 12001 is above length_control.thinking_budget_max = 12000",
+        ),
+        (
+            ["algorithm.loss={type: dapo, eps_low: 0.3, eps_high: 0.2}"],
+            "algorithm.loss.eps_high = 0.2 is below eps_low = 0.3",
+        ),
+        (["storage.run_id=../escape"], "storage.run_id = '../escape': String should match pattern"),
+        (
+            ["algorithm.aggregation=sequence"],
+            "algorithm.aggregation = 'sequence': Input should be 'prompt', 'sample' or 'token'",
+        ),
+    ],
+)
+def test_bad_values_get_the_documented_message(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert expected in str(info.value)
+
+
+def test_bad_files_and_presets(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generation: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listing)
+    with pytest.raises(ConfigError, match="did you mean 'tiny-cpu'"):
+        load_config(preset="tiny_cpu")
+    with pytest.raises(ConfigError, match="not of the form section.field=value"):
+        load_config(overrides=["samples_per_prompt"])
+
+
+def test_config_docs_are_current():
+    committed = (REPO / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    assert committed == render_config_markdown(), (
+        "docs/CONFIG.md is stale: run `scalerl config docs -o docs/CONFIG.md`"
+    )
+
+
+def test_every_field_has_a_description():
+    def walk(model, prefix=""):
+        for name, info in model.model_fields.items():
+            assert info.description, f"{prefix}{name} has no description"
+            ann = info.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(RunConfig)
