@@ -17,6 +17,7 @@ usual AWS_* environment variables, so run.json can be shared safely.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -447,12 +448,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
+    """A new dict: `update` merged into `base`; neither input (nor PRESETS) is ever mutated."""
+    out = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)
     return out
 
 
