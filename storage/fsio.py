@@ -1,0 +1,182 @@
+"""Low-level file operations with the atomicity the commit protocol relies on.
+
+- write_atomic: a reader sees the old file or the whole new one. Local disk: write a
+  '.tmp-*' sibling, then os.replace. S3 and memory: a single PUT is already atomic.
+- create_exclusive: write only if absent (commit records). Local: os.link of a temp file
+  (fails if the target exists); S3: PUT with If-None-Match: * (s3fs mode="create").
+- put_unreferenced: large payloads (shard data) that need not be atomic because nothing
+  points at them until a commit record does.
+- guarded: maps botocore/s3fs failures to StorageUnreachableError / StorageCredentialsError
+  with the endpoint in the message and no secret.
+- fault_point: test seam. When SCALERL_STORAGE_FAULT equals the point's name the writer
+  sleeps there (SCALERL_STORAGE_FAULT_SLEEP seconds, default 300) so a test can SIGKILL it at
+  a known place. Costs one environment lookup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import functools
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from storage.errors import (
+    BucketNotFoundError,
+    StorageCredentialsError,
+    StorageUnreachableError,
+    StoreError,
+)
+from storage.paths import Location
+
+TMP_PREFIX = ".tmp-"
+FAULT_ENV = "SCALERL_STORAGE_FAULT"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fault_point(name: str) -> None:
+    if os.environ.get(FAULT_ENV) == name:
+        time.sleep(float(os.environ.get(FAULT_ENV + "_SLEEP", "300")))
+
+
+def tmp_name(path: str) -> str:
+    head, _, base = path.rpartition("/")
+    return f"{head}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{base}"
+
+
+def _local_parent(path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+
+def write_atomic(loc: Location, path: str, data: bytes) -> None:
+    if not loc.is_local:
+        loc.fs.pipe_file(path, data)
+        return
+    _local_parent(path)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+
+
+def create_exclusive(loc: Location, path: str, data: bytes) -> bool:
+    """Write `data` at `path` unless something is already there; return whether we wrote."""
+    if not loc.is_local:
+        try:
+            loc.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+    _local_parent(path)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)  # atomic, and fails instead of replacing
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (some network/FUSE mounts): O_EXCL + one write
+            with open(path, "xb") as f:
+                f.write(data)
+    except FileExistsError:
+        return False
+    finally:
+        _unlink_quiet(tmp)
+    return True
+
+
+def put_unreferenced(loc: Location, path: str, data: bytes, fault: str) -> None:
+    """Upload a payload that no reader can see yet (nothing refers to it), in one PUT."""
+    fault_point(fault + ".before")
+    loc.fs.pipe_file(path, data)
+
+
+def read_bytes(loc: Location, path: str) -> bytes:
+    return loc.fs.cat_file(path)
+
+
+def _unlink_quiet(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def mtime(info: dict) -> float:
+    """Modification time (epoch s) from an fsspec info dict of any of our backends."""
+    for key in ("mtime", "LastModified", "created"):
+        value = info.get(key)
+        if isinstance(value, dt.datetime):
+            return value.timestamp()
+        if isinstance(value, int | float):
+            return float(value)
+    return 0.0
+
+
+def ls(loc: Location, path: str) -> list[dict]:
+    """Children of `path` with details; [] if it does not exist."""
+    try:
+        return loc.fs.ls(path, detail=True)
+    except FileNotFoundError as err:
+        if "bucket" in str(err).lower():
+            raise  # a missing bucket is an error, not an empty directory
+        return []
+
+
+def basename(info: dict) -> str:
+    return info["name"].rstrip("/").rsplit("/", 1)[-1]
+
+
+def _translate(loc: Location, err: BaseException) -> StoreError | None:
+    names = {c.__name__ for c in type(err).__mro__}
+    where = f"{loc.url_of(loc.root)} (endpoint {loc.endpoint})"
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"} or (
+        loc.protocol == "s3" and names & {"ReadTimeoutError", "ConnectionError"}
+    ):
+        return StorageUnreachableError(
+            f"object storage at {where} does not answer ({type(err).__name__}). Fix: check the "
+            "endpoint URL (AWS_ENDPOINT_URL or storage_options client_kwargs.endpoint_url), "
+            "that the server is running, and the network between here and there."
+        )
+    if names & {"NoCredentialsError", "PartialCredentialsError"}:
+        return StorageCredentialsError(
+            f"no credentials found for {where}. Fix: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass storage_options key/secret."
+        )
+    if loc.protocol == "s3" and isinstance(err, PermissionError):
+        return StorageCredentialsError(
+            f"access to {where} was denied (credentials rejected or lacking permission). "
+            "Fix: check the access key and that it may list, read and write this bucket."
+        )
+    if loc.protocol == "s3" and isinstance(err, FileNotFoundError) and "bucket" in str(err):
+        return BucketNotFoundError(
+            f"bucket of {where} does not exist. Fix: create it (e.g. `aws s3 mb`) "
+            "or correct the storage URL."
+        )
+    return None
+
+
+def guarded(method: F) -> F:
+    """Decorate a method of an object with a `_loc` attribute: translate storage failures."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except Exception as err:
+            mapped = _translate(self._loc, err)
+            if mapped is None:
+                raise
+            # `from None`: provider messages may quote request headers; keep them out.
+            raise mapped from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,368 @@
+"""The run store: every durable artifact of a ScaleRL run, under one root URL.
+
+    from storage import open_store
+    store = open_store("s3://bucket/runs")           # or "./runs", "memory://t"
+    run = store.run("run-1", create=True)
+    run.commit_shard("raw", "gen0-000001", table)    # atomic, idempotent
+    for info in run.list_shards("raw"): table = run.read_shard("raw", info.key)
+
+Layout under {root}/{run_id}/ (every name is checked against [A-Za-z0-9._-]):
+
+    .scalerl-run.json                      marks the directory as a run (written on create)
+    run.json                               config snapshot (write_config)
+    prompts/{split}.parquet                PROMPT_SCHEMA (write_prompts)
+    shards/{stage}/data/{key}.{attempt}.parquet   rollout data (storage/shards.py)
+    shards/{stage}/commits/{key}.json      commit records; only these make a shard visible
+    weights/v{N}/... + _MANIFEST.json      policy weights; weights/LATEST points at newest
+    checkpoints/step-{N}/... + _MANIFEST.json    trainer checkpoints (+ checkpoints/LATEST)
+    curriculum/v{N}.json                   curriculum state, one file per version
+    metrics/{name}/part-{time_ns}-{id}.parquet   appended metric rows
+    .tmp-*                                 in-flight local writes; orphans if old
+
+Files are written so that a reader sees all of one or none of it (storage/fsio.py). Files
+the store did not write raise ForeignFileError when they sit where it looks. A writer killed
+mid-way leaves only orphans; clean_orphans() deletes those older than a threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage import fsio
+from storage.dirs import ManifestDirs
+from storage.errors import (
+    BucketNotFoundError,
+    CommitConflictError,
+    ForeignFileError,
+    InvalidInputError,
+    NotCommittedError,
+    RunNotFoundError,
+)
+from storage.fsio import guarded
+from storage.paths import Location, open_location, validate_name
+from storage.schema import PROMPT_SCHEMA, check_columns
+from storage.shards import ShardInfo, Shards
+
+RUN_MARKER = ".scalerl-run.json"
+_CURRICULUM_RE = re.compile(r"v(0|[1-9][0-9]*)\.json")
+_PART_RE = re.compile(r"part-[0-9]{19}-[0-9a-f]{8}\.parquet")
+
+
+def open_store(url: str = "./runs", *, storage_options: dict | None = None) -> RunStore:
+    """Open the run store at `url` (local path, file://, s3://bucket/prefix, memory://)."""
+    return RunStore(open_location(url, storage_options))
+
+
+def _json_bytes(value: object, what: str) -> bytes:
+    try:
+        return json.dumps(value, sort_keys=True, indent=1, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(
+            f"{what} is not JSON-serializable ({e}). Fix: pass plain dicts, lists, strings, "
+            "finite numbers, booleans and None (e.g. config.model_dump(mode='json'))."
+        ) from None
+
+
+class RunStore:
+    """All runs under one root URL."""
+
+    def __init__(self, loc: Location) -> None:
+        self._loc = loc
+        self.url = loc.url_of(loc.root)
+
+    @guarded
+    def check(self) -> None:
+        """Probe the storage: raise StorageUnreachableError, StorageCredentialsError or
+        BucketNotFoundError (naming the endpoint, never the secret) if it cannot be used."""
+        if self._loc.protocol != "s3":
+            fsio.ls(self._loc, self._loc.root)
+            return
+        bucket = self._loc.root.split("/", 1)[0]
+        try:
+            self._loc.fs.call_s3("head_bucket", Bucket=bucket)  # one request, any bucket size
+        except FileNotFoundError:
+            raise BucketNotFoundError(
+                f"bucket {bucket!r} does not exist at {self._loc.endpoint}. Fix: create it "
+                "(e.g. `aws s3 mb s3://BUCKET`) or correct the storage URL."
+            ) from None
+
+    @guarded
+    def run(self, run_id: str, *, create: bool = False) -> Run:
+        path = self._loc.join(validate_name(run_id, "run id"))
+        if not self._loc.fs.exists(f"{path}/{RUN_MARKER}"):
+            if not create:
+                raise RunNotFoundError(
+                    f"run {run_id!r} does not exist under {self.url}. Fix: check the id "
+                    f"(existing: {self.list_runs()[:10]}) or pass create=True."
+                )
+            marker = _json_bytes({"run_id": run_id, "created_at": time.time()}, "marker")
+            fsio.create_exclusive(self._loc, f"{path}/{RUN_MARKER}", marker)
+        return Run(self._loc, run_id)
+
+    @guarded
+    def list_runs(self) -> list[str]:
+        names = [fsio.basename(i) for i in fsio.ls(self._loc, self._loc.root)]
+        names = [n for n in names if not n.startswith(".")]
+        return sorted(n for n in names if self._loc.fs.exists(f"{self._loc.join(n)}/{RUN_MARKER}"))
+
+
+class Run:
+    """One run's directory. Obtain it from RunStore.run(run_id)."""
+
+    def __init__(self, loc: Location, run_id: str) -> None:
+        self._loc, self.run_id = loc, run_id
+        self._root = loc.join(run_id)
+        self.url = loc.url_of(self._root)
+        self._shards = Shards(loc, self._root, run_id)
+        self._weights = ManifestDirs(loc, f"{self._root}/weights", "v", "weights")
+        self._ckpts = ManifestDirs(loc, f"{self._root}/checkpoints", "step-", "checkpoint")
+
+    def __repr__(self) -> str:
+        return f"Run({self.url!r})"
+
+    # -- config and prompts ----------------------------------------------------------------
+
+    @guarded
+    def write_config(self, config: dict, *, overwrite: bool = False) -> None:
+        """Write run.json. Rewriting identical content is a no-op; different content raises
+        CommitConflictError unless overwrite=True."""
+        if not isinstance(config, dict):
+            raise InvalidInputError(
+                f"config must be a dict, got {type(config).__name__}. "
+                "Fix: pass config.model_dump(mode='json')."
+            )
+        data, path = _json_bytes(config, "config"), f"{self._root}/run.json"
+        if overwrite:
+            fsio.write_atomic(self._loc, path, data)
+        elif not fsio.create_exclusive(self._loc, path, data) and (
+            self.read_config() != json.loads(data)
+        ):
+            raise CommitConflictError(
+                f"{self._loc.url_of(path)} already holds a different config. Fix: start a new "
+                "run id, or pass overwrite=True to replace the snapshot."
+            )
+
+    @guarded
+    def read_config(self) -> dict:
+        path = f"{self._root}/run.json"
+        try:
+            return json.loads(fsio.read_bytes(self._loc, path))
+        except FileNotFoundError:
+            raise NotCommittedError(
+                f"{self._loc.url_of(path)} does not exist. Fix: write_config() first."
+            ) from None
+        except ValueError:
+            raise ForeignFileError(
+                f"{self._loc.url_of(path)} is not valid JSON. Fix: move it out of the run "
+                "directory and write_config() again."
+            ) from None
+
+    @guarded
+    def write_prompts(self, split: str, table: pa.Table, *, overwrite: bool = False) -> None:
+        """Write prompts/{split}.parquet (PROMPT_SCHEMA columns, unique prompt_id)."""
+        path = f"{self._root}/prompts/{validate_name(split, 'split name')}.parquet"
+        check_columns(table, PROMPT_SCHEMA, f"prompt table {split!r}", InvalidInputError)
+        if table.num_rows != len(table.column("prompt_id").unique()):
+            raise InvalidInputError(
+                f"prompt table {split!r} has duplicate prompt_id values. Fix: give every "
+                "prompt a unique id (e.g. a hash of dataset name and row index)."
+            )
+        if not overwrite and self._loc.fs.exists(path):
+            old = self.read_prompts(split)
+            new = table.replace_schema_metadata(None)
+            if old.schema.names == new.schema.names and old.cast(new.schema).equals(new):
+                return
+            raise CommitConflictError(
+                f"{self._loc.url_of(path)} already holds different prompts. Fix: use a new "
+                "split name or run id, or pass overwrite=True."
+            )
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.replace_schema_metadata(None), sink, compression="zstd")
+        fsio.write_atomic(self._loc, path, sink.getvalue().to_pybytes())
+
+    @guarded
+    def read_prompts(self, split: str) -> pa.Table:
+        path = f"{self._root}/prompts/{validate_name(split, 'split name')}.parquet"
+        try:
+            return pq.read_table(pa.BufferReader(fsio.read_bytes(self._loc, path)))
+        except FileNotFoundError:
+            raise NotCommittedError(
+                f"prompt split {split!r} does not exist at {self._loc.url_of(path)}. "
+                "Fix: write_prompts() first."
+            ) from None
+
+    # -- shards ----------------------------------------------------------------------------
+
+    @guarded
+    def commit_shard(self, stage: str, key: str, table: pa.Table) -> ShardInfo:
+        """Commit a rollout table as shard `key` of `stage` (see storage/shards.py)."""
+        return self._shards.commit(stage, key, table)
+
+    @guarded
+    def list_shards(self, stage: str) -> list[ShardInfo]:
+        """Committed shards of `stage`, in commit order."""
+        return self._shards.list(stage)
+
+    @guarded
+    def has_shard(self, stage: str, key: str) -> bool:
+        return self._shards.has(stage, key)
+
+    @guarded
+    def read_shard(self, stage: str, key: str) -> pa.Table:
+        return self._shards.read(stage, key)
+
+    @guarded
+    def shard_urls(self, stage: str) -> list[str]:
+        """Committed data files of `stage` (full URLs) for DuckDB, polars, pyarrow.dataset."""
+        return [info.url for info in self._shards.list(stage)]
+
+    @guarded
+    def stages(self) -> list[str]:
+        return self._shards.stages()
+
+    # -- weights and checkpoints -----------------------------------------------------------
+
+    @guarded
+    def publish_weights(
+        self, version: int, local_dir: str | os.PathLike, *, overwrite: bool = False
+    ) -> None:
+        self._weights.publish(version, local_dir, overwrite=overwrite)
+
+    @guarded
+    def latest_weights_version(self) -> int | None:
+        return self._weights.latest_hint()
+
+    @guarded
+    def list_weight_versions(self) -> list[int]:
+        return self._weights.list()
+
+    @guarded
+    def download_weights(self, version: int, local_dir: str | os.PathLike) -> Path:
+        return self._weights.download(version, local_dir)
+
+    @guarded
+    def weights_url(self, version: int) -> str:
+        return self._weights.url(version)
+
+    @guarded
+    def save_checkpoint(
+        self, step: int, local_dir: str | os.PathLike, *, overwrite: bool = False
+    ) -> None:
+        self._ckpts.publish(step, local_dir, overwrite=overwrite)
+
+    @guarded
+    def latest_checkpoint_step(self) -> int | None:
+        steps = self._ckpts.list()  # resumption is rare: trust the listing, not the pointer
+        return steps[-1] if steps else None
+
+    @guarded
+    def load_checkpoint(self, step: int, local_dir: str | os.PathLike) -> Path:
+        return self._ckpts.download(step, local_dir)
+
+    @guarded
+    def list_checkpoints(self) -> list[int]:
+        return self._ckpts.list()
+
+    # -- metrics and curriculum ------------------------------------------------------------
+
+    @guarded
+    def append_metrics(self, name: str, rows: list[dict] | pa.Table) -> None:
+        """Append rows as one part file; read_metrics returns all parts in append order."""
+        base = f"{self._root}/metrics/{validate_name(name, 'metrics name')}"
+        if isinstance(rows, pa.Table):
+            table = rows
+        else:  # from_pylist would take the columns of the first row only
+            rows = list(rows)
+            names = dict.fromkeys(k for row in rows for k in row)
+            table = pa.table({n: [row.get(n) for row in rows] for n in names})
+        if table.num_rows == 0:
+            return
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        part = f"{base}/part-{time.time_ns():019d}-{uuid.uuid4().hex[:8]}.parquet"
+        fsio.write_atomic(self._loc, part, sink.getvalue().to_pybytes())
+
+    @guarded
+    def read_metrics(self, name: str) -> pa.Table:
+        base = f"{self._root}/metrics/{validate_name(name, 'metrics name')}"
+        parts = []
+        for info in fsio.ls(self._loc, base):
+            part = fsio.basename(info)
+            if part.startswith(fsio.TMP_PREFIX):
+                continue
+            if not _PART_RE.fullmatch(part):
+                raise ForeignFileError(
+                    f"{self._loc.url_of(info['name'])} is not a metrics part file. "
+                    "Fix: move it out of the run directory."
+                )
+            parts.append(f"{base}/{part}")
+        if not parts:
+            return pa.table({})
+        raws = self._loc.fs.cat(sorted(parts))
+        tables = [pq.read_table(pa.BufferReader(raws[k])) for k in sorted(raws)]
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    @guarded
+    def save_curriculum(self, state: dict, version: int) -> None:
+        """Commit curriculum state `version`; identical re-save is a no-op."""
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise InvalidInputError(f"curriculum version {version!r} is invalid. Fix: int >= 0.")
+        path = f"{self._root}/curriculum/v{version}.json"
+        data = _json_bytes({"version": version, "state": state}, "curriculum state")
+        if not fsio.create_exclusive(self._loc, path, data) and (
+            json.loads(fsio.read_bytes(self._loc, path)) != json.loads(data)
+        ):
+            raise CommitConflictError(
+                f"curriculum version {version} is already committed at "
+                f"{self._loc.url_of(path)} with a different state. Fix: save under "
+                "version + 1."
+            )
+
+    @guarded
+    def load_curriculum(self) -> tuple[int, dict] | None:
+        base, versions = f"{self._root}/curriculum", []
+        for info in fsio.ls(self._loc, base):
+            name = fsio.basename(info)
+            match = _CURRICULUM_RE.fullmatch(name)
+            if name.startswith(fsio.TMP_PREFIX):
+                continue
+            if not match:
+                raise ForeignFileError(
+                    f"{self._loc.url_of(info['name'])} is not a curriculum file (v{{N}}.json). "
+                    "Fix: move it out of the run directory."
+                )
+            versions.append(int(match.group(1)))
+        if not versions:
+            return None
+        doc = json.loads(fsio.read_bytes(self._loc, f"{base}/v{max(versions)}.json"))
+        return doc["version"], doc["state"]
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    @guarded
+    def clean_orphans(self, older_than_s: float = 3600.0) -> list[str]:
+        """Delete what dead writers left (unreferenced shard data, weight/checkpoint entries
+        without a manifest, temp files) last modified more than `older_than_s` ago. Live
+        writers finish well within the default hour. Returns the removed URLs."""
+        older_than = time.time() - older_than_s
+        doomed = self._shards.orphans(older_than)
+        doomed += self._weights.orphans(older_than) + self._ckpts.orphans(older_than)
+        if self._loc.is_local:  # only local disk has temp files; S3 PUTs are atomic
+            for dirpath, _, files in os.walk(self._root):
+                for f in files:
+                    p = os.path.join(dirpath, f)
+                    if f.startswith(fsio.TMP_PREFIX) and os.path.getmtime(p) < older_than:
+                        doomed.append(p)
+        removed = []
+        for path in dict.fromkeys(doomed):
+            self._loc.fs.rm(path, recursive=True)
+            removed.append(self._loc.url_of(path))
+        return removed

@@ -1,0 +1,203 @@
+"""Commit protocol: idempotent re-commits, conflicts, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import fsspec
+import pyarrow as pa
+import pytest
+
+import storage.shards
+from storage import open_store
+from storage.errors import (
+    CommitConflictError,
+    CorruptShardError,
+    ForeignFileError,
+    InvalidRolloutsError,
+    SchemaVersionError,
+)
+
+
+def _run(backend, run_id="r1"):
+    url, options = backend
+    return open_store(url, storage_options=options).run(run_id, create=True)
+
+
+def _fs(backend):
+    url, options = backend
+    return fsspec.url_to_fs(url, **(options or {}))[0]
+
+
+def _path(url: str) -> str:
+    return url.split("://", 1)[-1] if url.startswith("s3://") else url.replace("memory://", "/")
+
+
+def _put(fs, path: str, data: bytes) -> None:
+    if "file" in fs.protocol:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def test_identical_recommit_is_a_no_op(backend, make_rollouts):
+    run = _run(backend)
+    table = make_rollouts("r1", "k")
+    first = run.commit_shard("raw", "k", table)
+    again = run.commit_shard("raw", "k", table)
+    # Same rows, different chunking: other bytes would be written, but the content is equal.
+    rechunked = pa.concat_tables([table.slice(0, 2), table.slice(2)])
+    third = run.commit_shard("raw", "k", rechunked)
+    assert first == again == third
+    assert len(run.list_shards("raw")) == 1
+    data_dir = first.url.rsplit("/", 1)[0]
+    assert len(_fs(backend).ls(_path(data_dir))) == 1  # no second data file left behind
+
+
+def test_different_content_conflicts_and_original_is_kept(backend, make_rollouts):
+    run = _run(backend)
+    original = make_rollouts("r1", "k", seed=1)
+    info = run.commit_shard("raw", "k", original)
+    with pytest.raises(CommitConflictError, match="raw/k .*already committed.*Fix: "):
+        run.commit_shard("raw", "k", make_rollouts("r1", "k", seed=2))
+    assert run.list_shards("raw") == [info]
+    assert run.read_shard("raw", "k").to_pylist() == original.to_pylist()
+
+
+def test_config_conflict(backend):
+    run = _run(backend)
+    run.write_config({"lr": 1})
+    with pytest.raises(CommitConflictError, match="different config. Fix: "):
+        run.write_config({"lr": 2})
+    assert run.read_config() == {"lr": 1}
+    run.write_config({"lr": 2}, overwrite=True)
+    assert run.read_config() == {"lr": 2}
+
+
+def test_weights_and_curriculum_conflicts(backend, tmp_path):
+    run = _run(backend)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "m.bin").write_bytes(b"a" * 10)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "m.bin").write_bytes(b"b" * 10)
+    run.publish_weights(1, tmp_path / "a")
+    with pytest.raises(CommitConflictError, match=r"v1 is already committed.*overwrite=True"):
+        run.publish_weights(1, tmp_path / "b")
+    assert (run.download_weights(1, tmp_path / "d") / "m.bin").read_bytes() == b"a" * 10
+    run.publish_weights(1, tmp_path / "b", overwrite=True)
+    assert (run.download_weights(1, tmp_path / "e") / "m.bin").read_bytes() == b"b" * 10
+    run.save_curriculum({"x": 1}, 3)
+    with pytest.raises(CommitConflictError, match="version 3 .*Fix: save under version"):
+        run.save_curriculum({"x": 2}, 3)
+
+
+def test_rows_of_another_run_are_refused_at_commit(backend, make_rollouts):
+    run = _run(backend)
+    with pytest.raises(InvalidRolloutsError, match="rows of run 'other'.*Fix: set run_id"):
+        run.commit_shard("raw", "k", make_rollouts("other", "k"))
+    assert not run.has_shard("raw", "k")
+
+
+def test_corrupt_shard_file(backend, make_rollouts):
+    run = _run(backend)
+    info = run.commit_shard("raw", "k", make_rollouts("r1", "k"))
+    fs = _fs(backend)
+    data = fs.cat_file(_path(info.url))
+    fs.pipe_file(_path(info.url), data[: len(data) // 2])  # truncated
+    with pytest.raises(CorruptShardError, match=r"is corrupt.*Fix: delete the commit record") as e:
+        run.read_shard("raw", "k")
+    assert info.url in str(e.value)
+    fs.pipe_file(_path(info.url), b"\x00" * len(data))  # same size, garbage
+    with pytest.raises(CorruptShardError, match="is corrupt"):
+        run.read_shard("raw", "k")
+    fs.rm_file(_path(info.url))
+    with pytest.raises(CorruptShardError, match="is missing"):
+        run.read_shard("raw", "k")
+
+
+def test_corrupt_parquet_with_matching_record_is_reported(backend, make_rollouts):
+    run = _run(backend)
+    info = run.commit_shard("raw", "k", make_rollouts("r1", "k"))
+    fs = _fs(backend)
+    garbage = b"PAR1 not really parquet PAR1"
+    fs.pipe_file(_path(info.url), garbage)
+    record_path = _path(info.url).replace("/data/", "/commits/").rsplit(".", 2)[0] + ".json"
+    record = json.loads(fs.cat_file(record_path))
+    record.update(bytes=len(garbage), crc32=zlib.crc32(garbage))
+    fs.pipe_file(record_path, json.dumps(record).encode())
+    with pytest.raises(CorruptShardError, match="is not valid Parquet.*Fix: "):
+        run.read_shard("raw", "k")
+
+
+def test_schema_version_mismatch(backend, make_rollouts, monkeypatch):
+    run = _run(backend)
+    monkeypatch.setattr(storage.shards, "SCHEMA_VERSION", 2)
+    run.commit_shard("raw", "k", make_rollouts("r1", "k"))
+    monkeypatch.setattr(storage.shards, "SCHEMA_VERSION", 1)
+    with pytest.raises(SchemaVersionError, match="schema version 2, expected 1. Fix: "):
+        run.read_shard("raw", "k")
+
+
+def test_shard_copied_from_another_run(backend, make_rollouts):
+    url, options = backend
+    store = open_store(url, storage_options=options)
+    other, run = store.run("other", create=True), store.run("r1", create=True)
+    info = other.commit_shard("raw", "k", make_rollouts("other", "k"))
+    fs = _fs(backend)
+    src = _path(info.url).rsplit("/shards/", 1)
+    dst = _path(run.url) + "/shards/" + src[1]
+    _put(fs, dst, fs.cat_file(_path(info.url)))
+    record = src[0] + "/shards/raw/commits/k.json"
+    _put(fs, _path(run.url) + "/shards/raw/commits/k.json", fs.cat_file(record))
+    with pytest.raises(ForeignFileError, match="belongs to run 'other'.*move it out"):
+        run.read_shard("raw", "k")
+    with pytest.raises(ForeignFileError, match="belongs to run 'other'"):
+        run.list_shards("raw")
+
+
+@pytest.mark.parametrize(
+    ("rel", "call"),
+    [
+        ("shards/raw/commits/notes.txt", lambda r: r.list_shards("raw")),
+        ("shards/raw/commits/k.json", lambda r: r.list_shards("raw")),
+        ("shards/raw/README.md", lambda r: r.list_shards("raw")),
+        ("shards/stray.csv", lambda r: r.stages()),
+        ("metrics/train/data.csv", lambda r: r.read_metrics("train")),
+        ("weights/old-model.bin", lambda r: r.list_weight_versions()),
+        ("checkpoints/best/x.pt", lambda r: r.list_checkpoints()),
+        ("curriculum/state.json", lambda r: r.load_curriculum()),
+    ],
+)
+def test_foreign_files_are_named(backend, make_rollouts, rel, call):
+    run = _run(backend)
+    run.commit_shard("raw", "a", make_rollouts("r1", "a"))
+    path = _path(run.url) + "/" + rel
+    _put(_fs(backend), path, b"hello")
+    with pytest.raises(ForeignFileError, match="move it out of the run directory") as e:
+        call(run)
+    assert rel.rsplit("/", 1)[0] in str(e.value)
+    assert run.read_shard("raw", "a").num_rows > 0  # committed data untouched
+
+
+def test_clean_orphans_never_touches_committed_data(backend, make_rollouts, tmp_path):
+    run = _run(backend)
+    info = run.commit_shard("raw", "a", make_rollouts("r1", "a"))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "m").write_bytes(b"m")
+    run.publish_weights(0, tmp_path / "w")
+    run.save_checkpoint(5, tmp_path / "w")
+    assert run.clean_orphans(older_than_s=0) == []
+    assert run.list_shards("raw") == [info]
+    assert run.list_weight_versions() == [0] and run.list_checkpoints() == [5]
+
+
+def test_racing_writers_of_one_key_agree(backend, make_rollouts):
+    from concurrent.futures import ThreadPoolExecutor
+
+    run = _run(backend)
+    table = make_rollouts("r1", "k", n=30)
+    with ThreadPoolExecutor(4) as pool:
+        infos = list(pool.map(lambda _: run.commit_shard("raw", "k", table), range(4)))
+    assert len(set(infos)) == 1 and run.list_shards("raw") == infos[:1]
+    data_dir = infos[0].url.rsplit("/", 1)[0]
+    assert len(_fs(backend).ls(_path(data_dir))) == 1  # losers removed their attempts
