@@ -10,6 +10,7 @@ Layout under {root}/{run_id}/ (every name is checked against [A-Za-z0-9._-]):
 
     .scalerl-run.json                      marks the directory as a run (written on create)
     run.json                               config snapshot (write_config)
+    status.json                            lifecycle: running / finished / exhausted / failed
     prompts/{split}.parquet                PROMPT_SCHEMA (write_prompts)
     shards/{stage}/data/{key}.{attempt}.parquet   rollout data (storage/shards.py)
     shards/{stage}/commits/{key}.json      commit records; only these make a shard visible
@@ -163,6 +164,29 @@ class Run:
             raise ForeignFileError(
                 f"{self._loc.url_of(path)} is not valid JSON. Fix: move it out of the run "
                 "directory and write_config() again."
+            ) from None
+
+    @guarded
+    def write_status(self, status: dict) -> None:
+        """Replace status.json: the run's lifecycle as every process sees it (e.g. state
+        running / finished / exhausted / failed, reason, step). Atomic; last writer wins."""
+        if not isinstance(status, dict):
+            raise InvalidInputError(
+                f"status must be a dict, got {type(status).__name__}. Fix: pass a dict."
+            )
+        fsio.write_atomic(self._loc, f"{self._root}/status.json", _json_bytes(status, "status"))
+
+    @guarded
+    def read_status(self) -> dict | None:
+        """The last status written, or None before the first one."""
+        path = f"{self._root}/status.json"
+        try:
+            return json.loads(fsio.read_bytes(self._loc, path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise ForeignFileError(
+                f"{self._loc.url_of(path)} is not valid JSON. Fix: move it out of the run directory."
             ) from None
 
     @guarded

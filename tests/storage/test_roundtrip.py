@@ -169,3 +169,14 @@ def test_s3_endpoint_and_credentials_from_aws_environment(s3_options, monkeypatc
     assert [
         i.key for i in open_store("s3://scalerl-test/from-env").run("r1").list_shards("raw")
     ] == ["k"]
+
+
+def test_status_is_replaced_atomically(tmp_path):
+    from storage import open_store
+
+    run = open_store(str(tmp_path)).run("r-status", create=True)
+    assert run.read_status() is None
+    run.write_status({"state": "running", "step": 1})
+    run.write_status({"state": "finished", "step": 3, "reason": "max_steps"})
+    assert run.read_status() == {"state": "finished", "step": 3, "reason": "max_steps"}
+    assert open_store(str(tmp_path)).run("r-status").read_status()["state"] == "finished"
