@@ -184,5 +184,7 @@ def test_every_field_has_a_description():
 
 def test_overrides_never_mutate_the_presets():
     before = repr(PRESETS)
-    load_config(preset="tiny-cpu", overrides=["generation.samples_per_prompt=3", "evaluation.every_steps=7"])
+    load_config(
+        preset="tiny-cpu", overrides=["generation.samples_per_prompt=3", "evaluation.every_steps=7"]
+    )
     assert repr(PRESETS) == before

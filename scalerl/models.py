@@ -1,0 +1,225 @@
+"""Policy models: a deterministic tiny model for tests/demos, and the loader for real ones.
+
+Usage::
+
+    path = build_tiny_model(tmp_dir / "tiny", seed=0)      # Qwen2-shaped, character tokenizer
+    model, tokenizer = load_policy(str(path))              # or a hub id such as "Qwen/Qwen3-0.6B"
+
+The tiny model exists because nothing can be downloaded here: tests, CI and the CPU demo
+need a real causal LM that transformers and vLLM both load. It is a Qwen2 architecture with
+random weights drawn from ``seed`` (same seed -> byte-identical safetensors) and a
+character-level tokenizer: every ASCII character is one token (any other character one token
+per UTF-8 byte), plus single tokens for the end of sequence, ``<think>``, ``</think>`` and
+padding.
+``head_dim`` is 64 because vLLM's CPU attention rejects 16, and ``max_position_embeddings``
+must cover prompt + completion (RoPE past it gives NaN logprobs in vLLM).
+
+``load_policy`` is the one loading path for hub ids and local directories; it turns the
+usual failure modes into a ``ModelLoadError`` that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Heads that make an architecture a next-token predictor; anything else (BertModel,
+# BertForMaskedLM, ...) cannot generate.
+_CAUSAL_ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+class ModelLoadError(ValueError):
+    """A policy model or tokenizer cannot be used; the message says why and how to fix it."""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet of byte-level BPE vocabularies."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+def tiny_vocab() -> dict[str, int]:
+    """The tiny tokenizer's vocabulary: the special tokens, then one token per byte."""
+    vocab = {tok: i for i, tok in enumerate((EOS_TOKEN, PAD_TOKEN, THINK_START, THINK_END))}
+    for byte in range(256):
+        vocab[_bytes_to_unicode()[byte]] = len(vocab)
+    return vocab
+
+
+def build_tiny_tokenizer():
+    """A character-level (byte-level BPE without merges) Qwen2 tokenizer.
+
+    transformers routes every ``qwen2`` model to ``Qwen2Tokenizer`` whatever the saved class
+    says, so the tiny tokenizer *is* a Qwen2Tokenizer: its regex + byte-level pre-tokenizer
+    with an empty merge list maps each ASCII character to one token (non-ASCII characters to
+    one token per UTF-8 byte), and AutoTokenizer and vLLM load it back unchanged.
+    """
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    tokenizer = Qwen2Tokenizer(
+        vocab=tiny_vocab(), merges=[], eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=None
+    )
+    # The think markers are text that the verifier and the length controller must see in
+    # decoded output, so they are single added tokens that are not "special" (not skipped).
+    tokenizer.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t in (THINK_START, THINK_END)]
+    )
+    return tokenizer
+
+
+def build_tiny_model(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+    max_position_embeddings: int = 4096,
+    intermediate_size: int | None = None,
+    kv_heads: int | None = None,
+    vocab_size: int | None = None,
+    tie_word_embeddings: bool = True,
+) -> Path:
+    """Write a random Qwen2 causal LM + character tokenizer to ``path``; return the path.
+
+    Deterministic: the same arguments give byte-identical ``model.safetensors``.
+    ``vocab_size`` above the tokenizer's size pads the embedding (for real-model shapes,
+    e.g. Qwen2-0.5B's 151,936 in benchmarks); padded ids decode to nothing.
+    """
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    if hidden_size % heads:
+        raise ValueError(
+            f"hidden_size {hidden_size} is not divisible by heads {heads}. "
+            "Fix: choose heads so that hidden_size / heads is an integer (64 works with vLLM CPU)."
+        )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(
+            f"vocab_size {vocab_size} < {len(tokenizer)} tokenizer tokens. Fix: leave it None."
+        )
+    config = Qwen2Config(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        head_dim=hidden_size // heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _looks_local(name_or_path: str) -> bool:
+    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
+
+
+def check_causal_lm_config(config, name_or_path: str) -> None:
+    """Raise ModelLoadError unless ``config`` describes a decoder that can generate text."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = list(getattr(config, "architectures", None) or [])
+    model_type = getattr(config, "model_type", "?")
+    not_causal = (
+        (archs and not any(a.endswith(_CAUSAL_ARCH_SUFFIXES) for a in archs))
+        or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        # BERT-family configs register a causal head but are encoders unless is_decoder.
+        or getattr(config, "is_decoder", None) is False
+    )
+    if not_causal:
+        raise ModelLoadError(
+            f"model {name_or_path} is not a causal language model (model_type={model_type}, "
+            f"architectures={archs or None}). Fix: pass a decoder-only causal LM checkpoint "
+            "(e.g. a Qwen2/Qwen3/Llama *ForCausalLM)."
+        )
+
+
+def load_tokenizer(name_or_path: str):
+    """AutoTokenizer for ``name_or_path``; ModelLoadError if it has no end-of-sequence token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"cannot load a tokenizer from {name_or_path}: {type(e).__name__}. "
+            "Fix: make sure the directory (or hub repo) contains tokenizer.json / tokenizer_config.json."
+        ) from e
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(
+            f"tokenizer of {name_or_path} has no end-of-sequence token, so completions could "
+            "never stop. Fix: set eos_token in tokenizer_config.json (or save the tokenizer "
+            "with eos_token=...)."
+        )
+    return tokenizer
+
+
+def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"):
+    """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode.
+
+    Raises ModelLoadError for a missing path, an unknown dtype, a model that is not a causal
+    LM, or a tokenizer without an end-of-sequence token.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}. Fix: use one of {sorted(_DTYPES)}.")
+    name_or_path = str(name_or_path)
+    if _looks_local(name_or_path):
+        local = Path(name_or_path).expanduser()
+        if not (local / "config.json").is_file():
+            what = "does not exist" if not local.exists() else "has no config.json"
+            raise ModelLoadError(
+                f"model path {local} {what}. Fix: pass a local directory containing "
+                "config.json and weights (e.g. from build_tiny_model or save_pretrained) or a hub id."
+            )
+        name_or_path = str(local)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"cannot load a model config for {name_or_path}: {type(e).__name__}. Fix: pass an "
+            "existing local directory or a hub id reachable from this machine (HF_HUB_OFFLINE "
+            "and HF_HOME decide where hub ids are looked up)."
+        ) from e
+    check_causal_lm_config(config, name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
+    return model.to(device).eval(), tokenizer
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    """Map a dtype name ("float32", "bfloat16", "float16") to a torch dtype."""
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}. Fix: use one of {sorted(_DTYPES)}.")
+    return _DTYPES[dtype]
