@@ -20,6 +20,7 @@ usual failure modes into a ``ModelLoadError`` that names the problem and the fix
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -184,6 +185,12 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+# from_pretrained builds the model under a process-wide meta-device context: two threads loading
+# at once (generator, trainer and evaluator share a process under Prefect's thread pool) leave one
+# with meta tensors ("Cannot copy out of meta tensor"). Loads are serialized.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"):
     """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode.
 
@@ -214,7 +221,8 @@ def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu
         ) from e
     check_causal_lm_config(config, name_or_path)
     tokenizer = load_tokenizer(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
+    with _LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
     return model.to(device).eval(), tokenizer
 
 

@@ -1,0 +1,396 @@
+"""The persistent PipelineRL-k trainer: consume ready shards, step, publish v+1, log, checkpoint.
+
+    trainer = Trainer(cfg, run_id="r1", source=..., publisher=..., checkpoints=..., metrics=...)
+    summary = trainer.train()       # resumes from the newest checkpoint if there is one
+
+The four collaborators are Protocols (batch.ShardSource, WeightPublisher, MetricsSink,
+checkpoint.CheckpointStore); tasks/trainer_io.py implements them over the run store, so this
+package never touches storage. Versions: weights v = the policy after v optimizer steps; step v
+trains policy v on completions with v - min_version <= k and publishes v + 1 (batch.py).
+
+What happens when:
+- not enough fresh groups: wait, polling every poll_interval_s, doubling up to
+  max_poll_interval_s (reset when a new shard arrives); stop (checkpoint, return) when
+  should_stop() says so or nothing trainable arrived for idle_timeout_s.
+- every group of a batch has zero variance: no optimizer step, no new version; the groups are
+  consumed (they would never help) and counted in the next metrics row.
+- non-finite loss or gradient norm: step skipped (weights unchanged), counted; more than
+  trainer.max_nan_steps such steps in a run -> checkpoint, then NonFiniteLossError.
+- a rejected shard (foreign run, schema, corrupt, unscored): skipped, counted, in the ledger.
+- checkpoints every trainer.checkpoint_every steps and at every clean stop; resume restores
+  weights, AdamW, scheduler, RNG, step, ledger and the shard buffer, so training continues
+  bit-identically (on CPU with deterministic algorithms).
+- under torchrun (WORLD_SIZE > 1) the policy is sharded with FSDP2 (distributed.py); rank 0
+  publishes, logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from scalerl.config import RunConfig
+from scalerl.models import load_policy, torch_dtype
+from scalerl.trainer import distributed
+from scalerl.trainer.batch import Batch, BatchAssembler, ShardRejected, ShardSource, rollout_stats
+from scalerl.trainer.checkpoint import (
+    CheckpointStore,
+    TrainerState,
+    model_dir,
+    restore_training_state,
+    write_checkpoint,
+)
+from scalerl.trainer.optim import build_optimizer, build_scheduler
+from scalerl.trainer.step import PolicyLogprobs, StepOutput, StepSpec, train_step
+
+log = logging.getLogger(__name__)
+
+
+class WeightPublisher(Protocol):
+    def publish(self, version: int, model, tokenizer, state_dict: dict | None = None) -> None:
+        """Make weights `version` visible to the generators (atomically; same version again
+        replaces it, e.g. after a resume). state_dict: full weights of a sharded model."""
+        ...
+
+    def latest_version(self) -> int | None:
+        """The newest published version, None before version 0."""
+        ...
+
+
+class MetricsSink(Protocol):
+    def append(self, rows: list[dict]) -> None:
+        """Append metric rows (one per optimizer step)."""
+        ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """More steps with a NaN/inf loss or gradient than trainer.max_nan_steps."""
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    """Runtime knobs that are not part of the run's recipe."""
+
+    device: str = "cpu"
+    model_path: str | None = None  # initial weights (default: model.name_or_path)
+    poll_interval_s: float = 1.0
+    max_poll_interval_s: float = 30.0
+    idle_timeout_s: float | None = None
+    should_stop: Callable[[], bool] | None = None
+    max_steps: int | None = None  # default: schedule.max_steps
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    version: int
+    stop_reason: str  # "max_steps" | "budget" | "stopped" | "idle"
+    nan_steps: int
+    ledger_entries: int
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        run_id: str,
+        source: ShardSource,
+        publisher: WeightPublisher,
+        checkpoints: CheckpointStore,
+        metrics: MetricsSink,
+        options: TrainerOptions | None = None,
+    ) -> None:
+        self.cfg, self.run_id, self.opts = config, run_id, options or TrainerOptions()
+        self.source, self.publisher, self.checkpoints, self.sink = (
+            source,
+            publisher,
+            checkpoints,
+            metrics,
+        )
+        self.spec = StepSpec.from_config(config)
+        self.assembler = BatchAssembler(
+            run_id,
+            prompts_per_batch=config.generation.prompts_per_batch,
+            samples_per_prompt=config.generation.samples_per_prompt,
+            max_off_policy_steps=config.pipeline.max_off_policy_steps,
+        )
+        self.dp = distributed.DataParallel.from_env()
+        self.version, self.nan_steps, self.ledger = 0, 0, []
+        self.saved: tuple | None = None  # _progress() at the last checkpoint
+        self.counters: Counter[str] = Counter()  # compute spent, for schedule.compute_budget
+        self.carry: Counter[str] = Counter()  # counts of batches that made no step
+        self.max_steps = self.opts.max_steps or config.schedule.max_steps
+
+    def train(self) -> TrainSummary:
+        """The trainer's whole life; reads as the table of contents of the pipeline's back end."""
+        self.start()  # resume from the newest checkpoint, or load the policy and publish v0
+        stop_reason = "max_steps"
+        while self.version < self.max_steps:
+            if self.budget_spent():
+                stop_reason = "budget"
+                break
+            batch, waited = self.next_batch()  # waits (with backoff) for P fresh whole groups
+            if batch is None:
+                stop_reason = "stopped" if self.stop_requested() else "idle"
+                break
+            out = self.step(batch)  # advantages, loss, micro-batches, clip, AdamW
+            self.record(batch, out)  # ledger entry for every consumed batch
+            if out.empty:  # every group had zero variance: nothing to learn, no new version
+                continue
+            if out.skipped:
+                self.count_nan_step(out)  # raises NonFiniteLossError past max_nan_steps
+                continue
+            self.version += 1
+            self.publish()  # weights v+1 to the generators
+            self.log_metrics(batch, out, waited)
+            if self.version % self.cfg.trainer.checkpoint_every == 0:
+                self.checkpoint()
+        if self.saved != self._progress():
+            self.checkpoint()  # at every clean stop that has something new to keep
+        return TrainSummary(self.version, stop_reason, self.nan_steps, len(self.ledger))
+
+    # -- start and resume ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="scalerl-trainer-")
+        step = self.checkpoints.latest_step()
+        local = None
+        if step is not None:
+            local = self.checkpoints.load(step, Path(self._tmp.name) / f"resume-{step}")
+            path = str(model_dir(local))
+        else:
+            path = self.opts.model_path or self.cfg.model.name_or_path
+            self._seed()
+        self.model, self.tokenizer = load_policy(path, dtype="float32", device=self.device)
+        if self.cfg.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        self.policy = PolicyLogprobs(
+            self.model,
+            fp32_head=self.cfg.algorithm.fp32_lm_head,
+            compute_dtype=torch_dtype(self.cfg.model.dtype),
+        )
+        if self.dp is not None:
+            self.policy = self.dp.shard(self.policy, torch_dtype(self.cfg.model.dtype))
+        self.optimizer = build_optimizer(self.policy.parameters(), self.cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer.warmup_steps)
+        if local is not None:
+            self._resume(local)
+        elif self.publisher.latest_version() is None:
+            state = self._full_state()  # a collective under FSDP: every rank gathers
+            if self.is_main:
+                self.publisher.publish(0, self.model, self.tokenizer, state)
+
+    def _resume(self, local: Path) -> None:
+        hook = self.dp.optimizer_loader(self.policy, self.optimizer) if self.dp else None
+        state = restore_training_state(
+            local,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            optimizer_state_dict_hook=hook,
+        )
+        self.version, self.nan_steps = state.step, state.nan_steps
+        self.counters, self.ledger = Counter(state.counters), list(state.ledger)
+        self.assembler.restore(state.assembler, read=self.source.read)
+        self.saved = self._progress()
+        log.info("resumed from checkpoint %d (%d ledger entries)", state.step, len(self.ledger))
+
+    def _seed(self) -> None:
+        seed = self.cfg.trainer.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    @property
+    def device(self) -> str:
+        return self.dp.device if self.dp is not None else self.opts.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.dp is None or self.dp.rank == 0
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def next_batch(self) -> tuple[Batch | None, float]:
+        """The next batch for step `version`, waiting for shards; (None, waited) on a stop."""
+        t0 = last_progress = time.monotonic()
+        delay = self.opts.poll_interval_s
+        while True:
+            if self.ingest():
+                delay, last_progress = self.opts.poll_interval_s, time.monotonic()
+            batch = self.assembler.take(self.version)
+            if batch is not None:
+                return batch, time.monotonic() - t0
+            idle = self.opts.idle_timeout_s
+            if self.stop_requested() or (
+                idle is not None and time.monotonic() - last_progress > idle
+            ):
+                return None, time.monotonic() - t0
+            log.info(
+                "step %d waits for shards: %d/%d usable groups, newest generator version %s",
+                self.version,
+                self.assembler.usable_groups(self.version),
+                self.assembler.P,
+                self.assembler.newest_generator_version,
+            )
+            time.sleep(delay)
+            delay = min(2 * delay, self.opts.max_poll_interval_s)
+
+    def ingest(self) -> bool:
+        """Read new ready shards (commit order) until a batch is possible; True if any was read."""
+        new = False
+        for key in self.source.list_ready():
+            if self.assembler.usable_groups(self.version) >= self.assembler.P:
+                break
+            if self.assembler.is_read(key):
+                continue
+            new = True
+            try:
+                self.assembler.add(key, self.source.read(key))
+            except ShardRejected as e:
+                if not self.assembler.is_read(key):
+                    self.assembler.reject(key, str(e))
+                log.warning("skipping shard %s: %s", key, e)
+        return new
+
+    def _progress(self) -> tuple[int, int, int]:
+        return self.version, len(self.ledger), len(self.assembler.state_dict()["shards_read"])
+
+    def stop_requested(self) -> bool:
+        return self.opts.should_stop is not None and bool(self.opts.should_stop())
+
+    def budget_spent(self) -> bool:
+        budget, unit = self.cfg.schedule.compute_budget, self.cfg.schedule.compute_unit
+        if budget is None or unit == "gpu_hours":  # GPU-hours are the flow's to measure
+            return False
+        spent = self.version if unit == "steps" else self.counters[unit]
+        return spent >= budget
+
+    # -- the step and what follows it ---------------------------------------------------------
+
+    def step(self, batch: Batch) -> StepOutput:
+        return train_step(
+            self.policy,
+            self.optimizer,
+            self.scheduler,
+            batch.table,
+            self.spec,
+            pad_token_id=self._pad_id(),
+            data_parallel=self.dp,
+        )
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    def record(self, batch: Batch, out: StepOutput) -> None:
+        outcome = "zero_variance" if out.empty else "nan_skipped" if out.skipped else "trained"
+        intake = batch.intake
+        self.ledger.append(
+            {
+                "version": batch.version,
+                "outcome": outcome,
+                "groups": batch.shards,
+                "stale_groups": intake.stale_groups,
+                "shards_read": intake.shards_read,
+                "shards_rejected": intake.shards_rejected,
+            }
+        )
+        if outcome != "trained":  # these counts reach the metrics with the next real step
+            self.carry.update(
+                samples_offered=intake.offered,
+                samples_dropped_stale=intake.dropped_stale,
+                samples_duplicate=intake.duplicates,
+                samples_filtered_zero_variance=batch.table.num_rows
+                - out.metrics.get("samples_kept", 0),
+                shards_rejected=len(intake.shards_rejected),
+                shards_read=len(intake.shards_read),
+            )
+
+    def count_nan_step(self, out: StepOutput) -> None:
+        self.nan_steps += 1
+        log.warning("step %d: non-finite loss/grad (%s), skipped", self.version, out.metrics)
+        if self.nan_steps > self.cfg.trainer.max_nan_steps:
+            self.checkpoint()
+            raise NonFiniteLossError(
+                f"{self.nan_steps} steps had a non-finite loss or gradient norm (limit "
+                f"trainer.max_nan_steps = {self.cfg.trainer.max_nan_steps}); stopped at version "
+                f"{self.version} with a checkpoint. Fix: check the shards for NaN generator "
+                "logprobs, lower optimizer.lr, or raise trainer.max_nan_steps."
+            )
+
+    def publish(self) -> None:
+        state = self._full_state()
+        if self.is_main:
+            self.publisher.publish(self.version, self.model, self.tokenizer, state)
+
+    def _full_state(self) -> dict | None:
+        return self.dp.full_model_state(self.policy) if self.dp is not None else None
+
+    def log_metrics(self, batch: Batch, out: StepOutput, waited: float) -> None:
+        m, intake, k = out.metrics, batch.intake, self.cfg.pipeline.max_off_policy_steps
+        self.counters.update(samples=m["samples_kept"], tokens=m["tokens"])
+        g = self.assembler.newest_generator_version
+        row = {
+            "step": self.version,
+            "trained_version": batch.version,
+            "time": time.time(),
+            **m,
+            **{f"staleness/{d}": batch.staleness.get(d, 0) for d in range(k + 1)},
+            "samples_in_batch": batch.table.num_rows,
+            "samples_offered": intake.offered,
+            "samples_dropped_stale": intake.dropped_stale,
+            "samples_duplicate": intake.duplicates,
+            "samples_filtered_zero_variance": m["samples_filtered_zero_variance"],
+            "shards_read": len(intake.shards_read),
+            "shards_rejected": len(intake.shards_rejected),
+            **rollout_stats(batch.table),
+            "wait_s": waited,
+            "nan_steps_total": self.nan_steps,
+            "newest_generator_version": -1 if g is None else g,
+            "steps_ahead": batch.version - (batch.version if g is None else g),
+            "samples_pending": self.assembler.pending,
+        }
+        for key, value in self.carry.items():
+            row[key] = row.get(key, 0) + value
+        self.carry.clear()
+        if self.is_main:
+            self.sink.append([row])
+
+    def checkpoint(self) -> None:
+        full_model = self._full_state()
+        full_optim = self.dp.full_optimizer_state(self.policy, self.optimizer) if self.dp else None
+        self.saved = self._progress()  # on every rank: the gathers above are collectives
+        if not self.is_main:
+            return
+        state = TrainerState(
+            step=self.version,
+            nan_steps=self.nan_steps,
+            curriculum_version=self.source.curriculum_version(),
+            counters=dict(self.counters),
+            assembler=self.assembler.state_dict(),
+            ledger=tuple(self.ledger),
+        )
+        with tempfile.TemporaryDirectory(prefix="scalerl-ckpt-") as tmp:
+            local = write_checkpoint(
+                Path(tmp) / f"step-{self.version}",
+                model=self.model,
+                tokenizer=self.tokenizer,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                state=state,
+                model_state_dict=full_model,
+                optimizer_state_dict=full_optim,
+            )
+            self.checkpoints.save(self.version, local)
+        log.info("checkpoint %d saved", self.version)

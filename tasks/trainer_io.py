@@ -1,0 +1,120 @@
+"""The one place where the run store meets the trainer: its four Protocols over a storage Run.
+
+    run = open_store(cfg.storage.url).run(run_id)
+    io = TrainerIO.over(run, stage="filtered", weights_dtype=cfg.model.dtype)
+    Trainer(cfg, run_id=run_id, source=io.source, publisher=io.publisher,
+            checkpoints=io.checkpoints, metrics=io.metrics).train()
+
+- RunShardSource: committed shards of one stage in commit order. Shards the store refuses as
+  not ours (SchemaVersionError: another rollout schema version; ForeignFileError: another run's
+  rows or commit record; CorruptShardError; InvalidRolloutsError) become ShardRejected: the
+  trainer skips them, counts them (metrics `shards_rejected`) and writes the reason into its
+  ledger. Never trained on; the run keeps going, because one bad file should not stop a
+  multi-day run, and the count makes it visible. Unreachable storage is NOT a rejection: it
+  propagates, so the task's retry policy handles it. Neither does a file that is not a commit
+  record of this run inside the stage's commits/ directory: list_shards raises ForeignFileError
+  (naming the file and the fix), and the trainer stops before reading anything.
+- RunWeightPublisher: save_pretrained into a temp dir (floating tensors cast to the generators'
+  dtype, model.dtype), then run.publish_weights(v, dir, overwrite=True): an identical re-publish
+  is a no-op, and a trainer resuming from a checkpoint older than the newest published version
+  replaces the dead process's copy (its own lineage is the one it trains from).
+- RunCheckpointStore: run.save_checkpoint / latest_checkpoint_step / load_checkpoint; the
+  store's manifest-last commit leaves the previous checkpoint usable after a crash mid-write.
+- RunMetricsSink: run.append_metrics(name, rows), one part file per step.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from scalerl.models import torch_dtype
+from scalerl.trainer import ShardRejected
+from storage import Run
+from storage.errors import (
+    CorruptShardError,
+    ForeignFileError,
+    InvalidRolloutsError,
+    SchemaVersionError,
+)
+
+_REJECTED = (SchemaVersionError, ForeignFileError, CorruptShardError, InvalidRolloutsError)
+
+
+class RunShardSource:
+    def __init__(self, run: Run, stage: str) -> None:
+        self.run, self.stage = run, stage
+
+    def list_ready(self) -> list[str]:
+        return [info.key for info in self.run.list_shards(self.stage)]
+
+    def read(self, key: str) -> pa.Table:
+        try:
+            return self.run.read_shard(self.stage, key)
+        except _REJECTED as e:
+            raise ShardRejected(f"{type(e).__name__}: {e}") from e
+
+    def curriculum_version(self) -> int | None:
+        found = self.run.load_curriculum()
+        return None if found is None else found[0]
+
+
+class RunWeightPublisher:
+    def __init__(self, run: Run, dtype: str = "bfloat16") -> None:
+        self.run, self.dtype = run, torch_dtype(dtype)
+
+    def publish(self, version: int, model, tokenizer, state_dict: dict | None = None) -> None:
+        state = state_dict if state_dict is not None else model.state_dict()
+        state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
+        with tempfile.TemporaryDirectory(prefix="scalerl-weights-") as tmp:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            self.run.publish_weights(version, tmp, overwrite=True)
+
+    def latest_version(self) -> int | None:
+        return self.run.latest_weights_version()
+
+
+class RunCheckpointStore:
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def latest_step(self) -> int | None:
+        return self.run.latest_checkpoint_step()
+
+    def save(self, step: int, local_dir: Path) -> None:
+        self.run.save_checkpoint(step, local_dir, overwrite=True)
+
+    def load(self, step: int, local_dir: Path) -> Path:
+        return self.run.load_checkpoint(step, local_dir)
+
+
+class RunMetricsSink:
+    def __init__(self, run: Run, name: str = "trainer") -> None:
+        self.run, self.name = run, name
+
+    def append(self, rows: list[dict]) -> None:
+        self.run.append_metrics(self.name, rows)
+
+
+@dataclass(frozen=True)
+class TrainerIO:
+    source: RunShardSource
+    publisher: RunWeightPublisher
+    checkpoints: RunCheckpointStore
+    metrics: RunMetricsSink
+
+    @classmethod
+    def over(
+        cls, run: Run, *, stage: str = "filtered", weights_dtype: str = "bfloat16"
+    ) -> TrainerIO:
+        """All four trainer collaborators over one run (shards read from `stage`)."""
+        return cls(
+            RunShardSource(run, stage),
+            RunWeightPublisher(run, weights_dtype),
+            RunCheckpointStore(run),
+            RunMetricsSink(run),
+        )

@@ -1,0 +1,138 @@
+"""The Trainer loop with in-memory collaborators: metrics, bad input, waiting, NaN, checkpoints."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from scalerl.trainer import NonFiniteLossError, Trainer, TrainerOptions
+from scalerl.trainer import loop as loop_module
+from scalerl.trainer.checkpoint import read_trainer_state
+
+RUN = "r1"
+
+METRIC_FIELDS = {
+    "step", "trained_version", "time", "loss", "grad_norm", "lr", "tokens", "seq_tokens",
+    "step_time_s", "tokens_per_s", "wait_s", "micro_batches", "samples_in_batch",
+    "samples_offered", "samples_kept", "samples_dropped_stale", "samples_duplicate",
+    "samples_filtered_zero_variance", "groups_zero_variance", "advantage_std", "shards_read",
+    "shards_rejected", "pass_rate", "reward_mean", "prompt_len_mean", "completion_len_mean",
+    "thinking_tokens_mean", "answer_tokens_mean", "truncation_rate", "interruption_rate",
+    "nan_steps_total", "newest_generator_version", "steps_ahead", "samples_pending",
+    "loss/loss", "loss/tokens", "loss/truncated_fraction", "loss/ratio_mean", "loss/ratio_max",
+}  # fmt: skip
+
+
+def _trainer(kit, model_dir, tmp_path, tables, *, options=None, **cfg):
+    (tmp_path / "ck").mkdir(parents=True, exist_ok=True)
+    parts = (
+        kit.MemorySource(tables),
+        kit.MemoryPublisher(),
+        kit.MemoryCheckpoints(tmp_path / "ck"),
+        kit.MemoryMetrics(),
+    )
+    opts = options or TrainerOptions(poll_interval_s=0.001, idle_timeout_s=0.01)
+    trainer = Trainer(
+        kit.tiny_config(model_dir, **cfg),
+        run_id=RUN,
+        source=parts[0],
+        publisher=parts[1],
+        checkpoints=parts[2],
+        metrics=parts[3],
+        options=opts,
+    )
+    return trainer, parts
+
+
+def test_every_step_publishes_logs_every_field_and_checkpoints(kit, tiny_model_dir, tmp_path):
+    tables = {
+        "s0": kit.shard_table(RUN, "s0", [("a", [0]), ("b", [0]), ("z", [0])], G=4),
+        "s1": kit.shard_table(RUN, "s1", [("c", [0, 1]), ("d", [1])], G=4),
+        "s2": kit.shard_table(RUN, "s2", [("e", [0]), ("f", [2])], G=4),
+    }
+    # Group z has zero variance: it rides in batch 2 and is filtered there.
+    tables["s0"] = tables["s0"].set_column(
+        tables["s0"].schema.get_field_index("reward"),
+        "reward",
+        pa.array([float(i % 2) for i in range(8)] + [1.0] * 4, pa.float32()),
+    )
+    trainer, (src, pub, ck, met) = _trainer(
+        kit, tiny_model_dir, tmp_path, tables, pipeline={"max_off_policy_steps": 1}
+    )
+    summary = trainer.train()
+    assert summary.version == 3 and summary.stop_reason == "idle"
+    assert sorted(pub.versions) == [0, 1, 2, 3]
+    assert [r["step"] for r in met.rows] == [1, 2, 3]
+    for row in met.rows:
+        assert set(row) >= METRIC_FIELDS, METRIC_FIELDS - set(row)
+        assert {"staleness/0", "staleness/1"} <= set(row)
+    first, second, third = met.rows
+    assert first["samples_offered"] == 12 and first["staleness/0"] == 8
+    assert second["samples_filtered_zero_variance"] == 4 and second["samples_kept"] == 4
+    assert second["staleness/1"] == 8  # z (version 0) and c (versions 0..1) at v=1
+    # At v=2 with k=1, group e (version 0) is stale: dropped and counted, f is trained.
+    assert third["samples_dropped_stale"] == 4
+    assert third["staleness/0"] == 4 and third["staleness/1"] == 4  # f (v2), d (v1)
+    assert third["pass_rate"] == 0.5 and third["truncation_rate"] == pytest.approx(0.25)
+    assert ck.saved == [3]  # checkpoint_every=3; the clean stop does not duplicate it
+    state = read_trainer_state(tmp_path / "ck" / "step-3")
+    assert state.step == 3 and state.curriculum_version == 7
+    assert [e["outcome"] for e in state.ledger] == ["trained"] * 3
+    assert state.ledger[2]["stale_groups"] == {"s2": ["e"]}
+    assert any(not torch.equal(pub.versions[0][k], pub.versions[3][k]) for k in pub.versions[0])
+
+
+def test_foreign_shard_is_skipped_counted_and_never_trained(kit, tiny_model_dir, tmp_path):
+    tables = {
+        "bad": kit.shard_table("other-run", "bad", [("x", [0]), ("y", [0])], G=4),
+        "s0": kit.shard_table(RUN, "s0", [("a", [0]), ("b", [0])], G=4),
+    }
+    trainer, (src, pub, ck, met) = _trainer(kit, tiny_model_dir, tmp_path, tables)
+    assert trainer.train().version == 1
+    assert met.rows[0]["shards_rejected"] == 1 and met.rows[0]["samples_offered"] == 8
+    rejected = trainer.ledger[0]["shards_rejected"]
+    assert list(rejected) == ["bad"] and "other-run" in rejected["bad"]
+    assert trainer.ledger[0]["groups"] == {"s0": ["a", "b"]}
+
+
+def test_zero_variance_only_batches_make_no_step_and_the_trainer_waits_with_backoff(
+    kit, tiny_model_dir, tmp_path, monkeypatch
+):
+    flat = [1.0] * 4
+    tables = {"s0": kit.shard_table(RUN, "s0", [("a", [0]), ("b", [0])], G=4, rewards=flat)}
+    sleeps = []
+    monkeypatch.setattr(loop_module.time, "sleep", sleeps.append)
+    options = TrainerOptions(
+        poll_interval_s=0.5, max_poll_interval_s=4.0, should_stop=lambda: len(sleeps) >= 6
+    )
+    trainer, (src, pub, ck, met) = _trainer(kit, tiny_model_dir, tmp_path, tables, options=options)
+    summary = trainer.train()
+    assert summary.version == 0 and summary.stop_reason == "stopped"
+    assert sleeps == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]  # backoff, capped: no hot spin
+    assert sorted(pub.versions) == [0] and met.rows == []
+    assert [e["outcome"] for e in trainer.ledger] == ["zero_variance"]
+    assert ck.saved == [0]  # shutdown checkpoint
+    # A later real step reports the filtered completions it carried.
+    src.tables["s1"] = kit.shard_table(RUN, "s1", [("c", [0]), ("d", [0])], G=4)
+    trainer, (_, _, _, met2) = _trainer(kit, tiny_model_dir, tmp_path / "again", src.tables)
+    trainer.train()
+    assert met2.rows[0]["samples_filtered_zero_variance"] == 8
+
+
+def test_nan_steps_are_skipped_then_stop_the_run_with_a_clear_error(kit, tiny_model_dir, tmp_path):
+    tables = {}
+    for n in range(3):
+        t = kit.shard_table(RUN, f"s{n}", [(f"a{n}", [0]), (f"b{n}", [0])], G=4)
+        bad = [[float("nan")] * len(x) for x in t["logprobs"].to_pylist()]
+        tables[f"s{n}"] = t.set_column(
+            t.schema.get_field_index("logprobs"), "logprobs", pa.array(bad, pa.list_(pa.float32()))
+        )
+    trainer, (src, pub, ck, met) = _trainer(
+        kit, tiny_model_dir, tmp_path, tables, trainer={"max_nan_steps": 1}
+    )
+    with pytest.raises(NonFiniteLossError, match="max_nan_steps = 1"):
+        trainer.train()
+    assert trainer.nan_steps == 2 and sorted(pub.versions) == [0] and met.rows == []
+    assert ck.saved == [0]
+    assert read_trainer_state(tmp_path / "ck" / "step-0").nan_steps == 2
