@@ -1,0 +1,117 @@
+"""The ScaleRL run: prepare -> generators + trainer running side by side -> per-shard stages ->
+evaluations -> scaling fit -> report. The flow a Prefect deployment schedules from the UI.
+
+    from flows.run import scalerl_run
+    scalerl_run(load_config(preset="tiny-cpu"))          # or: scalerl run --preset tiny-cpu
+
+Generators and the trainer are persistent tasks on the flow's thread pool; the flow itself moves
+every newly committed raw shard through score -> filter -> curriculum (in commit order, so the
+curriculum sees one writer), evaluates every `evaluation.every_steps` versions, and keeps the
+progress and metrics artifacts current. It ends when the trainer ends (max steps, compute budget,
+or no more prompts), then marks the run finished, which stops the generators.
+
+Resume: call it again with the same run_id (`scalerl resume RUN_ID`, or Prefect's retry of the
+flow run). Every stage skips what is committed, the trainer restarts from its last checkpoint,
+and the curriculum continues from its committed state.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+
+from scalerl.config import RunConfig
+from tasks.common import open_run
+from tasks.evaluate import evaluate_policy
+from tasks.prepare import prepare_run
+from tasks.report import publish_metrics_table, publish_run_report, set_progress, start_progress
+from tasks.rollouts import generate_rollouts
+from tasks.scaling import fit_scaling_curve
+from tasks.stages import filter_shard, score_shard, update_curriculum
+from tasks.train import train_policy
+
+POLL_S = 1.0
+
+
+def advance_shards(config: RunConfig, run_id: str) -> int:
+    """Score, filter and fold into the curriculum every raw shard not yet through; returns how many."""
+    run = open_run(config, run_id)
+    filtered = {s.key for s in run.list_shards("filtered")}
+    todo = [s.key for s in run.list_shards("raw") if s.key not in filtered]
+    for key in todo:
+        score_shard(config, run_id, key)
+        update_curriculum(config, run_id, key)
+        filter_shard(config, run_id, key)
+    return len(todo)
+
+
+def evaluate_due(config: RunConfig, run_id: str, done: set[int]) -> None:
+    """Evaluate every published version that is a multiple of evaluation.every_steps."""
+    run = open_run(config, run_id)
+    for version in run.list_weight_versions():
+        if version % config.evaluation.every_steps == 0 and version not in done:
+            evaluate_policy(config, run_id, version)
+            done.add(version)
+
+
+def stop_generators_if_done(run, generators) -> None:
+    """Tell the trainer no more data is coming once every generator has ended (all prompts
+    retired) or one has failed; it then stops instead of waiting for shards."""
+    if (run.read_status() or {}).get("state") != "running":
+        return
+    ended = [g for g in generators if g.state.is_final()]
+    if any(not g.state.is_completed() for g in ended):
+        run.write_status({"state": "failed", "reason": "a generator failed; see its task run"})
+    elif generators and len(ended) == len(generators):
+        run.write_status(
+            {"state": "exhausted", "reason": "every generator ended (prompts retired)"}
+        )
+
+
+@flow(name="scalerl-run", log_prints=True)
+def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
+    """Run (or resume) the whole ScaleRL pipeline for `config`; returns the run summary."""
+    logger = get_run_logger()
+    run_id = prepare_run(config, run_id)
+    progress = start_progress(run_id, config.schedule.max_steps)
+    generators = [
+        generate_rollouts.submit(config, run_id, f"gen{i}")
+        for i in range(config.generation.num_generators)
+    ]
+    trainer = train_policy.submit(config, run_id)
+    run, evaluated = open_run(config, run_id), set()
+    while not trainer.state.is_final():
+        moved = advance_shards(config, run_id)
+        stop_generators_if_done(run, generators)
+        evaluate_due(config, run_id, evaluated)
+        set_progress(progress, run.latest_weights_version() or 0, config.schedule.max_steps)
+        if moved:
+            publish_metrics_table(config, run_id)
+        time.sleep(0 if moved else POLL_S)
+    try:
+        summary = trainer.result()
+    finally:
+        status = run.read_status() or {}
+        if status.get("state") == "running":
+            run.write_status({"state": "stopping", "reason": "trainer ended"})
+        for g in generators:
+            g.wait()
+    final = run.latest_weights_version() or 0
+    if final not in evaluated:
+        evaluate_policy(config, run_id, final)
+    fit = fit_scaling_curve(config, run_id)
+    run.write_status(
+        {
+            "state": "finished",
+            "reason": summary.get("reason", ""),
+            "step": summary.get("step", final),
+        }
+    )
+    set_progress(progress, config.schedule.max_steps, config.schedule.max_steps)
+    publish_metrics_table(config, run_id)
+    publish_run_report(config, run_id, {**summary, "state": "finished"}, fit)
+    logger.info(
+        "run %s finished at step %s: %s", run_id, summary.get("step"), summary.get("reason")
+    )
+    return {"run_id": run_id, **summary, "fit": fit}

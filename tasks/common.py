@@ -1,0 +1,77 @@
+"""What every task needs: the run's store from the config, run ids, the policy's local files.
+
+Credentials never pass through here: s3fs reads them from the usual AWS_* variables; only the
+endpoint (not secret) comes from the config.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import tempfile
+from pathlib import Path
+
+from scalerl.config import RunConfig
+from storage import Run, open_store
+
+BUILTIN_TINY = "builtin:tiny"
+
+
+def storage_options(config: RunConfig) -> dict | None:
+    endpoint = config.storage.endpoint_url
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None
+
+
+def open_run(config: RunConfig, run_id: str, *, create: bool = False) -> Run:
+    return open_store(config.storage.url, storage_options=storage_options(config)).run(
+        run_id, create=create
+    )
+
+
+def new_run_id() -> str:
+    """Sortable and unique: 20261125-153012-a1b2."""
+    return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def materialize_base_model(config: RunConfig, out_dir: Path) -> Path:
+    """Write the base policy (weights version 0) as a local directory of safetensors + config +
+    tokenizer: the locally built tiny model for `builtin:tiny`, else whatever from_pretrained
+    loads from the hub id or local path."""
+    from scalerl.models import build_tiny_model, load_policy
+
+    if config.model.name_or_path == BUILTIN_TINY:
+        return build_tiny_model(out_dir, seed=config.data.seed)
+    model, tokenizer = load_policy(config.model.name_or_path, dtype=config.model.dtype)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+class WeightCache:
+    """Local copies of published weight versions (engines and trainers load from disk)."""
+
+    def __init__(self, run: Run, root: Path | None = None) -> None:
+        self.run = run
+        self.root = Path(root or tempfile.mkdtemp(prefix=f"scalerl-{run.run_id}-w-"))
+
+    def path(self, version: int) -> Path:
+        local = self.root / f"v{version}"
+        if not (local / "config.json").exists():
+            self.run.download_weights(version, local)
+        return local
+
+
+def config_of_run(storage_url: str, run_id: str, endpoint_url: str | None = None) -> RunConfig:
+    """A run's config snapshot (run.json), pointed at the storage URL it is read from now, so a
+    run that was moved or is mounted elsewhere keeps working."""
+    from scalerl.config import validate_config
+
+    options = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
+    saved = open_store(storage_url, storage_options=options).run(run_id).read_config()
+    saved["storage"] = {
+        **saved.get("storage", {}),
+        "url": storage_url,
+        "endpoint_url": endpoint_url,
+        "run_id": run_id,
+    }
+    return validate_config(saved)

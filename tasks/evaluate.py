@@ -1,0 +1,93 @@
+"""evaluate_policy: held-out pass rate of one published policy version (paper: 1,000 prompts x 16
+samples, every 100 steps), kept as a dataset (`eval` shards) and as a metrics row.
+
+Idempotent: the eval shard's key is the version; a retry finds it committed and only rewrites
+the metrics row from it.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from scalerl.config import RunConfig
+from tasks.common import WeightCache, open_run
+
+EVAL = "eval"
+
+
+def compute_at(config: RunConfig, step: int) -> float:
+    """Compute spent by trainer step `step` on the configured axis (samples: nominal batches)."""
+    unit = config.schedule.compute_unit
+    if unit == "steps":
+        return float(step)
+    return float(step * config.completions_per_batch)
+
+
+def eval_key(version: int) -> str:
+    return f"v{version:06d}"
+
+
+@task(
+    name="evaluate-policy",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    timeout_seconds=7200,
+    cache_policy=None,
+)
+def evaluate_policy(config: RunConfig, run_id: str, version: int) -> dict:
+    import pyarrow.compute as pc
+
+    from scalerl.engines.base import GroupRequest
+    from scalerl.rewards import score_many
+    from storage import rollouts_from_records
+    from tasks.generation import completion_records, length_policy, sampling_settings, shared_engine
+
+    run = open_run(config, run_id)
+    key = eval_key(version)
+    if not run.has_shard(EVAL, key):
+        rows = {r["prompt_id"]: r for r in run.read_prompts("eval").to_pylist()}
+        engine = shared_engine(config, WeightCache(run), version)
+        requests = [
+            GroupRequest(pid, row["prompt"], config.evaluation.samples_per_prompt)
+            for pid, row in rows.items()
+        ]
+        sampling = sampling_settings(
+            config, temperature=config.evaluation.temperature, seed=version
+        )
+        groups = list(
+            engine.generate(requests, sampling, length=length_policy(config, engine.tokenizer))
+        )
+        records = completion_records(
+            groups,
+            rows,
+            run_id=run_id,
+            shard_id=f"eval-{key}",
+            generator_id="eval",
+            version=version,
+        )
+        rewards = score_many(records, [r["completion"] for r in records])
+        for record, reward in zip(records, rewards, strict=True):
+            record.update(reward=reward.value, passed=reward.passed, reward_reason=reward.reason)
+        run.commit_shard(EVAL, key, rollouts_from_records(records))
+    table = run.read_shard(EVAL, key)
+    passed = table.column("passed").to_numpy(zero_copy_only=False).astype(float)
+    lengths = pc.list_value_length(table.column("completion_token_ids")).to_numpy(
+        zero_copy_only=False
+    )
+    reasons = table.column("finish_reason").to_pylist()
+    row = {
+        "step": version,
+        "version": version,
+        "compute": compute_at(config, version),
+        "pass_rate": float(passed.mean()),
+        "prompts": len(set(table.column("prompt_id").to_pylist())),
+        "samples": table.num_rows,
+        "mean_length": float(lengths.mean()),
+        "truncation_rate": reasons.count("length") / len(reasons),
+        "interruption_rate": reasons.count("interrupted") / len(reasons),
+    }
+    run.append_metrics(EVAL, [row])
+    get_run_logger().info(
+        "eval v%d: pass rate %.3f over %d samples", version, row["pass_rate"], row["samples"]
+    )
+    return row

@@ -1,0 +1,140 @@
+"""Glue between the run store and the engines: engine construction from the config, the
+store-backed weight source, and Completion -> rollout record conversion.
+
+No Prefect here; the generator and evaluation tasks use it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from scalerl.config import RunConfig
+from tasks.common import WeightCache
+
+_ENGINES: dict[tuple, Any] = {}
+
+
+def make_engine(config: RunConfig, path, version: int):
+    """The configured engine on the weights at `path` (tagged as `version`)."""
+    gen, fp32 = config.generation, config.algorithm.fp32_lm_head
+    if gen.engine == "transformers":
+        from scalerl.engines.hf import TransformersEngine
+
+        return TransformersEngine(
+            str(path),
+            dtype=config.model.dtype,
+            max_batch_size=gen.max_batch_size,
+            fp32_head=fp32,
+            version=version,
+        )
+    from scalerl.engines.vllm_engine import VLLMEngine
+
+    return VLLMEngine(
+        str(path),
+        dtype=config.model.dtype,
+        gpu_memory_utilization=gen.gpu_memory_utilization,
+        max_batch_size=gen.max_batch_size,
+        fp32_head=fp32,
+        seed=gen.seed,
+        version=version,
+        max_model_len=gen.max_prompt_tokens + gen.max_new_tokens,
+    )
+
+
+def shared_engine(config: RunConfig, cache: WeightCache, version: int):
+    """One engine per (run, engine kind) in this process, moved to `version` in place: vLLM
+    takes tens of seconds to start, so evaluations reuse it instead of building a new one."""
+    key = (cache.run.url, config.generation.engine)
+    engine = _ENGINES.get(key)
+    if engine is None:
+        engine = _ENGINES[key] = make_engine(config, cache.path(version), version)
+    elif engine.version != version:
+        engine.load_weights(version, cache.path(version))
+    return engine
+
+
+def close_shared_engines() -> None:
+    while _ENGINES:
+        _ENGINES.popitem()[1].close()
+
+
+def length_policy(config: RunConfig, tokenizer):
+    from scalerl.length_control import LengthPolicy
+
+    lc = config.length_control
+    return LengthPolicy.from_tokenizer(
+        tokenizer,
+        max_new_tokens=config.generation.max_new_tokens,
+        thinking_budget_min=lc.thinking_budget_min,
+        thinking_budget_max=lc.thinking_budget_max,
+        answer_budget=lc.answer_budget,
+        enabled=lc.enabled,
+        think_end=lc.think_end,
+        phrase=lc.interruption_phrase,
+    )
+
+
+def sampling_settings(config: RunConfig, *, temperature: float | None = None, seed: int = 0):
+    from scalerl.engines.base import SamplingSettings
+
+    gen = config.generation
+    return SamplingSettings(
+        max_new_tokens=gen.max_new_tokens,
+        temperature=gen.temperature if temperature is None else temperature,
+        top_p=gen.top_p,
+        seed=seed,
+        max_prompt_tokens=gen.max_prompt_tokens,
+    )
+
+
+class StoreWeights:
+    """WeightSource over the run store: the newest committed version, downloaded once."""
+
+    def __init__(self, cache: WeightCache, current: int) -> None:
+        self.cache, self.current = cache, current
+
+    def poll(self):
+        latest = self.cache.run.latest_weights_version()
+        if latest is None or latest <= self.current:
+            return None
+        self.current = latest
+        return latest, self.cache.path(latest)
+
+
+def completion_records(
+    groups, rows: dict[str, dict], *, run_id: str, shard_id: str, generator_id: str, version: int
+) -> list[dict]:
+    """One rollout record per completion (storage.ROLLOUT_SCHEMA), groups numbered in the shard."""
+    records = []
+    for j, group in enumerate(groups):
+        for c in group:
+            row = rows[c.prompt_id]
+            records.append(
+                {
+                    "run_id": run_id,
+                    "shard_id": shard_id,
+                    "prompt_id": c.prompt_id,
+                    "group_id": f"{shard_id}-g{j:04d}",
+                    "sample_index": c.sample_index,
+                    "task": row["task"],
+                    "prompt": row["prompt"],
+                    "prompt_token_ids": c.prompt_token_ids,
+                    "answer": row["answer"],
+                    "completion": c.text,
+                    "completion_token_ids": c.token_ids,
+                    "logprobs": c.logprobs,
+                    "versions": c.versions,
+                    "sampled": c.sampled,
+                    # A completion without tokens (prompt over budget) is tagged with the engine's version.
+                    "min_version": c.min_version if c.versions else version,
+                    "max_version": c.max_version if c.versions else version,
+                    "finish_reason": c.finish_reason,
+                    "thinking_tokens": c.thinking_tokens,
+                    "answer_tokens": c.answer_tokens,
+                    "generator_id": generator_id,
+                    "started_at": c.started_at,
+                    "finished_at": c.finished_at or time.time(),
+                }
+            )
+    return records

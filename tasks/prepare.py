@@ -1,0 +1,52 @@
+"""prepare_run: the run directory, its config snapshot, prompts, weights v0 and curriculum v0.
+
+Idempotent: on a resumed run every step finds its committed output and changes nothing (an
+identical config/prompt rewrite is a no-op in the store; a different one is refused).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+from prefect import get_run_logger, task
+
+from scalerl.config import RunConfig
+from tasks.common import materialize_base_model, new_run_id, open_run
+
+
+@task(name="prepare-run", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=3600)
+def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
+    from scalerl.curriculum import NoPositiveResampling
+    from scalerl.data import load_prompts
+    from storage import PROMPT_SCHEMA
+
+    logger = get_run_logger()
+    run_id = run_id or config.storage.run_id or new_run_id()
+    run = open_run(config, run_id, create=True)
+    run.write_config(config.model_dump(mode="json"))
+    prompts = load_prompts(config.data)
+    for split, rows in (("train", prompts.train), ("eval", prompts.eval)):
+        run.write_prompts(split, pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
+    if run.latest_weights_version() is None:
+        with tempfile.TemporaryDirectory(prefix="scalerl-v0-") as tmp:
+            run.publish_weights(0, materialize_base_model(config, Path(tmp) / "v0"))
+    if run.load_curriculum() is None:
+        sampler = NoPositiveResampling(
+            [r["prompt_id"] for r in prompts.train],
+            pass_rate_threshold=config.algorithm.pass_rate_threshold,
+            seed=config.data.seed,
+        )
+        run.save_curriculum({"sampler": sampler.state_dict(), "applied": []}, 0)
+    status = run.read_status() or {}
+    if status.get("state") != "running":
+        run.write_status({"state": "running", "reason": "prepared"})
+    logger.info(
+        "run %s at %s: %d train / %d eval prompts",
+        run_id,
+        run.url,
+        len(prompts.train),
+        len(prompts.eval),
+    )
+    return run_id

@@ -1,0 +1,141 @@
+"""What a run shows in the Prefect UI: a progress bar, a table of the latest trainer metrics, and a
+markdown run report (config summary, fitted A / B / C_mid, where shards, weights and plots live).
+
+Artifact keys are derived from the run id so every run keeps its own history in the UI.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prefect import task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from scalerl.config import RunConfig
+from tasks.common import open_run
+
+TRAINER_METRICS = "trainer"
+TABLE_COLUMNS = (
+    "step",
+    "loss",
+    "batch_pass_rate",
+    "groups_kept",
+    "groups_zero_variance",
+    "samples_stale_dropped",
+    "tokens",
+    "mean_completion_tokens",
+    "truncation_rate",
+    "interruption_rate",
+    "lr",
+    "grad_norm",
+    "step_time_s",
+)
+
+
+def artifact_key(run_id: str, what: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", f"scalerl-{run_id}-{what}".lower()).strip("-")
+
+
+def start_progress(run_id: str, max_steps: int):
+    return create_progress_artifact(
+        progress=0.0,
+        key=artifact_key(run_id, "progress"),
+        description=f"Trainer steps done of {max_steps} planned (run {run_id})",
+    )
+
+
+def set_progress(artifact_id, step: int, max_steps: int) -> None:
+    if artifact_id is not None:
+        update_progress_artifact(artifact_id, progress=min(100.0, 100.0 * step / max(1, max_steps)))
+
+
+@task(name="publish-metrics-table", retries=2, retry_delay_seconds=[2, 10], cache_policy=None)
+def publish_metrics_table(config: RunConfig, run_id: str, last: int = 20) -> int:
+    """Table artifact of the latest trainer metrics rows; returns the rows shown."""
+    table = open_run(config, run_id).read_metrics(TRAINER_METRICS)
+    if table.num_rows == 0:
+        return 0
+    rows = table.slice(max(0, table.num_rows - last)).to_pylist()
+    shown = [{k: _fmt(row.get(k)) for k in TABLE_COLUMNS if k in row} for row in rows]
+    create_table_artifact(
+        shown,
+        key=artifact_key(run_id, "metrics"),
+        description=f"Latest trainer metrics of run {run_id}",
+    )
+    return len(shown)
+
+
+def _fmt(value):
+    return round(value, 5) if isinstance(value, float) else value
+
+
+def render_report(
+    config: RunConfig,
+    run_id: str,
+    run_url: str,
+    summary: dict,
+    fit: dict | None,
+    plots: dict[str, str],
+) -> str:
+    alg, gen = config.algorithm, config.generation
+    lines = [
+        f"# ScaleRL run `{run_id}`",
+        "",
+        f"State: **{summary.get('state', 'unknown')}** ({summary.get('reason', '')}); trainer step {summary.get('step', 0)} of {config.schedule.max_steps}.",
+        "",
+        "## Recipe",
+        "",
+        f"- model `{config.model.name_or_path}` ({config.model.dtype}), engine `{gen.engine}`",
+        f"- {gen.prompts_per_batch} prompts x {gen.samples_per_prompt} samples, k = {config.pipeline.max_off_policy_steps}",
+        f"- loss `{alg.loss.type}` ({alg.loss.model_dump(exclude={'type'})}), aggregation `{alg.aggregation}`, advantages `{alg.advantage_normalization}`",
+        f"- zero-variance filter {alg.zero_variance_filter}, No-Positive-Resampling {alg.no_positive_resampling} (>= {alg.pass_rate_threshold}), FP32 head {alg.fp32_lm_head}",
+        f"- optimizer AdamW lr {config.optimizer.lr:g}, warmup {config.optimizer.warmup_steps}, eps {config.optimizer.eps:g}",
+        "",
+        "## Scaling fit",
+        "",
+    ]
+    if fit:
+        lines += [
+            "| A | B | C_mid | R0 | A interval | points |",
+            "|---|---|---|---|---|---|",
+            f"| {fit['A']:.3f} | {fit['B']:.2f} | {fit['C_mid']:.4g} | {fit['R0']:.3f} | [{fit['A_low']:.3f}, {fit['A_high']:.3f}] | {fit['n_points']} |",
+            "",
+            f"Compute axis: {fit['compute_unit']}. Final held-out pass rate {fit['final_pass_rate']:.3f}.",
+        ]
+        if fit.get("half_run_prediction") is not None:
+            lines.append(
+                f"Fit on the first half predicted {fit['half_run_prediction']:.3f} at the end (error {fit['half_run_error']:.3f})."
+            )
+    else:
+        lines.append("Not enough evaluation points for a fit yet.")
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"- run directory: `{run_url}`",
+        f"- rollout shards: `{run_url}/shards/{{raw,scored,filtered,eval}}/` (Parquet; query with DuckDB, polars, pandas)",
+        f"- weights: `{run_url}/weights/`, checkpoints: `{run_url}/checkpoints/`, metrics: `{run_url}/metrics/`",
+    ]
+    lines += [f"- {name}: `{path}`" for name, path in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+@task(name="publish-run-report", retries=2, retry_delay_seconds=[2, 10], cache_policy=None)
+def publish_run_report(
+    config: RunConfig,
+    run_id: str,
+    summary: dict,
+    fit: dict | None,
+    plots: dict[str, str] | None = None,
+) -> str:
+    run = open_run(config, run_id)
+    text = render_report(config, run_id, run.url, summary, fit, plots or {})
+    create_markdown_artifact(
+        text, key=artifact_key(run_id, "report"), description=f"ScaleRL run report {run_id}"
+    )
+    return text

@@ -1,0 +1,77 @@
+"""fit_scaling_curve: the ScaleRL sigmoid on the run's held-out pass rates, with a half-run check.
+
+Reads the `eval` metrics (one row per evaluated policy version: compute, pass_rate), fits
+R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) with R0 the pass rate of version 0, and, to show the
+curve is predictive, fits again on the first half of the compute range and predicts the last
+point. Appends one row to the `scaling` metrics; returns it (None while too few points exist).
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from scalerl.config import RunConfig
+from tasks.common import open_run
+
+
+def eval_points(run) -> tuple[list[float], list[float], list[int]]:
+    """(compute, pass_rate, step) of every evaluation, one per step (the latest row wins)."""
+    table = run.read_metrics("eval")
+    if table.num_rows == 0:
+        return [], [], []
+    by_step = {}
+    for row in table.select(["step", "compute", "pass_rate"]).to_pylist():
+        by_step[int(row["step"])] = (float(row["compute"]), float(row["pass_rate"]))
+    steps = sorted(by_step)
+    return [by_step[s][0] for s in steps], [by_step[s][1] for s in steps], steps
+
+
+@task(name="fit-scaling-curve", retries=1, timeout_seconds=600)
+def fit_scaling_curve(config: RunConfig, run_id: str) -> dict | None:
+    from scalerl.scaling import MIN_POINTS, fit_sigmoid
+
+    logger = get_run_logger()
+    run = open_run(config, run_id)
+    compute, rate, steps = eval_points(run)
+    if not compute or compute[0] != 0.0:
+        logger.info("no evaluation of version 0 yet: nothing to fit")
+        return None
+    C, R, R0 = compute[1:], rate[1:], rate[0]
+    if len(C) < MIN_POINTS:
+        logger.info("%d evaluation point(s) after version 0; the fit needs %d", len(C), MIN_POINTS)
+        return None
+    fit = fit_sigmoid(C, R, R0=R0, exclude_fraction=0.0, bootstrap=100, seed=config.data.seed)
+    row = {
+        "step": steps[-1],
+        "compute": C[-1],
+        "compute_unit": config.schedule.compute_unit,
+        "A": fit.A,
+        "B": fit.B,
+        "C_mid": fit.C_mid,
+        "R0": fit.R0,
+        "residual": fit.residual,
+        "A_low": fit.A_interval[0],
+        "A_high": fit.A_interval[1],
+        "n_points": fit.n_points,
+        "at_grid_edge": fit.at_grid_edge,
+        "final_pass_rate": R[-1],
+        "half_run_prediction": None,
+        "half_run_error": None,
+    }
+    half = [i for i, c in enumerate(C) if c <= C[-1] / 2]
+    if len(half) >= MIN_POINTS:
+        early = fit_sigmoid(
+            [C[i] for i in half], [R[i] for i in half], R0=R0, exclude_fraction=0.0, bootstrap=0
+        )
+        row["half_run_prediction"] = float(early.predict(C[-1]))
+        row["half_run_error"] = abs(row["half_run_prediction"] - R[-1])
+    run.append_metrics("scaling", [row])
+    logger.info(
+        "sigmoid fit: A=%.3f B=%.2f C_mid=%.4g R0=%.3f (%d points)",
+        fit.A,
+        fit.B,
+        fit.C_mid,
+        fit.R0,
+        fit.n_points,
+    )
+    return row

@@ -1,0 +1,150 @@
+"""The per-shard stages: score -> filter -> curriculum update.
+
+Each reads one committed shard and commits one output under the same key, so a retried or
+re-run stage overwrites nothing and duplicates nothing: the store treats an identical re-commit
+as a no-op, and each task first checks whether its output already exists (Prefect's cache key
+is the same (run, stage, key) triple, so a retried flow run skips it without even reading).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from prefect import get_run_logger, task
+
+from scalerl.config import RunConfig
+from tasks.common import open_run
+
+RAW, SCORED, FILTERED = "raw", "scored", "filtered"
+CACHE_FOR = timedelta(days=1)
+
+
+def _shard_cache_key(stage: str):
+    """Prefect idempotency key of a stage: (stage, store URL, run id, input shard key). A retried
+    flow run skips the task outright; the store-level check below covers everything else."""
+
+    def key(_context, parameters) -> str:
+        return (
+            f"{stage}|{parameters['config'].storage.url}|{parameters['run_id']}|{parameters['key']}"
+        )
+
+    return key
+
+
+@task(
+    name="score-shard",
+    retries=3,
+    retry_delay_seconds=[2, 5, 15],
+    timeout_seconds=1800,
+    cache_key_fn=_shard_cache_key(SCORED),
+    cache_expiration=CACHE_FOR,
+)
+def score_shard(config: RunConfig, run_id: str, key: str) -> dict:
+    """Verifiable reward of every completion in raw/{key} -> scored/{key}."""
+    import pyarrow as pa
+
+    from scalerl.rewards import score_many
+
+    run = open_run(config, run_id)
+    if run.has_shard(SCORED, key):
+        return {"key": key, "skipped": True}
+    table = run.read_shard(RAW, key)
+    rows = table.select(["prompt", "answer", "task"]).to_pylist()
+    rewards = score_many(rows, table.column("completion").to_pylist())
+    out = (
+        table.set_column(
+            table.schema.get_field_index("reward"),
+            "reward",
+            pa.array([r.value for r in rewards], pa.float32()),
+        )
+        .set_column(
+            table.schema.get_field_index("passed"),
+            "passed",
+            pa.array([r.passed for r in rewards], pa.bool_()),
+        )
+        .set_column(
+            table.schema.get_field_index("reward_reason"),
+            "reward_reason",
+            pa.array([r.reason for r in rewards], pa.string()),
+        )
+    )
+    run.commit_shard(SCORED, key, out)
+    passed = sum(r.passed for r in rewards)
+    get_run_logger().info("scored %s: %d/%d passed", key, passed, len(rewards))
+    return {"key": key, "rows": len(rewards), "passed": passed}
+
+
+@task(
+    name="filter-shard",
+    retries=3,
+    retry_delay_seconds=[2, 5, 15],
+    timeout_seconds=600,
+    cache_key_fn=_shard_cache_key(FILTERED),
+    cache_expiration=CACHE_FOR,
+)
+def filter_shard(config: RunConfig, run_id: str, key: str) -> dict:
+    """Annotate scored/{key} with `filter_reason` -> filtered/{key}.
+
+    Rows are annotated, not removed: zero-variance groups stay in the shard (the trainer counts
+    them in its batch and gives them no gradient, as the paper does: no replacement sampling),
+    and rows the trainer must never use (no completion tokens) are marked too.
+    """
+    from scalerl.filtering import filter_reasons
+
+    run = open_run(config, run_id)
+    if run.has_shard(FILTERED, key):
+        return {"key": key, "skipped": True}
+    table = run.read_shard(SCORED, key)
+    annotated, counts = filter_reasons(table, zero_variance=config.algorithm.zero_variance_filter)
+    run.commit_shard(FILTERED, key, annotated)
+    return {"key": key, **counts}
+
+
+@task(
+    name="update-curriculum",
+    retries=3,
+    retry_delay_seconds=[2, 5, 15],
+    timeout_seconds=600,
+    cache_key_fn=_shard_cache_key("curriculum"),
+    cache_expiration=CACHE_FOR,
+)
+def update_curriculum(config: RunConfig, run_id: str, key: str) -> dict:
+    """Fold scored/{key}'s per-prompt pass rates into the No-Positive-Resampling state.
+
+    The committed state lists the shards already applied, so applying a shard twice (a retry
+    after a crash between commit and return) changes nothing. Calls must be serialized per run
+    (the run flow does so); the store refuses a second, different state under the same version.
+    """
+    from scalerl.curriculum import NoPositiveResampling
+
+    run = open_run(config, run_id)
+    version, state = run.load_curriculum()
+    if key in state["applied"]:
+        return {"key": key, "skipped": True, "version": version}
+    sampler = NoPositiveResampling.from_state_dict(state["sampler"])
+    table = run.read_shard(SCORED, key).select(["group_id", "prompt_id", "passed"]).to_pylist()
+    groups: dict[str, tuple[str, list[bool]]] = {}
+    for row in table:
+        groups.setdefault(row["group_id"], (row["prompt_id"], []))[1].append(bool(row["passed"]))
+    retired = []
+    if config.algorithm.no_positive_resampling:
+        for prompt_id, passes in groups.values():
+            if sampler.update(prompt_id, passes):
+                retired.append(prompt_id)
+    run.save_curriculum(
+        {"sampler": sampler.state_dict(), "applied": [*state["applied"], key]}, version + 1
+    )
+    if retired:
+        get_run_logger().info(
+            "curriculum v%d: retired %d prompt(s) at pass rate >= %.2f",
+            version + 1,
+            len(retired),
+            config.algorithm.pass_rate_threshold,
+        )
+    return {
+        "key": key,
+        "version": version + 1,
+        "retired": len(retired),
+        "active": len(sampler.active_ids),
+        "exhausted": sampler.exhausted,
+    }

@@ -1,0 +1,52 @@
+"""train_policy: the persistent trainer task (PipelineRL-k training side, scalerl/trainer).
+
+It consumes `filtered` shards in commit order under the k-step staleness bound, publishes weights
+v+1 after every optimizer step, appends `trainer` metrics, and checkpoints atomically. It ends at
+schedule.max_steps, at the compute budget, or when the run's status leaves "running" (the flow
+sets that when every prompt is retired or a generator failed). A retried or resumed task
+continues from the newest checkpoint with the same ledger of consumed shards.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from scalerl.config import RunConfig
+from tasks.common import WeightCache, open_run
+
+TRAIN_STAGE = "filtered"
+
+
+@task(name="train-policy", retries=1, retry_delay_seconds=[10], cache_policy=None)
+def train_policy(config: RunConfig, run_id: str) -> dict:
+    from scalerl.trainer import Trainer, TrainerOptions
+    from tasks.trainer_io import TrainerIO
+
+    run = open_run(config, run_id)
+    base = WeightCache(run).path(0)  # the policy prepare_run published as version 0
+
+    def should_stop() -> bool:
+        return (run.read_status() or {}).get("state", "running") != "running"
+
+    io = TrainerIO.over(run, stage=TRAIN_STAGE, weights_dtype=config.model.dtype)
+    trainer = Trainer(
+        config,
+        run_id=run_id,
+        source=io.source,
+        publisher=io.publisher,
+        checkpoints=io.checkpoints,
+        metrics=io.metrics,
+        options=TrainerOptions(
+            model_path=str(base), should_stop=should_stop, max_poll_interval_s=5.0
+        ),
+    )
+    summary = trainer.train()
+    get_run_logger().info(
+        "trainer stopped at version %d (%s)", summary.version, summary.stop_reason
+    )
+    return {
+        "step": summary.version,
+        "reason": summary.stop_reason,
+        "nan_steps": summary.nan_steps,
+        "ledger_entries": summary.ledger_entries,
+    }

@@ -1,0 +1,85 @@
+"""The run flow under a real (temporary) Prefect server: a 3-step tiny run end to end."""
+
+import asyncio
+import json
+
+import pytest
+
+from scalerl.config import load_config
+from storage import open_store
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, prefect_harness):
+    from flows.run import scalerl_run
+
+    root = tmp_path_factory.mktemp("runs")
+    cfg = load_config(
+        preset="tiny-cpu",
+        overrides=[
+            f"storage.url={root}",
+            "schedule.max_steps=3",
+            "evaluation.every_steps=2",
+            "data.num_eval_prompts=16",
+        ],
+    )
+    summary = scalerl_run(cfg)
+    return cfg, root, summary
+
+
+def test_three_steps_leave_every_stage_weights_metrics_and_curriculum(tiny_run):
+    cfg, root, summary = tiny_run
+    assert summary["step"] == 3 and summary["reason"] == "max_steps"
+    run = open_store(str(root)).run(summary["run_id"])
+    for stage in ("raw", "scored", "filtered", "eval"):
+        assert run.list_shards(stage), f"no committed {stage} shard"
+    scored = run.read_shard("scored", run.list_shards("scored")[0].key)
+    assert scored.column("reward").null_count == 0
+    assert (
+        "filter_reason"
+        in run.read_shard("filtered", run.list_shards("filtered")[0].key).column_names
+    )
+    assert run.list_weight_versions() == [0, 1, 2, 3]  # continuous
+    trainer = run.read_metrics("trainer")
+    assert trainer.num_rows == 3
+    evals = run.read_metrics("eval").to_pylist()
+    assert {r["step"] for r in evals} >= {0, 2, 3}
+    version, state = run.load_curriculum()
+    assert version == len(state["applied"]) and version >= 1
+    assert run.read_status()["state"] == "finished"
+    assert json.loads(json.dumps(run.read_config()))["schedule"]["max_steps"] == 3
+
+
+def test_artifacts_are_in_the_prefect_api(tiny_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.report import artifact_key
+
+    _, _, summary = tiny_run
+
+    async def read(key):
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
+
+    rid = summary["run_id"]
+    progress = asyncio.run(read(artifact_key(rid, "progress")))
+    assert progress and progress[-1].data == 100.0
+    table = asyncio.run(read(artifact_key(rid, "metrics")))
+    assert table and "loss" in table[-1].data
+    report = asyncio.run(read(artifact_key(rid, "report")))
+    assert report and f"ScaleRL run `{rid}`" in report[-1].data
+
+
+def test_invalid_parameters_are_rejected_before_anything_is_written(tmp_path, prefect_harness):
+    from flows.run import scalerl_run
+
+    root = tmp_path / "runs"
+    bad = {"storage": {"url": str(root)}, "pipeline": {"max_off_policy_steps": -1}}
+    with pytest.raises(Exception, match="max_off_policy_steps"):
+        scalerl_run(config=bad)
+    assert not root.exists()
