@@ -97,6 +97,7 @@ def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
             run.write_status({"state": "stopping", "reason": "trainer ended"})
         for g in generators:
             g.wait()
+        advance_shards(config, run_id)  # shards committed while the generators wound down
     final = run.latest_weights_version() or 0
     if final not in evaluated:
         evaluate_policy(config, run_id, final)

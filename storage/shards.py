@@ -304,6 +304,10 @@ class Shards:
         raws = self._loc.fs.cat(paths) if paths else {}
         return [self._parse_record(path, raw, stage, None) for path, raw in raws.items()]
 
+    def count(self, stage: str) -> int:
+        """Committed shards of a stage, from one directory listing (no record is read)."""
+        return len(self._record_paths(stage))
+
     def list(self, stage: str) -> list[ShardInfo]:
         infos = [self._info(record) for record in self._records(stage)]
         return sorted(infos, key=lambda i: (i.committed_at, i.key))

@@ -11,6 +11,7 @@ Layout under {root}/{run_id}/ (every name is checked against [A-Za-z0-9._-]):
     .scalerl-run.json                      marks the directory as a run (written on create)
     run.json                               config snapshot (write_config)
     status.json                            lifecycle: running / finished / exhausted / failed
+    markers/{name}.json                    progress facts shared between processes
     prompts/{split}.parquet                PROMPT_SCHEMA (write_prompts)
     shards/{stage}/data/{key}.{attempt}.parquet   rollout data (storage/shards.py)
     shards/{stage}/commits/{key}.json      commit records; only these make a shard visible
@@ -177,6 +178,25 @@ class Run:
         fsio.write_atomic(self._loc, f"{self._root}/status.json", _json_bytes(status, "status"))
 
     @guarded
+    def write_marker(self, name: str, doc: dict) -> None:
+        """Replace markers/{name}.json: small progress facts one process publishes for others
+        (e.g. how far the trainer has read). Atomic; last writer wins."""
+        path = f"{self._root}/markers/{validate_name(name, 'marker name')}.json"
+        fsio.write_atomic(self._loc, path, _json_bytes(doc, "marker"))
+
+    @guarded
+    def read_marker(self, name: str) -> dict | None:
+        path = f"{self._root}/markers/{validate_name(name, 'marker name')}.json"
+        try:
+            return json.loads(fsio.read_bytes(self._loc, path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise ForeignFileError(
+                f"{self._loc.url_of(path)} is not valid JSON. Fix: move it out of the run directory."
+            ) from None
+
+    @guarded
     def read_status(self) -> dict | None:
         """The last status written, or None before the first one."""
         path = f"{self._root}/status.json"
@@ -234,6 +254,11 @@ class Run:
     def list_shards(self, stage: str) -> list[ShardInfo]:
         """Committed shards of `stage`, in commit order."""
         return self._shards.list(stage)
+
+    @guarded
+    def count_shards(self, stage: str) -> int:
+        """How many shards of `stage` are committed (cheap: one listing, no record read)."""
+        return self._shards.count(validate_name(stage, "stage"))
 
     @guarded
     def has_shard(self, stage: str, key: str) -> bool:
@@ -351,7 +376,8 @@ class Run:
             )
 
     @guarded
-    def load_curriculum(self) -> tuple[int, dict] | None:
+    def list_curriculum_versions(self) -> list[int]:
+        """Every committed curriculum version, ascending."""
         base, versions = f"{self._root}/curriculum", []
         for info in fsio.ls(self._loc, base):
             name = fsio.basename(info)
@@ -364,9 +390,24 @@ class Run:
                     "Fix: move it out of the run directory."
                 )
             versions.append(int(match.group(1)))
-        if not versions:
-            return None
-        doc = json.loads(fsio.read_bytes(self._loc, f"{base}/v{max(versions)}.json"))
+        return sorted(versions)
+
+    @guarded
+    def load_curriculum(self, version: int | None = None) -> tuple[int, dict] | None:
+        """(version, state) of the latest committed curriculum, or of `version`; None if none."""
+        if version is None:
+            versions = self.list_curriculum_versions()
+            if not versions:
+                return None
+            version = versions[-1]
+        path = f"{self._root}/curriculum/v{version}.json"
+        try:
+            doc = json.loads(fsio.read_bytes(self._loc, path))
+        except FileNotFoundError:
+            raise NotCommittedError(
+                f"curriculum version {version} is not committed at {self._loc.url_of(path)}. "
+                "Fix: pick one of list_curriculum_versions()."
+            ) from None
         return doc["version"], doc["state"]
 
     # -- maintenance -----------------------------------------------------------------------

@@ -15,6 +15,7 @@ and the store refuses the second, different, shard). It stops when the run's sta
 from __future__ import annotations
 
 import hashlib
+import time
 
 from prefect import get_run_logger, task
 
@@ -31,12 +32,29 @@ def _seed(*parts) -> int:
     )
 
 
+def max_lead(config: RunConfig) -> int:
+    """Raw shards the generators may be ahead of what the trainer has read: enough to keep the
+    trainer fed through scoring and filtering, not so many that they go stale (k) unused."""
+    return max(2, config.pipeline.max_off_policy_steps + 1) * config.generation.num_generators
+
+
+def wait_for_trainer(run, config: RunConfig, should_stop, poll_s: float = 0.2) -> None:
+    """Backpressure: block (before drawing new prompts) while the committed raw shards are more
+    than max_lead ahead of the trainer's reads. Reads keep advancing as long as the run flow
+    filters shards, so this cannot deadlock; a stopping run releases it at once."""
+    from tasks.trainer_io import INTAKE_MARKER
+
+    while not should_stop():
+        read = (run.read_marker(INTAKE_MARKER) or {}).get("shards_read", 0)
+        if run.count_shards(RAW) - read <= max_lead(config):
+            return
+        time.sleep(poll_s)
+
+
 @task(name="generate-rollouts", retries=2, retry_delay_seconds=[5, 30], cache_policy=None)
 def generate_rollouts(
     config: RunConfig, run_id: str, generator_id: str = "gen0", max_shards: int | None = None
 ) -> dict:
-    import time
-
     from scalerl.curriculum import CurriculumExhausted, NoPositiveResampling
     from scalerl.engines.base import Throttled
     from scalerl.generator import GeneratorSettings, generate_batches
@@ -65,6 +83,7 @@ def generate_rollouts(
 
     def sample_prompts(n: int):
         nonlocal exhausted
+        wait_for_trainer(run, config, should_stop)
         committed = run.load_curriculum()
         if committed is not None:
             sampler.retire(committed[1]["sampler"]["retired"])

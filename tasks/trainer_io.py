@@ -44,18 +44,35 @@ from storage.errors import (
 _REJECTED = (SchemaVersionError, ForeignFileError, CorruptShardError, InvalidRolloutsError)
 
 
+INTAKE_MARKER = "trainer-intake"
+
+
 class RunShardSource:
+    """Committed shards of one stage, in commit order. After every read it publishes how far
+    into that order the trainer has got (marker `trainer-intake`), which generators use as
+    backpressure so they do not run unboundedly ahead of the trainer."""
+
     def __init__(self, run: Run, stage: str) -> None:
         self.run, self.stage = run, stage
+        self._position: dict[str, int] = {}
+        self._read_upto = 0
 
     def list_ready(self) -> list[str]:
-        return [info.key for info in self.run.list_shards(self.stage)]
+        keys = [info.key for info in self.run.list_shards(self.stage)]
+        self._position = {key: i for i, key in enumerate(keys)}
+        return keys
 
     def read(self, key: str) -> pa.Table:
         try:
-            return self.run.read_shard(self.stage, key)
+            table = self.run.read_shard(self.stage, key)
         except _REJECTED as e:
             raise ShardRejected(f"{type(e).__name__}: {e}") from e
+        finally:
+            upto = self._position.get(key, -1) + 1
+            if upto > self._read_upto:
+                self._read_upto = upto
+                self.run.write_marker(INTAKE_MARKER, {"stage": self.stage, "shards_read": upto})
+        return table
 
     def curriculum_version(self) -> int | None:
         found = self.run.load_curriculum()
