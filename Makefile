@@ -1,5 +1,6 @@
-# Two set-up commands (see README): `make test` creates .venv when missing, installs, and runs the
-# whole non-GPU suite. `make lint` runs ruff.
+# Two set-up commands (see README): `make demo` creates .venv when missing, installs, and runs the
+# tiny-cpu preset end to end (embedded Prefect server, local ./runs); `make test` does the same
+# set-up and runs the whole non-GPU suite. `make lint` runs ruff.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format
+.PHONY: install demo test lint format
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ $(STAMP): pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/scalerl run --preset tiny-cpu
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)

@@ -25,7 +25,13 @@ from scalerl.config import RunConfig
 from tasks.common import open_run
 from tasks.evaluate import evaluate_policy
 from tasks.prepare import prepare_run
-from tasks.report import publish_metrics_table, publish_run_report, set_progress, start_progress
+from tasks.report import (
+    publish_metrics_table,
+    publish_run_report,
+    render_plots,
+    set_progress,
+    start_progress,
+)
 from tasks.rollouts import generate_rollouts
 from tasks.scaling import fit_scaling_curve
 from tasks.stages import filter_shard, score_shard, update_curriculum
@@ -111,8 +117,9 @@ def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
     )
     set_progress(progress, config.schedule.max_steps, config.schedule.max_steps)
     publish_metrics_table(config, run_id)
-    publish_run_report(config, run_id, {**summary, "state": "finished"}, fit)
+    plots = render_plots(config, run_id, fit)
+    publish_run_report(config, run_id, {**summary, "state": "finished"}, fit, plots)
     logger.info(
         "run %s finished at step %s: %s", run_id, summary.get("step"), summary.get("reason")
     )
-    return {"run_id": run_id, **summary, "fit": fit}
+    return {"run_id": run_id, **summary, "fit": fit, "plots": plots}

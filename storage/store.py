@@ -12,6 +12,7 @@ Layout under {root}/{run_id}/ (every name is checked against [A-Za-z0-9._-]):
     run.json                               config snapshot (write_config)
     status.json                            lifecycle: running / finished / exhausted / failed
     markers/{name}.json                    progress facts shared between processes
+    plots/{name}.png                       rendered figures (compute curve, lengths, staleness)
     prompts/{split}.parquet                PROMPT_SCHEMA (write_prompts)
     shards/{stage}/data/{key}.{attempt}.parquet   rollout data (storage/shards.py)
     shards/{stage}/commits/{key}.json      commit records; only these make a shard visible
@@ -176,6 +177,13 @@ class Run:
                 f"status must be a dict, got {type(status).__name__}. Fix: pass a dict."
             )
         fsio.write_atomic(self._loc, f"{self._root}/status.json", _json_bytes(status, "status"))
+
+    @guarded
+    def save_plot(self, name: str, png: bytes) -> str:
+        """Write plots/{name}.png atomically (replacing an older rendering); returns its URL."""
+        path = f"{self._root}/plots/{validate_name(name, 'plot name')}.png"
+        fsio.write_atomic(self._loc, path, png)
+        return self._loc.url_of(path)
 
     @guarded
     def write_marker(self, name: str, doc: dict) -> None:

@@ -23,17 +23,18 @@ TRAINER_METRICS = "trainer"
 TABLE_COLUMNS = (
     "step",
     "loss",
-    "batch_pass_rate",
-    "groups_kept",
+    "pass_rate",
+    "samples_kept",
     "groups_zero_variance",
-    "samples_stale_dropped",
+    "samples_dropped_stale",
     "tokens",
-    "mean_completion_tokens",
+    "completion_len_mean",
     "truncation_rate",
     "interruption_rate",
     "lr",
     "grad_norm",
     "step_time_s",
+    "wait_s",
 )
 
 
@@ -123,6 +124,82 @@ def render_report(
     ]
     lines += [f"- {name}: `{path}`" for name, path in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def plots_dpi() -> int:
+    from scalerl.plots import DPI
+
+    return DPI
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=plots_dpi())
+    return buf.getvalue()
+
+
+@task(name="render-plots", retries=1, retry_delay_seconds=[5], cache_policy=None)
+def render_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, str]:
+    """PNG figures into the run's plots/: pass rate vs compute with the fitted sigmoid, completion
+    lengths with the interruption window, staleness of trained samples. Returns name -> URL."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from scalerl import plots
+    from scalerl.scaling import SigmoidFit
+    from scalerl.stats import eval_points, staleness_histogram
+
+    run, urls = open_run(config, run_id), {}
+    compute, rate, _ = eval_points(run.read_metrics("eval"))
+    if compute:
+        sigmoid = None
+        if fit:
+            sigmoid = SigmoidFit(
+                fit["A"],
+                fit["B"],
+                fit["C_mid"],
+                fit["R0"],
+                fit["residual"],
+                fit["n_points"],
+                (fit["A_low"], fit["A_high"]),
+            )
+        figure = plots.curve_figure(
+            compute,
+            rate,
+            sigmoid,
+            target_compute=2 * max(compute),
+            compute_unit=config.schedule.compute_unit,
+            title=f"{run_id}: held-out pass rate vs compute",
+        )
+        urls["curve"] = run.save_plot("curve", _png(figure))
+    shards = run.list_shards("raw")[-20:]
+    if shards:
+        table = pa.concat_tables(
+            [
+                run.read_shard("raw", s.key).select(["completion_token_ids", "finish_reason"])
+                for s in shards
+            ]
+        )
+        lc = config.length_control
+        figure = plots.lengths_figure(
+            pc.list_value_length(table["completion_token_ids"]).to_pylist(),
+            table["finish_reason"].to_pylist(),
+            window=(lc.thinking_budget_min, lc.thinking_budget_max) if lc.enabled else None,
+            max_tokens=config.generation.max_new_tokens,
+            title=f"{run_id}: completion lengths (last {len(shards)} shards)",
+        )
+        urls["lengths"] = run.save_plot("lengths", _png(figure))
+    histogram = staleness_histogram(run.read_metrics("trainer"))
+    if histogram:
+        figure = plots.staleness_figure(
+            histogram,
+            k=config.pipeline.max_off_policy_steps,
+            title=f"{run_id}: staleness of trained samples",
+        )
+        urls["staleness"] = run.save_plot("staleness", _png(figure))
+    return urls
 
 
 @task(name="publish-run-report", retries=2, retry_delay_seconds=[2, 10], cache_policy=None)

@@ -50,6 +50,20 @@ def test_three_steps_leave_every_stage_weights_metrics_and_curriculum(tiny_run):
     assert version == len(state["applied"]) and version >= 1
     assert run.read_status()["state"] == "finished"
     assert json.loads(json.dumps(run.read_config()))["schedule"]["max_steps"] == 3
+    assert set(summary["plots"]) == {"curve", "lengths", "staleness"}
+
+
+def test_plots_are_valid_pngs_of_the_documented_size(tiny_run):
+    from PIL import Image
+
+    from scalerl.plots import PIXELS
+
+    _, root, summary = tiny_run
+    for name in ("curve", "lengths", "staleness"):
+        path = root / summary["run_id"] / "plots" / f"{name}.png"
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.size == tuple(PIXELS)
 
 
 def test_artifacts_are_in_the_prefect_api(tiny_run):

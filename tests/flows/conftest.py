@@ -1,0 +1,259 @@
+"""Fixtures for the CLI tests: a realistic finished-looking run built with the storage API alone
+(no model, no Prefect), on local disk and on a real S3-protocol server (moto_server on loopback).
+
+The run `demo` holds, for the tiny-cpu config snapshot:
+- raw / scored / filtered shards of two generators (keys gen0-000001, gen0-000002, gen1-000001),
+  2 prompts x 4 samples each, some completions spanning two policy versions;
+- eval shards v000000..v000007 and `eval` metrics rows whose pass rate follows the sigmoid
+  R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) with the constants below;
+- `trainer` metrics rows with staleness/{d} histograms, as scalerl/trainer/loop.py writes them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from scalerl.config import load_config
+from storage import open_store, rollouts_from_records
+
+MOTO = Path(sys.executable).parent / "moto_server"
+RUN_ID = "demo"
+TRUE_A, TRUE_B, TRUE_C_MID, TRUE_R0 = 0.6, 1.5, 1000.0, 0.1
+EVAL_VERSIONS = range(8)
+COMPUTE_PER_VERSION = 500.0
+RAW_KEYS = ("gen0-000001", "gen0-000002", "gen1-000001")
+K = 8
+
+
+def true_pass_rate(C: float) -> float:
+    if C == 0:
+        return TRUE_R0
+    return TRUE_R0 + (TRUE_A - TRUE_R0) / (1.0 + (TRUE_C_MID / C) ** TRUE_B)
+
+
+@dataclass
+class DemoRun:
+    storage: str
+    endpoint: str | None
+    run_id: str = RUN_ID
+    records: dict[str, list[dict]] = field(default_factory=dict)
+    eval_rows: list[dict] = field(default_factory=list)
+    trainer_rows: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    truth: dict = field(
+        default_factory=lambda: {"A": TRUE_A, "B": TRUE_B, "C_mid": TRUE_C_MID, "R0": TRUE_R0}
+    )
+    """The sigmoid the eval metrics rows follow."""
+
+    @property
+    def args(self) -> list[str]:
+        return ["--storage", self.storage] + (
+            ["--endpoint-url", self.endpoint] if self.endpoint else []
+        )
+
+
+def _completion(shard: str, i: int, version: int, passed: bool) -> dict:
+    """One completion; every third spans two versions, lengths and finish reasons vary."""
+    length = 6 + (7 * i + 3 * len(shard)) % 40
+    spans = i % 3 == 0
+    versions = [version] * (length // 2) + [version + spans] * (length - length // 2)
+    finish = "interrupted" if length > 30 else "length" if i % 7 == 6 else "stop"
+    thinking = min(length - 2, 28) if finish == "interrupted" else length - 3
+    t0 = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC) + dt.timedelta(minutes=version)
+    return {
+        "completion": f"<think>step {i} of {shard}</think> The answer is {i if passed else -1}.",
+        "completion_token_ids": [(11 * i + j) % 500 for j in range(length)],
+        "logprobs": [-0.1 * ((i + j) % 5) for j in range(length)],
+        "versions": versions,
+        "finish_reason": finish,
+        "thinking_tokens": thinking,
+        "answer_tokens": length - thinking,
+        "reward": 1.0 if passed else 0.0,
+        "passed": passed,
+        "reward_reason": "correct" if passed else "wrong",
+        "started_at": t0,
+        "finished_at": t0 + dt.timedelta(seconds=i + 1),
+    }
+
+
+def _group_records(shard: str, generator: str, version: int, prompts: int, pass_of) -> list[dict]:
+    records = []
+    for p in range(prompts):
+        pid = f"p{(version * prompts + p) % 11:03d}"
+        for s in range(4):
+            i = p * 4 + s
+            records.append(
+                {
+                    "run_id": RUN_ID,
+                    "shard_id": shard,
+                    "prompt_id": pid,
+                    "group_id": f"{shard}-g{p}",
+                    "sample_index": s,
+                    "task": "arith",
+                    "prompt": f"What is {p} + {version}? Put [the answer] last.",
+                    "prompt_token_ids": [1, 2, 3 + p],
+                    "answer": str(p + version),
+                    "generator_id": generator,
+                    **_completion(shard, i, version, pass_of(p, s)),
+                }
+            )
+    return records
+
+
+def _unscored(record: dict) -> dict:
+    return record | {"reward": None, "passed": None, "reward_reason": None}
+
+
+def build_demo_run(storage: str, options: dict | None, endpoint: str | None) -> DemoRun:
+    run = open_store(storage, storage_options=options).run(RUN_ID, create=True)
+    demo = DemoRun(storage=storage, endpoint=endpoint)
+    demo.config = load_config(preset="tiny-cpu").model_dump(mode="json")
+    run.write_config(demo.config)
+    scored_all, filtered_all, raw_all, eval_all = [], [], [], []
+    for n, key in enumerate(RAW_KEYS):
+        generator = key.split("-")[0]
+        # prompt 0 of each shard: mixed rewards; prompt 1: all wrong (a zero-variance group)
+        scored = _group_records(key, generator, n + 1, 2, lambda p, s: p == 0 and s % 2 == 0)
+        raw = [_unscored(r) for r in scored]
+        run.commit_shard("raw", key, rollouts_from_records(raw))
+        run.commit_shard("scored", key, rollouts_from_records(scored))
+        reasons = [None if r["group_id"].endswith("g0") else "zero_variance" for r in scored]
+        filtered = rollouts_from_records(scored).append_column(
+            "filter_reason", pa.array(reasons, pa.string())
+        )
+        run.commit_shard("filtered", key, filtered)
+        raw_all += raw
+        scored_all += scored
+        filtered_all += [r | {"filter_reason": f} for r, f in zip(scored, reasons, strict=True)]
+    for v in EVAL_VERSIONS:
+        compute = v * COMPUTE_PER_VERSION
+        rate = true_pass_rate(compute)
+        shard = f"eval-v{v:06d}"
+        records = _group_records(shard, "eval", v, 2, lambda p, s, v=v: (p * 4 + s + v) % 8 < 3)
+        for r in records:  # eval completions come from exactly one version
+            r["versions"] = [v] * len(r["versions"])
+        run.commit_shard("eval", f"v{v:06d}", rollouts_from_records(records))
+        eval_all += records
+        demo.eval_rows.append(
+            {
+                "step": v,
+                "version": v,
+                "compute": compute,
+                "pass_rate": rate,
+                "prompts": 2,
+                "samples": len(records),
+                "mean_length": sum(len(r["completion_token_ids"]) for r in records) / 8,
+                "truncation_rate": 0.0,
+                "interruption_rate": 0.25,
+            }
+        )
+    run.append_metrics("eval", demo.eval_rows)
+    for step in range(1, 6):
+        row = {
+            "step": step,
+            "trained_version": step - 1,
+            "time": 1.7e9 + step,
+            "loss": 0.5 / step,
+            "pass_rate": 0.2 + 0.02 * step,
+            "truncation_rate": 0.0,
+            "interruption_rate": 0.1,
+            **{f"staleness/{d}": (16 if d == 0 else 8 if d == 1 else 4 if d == step else 0)
+               for d in range(K + 1)},
+        }  # fmt: skip
+        demo.trainer_rows.append(row)
+    run.append_metrics("trainer", demo.trainer_rows)
+    demo.records = {
+        "raw": raw_all,
+        "scored": scored_all,
+        "filtered": filtered_all,
+        "eval": eval_all,
+    }
+    return demo
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A moto_server on loopback with bucket 'scalerl-cli'; stopped after the session."""
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    port = endpoint.rsplit(":", 1)[1]
+    proc = subprocess.Popen(
+        [str(MOTO), "-H", "127.0.0.1", "-p", port],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
+                time.sleep(0.1)
+        import s3fs
+
+        s3fs.S3FileSystem(
+            key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint}
+        ).mkdir("scalerl-cli")
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def local_demo(tmp_path_factory) -> DemoRun:
+    return build_demo_run(str(tmp_path_factory.mktemp("store") / "runs"), None, None)
+
+
+@pytest.fixture(scope="session")
+def s3_demo(moto_endpoint) -> DemoRun:
+    url = f"s3://scalerl-cli/{uuid.uuid4().hex[:8]}/runs"
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": moto_endpoint},
+    }
+    return build_demo_run(url, options, moto_endpoint)
+
+
+@pytest.fixture
+def s3_credentials(monkeypatch):
+    """The CLI gets S3 credentials the way users give them: AWS_* variables."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def demo(request) -> DemoRun:
+    """The demo run on each backend (read-only: tests never write into it)."""
+    if request.param == "local":
+        return request.getfixturevalue("local_demo")
+    request.getfixturevalue("s3_credentials")
+    return request.getfixturevalue("s3_demo")
+
+
+@pytest.fixture
+def make_demo_run():
+    """build_demo_run(storage, storage_options, endpoint) for tests that damage their run."""
+    return build_demo_run

@@ -1,0 +1,446 @@
+"""The user surface over a run store: `scalerl rollouts ...`, `scalerl curve ...`, `scalerl doctor`,
+on local disk and on an S3-protocol server, plus every kind of bad input (exit 2, one line).
+
+Expected numbers are computed here from the records the fixture committed (tests/flows/conftest.py),
+never from the commands' own earlier output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+from storage import open_store
+
+runner = CliRunner()
+SCRIPT = Path(sys.executable).parent / "scalerl"
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def one_line_error(result, *needles: str) -> str:
+    assert result.exit_code == 2, result.output
+    *progress, err = result.stderr.strip().splitlines()
+    assert err.startswith("error: "), result.stderr
+    assert all(line.startswith("export: ") for line in progress), result.stderr  # plain progress
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# -- rollouts ls / show / stats / query -------------------------------------------------------
+
+
+def test_rollouts_ls_lists_every_committed_shard(demo):
+    rows = json.loads(ok(invoke("rollouts", "ls", demo.run_id, *demo.args, "-f", "json")))
+    got = {(r["stage"], r["shard"]): r["rows"] for r in rows}
+    expected = {}
+    for stage, records in demo.records.items():
+        for r in records:
+            key = r["shard_id"].removeprefix("eval-")
+            expected[(stage, key)] = expected.get((stage, key), 0) + 1
+    assert got == expected
+    assert all(r["bytes"] > 0 and r["committed"].startswith("20") for r in rows)
+    table = ok(invoke("rollouts", "ls", demo.run_id, "--stage", "raw", *demo.args))
+    assert "gen1-000001" in table and "v000003" not in table
+
+
+def test_rollouts_show_prompt_prints_prompt_then_each_completion(demo):
+    records = [r for r in demo.records["scored"] if r["prompt_id"] == "p002"]
+    out = ok(
+        invoke(
+            "rollouts", "show", demo.run_id, "--prompt", "p002", "--stage", "scored",
+            "--limit", "50", *demo.args,
+        )
+    )  # fmt: skip
+    assert records and records[0]["prompt"] in out  # brackets in the text survive (no markup)
+    assert out.index(records[0]["prompt"]) < out.index(records[0]["completion"])
+    for r in records:
+        assert r["completion"] in out
+    assert out.count("  finish ") == len(records)
+    passed = sum(r["passed"] for r in records)
+    assert out.count("(passed, correct)") == passed
+    assert out.count("(failed, wrong)") == len(records) - passed
+
+
+def test_rollouts_show_step_selects_completions_spanning_that_version(demo):
+    step = 2
+    spanning = [
+        r for r in demo.records["filtered"] if min(r["versions"]) <= step <= max(r["versions"])
+    ]
+    out = ok(invoke("rollouts", "show", demo.run_id, "--step", str(step), "-n", "100", *demo.args))
+    assert out.count("  finish ") == len(spanning) > 0
+    assert f"policy v{step - 1}..v{step}" in out and f"policy v{step}" in out
+    assert "filtered: zero_variance" in out  # rollouts = the filtered stage
+
+
+def test_rollouts_stats_per_policy_version(demo):
+    rows = json.loads(ok(invoke("rollouts", "stats", demo.run_id, "-f", "json", *demo.args)))
+    records = demo.records["filtered"]
+    versions = sorted({min(r["versions"]) for r in records})
+    assert [r["version"] for r in rows] == versions
+    for row in rows:
+        mine = [r for r in records if min(r["versions"]) == row["version"]]
+        n = len(mine)
+        assert row["rollouts"] == n
+        assert row["pass_rate"] == pytest.approx(sum(r["passed"] for r in mine) / n)
+        assert row["reward"] == pytest.approx(sum(r["reward"] for r in mine) / n)
+        assert row["tokens"] == pytest.approx(sum(len(r["completion_token_ids"]) for r in mine) / n)
+        assert row["thinking"] == pytest.approx(sum(r["thinking_tokens"] for r in mine) / n)
+        assert row["truncated"] == pytest.approx(
+            sum(r["finish_reason"] == "length" for r in mine) / n
+        )
+        assert row["interrupted"] == pytest.approx(
+            sum(r["finish_reason"] == "interrupted" for r in mine) / n
+        )
+        assert row["span"] == pytest.approx(
+            sum(max(r["versions"]) - min(r["versions"]) for r in mine) / n
+        )
+        trainer = [t for t in demo.trainer_rows if t["step"] == row["version"]]
+        counts = {int(k.split("/")[1]): v for k, v in trainer[0].items() if "staleness/" in k}
+        expected = sum(d * c for d, c in counts.items()) / sum(counts.values())
+        assert row["stale@train"] == pytest.approx(expected)
+    table = ok(invoke("rollouts", "stats", demo.run_id, *demo.args))
+    assert "stale@train" in table and "pass_rate" in table
+
+
+def test_rollouts_query_formats(demo):
+    sql = "SELECT finish_reason, count(*) AS n FROM raw GROUP BY 1 ORDER BY 1"
+    expected = {}
+    for r in demo.records["raw"]:
+        expected[r["finish_reason"]] = expected.get(r["finish_reason"], 0) + 1
+    rows = json.loads(ok(invoke("rollouts", "query", demo.run_id, sql, "-f", "json", *demo.args)))
+    assert {r["finish_reason"]: r["n"] for r in rows} == expected
+    csv = ok(invoke("rollouts", "query", demo.run_id, sql, "--format", "csv", *demo.args))
+    assert csv.splitlines()[0] == "finish_reason,n"
+    assert sorted(csv.splitlines()[1:]) == sorted(f"{k},{v}" for k, v in expected.items())
+    table = ok(invoke("rollouts", "query", demo.run_id, sql, *demo.args))
+    assert "finish_reason" in table and "interrupted" in table
+    literal = "SELECT '[bold]x[/bold]' AS markup, sum(thinking_tokens) AS total FROM raw"
+    assert "[bold]x[/bold]" in ok(invoke("rollouts", "query", demo.run_id, literal, *demo.args))
+    total = json.loads(
+        ok(invoke("rollouts", "query", demo.run_id, literal, "-f", "json", *demo.args))
+    )
+    assert total == [  # DuckDB sums integers as HUGEINT (a Decimal in Python): still a JSON number
+        {
+            "markup": "[bold]x[/bold]",
+            "total": sum(r["thinking_tokens"] for r in demo.records["raw"]),
+        }
+    ]
+    evals = json.loads(
+        ok(
+            invoke(
+                "rollouts", "query", demo.run_id,
+                "SELECT step, pass_rate FROM metrics_eval ORDER BY step", "-f", "json", *demo.args,
+            )
+        )
+    )  # fmt: skip
+    assert [e["pass_rate"] for e in evals] == pytest.approx(
+        [e["pass_rate"] for e in demo.eval_rows]
+    )
+    count = "SELECT count(*) AS n FROM rollouts WHERE filter_reason IS NULL"
+    kept = sum(r["filter_reason"] is None for r in demo.records["filtered"])
+    assert (
+        json.loads(ok(invoke("rollouts", "query", demo.run_id, count, "-f", "json", *demo.args)))[
+            0
+        ]["n"]
+        == kept
+    )
+
+
+def test_query_help_documents_the_views():
+    out = ok(invoke("rollouts", "query", "--help"))
+    for view in ("rollouts", "raw", "scored", "filtered", "eval", "metrics_eval"):
+        assert view in out
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "hf"])
+def test_rollouts_export_each_format(demo, fmt, tmp_path):
+    out = tmp_path / "export"
+    ok(invoke("rollouts", "export", demo.run_id, "--format", fmt, "-o", str(out), *demo.args))
+    manifest = json.loads((out / "export.json").read_text())
+    assert {s: m["rows"] for s, m in manifest["stages"].items()} == {
+        s: len(r) for s, r in demo.records.items()
+    }
+    if fmt == "parquet":
+        table = pq.read_table(sorted((out / "scored").glob("*.parquet")))
+        assert sorted(table.column("completion").to_pylist()) == sorted(
+            r["completion"] for r in demo.records["scored"]
+        )
+    elif fmt == "jsonl":
+        lines = (out / "filtered.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
+        assert len(rows) == len(demo.records["filtered"])
+        assert {r["filter_reason"] for r in rows} == {None, "zero_variance"}
+        assert rows[0]["started_at"].startswith("2026-11-25T")
+    else:
+        import datasets
+
+        loaded = datasets.load_from_disk(str(out))
+        assert set(loaded) == set(demo.records)
+        assert loaded["eval"].num_rows == len(demo.records["eval"])
+        assert sum(loaded["scored"]["passed"]) == sum(r["passed"] for r in demo.records["scored"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_rollouts_export_one_stage(demo, tmp_path):
+    out = tmp_path / "only-eval"
+    ok(invoke("rollouts", "export", demo.run_id, "-f", "parquet", "-o", str(out), "--stage", "eval", *demo.args))  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["eval", "export.json"]
+    assert len(list((out / "eval").glob("*.parquet"))) == 8
+
+
+# -- curve ------------------------------------------------------------------------------------
+
+
+def test_curve_fit_recovers_the_sigmoid_and_predicts(demo):
+    def sigmoid(C, A, B, C_mid, R0):  # SCALERL.md sec. 8
+        return R0 + (A - R0) / (1 + (C_mid / C) ** B)
+
+    target = 20_000.0
+    truth = demo.truth
+    fit = json.loads(
+        ok(
+            invoke(
+                "curve", "fit", demo.run_id, "--json", "--target-compute", str(target), *demo.args
+            )
+        )
+    )
+    assert fit["A"] == pytest.approx(truth["A"], abs=0.01)
+    assert fit["B"] == pytest.approx(truth["B"], rel=0.05)
+    assert fit["C_mid"] == pytest.approx(truth["C_mid"], rel=0.05)
+    assert fit["R0"] == pytest.approx(truth["R0"])
+    assert fit["A_low"] <= fit["A"] <= fit["A_high"]
+    fitted = sigmoid(target, fit["A"], fit["B"], fit["C_mid"], fit["R0"])
+    assert fit["prediction"] == pytest.approx(fitted)
+    assert fit["prediction"] == pytest.approx(sigmoid(target, **truth), abs=0.01)
+    assert fit["n_points"] == 7 and fit["compute_unit"] == "samples"
+    text = ok(invoke("curve", "fit", demo.run_id, "--target-compute", "20000", *demo.args))
+    assert "A     = 0.60" in text and "C_mid" in text and "predicted pass rate at 20000" in text
+
+
+@pytest.mark.parametrize("kind", ["curve", "lengths", "staleness"])
+def test_curve_plot_writes_png_of_fixed_size(demo, kind, tmp_path):
+    from scalerl.plots import PIXELS
+
+    path = tmp_path / "plots" / f"{kind}.png"
+    ok(invoke("curve", "plot", demo.run_id, "-o", str(path), "--kind", kind, *demo.args))
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == PIXELS == (800, 500)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+# -- doctor -----------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_doctor_reports_each_component(local_demo, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    out = ok(invoke("doctor", "--storage", local_demo.storage))
+    lines = out.splitlines()
+    for what in ("Python", "torch", "CUDA", "vLLM", "storage", "Prefect API"):
+        assert sum(f" {what}: " in line for line in lines) == 1, out
+    assert "embedded temporary server will be used" in out
+    assert "1 run(s)" in out
+
+
+def test_doctor_fails_with_fixes_when_prefect_or_storage_are_unreachable(monkeypatch):
+    port = _closed_port()
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    result = invoke(
+        "doctor", "--storage", "s3://some-bucket/runs", "--endpoint-url", f"http://127.0.0.1:{port}"
+    )
+    assert result.exit_code == 2
+    fails = [line for line in result.stdout.splitlines() if line.startswith("fail")]
+    assert len(fails) == 2
+    assert "storage" in fails[0] and "does not answer" in fails[0] and "Fix:" in fails[0]
+    assert "Prefect API" in fails[1] and "prefect server start" in fails[1]
+
+
+# -- bad input: exit 2, one line, nothing written ---------------------------------------------
+
+COMMANDS = [
+    ("rollouts", "ls"),
+    ("rollouts", "show"),
+    ("rollouts", "stats"),
+    ("rollouts", "query", "SELECT 1"),
+    ("curve", "fit"),
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_unknown_run_id(demo, command):
+    args = [*command[:2], "no-such-run", *command[2:], *demo.args]
+    one_line_error(invoke(*args), "'no-such-run' does not exist", "demo", "Fix:")
+
+
+def test_unknown_run_id_writes_nothing(local_demo, tmp_path):
+    for args in (
+        ["rollouts", "export", "nope", "-f", "jsonl", "-o", str(tmp_path / "x")],
+        ["curve", "plot", "nope", "-o", str(tmp_path / "y" / "c.png")],
+    ):
+        one_line_error(invoke(*args, "--storage", local_demo.storage), "does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malformed_sql(demo):
+    err = one_line_error(
+        invoke("rollouts", "query", demo.run_id, "SELEC * FROM rollouts", *demo.args), "Fix:"
+    )
+    assert "syntax error" in err and "rollouts" in err
+    one_line_error(
+        invoke("rollouts", "query", demo.run_id, "SELECT nope FROM raw", *demo.args), "nope"
+    )
+    one_line_error(invoke("rollouts", "query", demo.run_id, "SELECT * FROM tbl", *demo.args), "tbl")
+
+
+def test_unknown_stage_and_format(local_demo, tmp_path):
+    s = ["--storage", local_demo.storage]
+    one_line_error(invoke("rollouts", "ls", "demo", "--stage", "nope", *s), "'nope'", "raw")
+    one_line_error(invoke("rollouts", "stats", "demo", "--stage", "nope", *s), "'nope'")
+    one_line_error(invoke("rollouts", "query", "demo", "SELECT 1", "-f", "xml", *s), "xml")
+    one_line_error(
+        invoke("rollouts", "export", "demo", "-f", "xml", "-o", str(tmp_path / "o"), *s), "xml"
+    )
+    one_line_error(invoke("curve", "plot", "demo", "-o", str(tmp_path / "a.png"), "--kind", "pie", *s), "pie")  # fmt: skip
+    one_line_error(invoke("curve", "plot", "demo", "-o", str(tmp_path / "a.jpg"), *s), ".png")
+    one_line_error(
+        invoke("rollouts", "show", "demo", "--prompt", "nope", *s), "no completions", "Fix:"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_storage_urls(s3_credentials):
+    one_line_error(invoke("runs", "ls", "--storage", "ftp://host/x"), "unsupported scheme")
+    one_line_error(invoke("rollouts", "ls", "r", "--storage", "s3://"), "names no bucket")
+    port = _closed_port()
+    err = one_line_error(
+        invoke(
+            "rollouts", "stats", "r", "--storage", "s3://bucket-x/runs",
+            "--endpoint-url", f"http://127.0.0.1:{port}",
+        ),
+        "does not answer",
+        "Fix:",
+    )  # fmt: skip
+    assert str(port) in err
+
+
+@pytest.mark.integration
+def test_missing_credentials(s3_demo, monkeypatch, tmp_path):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    err = one_line_error(invoke("rollouts", "ls", "demo", *s3_demo.args), "no credentials", "Fix:")
+    assert "AWS_ACCESS_KEY_ID" in err
+
+
+def test_curve_without_evaluation_points(tmp_path):
+    storage = str(tmp_path / "runs")
+    open_store(storage).run("fresh", create=True)
+    for args in (
+        ["curve", "fit", "fresh"],
+        ["curve", "plot", "fresh", "-o", str(tmp_path / "c.png")],
+    ):
+        one_line_error(invoke(*args, "--storage", storage), "no evaluation points", "Fix:")
+    assert not (tmp_path / "c.png").exists()
+    run = open_store(storage).run("fresh")
+    run.append_metrics(
+        "eval", [{"step": s, "compute": 100.0 * s, "pass_rate": 0.1} for s in range(3)]
+    )
+    one_line_error(invoke("curve", "fit", "fresh", "--storage", storage), "2 evaluation point(s)")
+    one_line_error(
+        invoke("curve", "plot", "fresh", "--kind", "staleness", "-o", str(tmp_path / "s.png"), "--storage", storage),
+        "no staleness",
+    )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_export_leaves_nothing_when_it_fails_midway(make_demo_run, tmp_path):
+    demo = make_demo_run(str(tmp_path / "runs"), None, None)
+    run = open_store(demo.storage).run("demo")
+    victim = run.list_shards("scored")[-1].url  # corrupt the last shard exported
+    Path(victim).write_bytes(Path(victim).read_bytes()[:-100])
+    out = tmp_path / "exports" / "x"
+    err = one_line_error(
+        invoke("rollouts", "export", "demo", "-f", "parquet", "-o", str(out), "--storage", demo.storage),
+        "corrupt",
+    )  # fmt: skip
+    assert "Fix:" in err
+    assert not (tmp_path / "exports").exists()
+
+
+def test_export_refuses_a_non_empty_directory(local_demo, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    one_line_error(
+        invoke("rollouts", "export", "demo", "-f", "jsonl", "-o", str(tmp_path), "--storage", local_demo.storage),
+        "not an empty directory",
+    )  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_debug_shows_the_exception(local_demo):
+    result = invoke(
+        "--debug", "rollouts", "query", "demo", "SELEC", "--storage", local_demo.storage
+    )
+    assert result.exit_code != 0 and result.exception is not None
+
+
+# -- the real console script -------------------------------------------------------------------
+
+
+def test_console_script_query_and_bad_input(local_demo):
+    env = {**os.environ, "SCALERL_STORAGE": local_demo.storage}
+    out = subprocess.run(
+        [str(SCRIPT), "rollouts", "query", "demo", "SELECT count(*) AS n FROM eval", "-f", "json"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [{"n": 64}]
+    bad = subprocess.run(
+        [str(SCRIPT), "curve", "fit", "missing"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: run 'missing'")
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.integration
+def test_aws_endpoint_url_variable_is_honoured(s3_demo, s3_credentials, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_demo.endpoint)
+    rows = json.loads(
+        ok(invoke("rollouts", "ls", "demo", "--storage", s3_demo.storage, "-f", "json"))
+    )
+    assert len(rows) == sum(len({r["shard_id"] for r in recs}) for recs in s3_demo.records.values())
