@@ -104,6 +104,7 @@ def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
         for g in generators:
             g.wait()
         advance_shards(config, run_id)  # shards committed while the generators wound down
+    evaluate_due(config, run_id, evaluated)  # versions published after the loop last looked
     final = run.latest_weights_version() or 0
     if final not in evaluated:
         evaluate_policy(config, run_id, final)

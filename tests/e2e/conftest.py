@@ -1,7 +1,6 @@
 """A real `prefect server start` (SQLite under a temporary PREFECT_HOME) for end-to-end tests."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -9,21 +8,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """Yields the environment (dict) that points Prefect clients at the server."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),

@@ -12,15 +12,8 @@ The run `demo` holds, for the tiny-cpu config snapshot:
 from __future__ import annotations
 
 import datetime as dt
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -28,7 +21,6 @@ import pytest
 from scalerl.config import load_config
 from storage import open_store, rollouts_from_records
 
-MOTO = Path(sys.executable).parent / "moto_server"
 RUN_ID = "demo"
 TRUE_A, TRUE_B, TRUE_C_MID, TRUE_R0 = 0.6, 1.5, 1000.0, 0.1
 EVAL_VERSIONS = range(8)
@@ -181,44 +173,6 @@ def build_demo_run(storage: str, options: dict | None, endpoint: str | None) -> 
         "eval": eval_all,
     }
     return demo
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint():
-    """A moto_server on loopback with bucket 'scalerl-cli'; stopped after the session."""
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    endpoint = f"http://127.0.0.1:{_free_port()}"
-    port = endpoint.rsplit(":", 1)[1]
-    proc = subprocess.Popen(
-        [str(MOTO), "-H", "127.0.0.1", "-p", port],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-                time.sleep(0.1)
-        import s3fs
-
-        s3fs.S3FileSystem(
-            key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint}
-        ).mkdir("scalerl-cli")
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

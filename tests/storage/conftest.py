@@ -4,62 +4,18 @@ store URLs for each backend, and a rollout-table factory."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from storage import rollouts_from_records
 
-MOTO = Path(sys.executable).parent / "moto_server"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
-def s3_options():
-    """storage_options for a moto_server with bucket 'scalerl-test'; stopped after the session."""
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [str(MOTO), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-                time.sleep(0.1)
-        options = {
-            "key": "testing",
-            "secret": "testing",
-            "client_kwargs": {"endpoint_url": endpoint},
-        }
-        import s3fs
-
-        s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir("scalerl-test")
-        yield options
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+def s3_options(moto_endpoint):
+    """storage_options for the session's moto_server (bucket 'scalerl-test')."""
+    return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": moto_endpoint}}
 
 
 @pytest.fixture(

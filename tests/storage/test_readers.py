@@ -4,6 +4,7 @@ store's verified reader returns. The snippets mirror docs/ROLLOUT_SCHEMA.md."""
 
 from __future__ import annotations
 
+import copy
 import uuid
 from dataclasses import dataclass
 
@@ -141,6 +142,7 @@ def test_hugging_face_datasets(shards, tmp_path):
         data_files=shards.urls,
         split="train",
         cache_dir=str(tmp_path / "hf-cache"),
-        storage_options=shards.options,
+        # a copy: datasets writes an "hf" entry into the dict it is given
+        storage_options=copy.deepcopy(shards.options),
     )
     _check(shards, data["group_id"], data["reward"], [len(x) for x in data["completion_token_ids"]])
