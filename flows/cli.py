@@ -166,9 +166,12 @@ def run_cmd(
     visible in that server's UI. The config is validated before anything is written."""
     extra = [f"storage.url={storage}"] if storage else []
     cfg = _load(file, preset, [*(overrides or []), *extra])
+    from flows.cli_progress import run_progress
     from flows.run import scalerl_run
+    from tasks.common import new_run_id
 
-    with _guard():
+    run_id = run_id or cfg.storage.run_id or new_run_id()
+    with _guard(), run_progress(cfg, run_id):
         summary = scalerl_run(cfg, run_id=run_id)
     _print_summary(summary, cfg.storage.url)
 
@@ -179,13 +182,15 @@ def resume_cmd(
 ) -> None:
     """Continue a failed or interrupted run from what it committed: shards are not regenerated
     or rescored, the trainer restarts from its checkpoint, the curriculum from its state."""
+    from flows.cli_progress import run_progress
     from flows.run import scalerl_run
     from tasks.common import config_of_run
 
     with _guard():
         _open_run(storage, endpoint_url, run_id)  # a clear error for an unknown id
         cfg = config_of_run(storage, run_id, endpoint_url)
-        summary = scalerl_run(cfg, run_id=run_id)
+        with run_progress(cfg, run_id):
+            summary = scalerl_run(cfg, run_id=run_id)
     _print_summary(summary, storage)
 
 
