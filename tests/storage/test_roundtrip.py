@@ -192,10 +192,24 @@ def test_markers_and_shard_counts(tmp_path):
     assert run.read_marker("trainer-intake") == {"filtered_read": 4}
     assert run.count_shards("raw") == 0
     record = {
-        "run_id": "r-markers", "shard_id": "s", "prompt_id": "p", "group_id": "g", "sample_index": 0,
-        "task": "arithmetic", "prompt": "1+1=", "prompt_token_ids": [1], "completion": "2",
-        "completion_token_ids": [2], "logprobs": [-0.1], "versions": [0], "finish_reason": "stop",
-        "thinking_tokens": 0, "answer_tokens": 1, "generator_id": "gen0", "started_at": 0.0, "finished_at": 1.0,
+        "run_id": "r-markers",
+        "shard_id": "s",
+        "prompt_id": "p",
+        "group_id": "g",
+        "sample_index": 0,
+        "task": "arithmetic",
+        "prompt": "1+1=",
+        "prompt_token_ids": [1],
+        "completion": "2",
+        "completion_token_ids": [2],
+        "logprobs": [-0.1],
+        "versions": [0],
+        "finish_reason": "stop",
+        "thinking_tokens": 0,
+        "answer_tokens": 1,
+        "generator_id": "gen0",
+        "started_at": 0.0,
+        "finished_at": 1.0,
     }
     for key in ("a", "b"):
         run.commit_shard("raw", key, rollouts_from_records([record]))
