@@ -194,6 +194,21 @@ def resume_cmd(
     _print_summary(summary, storage)
 
 
+@app.command(
+    "compare",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def compare_cmd(ctx: typer.Context) -> None:
+    """Recipes side by side at equal compute (scalerl, grpo, dapo, no-fp32-head, sync) over
+    seeds: a Table-1-like summary (A, B, C_mid with spread) and one plot of all curves.
+    `scalerl compare --help` lists the options."""
+    from flows.compare import main as compare_main
+
+    with _guard():
+        compare_main(list(ctx.args))
+
+
 @runs_app.command("verify")
 def runs_verify(
     run_id: RunArg, storage: StorageOpt = "./runs", endpoint_url: EndpointOpt = None

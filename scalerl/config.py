@@ -38,7 +38,7 @@ class ModelConfig(_Section):
     name_or_path: str = Field(
         "Qwen/Qwen3-8B",
         min_length=1,
-        description="Hugging Face hub id or local directory of the policy to train ('builtin:tiny' builds a tiny local model).",
+        description="Hugging Face hub id or local directory of the policy to train ('builtin:tiny' builds a tiny local model with random weights, 'builtin:tiny-warm' the same model warm-started on synthetic:arithmetic).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="Parameter dtype of the model body in generator and trainer."
@@ -411,31 +411,35 @@ class RunConfig(_Section):
 
 
 def _tiny_cpu() -> dict[str, Any]:
+    # The tiny model warm-started on arithmetic (scalerl/warmstart.py) answers with the bare
+    # integer then EOS, so completions are a few tokens: small budgets keep a whole learning
+    # run (bench/demo_learning.py) within 15 minutes on 2 CPU cores.
     return {
-        "model": {"name_or_path": "builtin:tiny", "dtype": "float32"},
+        "model": {"name_or_path": "builtin:tiny-warm", "dtype": "float32"},
         "data": {
             "source": "synthetic:arithmetic",
-            "num_train_prompts": 512,
+            "num_train_prompts": 2_048,
             "num_eval_prompts": 64,
         },
         "generation": {
             "engine": "transformers",
             "prompts_per_batch": 8,
-            "samples_per_prompt": 8,
+            "samples_per_prompt": 16,
             "max_prompt_tokens": 32,
-            "max_new_tokens": 48,
+            "max_new_tokens": 12,
             "max_batch_size": 64,
             "gpu_memory_utilization": 0.3,
         },
         "length_control": {
-            "thinking_budget_min": 24,
-            "thinking_budget_max": 32,
-            "answer_budget": 16,
+            "thinking_budget_min": 6,
+            "thinking_budget_max": 8,
+            "answer_budget": 4,
         },
-        "optimizer": {"lr": 1e-4, "warmup_steps": 2},
-        "trainer": {"micro_batch_tokens": 4_096, "checkpoint_every": 5},
-        "evaluation": {"every_steps": 5, "samples_per_prompt": 4},
-        "schedule": {"max_steps": 30, "compute_unit": "samples"},
+        "optimizer": {"lr": 1.5e-4, "warmup_steps": 2},
+        "trainer": {"micro_batch_tokens": 4_096, "checkpoint_every": 10},
+        "pipeline": {"max_off_policy_steps": 2},
+        "evaluation": {"every_steps": 30, "samples_per_prompt": 8},
+        "schedule": {"max_steps": 600, "compute_unit": "samples"},
     }
 
 

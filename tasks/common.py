@@ -15,6 +15,7 @@ from scalerl.config import RunConfig
 from storage import Run, open_store
 
 BUILTIN_TINY = "builtin:tiny"
+BUILTIN_TINY_WARM = "builtin:tiny-warm"
 
 
 def storage_options(config: RunConfig) -> dict | None:
@@ -35,15 +36,56 @@ def new_run_id() -> str:
 
 def materialize_base_model(config: RunConfig, out_dir: Path) -> Path:
     """Write the base policy (weights version 0) as a local directory of safetensors + config +
-    tokenizer: the locally built tiny model for `builtin:tiny`, else whatever from_pretrained
-    loads from the hub id or local path."""
+    tokenizer: the locally built tiny model for `builtin:tiny`, the tiny model warm-started on the
+    synthetic task for `builtin:tiny-warm` (scalerl/warmstart.py; its training prompts skip the
+    run's held-out prompts), else whatever from_pretrained loads from the hub id or local path."""
     from scalerl.models import build_tiny_model, load_policy
 
     if config.model.name_or_path == BUILTIN_TINY:
         return build_tiny_model(out_dir, seed=config.data.seed)
+    if config.model.name_or_path == BUILTIN_TINY_WARM:
+        return _warm_tiny_model(config, out_dir)
     model, tokenizer = load_policy(config.model.name_or_path, dtype=config.model.dtype)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _warm_tiny_model(config: RunConfig, out_dir: Path) -> Path:
+    """The warm-started tiny model, cached on local disk by its inputs (seed, recipe, and the
+    held-out prompts it must not train on): it is deterministic, and a minute of CPU per run adds up over tests and
+    comparisons. Cache root: $SCALERL_CACHE, else ~/.cache/scalerl."""
+    import hashlib
+    import json
+    import os
+    import shutil
+    from dataclasses import asdict
+
+    from scalerl.data import load_prompts
+    from scalerl.warmstart import WarmStartSpec, training_rows, warm_start_tiny
+
+    if config.data.task != "arithmetic" and config.data.source != "synthetic:arithmetic":
+        raise ValueError(
+            f"model.name_or_path = {BUILTIN_TINY_WARM!r} is warm-started on arithmetic, but "
+            f"data.source = {config.data.source!r} with data.task = {config.data.task!r}. Fix: use "
+            f"synthetic:arithmetic or a file with data.task=arithmetic, or {BUILTIN_TINY!r}."
+        )
+    spec, seed = WarmStartSpec(), config.data.seed
+    # Only held-out prompts that the warm start would train on change its weights, so the cache
+    # key holds just those: runs whose held-out sets miss its training set share one model.
+    trained_on = {r["prompt"] for r in training_rows(seed=seed, spec=spec)}
+    overlap = sorted(trained_on & {r["prompt"] for r in load_prompts(config.data).eval})
+    key = hashlib.sha256(json.dumps([seed, asdict(spec), overlap]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("SCALERL_CACHE") or Path.home() / ".cache" / "scalerl")
+    cached = root / f"tiny-warm-{key}"
+    if not (cached / "config.json").is_file():
+        tmp = root / f".tiny-warm-{key}-{secrets.token_hex(4)}"
+        warm_start_tiny(tmp, seed=seed, spec=spec, exclude=overlap)
+        try:
+            tmp.rename(cached)  # atomic: a concurrent builder's identical copy may win
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cached, out_dir, dirs_exist_ok=True)
     return out_dir
 
 

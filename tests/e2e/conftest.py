@@ -1,6 +1,7 @@
 """A real `prefect server start` (SQLite under a temporary PREFECT_HOME) for end-to-end tests."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -8,9 +9,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 
 BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -97,3 +97,27 @@ def test_invalid_parameters_are_rejected_before_anything_is_written(tmp_path, pr
     with pytest.raises(Exception, match="max_off_policy_steps"):
         scalerl_run(config=bad)
     assert not root.exists()
+
+
+def test_flows_on_an_existing_run_evaluate_fit_and_add_a_generator(tiny_run):
+    from flows.evaluate import scalerl_evaluate
+    from flows.fit_curve import scalerl_fit_curve
+    from flows.generate import scalerl_generate
+
+    _, root, summary = tiny_run
+    rid = summary["run_id"]
+    row = scalerl_evaluate(str(root), rid, version=1)
+    assert row["version"] == 1 and 0.0 <= row["pass_rate"] <= 1.0
+    run = open_store(str(root)).run(rid)
+    assert run.has_shard("eval", "v000001")
+    assert scalerl_fit_curve(str(root), rid) is None  # 3 steps: too few points, said plainly
+    run.write_status({"state": "running", "reason": "test: accept another generator"})
+    # A live trainer would have read every filtered shard; without one, backpressure would
+    # (rightly) hold the new generator back.
+    run.write_marker(
+        "trainer-intake", {"stage": "filtered", "shards_read": run.count_shards("raw")}
+    )
+    out = scalerl_generate(str(root), rid, "extra", max_shards=1)
+    assert out["shards"] == 1
+    assert run.has_shard("raw", "extra-000000")
+    run.write_status({"state": "finished", "reason": "test"})

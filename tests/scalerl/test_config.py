@@ -56,7 +56,7 @@ def test_every_preset_validates(preset):
 
 def test_tiny_cpu_is_small():
     cfg = load_config(preset="tiny-cpu")
-    assert cfg.model.name_or_path == "builtin:tiny"
+    assert cfg.model.name_or_path == "builtin:tiny-warm"
     assert cfg.completions_per_batch <= 128
     assert cfg.generation.max_new_tokens <= 64
 

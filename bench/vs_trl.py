@@ -1,0 +1,228 @@
+"""This pipeline vs TRL's GRPOTrainer (loss_type "cispo") on the same model, task and batch shape.
+
+    .venv/bin/python bench/vs_trl.py --out bench/results/vs_trl.json
+    .venv/bin/python bench/vs_trl.py --steps 3                # a quick smoke run
+
+Both sides start from the same warm-started tiny model (`builtin:tiny-warm`, scalerl/warmstart.py)
+on arithmetic from its own distribution (1-2 digit a+b, a-b; as bench/demo_learning.py), with the tiny-cpu preset's shape: P prompts x G samples per optimizer
+step, the same max completion length, learning rate, warmup, temperature and number of steps,
+so both see the same number of samples. TRL runs on-policy (one optimizer step per generation
+batch, beta = 0, no KL), CISPO with eps_max as TRL's epsilon_high, batch-scaled rewards as in
+ScaleRL; ours is the full tiny-cpu pipeline (flows/run.py: PipelineRL-k, curriculum, filtering,
+store-backed rollouts; evaluations only at version 0 and at the end). One after the other, in
+this process, on the CPU.
+
+Reported per side: wall seconds, samples per second, and the held-out pass rate of the final
+policy measured by the same sampler (scalerl.warmstart.pass_rate: the run's held-out prompts x
+`--eval-samples` samples at temperature 1). Ours also reports its steady-state rate from the
+trainer's own per-step timestamps (without prepare and the two evaluations). The temporary
+Prefect server is started before the clock starts.
+Without TRL installed the TRL side is skipped with a message (JSON "trl": {"skipped": ...}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+
+def _config(steps: int, work: Path):
+    """tiny-cpu on arithmetic from the warm start's distribution (as bench/demo_learning.py)."""
+    from scalerl.config import load_config
+    from scalerl.warmstart import task_rows
+
+    data = work / "arithmetic.jsonl"
+    rows = task_rows(2_048 + 64, seed=0)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return load_config(
+        preset="tiny-cpu",
+        overrides=[
+            f"storage.url={work / 'runs'}",
+            f"data.source={data}",
+            "data.task=arithmetic",
+            "data.num_eval_prompts=64",
+            f"schedule.max_steps={steps}",
+            f"evaluation.every_steps={steps}",
+        ],
+    )
+
+
+def _noop() -> None:
+    return None
+
+
+def run_ours(config) -> dict:
+    from prefect import flow
+
+    from flows.run import scalerl_run
+    from tasks.common import WeightCache, open_run
+
+    flow(name="vs-trl-warmup")(_noop)()  # starts Prefect's temporary server, untimed
+    t0 = time.perf_counter()
+    result = scalerl_run(config)
+    wall = time.perf_counter() - t0
+    run = open_run(config, result["run_id"])
+    times = sorted(float(t) for t in run.read_metrics("trainer").column("time").to_pylist())
+    steps = result.get("step", 0)
+    samples = steps * config.completions_per_batch
+    steady = (
+        (len(times) - 1) * config.completions_per_batch / (times[-1] - times[0])
+        if len(times) > 1 and times[-1] > times[0]
+        else None
+    )
+    final = WeightCache(run).path(run.latest_weights_version() or 0)
+    return {
+        "steps": steps,
+        "samples": samples,
+        "wall_s": round(wall, 1),
+        "samples_per_s": samples / wall,
+        "samples_per_s_steady": steady,
+        "final_model": str(final),
+    }
+
+
+def run_trl(config, base: Path, train_rows: list[dict], out_dir: Path) -> dict:
+    try:
+        import trl
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as exc:
+        return {"skipped": f"TRL is not installed ({exc}). Fix: pip install trl"}
+    from scalerl.models import load_policy
+    from scalerl.rewards.synthetic import ArithmeticScorer
+
+    scorer = ArithmeticScorer()
+
+    def accuracy(prompts, completions, answer, **_):
+        return [
+            scorer.score({"answer": a}, c).value for c, a in zip(completions, answer, strict=True)
+        ]
+
+    gen, opt = config.generation, config.optimizer
+    steps = config.schedule.max_steps
+    batch = gen.prompts_per_batch * gen.samples_per_prompt
+    args = GRPOConfig(
+        output_dir=str(out_dir),
+        loss_type="cispo",
+        epsilon_high=config.algorithm.loss.eps_max,
+        beta=0.0,
+        scale_rewards="batch",
+        num_generations=gen.samples_per_prompt,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_iterations=1,
+        max_completion_length=gen.max_new_tokens,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        learning_rate=opt.lr,
+        warmup_steps=opt.warmup_steps,
+        lr_scheduler_type="constant_with_warmup",
+        adam_epsilon=opt.eps,
+        weight_decay=opt.weight_decay,
+        max_grad_norm=opt.max_grad_norm,
+        max_steps=steps,
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=config.trainer.seed,
+        disable_tqdm=True,
+    )
+    model, tokenizer = load_policy(str(base), dtype="float32")
+    need = steps * gen.prompts_per_batch
+    rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in train_rows][:need]
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=accuracy,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    final = out_dir / "final"
+    trainer.model.save_pretrained(final, safe_serialization=True)
+    tokenizer.save_pretrained(final)
+    return {
+        "version": trl.__version__,
+        "steps": int(trainer.state.global_step),
+        "samples": int(trainer.state.global_step) * batch,
+        "wall_s": round(wall, 1),
+        "samples_per_s": int(trainer.state.global_step) * batch / wall,
+        "final_model": str(final),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="Optimizer steps on each side.")
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--out", help="Also write the JSON here.")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from scalerl.data import load_prompts
+    from scalerl.warmstart import pass_rate
+    from tasks.common import materialize_base_model
+
+    work = Path(tempfile.mkdtemp(prefix="scalerl-vs-trl-"))
+    config = _config(args.steps, work)
+    base = materialize_base_model(config, work / "base")
+    prompts = load_prompts(config.data)
+    held_out = prompts.eval
+
+    def score(path) -> float:
+        return pass_rate(path, held_out, samples=args.eval_samples, temperature=1.0, seed=1)
+
+    report: dict = {
+        "bench": "vs_trl",
+        "task": config.data.source,
+        "model": config.model.name_or_path,
+        "batch": {
+            "prompts": config.generation.prompts_per_batch,
+            "samples_per_prompt": config.generation.samples_per_prompt,
+            "max_new_tokens": config.generation.max_new_tokens,
+        },
+        "steps": args.steps,
+        "held_out": {"prompts": len(held_out), "samples": args.eval_samples, "temperature": 1.0},
+        "start_pass_rate": score(base),
+    }
+    ours = run_ours(config)
+    ours["final_pass_rate"] = score(ours.pop("final_model"))
+    report["ours"] = ours
+    trl_side = run_trl(config, base, prompts.train, work / "trl")
+    if "final_model" in trl_side:
+        trl_side["final_pass_rate"] = score(trl_side.pop("final_model"))
+        report["samples_per_s_ratio_ours_over_trl"] = (
+            ours["samples_per_s"] / trl_side["samples_per_s"]
+        )
+    else:
+        print(f"TRL side skipped: {trl_side['skipped']}")
+    report["trl"] = trl_side
+    report["machine"] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m_at_end": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "device": "cpu",
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main()
