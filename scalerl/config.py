@@ -38,7 +38,7 @@ class ModelConfig(_Section):
     name_or_path: str = Field(
         "Qwen/Qwen3-8B",
         min_length=1,
-        description="Hugging Face hub id or local directory of the policy to train ('builtin:tiny' builds a tiny local model with random weights, 'builtin:tiny-warm' the same model warm-started on synthetic:arithmetic).",
+        description="Hugging Face hub id or local directory of the policy to train ('builtin:tiny' builds a tiny local model with random weights, 'builtin:tiny-warm' the same model warm-started on 1-2 digit additions and subtractions).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="Parameter dtype of the model body in generator and trainer."
@@ -58,7 +58,7 @@ class DataConfig(_Section):
     source: str = Field(
         "synthetic:arithmetic",
         min_length=1,
-        description="'synthetic:arithmetic', 'synthetic:countdown', or a .parquet/.jsonl file with prompt and answer columns.",
+        description="'synthetic:arithmetic', 'synthetic:arithmetic-easy' (1-2 digit a+b, a-b), 'synthetic:countdown', or a .parquet/.jsonl file with prompt and answer columns.",
     )
     task: Literal["auto", "math", "arithmetic", "countdown"] = Field(
         "auto",
@@ -417,7 +417,7 @@ def _tiny_cpu() -> dict[str, Any]:
     return {
         "model": {"name_or_path": "builtin:tiny-warm", "dtype": "float32"},
         "data": {
-            "source": "synthetic:arithmetic",
+            "source": "synthetic:arithmetic-easy",
             "num_train_prompts": 2_048,
             "num_eval_prompts": 64,
         },

@@ -35,9 +35,17 @@ SYNTHETIC_PREFIX = "synthetic:"
 
 
 def _synthetic(cfg: DataConfig) -> list[dict[str, str]]:
+    from functools import partial
+
     from scalerl.rewards.synthetic import make_arithmetic, make_countdown
 
-    makers = {"arithmetic": make_arithmetic, "countdown": make_countdown}
+    makers = {
+        "arithmetic": make_arithmetic,
+        # The range the tiny model's warm start covers (a+b, a-b with 1-2 digit operands): the
+        # tiny-cpu demo's task, where a 2-core CPU run can show RL raising the pass rate.
+        "arithmetic-easy": partial(make_arithmetic, digits=(1, 2), terms=(2, 2), ops="+-"),
+        "countdown": make_countdown,
+    }
     name = cfg.source.removeprefix(SYNTHETIC_PREFIX)
     if name not in makers:
         raise DataError(

@@ -64,7 +64,9 @@ def _warm_tiny_model(config: RunConfig, out_dir: Path) -> Path:
     from scalerl.data import load_prompts
     from scalerl.warmstart import WarmStartSpec, training_rows, warm_start_tiny
 
-    if config.data.task != "arithmetic" and config.data.source != "synthetic:arithmetic":
+    if config.data.task != "arithmetic" and not config.data.source.startswith(
+        "synthetic:arithmetic"
+    ):
         raise ValueError(
             f"model.name_or_path = {BUILTIN_TINY_WARM!r} is warm-started on arithmetic, but "
             f"data.source = {config.data.source!r} with data.task = {config.data.task!r}. Fix: use "
