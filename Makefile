@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/scalerl run --preset tiny-cpu
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/scalerl run --preset tiny-cpu
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)

@@ -27,7 +27,7 @@ def test_config_show_resolves_preset_and_overrides():
     assert result.exit_code == 0, result.output
     shown = yaml.safe_load(result.output)
     assert shown["generation"]["samples_per_prompt"] == 4
-    assert shown["model"]["name_or_path"] == "builtin:tiny"
+    assert shown["model"]["name_or_path"] == "builtin:tiny-warm"
 
 
 def test_config_validate_bad_input_exits_2_with_one_clear_line():

@@ -261,8 +261,12 @@ def _closed_port() -> int:
 
 
 def test_doctor_reports_each_component(local_demo, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    out = ok(invoke("doctor", "--storage", local_demo.storage))
+    # A test harness started earlier in the session sets the API URL in Prefect's settings.
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        out = ok(invoke("doctor", "--storage", local_demo.storage))
     lines = out.splitlines()
     for what in ("Python", "torch", "CUDA", "vLLM", "storage", "Prefect API"):
         assert sum(f" {what}: " in line for line in lines) == 1, out

@@ -60,7 +60,7 @@ def _config(model_dir: Path, **extra):
         f"model.name_or_path={model_dir}", "model.dtype=float32",
         "generation.prompts_per_batch=2", "generation.samples_per_prompt=4",
         "optimizer.lr=0.001", "optimizer.warmup_steps=0", "trainer.micro_batch_tokens=64",
-        "trainer.checkpoint_every=3", "schedule.max_steps=3",
+        "trainer.checkpoint_every=3", "schedule.max_steps=3", "pipeline.max_off_policy_steps=8",
     ] + [f"{k}={v}" for k, v in extra.items()]  # fmt: skip
     return load_config(preset="tiny-cpu", overrides=items)
 
@@ -151,7 +151,7 @@ io = TrainerIO.over(open_store(store).run(run_id), weights_dtype="float32")
 cfg = load_config(preset="tiny-cpu", overrides=[
     f"model.name_or_path={model_dir}", "model.dtype=float32", "generation.prompts_per_batch=2",
     "generation.samples_per_prompt=4", "trainer.micro_batch_tokens=64",
-    "trainer.checkpoint_every=3", "schedule.max_steps=6"])
+    "trainer.checkpoint_every=3", "schedule.max_steps=6", "pipeline.max_off_policy_steps=8"])
 Trainer(cfg, run_id=run_id, source=io.source, publisher=io.publisher, checkpoints=io.checkpoints,
         metrics=io.metrics, options=TrainerOptions(poll_interval_s=0.01, idle_timeout_s=5)).train()
 """
