@@ -56,3 +56,28 @@ def test_config_schema_is_json_with_every_section():
     assert result.exit_code == 0
     schema = json.loads(result.output)
     assert {"model", "generation", "algorithm", "pipeline", "storage"} <= set(schema["properties"])
+
+
+def test_run_with_invalid_parameters_writes_nothing(tmp_path):
+    root = tmp_path / "runs"
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--preset",
+            "tiny-cpu",
+            "--set",
+            "pipeline.max_off_policy_steps=-1",
+            "--storage",
+            str(root),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "pipeline.max_off_policy_steps = -1" in result.output
+    assert not root.exists()
+
+
+def test_resume_of_an_unknown_run_is_one_line_exit_2(tmp_path):
+    result = runner.invoke(app, ["resume", "no-such-run", "--storage", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and "Traceback" not in result.output
