@@ -168,15 +168,47 @@ class Run:
                 "directory and write_config() again."
             ) from None
 
+    def _replace_doc(self, path: str, doc: dict, what: str) -> None:
+        """Atomically replace a small JSON document (last writer wins)."""
+        if not isinstance(doc, dict):
+            raise InvalidInputError(
+                f"{what} must be a dict, got {type(doc).__name__}. Fix: pass a dict."
+            )
+        fsio.write_atomic(self._loc, path, _json_bytes(doc, what))
+
+    def _read_doc(self, path: str) -> dict | None:
+        """A JSON document written by _replace_doc, or None before the first write."""
+        try:
+            return json.loads(fsio.read_bytes(self._loc, path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise ForeignFileError(
+                f"{self._loc.url_of(path)} is not valid JSON. Fix: move it out of the run directory."
+            ) from None
+
     @guarded
     def write_status(self, status: dict) -> None:
         """Replace status.json: the run's lifecycle as every process sees it (e.g. state
         running / finished / exhausted / failed, reason, step). Atomic; last writer wins."""
-        if not isinstance(status, dict):
-            raise InvalidInputError(
-                f"status must be a dict, got {type(status).__name__}. Fix: pass a dict."
-            )
-        fsio.write_atomic(self._loc, f"{self._root}/status.json", _json_bytes(status, "status"))
+        self._replace_doc(f"{self._root}/status.json", status, "status")
+
+    @guarded
+    def read_status(self) -> dict | None:
+        """The last status written, or None before the first one."""
+        return self._read_doc(f"{self._root}/status.json")
+
+    @guarded
+    def write_marker(self, name: str, doc: dict) -> None:
+        """Replace markers/{name}.json: small progress facts one process publishes for others
+        (e.g. how far the trainer has read). Atomic; last writer wins."""
+        self._replace_doc(
+            f"{self._root}/markers/{validate_name(name, 'marker name')}.json", doc, "marker"
+        )
+
+    @guarded
+    def read_marker(self, name: str) -> dict | None:
+        return self._read_doc(f"{self._root}/markers/{validate_name(name, 'marker name')}.json")
 
     @guarded
     def save_plot(self, name: str, png: bytes) -> str:
@@ -184,38 +216,6 @@ class Run:
         path = f"{self._root}/plots/{validate_name(name, 'plot name')}.png"
         fsio.write_atomic(self._loc, path, png)
         return self._loc.url_of(path)
-
-    @guarded
-    def write_marker(self, name: str, doc: dict) -> None:
-        """Replace markers/{name}.json: small progress facts one process publishes for others
-        (e.g. how far the trainer has read). Atomic; last writer wins."""
-        path = f"{self._root}/markers/{validate_name(name, 'marker name')}.json"
-        fsio.write_atomic(self._loc, path, _json_bytes(doc, "marker"))
-
-    @guarded
-    def read_marker(self, name: str) -> dict | None:
-        path = f"{self._root}/markers/{validate_name(name, 'marker name')}.json"
-        try:
-            return json.loads(fsio.read_bytes(self._loc, path))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            raise ForeignFileError(
-                f"{self._loc.url_of(path)} is not valid JSON. Fix: move it out of the run directory."
-            ) from None
-
-    @guarded
-    def read_status(self) -> dict | None:
-        """The last status written, or None before the first one."""
-        path = f"{self._root}/status.json"
-        try:
-            return json.loads(fsio.read_bytes(self._loc, path))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            raise ForeignFileError(
-                f"{self._loc.url_of(path)} is not valid JSON. Fix: move it out of the run directory."
-            ) from None
 
     @guarded
     def write_prompts(self, split: str, table: pa.Table, *, overwrite: bool = False) -> None:
