@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import emit, machine
 
 T0 = time.perf_counter()  # before Prefect is imported: the wall time includes its start
 
@@ -43,13 +43,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
 
-    import torch
-
     from flows.run import scalerl_run
     from scalerl.config import load_config
+    from scalerl.stats import eval_points
     from scalerl.warmstart import task_rows
     from tasks.common import open_run
-    from tasks.scaling import eval_points
 
     storage = args.storage or tempfile.mkdtemp(prefix="scalerl-demo-")
     task = []
@@ -64,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result = scalerl_run(config)
     wall = time.perf_counter() - T0
-    compute, rate, steps = eval_points(open_run(config, result["run_id"]))
+    compute, rate, steps = eval_points(open_run(config, result["run_id"]).read_metrics("eval"))
     fit = result.get("fit") or {}
     report = {
         "bench": "demo_learning",
@@ -92,21 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
             "half_run_error_at_most": 0.05,
             "wall_s_at_most": 900,
         },
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "load_avg_1m_at_end": os.getloadavg()[0],
-            "torch": torch.__version__,
-            "device": "cpu",
-        },
+        "machine": machine(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
+
+from common import emit, machine
 
 
 def _config(steps: int, work: Path):
@@ -168,8 +168,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="Also write the JSON here.")
     args = parser.parse_args(argv)
 
-    import torch
-
     from scalerl.data import load_prompts
     from scalerl.warmstart import pass_rate
     from tasks.common import materialize_base_model
@@ -208,20 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print(f"TRL side skipped: {trl_side['skipped']}")
     report["trl"] = trl_side
-    report["machine"] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_avg_1m_at_end": os.getloadavg()[0],
-        "torch": torch.__version__,
-        "device": "cpu",
-    }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    return report
+    report["machine"] = machine()
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def summarize_comparison(
 
     from scalerl.compare_plot import Curve, plot_compare
     from scalerl.scaling import SigmoidFit
-    from tasks.scaling import eval_points
+    from scalerl.stats import eval_points
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def summarize_comparison(
     for recipe, run_ids in runs.items():
         curves[recipe] = []
         for run_id in run_ids:
-            compute, rate, _ = eval_points(open_run(config, run_id))
+            compute, rate, _ = eval_points(open_run(config, run_id).read_metrics("eval"))
             fit = fits.get(run_id)
             sigmoid = (
                 SigmoidFit(fit["A"], fit["B"], fit["C_mid"], fit["R0"], fit["residual"],

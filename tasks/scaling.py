@@ -14,25 +14,14 @@ from scalerl.config import RunConfig
 from tasks.common import open_run
 
 
-def eval_points(run) -> tuple[list[float], list[float], list[int]]:
-    """(compute, pass_rate, step) of every evaluation, one per step (the latest row wins)."""
-    table = run.read_metrics("eval")
-    if table.num_rows == 0:
-        return [], [], []
-    by_step = {}
-    for row in table.select(["step", "compute", "pass_rate"]).to_pylist():
-        by_step[int(row["step"])] = (float(row["compute"]), float(row["pass_rate"]))
-    steps = sorted(by_step)
-    return [by_step[s][0] for s in steps], [by_step[s][1] for s in steps], steps
-
-
 @task(name="fit-scaling-curve", retries=1, timeout_seconds=600)
 def fit_scaling_curve(config: RunConfig, run_id: str) -> dict | None:
     from scalerl.scaling import MIN_POINTS, fit_sigmoid
+    from scalerl.stats import eval_points
 
     logger = get_run_logger()
     run = open_run(config, run_id)
-    compute, rate, steps = eval_points(run)
+    compute, rate, steps = eval_points(run.read_metrics("eval"))
     if not compute or compute[0] != 0.0:
         logger.info("no evaluation of version 0 yet: nothing to fit")
         return None

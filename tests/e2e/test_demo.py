@@ -4,6 +4,7 @@ Whether the pass rate climbs enough is the benchmark's business (bench/results/d
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "demo_learning.py"
 
 
 def _bench():
+    # Benchmarks run as scripts, with bench/ on sys.path for their shared `common` module.
+    if str(BENCH.parent) not in sys.path:
+        sys.path.insert(0, str(BENCH.parent))
     spec = importlib.util.spec_from_file_location("demo_learning", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
