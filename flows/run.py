@@ -22,6 +22,7 @@ import time
 from prefect import flow, get_run_logger
 
 from scalerl.config import RunConfig
+from scalerl.faults import kill_point
 from tasks.common import open_run
 from tasks.evaluate import evaluate_policy
 from tasks.prepare import prepare_run
@@ -88,6 +89,7 @@ def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
     trainer = train_policy.submit(config, run_id)
     run, evaluated = open_run(config, run_id), set()
     while not trainer.state.is_final():
+        kill_point("flow.loop")
         moved = advance_shards(config, run_id)
         stop_generators_if_done(run, generators)
         evaluate_due(config, run_id, evaluated)

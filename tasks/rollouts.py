@@ -20,6 +20,7 @@ import time
 from prefect import get_run_logger, task
 
 from scalerl.config import RunConfig
+from scalerl.faults import kill_point
 from tasks.common import WeightCache, open_run
 
 RAW = "raw"
@@ -130,7 +131,9 @@ def generate_rollouts(
                 generator_id=generator_id,
                 version=engine.version,
             )
+            kill_point("generator.before_commit")
             run.commit_shard(RAW, key, rollouts_from_records(records))
+            kill_point("generator.after_commit")
             seq, committed = seq + 1, committed + 1
             tokens += sum(len(r["completion_token_ids"]) for r in records)
             logger.info(

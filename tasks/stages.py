@@ -13,6 +13,7 @@ from datetime import timedelta
 from prefect import get_run_logger, task
 
 from scalerl.config import RunConfig
+from scalerl.faults import kill_point
 from tasks.common import open_run
 
 RAW, SCORED, FILTERED = "raw", "scored", "filtered"
@@ -68,6 +69,7 @@ def score_shard(config: RunConfig, run_id: str, key: str) -> dict:
             pa.array([r.reason for r in rewards], pa.string()),
         )
     )
+    kill_point("scorer.before_commit")
     run.commit_shard(SCORED, key, out)
     passed = sum(r.passed for r in rewards)
     get_run_logger().info("scored %s: %d/%d passed", key, passed, len(rewards))
@@ -96,6 +98,7 @@ def filter_shard(config: RunConfig, run_id: str, key: str) -> dict:
         return {"key": key, "skipped": True}
     table = run.read_shard(SCORED, key)
     annotated, counts = filter_reasons(table, zero_variance=config.algorithm.zero_variance_filter)
+    kill_point("filter.before_commit")
     run.commit_shard(FILTERED, key, annotated)
     return {"key": key, **counts}
 
@@ -131,6 +134,7 @@ def update_curriculum(config: RunConfig, run_id: str, key: str) -> dict:
         for prompt_id, passes in groups.values():
             if sampler.update(prompt_id, passes):
                 retired.append(prompt_id)
+    kill_point("curriculum.before_commit")
     run.save_curriculum(
         {"sampler": sampler.state_dict(), "applied": [*state["applied"], key]}, version + 1
     )

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from scalerl.config import RunConfig
+from scalerl.faults import kill_point
 from scalerl.models import load_policy, torch_dtype
 from scalerl.trainer import distributed
 from scalerl.trainer.batch import Batch, BatchAssembler, ShardRejected, ShardSource, rollout_stats
@@ -144,6 +145,7 @@ class Trainer:
                 stop_reason = "stopped" if self.stop_requested() else "idle"
                 break
             out = self.step(batch)  # advantages, loss, micro-batches, clip, AdamW
+            kill_point("trainer.after_step")
             self.record(batch, out)  # ledger entry for every consumed batch
             if out.empty:  # every group had zero variance: nothing to learn, no new version
                 continue
@@ -152,6 +154,7 @@ class Trainer:
                 continue
             self.version += 1
             self.publish()  # weights v+1 to the generators
+            kill_point("trainer.after_publish")
             self.log_metrics(batch, out, waited)
             if self.version % self.cfg.trainer.checkpoint_every == 0:
                 self.checkpoint()

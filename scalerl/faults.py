@@ -1,0 +1,63 @@
+"""Chaos seam: kill this process at a named point, for crash-recovery tests.
+
+    SCALERL_CHAOS="trainer.after_publish:3"    # SIGKILL the 3rd time that point is reached
+
+`kill_point(name)` costs one environment lookup when the variable is unset. The points are
+placed where a crash is most likely to break the failure contract (between a computation and
+its commit, between a commit and the next bookkeeping write):
+
+    generator.before_commit  generator.after_commit        (tasks/rollouts.py)
+    scorer.before_commit     curriculum.before_commit      (tasks/stages.py)
+    filter.before_commit
+    trainer.after_step       trainer.after_publish         (scalerl/trainer/loop.py)
+    flow.loop                                              (flows/run.py)
+
+Generators, stages and the trainer are threads of the flow process, so killing at a point of
+one of them kills the whole process at that component's moment, exactly like a node loss.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections import Counter
+
+CHAOS_ENV = "SCALERL_CHAOS"
+POINTS = (
+    "generator.before_commit",
+    "generator.after_commit",
+    "scorer.before_commit",
+    "curriculum.before_commit",
+    "filter.before_commit",
+    "trainer.after_step",
+    "trainer.after_publish",
+    "flow.loop",
+)
+
+_hits: Counter[str] = Counter()
+_lock = threading.Lock()
+
+
+def parse(spec: str) -> tuple[str, int]:
+    """'point:n' -> (point, n); ValueError naming the problem otherwise."""
+    point, sep, count = spec.rpartition(":")
+    if not sep or point not in POINTS or not count.isdigit() or int(count) < 1:
+        raise ValueError(
+            f"{CHAOS_ENV}={spec!r}: expected POINT:N with N >= 1 and POINT one of {', '.join(POINTS)}"
+        )
+    return point, int(count)
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process if SCALERL_CHAOS names `name` and this is its N-th hit."""
+    spec = os.environ.get(CHAOS_ENV)
+    if not spec:
+        return
+    point, count = parse(spec)
+    if point != name:
+        return
+    with _lock:
+        _hits[name] += 1
+        if _hits[name] == count:
+            os.kill(os.getpid(), signal.SIGKILL)
