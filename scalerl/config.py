@@ -503,7 +503,35 @@ def _format_error(err: dict[str, Any]) -> str:
         return str(err["msg"]).removeprefix("Value error, ")
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict) else "{...}"
-    return f"{path} = {shown}: {err['msg']}"
+    return f"{path} = {shown}: {err['msg']}. Fix: {_field_fix(err['type'], full, path)}"
+
+
+def _field_fix(kind: str, full: tuple[str | int, ...], path: str) -> str:
+    """What a valid value of the field at `full` looks like (its choices, bounds or pattern)."""
+    if kind in ("literal_error", "enum"):
+        return f"set {path} to one of the values listed."
+    if kind == "string_too_short":
+        return f"give {path} a non-empty value."
+    owner = _model_at(full[:-1]) if full and isinstance(full[-1], str) else None
+    field = owner.model_fields.get(str(full[-1])) if owner else None
+    if field is None:
+        return f"see {path} in docs/CONFIG.md (`scalerl config show` prints the valid defaults)."
+    low = high = None
+    for m in field.metadata:
+        for attr, bracket in (("ge", "["), ("gt", "(")):
+            if getattr(m, attr, None) is not None:
+                low = f"{bracket}{getattr(m, attr)}"
+        for attr, bracket in (("le", "]"), ("lt", ")")):
+            if getattr(m, attr, None) is not None:
+                high = f"{getattr(m, attr)}{bracket}"
+        if getattr(m, "pattern", None) == StorageConfig.model_fields["run_id"].metadata[0].pattern:
+            return (
+                f"set {path} to 1-128 letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit."
+            )
+    if low or high:
+        return f"set {path} within {low or '(-inf'}, {high or 'inf)'}."
+    return f"set {path} to a value of the documented type (docs/CONFIG.md)."
 
 
 def validate_config(data: dict[str, Any]) -> RunConfig:
