@@ -88,6 +88,10 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
             f"dataset file {path} does not exist. Fix: pass an existing .parquet or .jsonl file, or a synthetic: source."
         )
     suffix = path.suffix.lower()
+    if suffix in {".jsonl", ".json", ".parquet"} and path.stat().st_size == 0:
+        raise DataError(
+            f"dataset file {path} has no rows (it is empty). Fix: point data.source at a file with prompts."
+        )
     if suffix in {".jsonl", ".json"}:
         return _read_jsonl(path)
     if suffix == ".parquet":
@@ -102,6 +106,21 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     raise DataError(
         f"dataset file {path} has suffix '{suffix}'. Fix: use .parquet or .jsonl (one JSON object per line)."
     )
+
+
+def _text(value: Any, path: Path, i: int, column: str) -> Any:
+    """`value` as a str if it is UTF-8 text (bytes from a binary Parquet column are decoded)."""
+    try:
+        if isinstance(value, bytes):
+            return value.decode("utf-8")
+        if isinstance(value, str):
+            value.encode("utf-8")  # lone surrogates ("\udcff" in JSON) are not UTF-8
+    except UnicodeError:
+        raise DataError(
+            f"dataset file {path}: row {i} has a '{column}' that is not UTF-8 text. "
+            "Fix: re-encode that row as UTF-8 (or drop it)."
+        ) from None
+    return value
 
 
 def _from_file(cfg: DataConfig) -> list[dict[str, str]]:
@@ -121,17 +140,19 @@ def _from_file(cfg: DataConfig) -> list[dict[str, str]]:
     task = "math" if cfg.task == "auto" else cfg.task
     out: list[dict[str, str]] = []
     for i, row in enumerate(rows):
-        prompt = row.get(cfg.prompt_column)
+        prompt = _text(row.get(cfg.prompt_column), path, i, cfg.prompt_column)
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(
                 f"dataset file {path}: row {i} has an empty or non-text '{cfg.prompt_column}'. Fix: drop or fill that row."
             )
-        answer = row.get(cfg.answer_column)
+        answer = _text(row.get(cfg.answer_column), path, i, cfg.answer_column)
         if answer is None or str(answer).strip() == "":
             raise DataError(
                 f"dataset file {path}: row {i} has no '{cfg.answer_column}'. Fix: every prompt needs a reference answer."
             )
-        pid = str(row[cfg.id_column]) if cfg.id_column else f"p{i:07d}"
+        pid = (
+            str(_text(row[cfg.id_column], path, i, cfg.id_column)) if cfg.id_column else f"p{i:07d}"
+        )
         out.append({"prompt_id": pid, "prompt": prompt, "answer": str(answer), "task": task})
     seen: set[str] = set()
     dupes = sorted(

@@ -191,35 +191,71 @@ def load_tokenizer(name_or_path: str):
 _LOAD_LOCK = threading.Lock()
 
 
-def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"):
-    """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode.
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
-    Raises ModelLoadError for a missing path, an unknown dtype, a model that is not a causal
-    LM, or a tokenizer without an end-of-sequence token.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}. Fix: use one of {sorted(_DTYPES)}.")
-    name_or_path = str(name_or_path)
-    if _looks_local(name_or_path):
-        local = Path(name_or_path).expanduser()
-        if not (local / "config.json").is_file():
-            what = "does not exist" if not local.exists() else "has no config.json"
-            raise ModelLoadError(
-                f"model path {local} {what}. Fix: pass a local directory containing "
-                "config.json and weights (e.g. from build_tiny_model or save_pretrained) or a hub id."
-            )
-        name_or_path = str(local)
+def _check_local_dir(local: Path) -> None:
+    if not (local / "config.json").is_file():
+        what = "does not exist" if not local.exists() else "has no config.json"
+        raise ModelLoadError(
+            f"model path {local} {what}. Fix: pass a local directory containing "
+            "config.json and weights (e.g. from build_tiny_model or save_pretrained) or a hub id."
+        )
+
+
+def _load_config(name_or_path: str):
+    from transformers import AutoConfig
+
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"cannot load a model config for {name_or_path}: {type(e).__name__}. Fix: pass an "
             "existing local directory or a hub id reachable from this machine (HF_HUB_OFFLINE "
             "and HF_HOME decide where hub ids are looked up)."
         ) from e
-    check_causal_lm_config(config, name_or_path)
+
+
+def check_model(name_or_path: str) -> bool:
+    """Check a local model directory without loading its weights: config.json present, a causal
+    LM, weight files present, a tokenizer with an end-of-sequence token. Raises ModelLoadError
+    naming the problem and the fix; returns False without checking a hub id (that needs the
+    network, so it is checked when the run loads it)."""
+    name_or_path = str(name_or_path)
+    if not _looks_local(name_or_path):
+        return False
+    local = Path(name_or_path).expanduser()
+    _check_local_dir(local)
+    check_causal_lm_config(_load_config(str(local)), str(local))
+    if not any((local / f).is_file() for f in _WEIGHT_FILES):
+        raise ModelLoadError(
+            f"model path {local} has config.json but no weights ({' or '.join(_WEIGHT_FILES[::2])}). "
+            "Fix: save the model there with model.save_pretrained(path)."
+        )
+    load_tokenizer(str(local))
+    return True
+
+
+def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"):
+    """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode.
+
+    Raises ModelLoadError for a missing path, an unknown dtype, a model that is not a causal
+    LM, or a tokenizer without an end-of-sequence token.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}. Fix: use one of {sorted(_DTYPES)}.")
+    name_or_path = str(name_or_path)
+    if _looks_local(name_or_path):
+        _check_local_dir(Path(name_or_path).expanduser())
+        name_or_path = str(Path(name_or_path).expanduser())
+    check_causal_lm_config(_load_config(name_or_path), name_or_path)
     tokenizer = load_tokenizer(name_or_path)
     with _LOAD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
