@@ -181,17 +181,47 @@ def resume_cmd(
     run_id: RunArg, storage: StorageOpt = "./runs", endpoint_url: EndpointOpt = None
 ) -> None:
     """Continue a failed or interrupted run from what it committed: shards are not regenerated
-    or rescored, the trainer restarts from its checkpoint, the curriculum from its state."""
+    or rescored, the trainer restarts from its checkpoint, the curriculum from its state.
+
+    A finished run is left as it is (one line, exit 0). A run read from another place than the
+    one it was started at (moved, or another mount/endpoint) gets its run.json storage section
+    pointed at the new place; the rest of the snapshot is never changed."""
     from flows.cli_progress import run_progress
     from flows.run import scalerl_run
-    from tasks.common import config_of_run
 
     with _guard():
-        _open_run(storage, endpoint_url, run_id)  # a clear error for an unknown id
-        cfg = config_of_run(storage, run_id, endpoint_url)
+        run = _open_run(storage, endpoint_url, run_id)  # a clear error for an unknown id
+        status = run.read_status() or {}
+        if status.get("state") == "finished":
+            typer.echo(
+                f"run {run_id} already finished at step {status.get('step')} "
+                f"({status.get('reason') or 'no reason recorded'}): nothing to resume, nothing "
+                "written. To train further, start a new run (`scalerl run`)."
+            )
+            return
+        cfg = _resume_config(run, storage, endpoint_url)
         with run_progress(cfg, run_id):
             summary = scalerl_run(cfg, run_id=run_id)
     _print_summary(summary, storage)
+
+
+def _resume_config(run, storage: str, endpoint_url: str | None):
+    """The run's own config snapshot, as the flow must see it to accept it as the same run.
+
+    prepare_run refuses a config that differs from run.json, so the snapshot is used verbatim
+    when the run is read from where it was started; when it was moved (another storage URL or
+    endpoint), only run.json's storage section is rewritten to the new place."""
+    from scalerl.config import validate_config
+
+    saved = run.read_config()
+    where = saved.get("storage") or {}
+    if where.get("url") == storage and where.get("endpoint_url") == endpoint_url:
+        return validate_config(saved)
+    moved = validate_config(
+        {**saved, "storage": {**where, "url": storage, "endpoint_url": endpoint_url}}
+    )
+    run.write_config(moved.model_dump(mode="json"), overwrite=True)
+    return moved
 
 
 @app.command(
