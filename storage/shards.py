@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 import zlib
@@ -47,6 +49,8 @@ from storage.paths import Location, validate_name
 from storage.schema import RUN_ID_KEY, SCHEMA_VERSION, VERSION_KEY, validate_rollouts
 
 RECORD_FORMAT = "scalerl.commit/1"
+QUARANTINE_FORMAT = "scalerl.quarantine/1"
+_ATTEMPT_RE = re.compile(r"[0-9a-f]{12}")
 _DATA_RE = re.compile(r"data/([A-Za-z0-9][A-Za-z0-9._-]*)\.([0-9a-f]{12})\.parquet")
 _MOVE_OUT = "Fix: move it out of the run directory (only the run store writes there)."
 
@@ -96,6 +100,7 @@ class Shards:
 
     def __init__(self, loc: Location, run_root: str, run_id: str) -> None:
         self._loc, self._root, self._run_id = loc, run_root + "/shards", run_id
+        self._quarantine = run_root + "/quarantine"
 
     def _stage_dir(self, stage: str) -> str:
         return f"{self._root}/{validate_name(stage, 'stage name')}"
@@ -329,3 +334,169 @@ class Shards:
                     if ours and path not in referenced and fsio.mtime(info) < older_than:
                         found.append(path)
         return found
+
+    # -- quarantine ------------------------------------------------------------------------
+    #
+    # quarantine/{stage}/{key}/{attempt}/{key}.{attempt}.parquet   copy of the data file
+    # quarantine/{stage}/{key}/{attempt}/commit.json               copy of the commit record
+    # quarantine/{stage}/{key}/{attempt}/reason.json               written after both copies
+    #
+    # `attempt` is the commit's data attempt id (or a digest of an unparseable record), so the
+    # same commit always lands in the same directory (idempotent) and a later, different commit
+    # under a quarantined key gets its own. Order: copy data, copy record, write the reason,
+    # remove the commit record (readers stop seeing the shard), remove the original data file.
+    # A crash before the reason leaves the shard committed (the partial copy is overwritten by
+    # the next attempt); after it, the shard is quarantined with its reason, and a repeated call
+    # finishes the removal. Committed data is never removed before its copy exists.
+
+    def quarantine(self, stage: str, key: str, reason: str, error: str, by: str) -> dict:
+        record_path = self._record_path(stage, key)
+        try:
+            raw = fsio.read_bytes(self._loc, record_path)
+        except FileNotFoundError:
+            done = self._quarantined_of(stage, key)
+            if not done:
+                raise ShardNotFoundError(
+                    f"shard {stage}/{key} of run {self._run_id!r} is neither committed nor "
+                    f"quarantined (no {self._loc.url_of(record_path)}). Fix: check "
+                    f"list_shards({stage!r}) and list_quarantined() for the key."
+                ) from None
+            doc = done[-1]
+            self._remove_original(stage, doc)  # a crash between record and data removal
+            return doc
+        data_rel = self._data_rel_of(raw, key)
+        attempt = data_rel.split(".")[-2] if data_rel else hashlib.sha256(raw).hexdigest()[:12]
+        qdir = f"{self._quarantine}/{stage}/{key}/{attempt}"
+        reason_path = f"{qdir}/reason.json"
+        doc = self._read_reason(reason_path)
+        if doc is None:
+            data_copied = False
+            if data_rel is not None:
+                data_copied = self._copy(
+                    f"{self._stage_dir(stage)}/{data_rel}", f"{qdir}/{key}.{attempt}.parquet"
+                )
+            fsio.fault_point("quarantine.data_copied")
+            fsio.write_atomic(self._loc, f"{qdir}/commit.json", raw)
+            doc = {
+                "format": QUARANTINE_FORMAT,
+                "run_id": self._run_id,
+                "stage": stage,
+                "key": key,
+                "reason": str(reason),
+                "error": error,
+                "by": by,
+                "quarantined_at": time.time(),
+                "original_record": self._loc.url_of(record_path),
+                "original_data": (
+                    self._loc.url_of(f"{self._stage_dir(stage)}/{data_rel}") if data_rel else None
+                ),
+                "data_copy": self._loc.url_of(f"{qdir}/{key}.{attempt}.parquet")
+                if data_copied
+                else None,
+                "record_copy": self._loc.url_of(f"{qdir}/commit.json"),
+            }
+            fsio.write_atomic(self._loc, reason_path, json.dumps(doc, indent=1).encode())
+        fsio.fault_point("quarantine.reason_written")
+        with contextlib.suppress(FileNotFoundError):  # a racing quarantiner removed it
+            self._loc.fs.rm_file(record_path)
+        fsio.fault_point("quarantine.record_removed")
+        self._remove_original(stage, doc)
+        return doc
+
+    def _data_rel_of(self, raw: bytes, key: str) -> str | None:
+        """The record's data file (relative to the stage dir) if the record names one of ours."""
+        try:
+            rel = str(json.loads(raw).get("data"))
+        except (ValueError, AttributeError):
+            return None
+        match = _DATA_RE.fullmatch(rel)
+        return rel if match and match.group(1) == key else None
+
+    def _copy(self, src: str, dst: str) -> bool:
+        """Copy src to dst (whole or not at all on local disk); False if src is missing."""
+        if not self._loc.is_local:
+            try:
+                self._loc.fs.copy(src, dst)
+            except FileNotFoundError:
+                return False
+            return True
+        if not os.path.isfile(src):
+            return False
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = fsio.tmp_name(dst)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return True
+
+    def _remove_original(self, stage: str, doc: dict) -> None:
+        """Delete the original data file of a quarantined shard once its copy exists (and
+        only if no commit record points at it again)."""
+        url = doc.get("original_data")
+        if not url or not doc.get("data_copy"):
+            return  # no copy: leave the file for a person (clean_orphans treats it as orphan)
+        rel = "data/" + url.rsplit("/", 1)[-1]
+        match = _DATA_RE.fullmatch(rel)
+        if not match or match.group(1) != doc.get("key"):
+            return
+        path = f"{self._stage_dir(stage)}/{rel}"
+        with contextlib.suppress(FileNotFoundError):
+            self._loc.fs.rm_file(path)
+
+    def _read_reason(self, path: str) -> dict | None:
+        try:
+            doc = json.loads(fsio.read_bytes(self._loc, path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or doc.get("format") != QUARANTINE_FORMAT:
+            raise ForeignFileError(
+                f"{self._loc.url_of(path)} is not a quarantine record of the run store. {_MOVE_OUT}"
+            )
+        return doc
+
+    def _quarantine_files(self, stage: str | None) -> list[tuple[str, str, str, str]]:
+        """(stage, key, attempt, file name) of every file in the quarantine area (of `stage`)."""
+        base = self._quarantine if stage is None else f"{self._quarantine}/{stage}"
+        prefix = self._quarantine.rstrip("/") + "/"
+        try:
+            paths = self._loc.fs.find(base)
+        except FileNotFoundError:
+            return []
+        out = []
+        for path in paths:
+            parts = path[len(prefix) :].split("/") if path.startswith(prefix) else []
+            if len(parts) == 4 and _ATTEMPT_RE.fullmatch(parts[2]):
+                out.append((parts[0], parts[1], parts[2], parts[3]))
+        return out
+
+    def quarantined(self, stage: str | None = None) -> list[dict]:
+        """Reason records of quarantined shards (of `stage`, or all), oldest first."""
+        if stage is not None:
+            validate_name(stage, "stage name")
+        paths = [
+            f"{self._quarantine}/{s}/{k}/{a}/{name}"
+            for s, k, a, name in self._quarantine_files(stage)
+            if name == "reason.json"
+        ]
+        docs = [d for d in (self._read_reason(p) for p in paths) if d is not None]
+        return sorted(docs, key=lambda d: (d["quarantined_at"], d["stage"], d["key"]))
+
+    def _quarantined_of(self, stage: str, key: str) -> list[dict]:
+        return [d for d in self.quarantined(stage) if d["key"] == key]
+
+    def quarantined_keys(self, stage: str) -> set[str]:
+        """Keys of `stage` with a reason record (from one listing, no record read)."""
+        validate_name(stage, "stage name")
+        return {k for _, k, _, name in self._quarantine_files(stage) if name == "reason.json"}
+
+    def used_keys(self, stage: str) -> set[str]:
+        """Keys committed or ever (even partly) quarantined under `stage`."""
+        validate_name(stage, "stage name")
+        quarantined = {k for _, k, _, _ in self._quarantine_files(stage)}
+        committed = {p.rsplit("/", 1)[-1][: -len(".json")] for p in self._record_paths(stage)}
+        return quarantined | committed

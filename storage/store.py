@@ -20,11 +20,16 @@ Layout under {root}/{run_id}/ (every name is checked against [A-Za-z0-9._-]):
     checkpoints/step-{N}/... + _MANIFEST.json    trainer checkpoints (+ checkpoints/LATEST)
     curriculum/v{N}.json                   curriculum state, one file per version
     metrics/{name}/part-{time_ns}-{id}.parquet   appended metric rows
+    quarantine/{stage}/{key}/{attempt}/    a shard taken out of use (quarantine_shard): copies
+                                           of its data and commit record, reason.json
     .tmp-*                                 in-flight local writes; orphans if old
 
 Files are written so that a reader sees all of one or none of it (storage/fsio.py). Files
 the store did not write raise ForeignFileError when they sit where it looks. A writer killed
 mid-way leaves only orphans; clean_orphans() deletes those older than a threshold.
+
+Every method retries an endpoint that answered before and stops answering (storage/retry.py:
+up to SCALERL_STORAGE_RETRY_S, default 300 s); an endpoint that never answered fails at once.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from storage.errors import (
 )
 from storage.fsio import guarded
 from storage.paths import Location, open_location, validate_name
+from storage.retry import retrying
 from storage.schema import PROMPT_SCHEMA, check_columns
 from storage.shards import ShardInfo, Shards
 
@@ -81,7 +87,7 @@ class RunStore:
         self._loc = loc
         self.url = loc.url_of(loc.root)
 
-    @guarded
+    @guarded  # a probe: fails at once, never waits out an outage
     def check(self) -> None:
         """Probe the storage: raise StorageUnreachableError, StorageCredentialsError or
         BucketNotFoundError (naming the endpoint, never the secret) if it cannot be used."""
@@ -97,7 +103,7 @@ class RunStore:
                 "(e.g. `aws s3 mb s3://BUCKET`) or correct the storage URL."
             ) from None
 
-    @guarded
+    @retrying
     def run(self, run_id: str, *, create: bool = False) -> Run:
         path = self._loc.join(validate_name(run_id, "run id"))
         if not self._loc.fs.exists(f"{path}/{RUN_MARKER}"):
@@ -110,7 +116,7 @@ class RunStore:
             fsio.create_exclusive(self._loc, f"{path}/{RUN_MARKER}", marker)
         return Run(self._loc, run_id)
 
-    @guarded
+    @retrying
     def list_runs(self) -> list[str]:
         names = [fsio.basename(i) for i in fsio.ls(self._loc, self._loc.root)]
         names = [n for n in names if not n.startswith(".")]
@@ -133,7 +139,7 @@ class Run:
 
     # -- config and prompts ----------------------------------------------------------------
 
-    @guarded
+    @retrying
     def write_config(self, config: dict, *, overwrite: bool = False) -> None:
         """Write run.json. Rewriting identical content is a no-op; different content raises
         CommitConflictError unless overwrite=True."""
@@ -153,7 +159,7 @@ class Run:
                 "run id, or pass overwrite=True to replace the snapshot."
             )
 
-    @guarded
+    @retrying
     def read_config(self) -> dict:
         path = f"{self._root}/run.json"
         try:
@@ -187,18 +193,18 @@ class Run:
                 f"{self._loc.url_of(path)} is not valid JSON. Fix: move it out of the run directory."
             ) from None
 
-    @guarded
+    @retrying
     def write_status(self, status: dict) -> None:
         """Replace status.json: the run's lifecycle as every process sees it (e.g. state
         running / finished / exhausted / failed, reason, step). Atomic; last writer wins."""
         self._replace_doc(f"{self._root}/status.json", status, "status")
 
-    @guarded
+    @retrying
     def read_status(self) -> dict | None:
         """The last status written, or None before the first one."""
         return self._read_doc(f"{self._root}/status.json")
 
-    @guarded
+    @retrying
     def write_marker(self, name: str, doc: dict) -> None:
         """Replace markers/{name}.json: small progress facts one process publishes for others
         (e.g. how far the trainer has read). Atomic; last writer wins."""
@@ -206,18 +212,18 @@ class Run:
             f"{self._root}/markers/{validate_name(name, 'marker name')}.json", doc, "marker"
         )
 
-    @guarded
+    @retrying
     def read_marker(self, name: str) -> dict | None:
         return self._read_doc(f"{self._root}/markers/{validate_name(name, 'marker name')}.json")
 
-    @guarded
+    @retrying
     def save_plot(self, name: str, png: bytes) -> str:
         """Write plots/{name}.png atomically (replacing an older rendering); returns its URL."""
         path = f"{self._root}/plots/{validate_name(name, 'plot name')}.png"
         fsio.write_atomic(self._loc, path, png)
         return self._loc.url_of(path)
 
-    @guarded
+    @retrying
     def write_prompts(self, split: str, table: pa.Table, *, overwrite: bool = False) -> None:
         """Write prompts/{split}.parquet (PROMPT_SCHEMA columns, unique prompt_id)."""
         path = f"{self._root}/prompts/{validate_name(split, 'split name')}.parquet"
@@ -240,7 +246,7 @@ class Run:
         pq.write_table(table.replace_schema_metadata(None), sink, compression="zstd")
         fsio.write_atomic(self._loc, path, sink.getvalue().to_pybytes())
 
-    @guarded
+    @retrying
     def read_prompts(self, split: str) -> pa.Table:
         path = f"{self._root}/prompts/{validate_name(split, 'split name')}.parquet"
         try:
@@ -253,86 +259,121 @@ class Run:
 
     # -- shards ----------------------------------------------------------------------------
 
-    @guarded
+    @retrying
     def commit_shard(self, stage: str, key: str, table: pa.Table) -> ShardInfo:
         """Commit a rollout table as shard `key` of `stage` (see storage/shards.py)."""
         return self._shards.commit(stage, key, table)
 
-    @guarded
+    @retrying
     def list_shards(self, stage: str) -> list[ShardInfo]:
         """Committed shards of `stage`, in commit order."""
         return self._shards.list(stage)
 
-    @guarded
+    @retrying
     def count_shards(self, stage: str) -> int:
         """How many shards of `stage` are committed (cheap: one listing, no record read)."""
         return self._shards.count(validate_name(stage, "stage"))
 
-    @guarded
+    @retrying
     def has_shard(self, stage: str, key: str) -> bool:
         return self._shards.has(stage, key)
 
-    @guarded
+    @retrying
     def read_shard(self, stage: str, key: str) -> pa.Table:
         return self._shards.read(stage, key)
 
-    @guarded
+    @retrying
     def shard_urls(self, stage: str) -> list[str]:
         """Committed data files of `stage` (full URLs) for DuckDB, polars, pyarrow.dataset."""
         return [info.url for info in self._shards.list(stage)]
 
-    @guarded
+    @retrying
     def stages(self) -> list[str]:
         return self._shards.stages()
 
+    # -- quarantine ------------------------------------------------------------------------
+
+    @retrying
+    def quarantine_shard(
+        self, stage: str, key: str, reason: str | BaseException, *, by: str = ""
+    ) -> dict:
+        """Take committed shard `stage/key` out of use: copy its data file and commit record to
+        quarantine/{stage}/{key}/{attempt}/, write reason.json (stage, key, reason, error type,
+        time, original and copy URLs, `by`: who found it), then remove the commit record, so
+        readers and list_shards stop seeing it, and the original data file. Returns the reason
+        record. `reason` may be the exception that condemned the shard.
+
+        Crash-safe and idempotent: until the reason is written the shard stays committed; after
+        it, a repeated call finishes the job and returns the first reason record. Nothing is
+        deleted before its copy exists. ShardNotFoundError if the key is neither committed nor
+        quarantined."""
+        error = type(reason).__name__ if isinstance(reason, BaseException) else ""
+        return self._shards.quarantine(stage, key, str(reason), error, by)
+
+    @retrying
+    def list_quarantined(self, stage: str | None = None) -> list[dict]:
+        """Reason records of every quarantined shard (of `stage`), oldest first."""
+        return self._shards.quarantined(stage)
+
+    @retrying
+    def quarantined_keys(self, stage: str) -> set[str]:
+        """Keys of `stage` that have been quarantined (one listing, no record read)."""
+        return self._shards.quarantined_keys(stage)
+
+    @retrying
+    def used_shard_keys(self, stage: str) -> set[str]:
+        """Keys committed or quarantined (even partly) under `stage`: a writer numbering its
+        shards must never reuse one of them."""
+        return self._shards.used_keys(stage)
+
     # -- weights and checkpoints -----------------------------------------------------------
 
-    @guarded
+    @retrying
     def publish_weights(
         self, version: int, local_dir: str | os.PathLike, *, overwrite: bool = False
     ) -> None:
         self._weights.publish(version, local_dir, overwrite=overwrite)
 
-    @guarded
+    @retrying
     def latest_weights_version(self) -> int | None:
         return self._weights.latest_hint()
 
-    @guarded
+    @retrying
     def list_weight_versions(self) -> list[int]:
         return self._weights.list()
 
-    @guarded
+    @retrying
     def download_weights(self, version: int, local_dir: str | os.PathLike) -> Path:
         return self._weights.download(version, local_dir)
 
-    @guarded
+    @retrying
     def weights_url(self, version: int) -> str:
         return self._weights.url(version)
 
-    @guarded
+    @retrying
     def save_checkpoint(
         self, step: int, local_dir: str | os.PathLike, *, overwrite: bool = False
     ) -> None:
         self._ckpts.publish(step, local_dir, overwrite=overwrite)
 
-    @guarded
+    @retrying
     def latest_checkpoint_step(self) -> int | None:
         steps = self._ckpts.list()  # resumption is rare: trust the listing, not the pointer
         return steps[-1] if steps else None
 
-    @guarded
+    @retrying
     def load_checkpoint(self, step: int, local_dir: str | os.PathLike) -> Path:
         return self._ckpts.download(step, local_dir)
 
-    @guarded
+    @retrying
     def list_checkpoints(self) -> list[int]:
         return self._ckpts.list()
 
     # -- metrics and curriculum ------------------------------------------------------------
 
-    @guarded
     def append_metrics(self, name: str, rows: list[dict] | pa.Table) -> None:
-        """Append rows as one part file; read_metrics returns all parts in append order."""
+        """Append rows as one part file; read_metrics returns all parts in append order. The
+        part's name is fixed before the upload, so a retried upload replaces, never adds."""
         base = f"{self._root}/metrics/{validate_name(name, 'metrics name')}"
         if isinstance(rows, pa.Table):
             table = rows
@@ -345,9 +386,13 @@ class Run:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         part = f"{base}/part-{time.time_ns():019d}-{uuid.uuid4().hex[:8]}.parquet"
-        fsio.write_atomic(self._loc, part, sink.getvalue().to_pybytes())
+        self._write_part(part, sink.getvalue().to_pybytes())
 
-    @guarded
+    @retrying
+    def _write_part(self, path: str, data: bytes) -> None:
+        fsio.write_atomic(self._loc, path, data)
+
+    @retrying
     def read_metrics(self, name: str) -> pa.Table:
         base = f"{self._root}/metrics/{validate_name(name, 'metrics name')}"
         parts = []
@@ -367,7 +412,7 @@ class Run:
         tables = [pq.read_table(pa.BufferReader(raws[k])) for k in sorted(raws)]
         return pa.concat_tables(tables, promote_options="permissive")
 
-    @guarded
+    @retrying
     def save_curriculum(self, state: dict, version: int) -> None:
         """Commit curriculum state `version`; identical re-save is a no-op."""
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
@@ -383,7 +428,7 @@ class Run:
                 "version + 1."
             )
 
-    @guarded
+    @retrying
     def list_curriculum_versions(self) -> list[int]:
         """Every committed curriculum version, ascending."""
         base, versions = f"{self._root}/curriculum", []
@@ -400,7 +445,7 @@ class Run:
             versions.append(int(match.group(1)))
         return sorted(versions)
 
-    @guarded
+    @retrying
     def load_curriculum(self, version: int | None = None) -> tuple[int, dict] | None:
         """(version, state) of the latest committed curriculum, or of `version`; None if none."""
         if version is None:
@@ -420,7 +465,7 @@ class Run:
 
     # -- maintenance -----------------------------------------------------------------------
 
-    @guarded
+    @retrying
     def clean_orphans(self, older_than_s: float = 3600.0) -> list[str]:
         """Delete what dead writers left (unreferenced shard data, weight/checkpoint entries
         without a manifest, temp files) last modified more than `older_than_s` ago. Live
