@@ -44,12 +44,12 @@ POLL_S = 1.0
 def advance_shards(config: RunConfig, run_id: str) -> int:
     """Score, filter and fold into the curriculum every raw shard not yet through; returns how many."""
     run = open_run(config, run_id)
-    filtered = {s.key for s in run.list_shards("filtered")}
-    todo = [s.key for s in run.list_shards("raw") if s.key not in filtered]
+    done = {s.key for s in run.list_shards("filtered")} | run.quarantined_keys()
+    todo = [s.key for s in run.list_shards("raw") if s.key not in done]
     for key in todo:
-        score_shard(config, run_id, key)
-        update_curriculum(config, run_id, key)
-        filter_shard(config, run_id, key)
+        for stage in (score_shard, update_curriculum, filter_shard):
+            if "quarantined" in stage(config, run_id, key):
+                break  # its input was unusable and is in quarantine: the key goes no further
     return len(todo)
 
 

@@ -486,12 +486,30 @@ class Shards:
         docs = [d for d in (self._read_reason(p) for p in paths) if d is not None]
         return sorted(docs, key=lambda d: (d["quarantined_at"], d["stage"], d["key"]))
 
+    def quarantine_problems(self) -> list[str]:
+        """Quarantine entries whose reason record lacks a copy it names (commit record, data)."""
+        files: dict[tuple[str, str, str], set[str]] = {}
+        for s, k, a, name in self._quarantine_files(None):
+            files.setdefault((s, k, a), set()).add(name)
+        problems = []
+        for (s, k, a), names in sorted(files.items()):
+            if "reason.json" not in names:
+                continue  # in progress or interrupted before the reason: the shard is committed
+            doc = self._read_reason(f"{self._quarantine}/{s}/{k}/{a}/reason.json")
+            missing = [] if "commit.json" in names else ["commit.json"]
+            if doc.get("data_copy") and f"{k}.{a}.parquet" not in names:
+                missing.append(f"{k}.{a}.parquet")
+            if missing:
+                problems.append(f"quarantined {s}/{k} lacks its copy of {', '.join(missing)}")
+        return problems
+
     def _quarantined_of(self, stage: str, key: str) -> list[dict]:
         return [d for d in self.quarantined(stage) if d["key"] == key]
 
-    def quarantined_keys(self, stage: str) -> set[str]:
-        """Keys of `stage` with a reason record (from one listing, no record read)."""
-        validate_name(stage, "stage name")
+    def quarantined_keys(self, stage: str | None) -> set[str]:
+        """Keys (of `stage`, or of any) with a reason record (one listing, no record read)."""
+        if stage is not None:
+            validate_name(stage, "stage name")
         return {k for _, k, _, name in self._quarantine_files(stage) if name == "reason.json"}
 
     def used_keys(self, stage: str) -> set[str]:

@@ -316,9 +316,14 @@ class Run:
         return self._shards.quarantined(stage)
 
     @retrying
-    def quarantined_keys(self, stage: str) -> set[str]:
-        """Keys of `stage` that have been quarantined (one listing, no record read)."""
+    def quarantined_keys(self, stage: str | None = None) -> set[str]:
+        """Keys quarantined under `stage` (or any stage): one listing, no record read."""
         return self._shards.quarantined_keys(stage)
+
+    @retrying
+    def quarantine_problems(self) -> list[str]:
+        """Quarantine entries that miss a copy their reason record names (empty when sound)."""
+        return self._shards.quarantine_problems()
 
     @retrying
     def used_shard_keys(self, stage: str) -> set[str]:

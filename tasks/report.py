@@ -1,5 +1,8 @@
 """What a run shows in the Prefect UI: a progress bar, a table of the latest trainer metrics, and a
 markdown run report (config summary, fitted A / B / C_mid, where shards, weights and plots live).
+Quarantined shards (unusable input a stage or the trainer took out of use) are counted in the
+metrics table's description, listed with their reasons in a `quarantine` table artifact, and in
+the run report.
 
 Artifact keys are derived from the run id so every run keeps its own history in the UI.
 """
@@ -18,6 +21,7 @@ from prefect.artifacts import (
 
 from scalerl.config import RunConfig
 from tasks.common import open_run
+from tasks.stages import read_or_quarantine
 
 TRAINER_METRICS = "trainer"
 TABLE_COLUMNS = (
@@ -31,6 +35,7 @@ TABLE_COLUMNS = (
     "completion_len_mean",
     "truncation_rate",
     "interruption_rate",
+    "shards_rejected",
     "lr",
     "grad_norm",
     "step_time_s",
@@ -57,8 +62,13 @@ def set_progress(artifact_id, step: int, max_steps: int) -> None:
 
 @task(name="publish-metrics-table", retries=2, retry_delay_seconds=[2, 10], cache_policy=None)
 def publish_metrics_table(config: RunConfig, run_id: str, last: int = 20) -> int:
-    """Table artifact of the latest trainer metrics rows; returns the rows shown."""
-    table = open_run(config, run_id).read_metrics(TRAINER_METRICS)
+    """Table artifact of the latest trainer metrics rows (and, when any shard is quarantined, a
+    table of them with their reasons); returns the metrics rows shown."""
+    run = open_run(config, run_id)
+    quarantined = run.list_quarantined()
+    if quarantined:
+        publish_quarantine_table(run_id, quarantined)
+    table = run.read_metrics(TRAINER_METRICS)
     if table.num_rows == 0:
         return 0
     rows = table.slice(max(0, table.num_rows - last)).to_pylist()
@@ -66,9 +76,39 @@ def publish_metrics_table(config: RunConfig, run_id: str, last: int = 20) -> int
     create_table_artifact(
         shown,
         key=artifact_key(run_id, "metrics"),
-        description=f"Latest trainer metrics of run {run_id}",
+        description=f"Latest trainer metrics of run {run_id}; "
+        f"{len(quarantined)} shard(s) quarantined",
     )
     return len(shown)
+
+
+def quarantine_rows(quarantined: list[dict]) -> list[dict]:
+    """One row per quarantined shard: stage, key, error, who found it, when, reason, copy."""
+    import datetime as dt
+
+    return [
+        {
+            "stage": q["stage"],
+            "key": q["key"],
+            "error": q.get("error") or "",
+            "by": q.get("by") or "",
+            "when": dt.datetime.fromtimestamp(q["quarantined_at"], dt.UTC).strftime(
+                "%Y-%m-%d %H:%M:%S UTC"
+            ),
+            "reason": q["reason"].split(" Fix:")[0],
+            "copy": q.get("data_copy") or q.get("record_copy") or "",
+        }
+        for q in quarantined
+    ]
+
+
+def publish_quarantine_table(run_id: str, quarantined: list[dict]) -> None:
+    create_table_artifact(
+        quarantine_rows(quarantined),
+        key=artifact_key(run_id, "quarantine"),
+        description=f"{len(quarantined)} shard(s) of run {run_id} quarantined (unusable input, "
+        "taken out of use with the reason; the run continued without them)",
+    )
 
 
 def _fmt(value):
@@ -82,6 +122,7 @@ def render_report(
     summary: dict,
     fit: dict | None,
     plots: dict[str, str],
+    quarantined: list[dict] | None = None,
 ) -> str:
     alg, gen = config.algorithm, config.generation
     lines = [
@@ -123,6 +164,21 @@ def render_report(
         f"- weights: `{run_url}/weights/`, checkpoints: `{run_url}/checkpoints/`, metrics: `{run_url}/metrics/`",
     ]
     lines += [f"- {name}: `{path}`" for name, path in plots.items()]
+    quarantined = quarantined or []
+    lines += ["", "## Quarantined shards", ""]
+    if quarantined:
+        lines += [
+            f"{len(quarantined)} shard(s) could not be used and were moved to "
+            f"`{run_url}/quarantine/` with the reason; the run continued without them.",
+            "",
+            "| stage | key | error | found by | when | reason | copy |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in quarantine_rows(quarantined):
+            cells = [str(v).replace("|", "\\|").replace("\n", " ") for v in row.values()]
+            lines.append("| " + " | ".join(cells) + " |")
+    else:
+        lines.append("None: every committed shard was readable.")
     return "\n".join(lines) + "\n"
 
 
@@ -175,20 +231,17 @@ def render_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, 
         )
         urls["curve"] = run.save_plot("curve", _png(figure))
     shards = run.list_shards("raw")[-20:]
-    if shards:
-        table = pa.concat_tables(
-            [
-                run.read_shard("raw", s.key).select(["completion_token_ids", "finish_reason"])
-                for s in shards
-            ]
-        )
+    tables = [read_or_quarantine(run, "raw", s.key, "render-plots")[0] for s in shards]
+    tables = [t.select(["completion_token_ids", "finish_reason"]) for t in tables if t is not None]
+    if tables:
+        table = pa.concat_tables(tables)
         lc = config.length_control
         figure = plots.lengths_figure(
             pc.list_value_length(table["completion_token_ids"]).to_pylist(),
             table["finish_reason"].to_pylist(),
             window=(lc.thinking_budget_min, lc.thinking_budget_max) if lc.enabled else None,
             max_tokens=config.generation.max_new_tokens,
-            title=f"{run_id}: completion lengths (last {len(shards)} shards)",
+            title=f"{run_id}: completion lengths (last {len(tables)} shards)",
         )
         urls["lengths"] = run.save_plot("lengths", _png(figure))
     histogram = staleness_histogram(run.read_metrics("trainer"))
@@ -211,7 +264,10 @@ def publish_run_report(
     plots: dict[str, str] | None = None,
 ) -> str:
     run = open_run(config, run_id)
-    text = render_report(config, run_id, run.url, summary, fit, plots or {})
+    quarantined = run.list_quarantined()
+    text = render_report(config, run_id, run.url, summary, fit, plots or {}, quarantined)
+    if quarantined:
+        publish_quarantine_table(run_id, quarantined)
     create_markdown_artifact(
         text, key=artifact_key(run_id, "report"), description=f"ScaleRL run report {run_id}"
     )

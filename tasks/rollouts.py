@@ -71,7 +71,7 @@ def generate_rollouts(
     logger = get_run_logger()
     run = open_run(config, run_id)
     rows = {r["prompt_id"]: r for r in run.read_prompts("train").to_pylist()}
-    seq = sum(1 for s in run.list_shards(RAW) if s.key.startswith(f"{generator_id}-"))
+    seq = sum(1 for k in run.used_shard_keys(RAW) if k.startswith(f"{generator_id}-"))
     sampler = NoPositiveResampling(
         list(rows),
         pass_rate_threshold=config.algorithm.pass_rate_threshold,

@@ -4,6 +4,14 @@ Each reads one committed shard and commits one output under the same key, so a r
 re-run stage overwrites nothing and duplicates nothing: the store treats an identical re-commit
 as a no-op, and each task first checks whether its output already exists (Prefect's cache key
 is the same (run, stage, key) triple, so a retried flow run skips it without even reading).
+
+Corrupt input: when a stage's input shard cannot be used (CorruptShardError: truncated, altered
+or missing data file; SchemaVersionError; ForeignFileError: another run's rows; InvalidRollouts
+Error), the stage quarantines it (Run.quarantine_shard: data and commit record moved to
+quarantine/{stage}/{key}/ with the reason), logs a warning and returns {"quarantined": stage,
+"reason": ...} instead of failing, so one bad file does not stop the run. The flow stops moving
+that key along; the run report and `scalerl runs verify` list it. Unreachable storage is not
+corruption: it propagates (the store waits out short outages, then the task's retries apply).
 """
 
 from __future__ import annotations
@@ -14,10 +22,40 @@ from prefect import get_run_logger, task
 
 from scalerl.config import RunConfig
 from scalerl.faults import kill_point
+from storage.errors import (
+    CorruptShardError,
+    ForeignFileError,
+    InvalidRolloutsError,
+    SchemaVersionError,
+    ShardNotFoundError,
+)
 from tasks.common import open_run
 
 RAW, SCORED, FILTERED = "raw", "scored", "filtered"
 CACHE_FOR = timedelta(days=1)
+UNUSABLE = (CorruptShardError, SchemaVersionError, ForeignFileError, InvalidRolloutsError)
+
+
+def read_or_quarantine(run, stage: str, key: str, by: str):
+    """(table, None) for the committed shard `stage/key`, or (None, result) once it is in
+    quarantine: put there now because it cannot be used (UNUSABLE errors), or earlier (a retried
+    task). Anything else, unreachable storage included, propagates."""
+    try:
+        return run.read_shard(stage, key), None
+    except UNUSABLE as e:
+        doc = run.quarantine_shard(stage, key, e, by=by)
+        get_run_logger().warning(
+            "quarantined %s/%s (%s): %s; the run continues without it",
+            stage,
+            key,
+            doc.get("error") or type(e).__name__,
+            doc.get("reason"),
+        )
+    except ShardNotFoundError:
+        if key not in run.quarantined_keys(stage):
+            raise
+        doc = [d for d in run.list_quarantined(stage) if d["key"] == key][-1]
+    return None, {"key": key, "quarantined": stage, "reason": doc.get("reason", "")}
 
 
 def _shard_cache_key(stage: str):
@@ -49,7 +87,9 @@ def score_shard(config: RunConfig, run_id: str, key: str) -> dict:
     run = open_run(config, run_id)
     if run.has_shard(SCORED, key):
         return {"key": key, "skipped": True}
-    table = run.read_shard(RAW, key)
+    table, quarantined = read_or_quarantine(run, RAW, key, "score-shard")
+    if quarantined:
+        return quarantined
     rows = table.select(["prompt", "answer", "task"]).to_pylist()
     rewards = score_many(rows, table.column("completion").to_pylist())
     out = (
@@ -96,7 +136,9 @@ def filter_shard(config: RunConfig, run_id: str, key: str) -> dict:
     run = open_run(config, run_id)
     if run.has_shard(FILTERED, key):
         return {"key": key, "skipped": True}
-    table = run.read_shard(SCORED, key)
+    table, quarantined = read_or_quarantine(run, SCORED, key, "filter-shard")
+    if quarantined:
+        return quarantined
     annotated, counts = filter_reasons(table, zero_variance=config.algorithm.zero_variance_filter)
     kill_point("filter.before_commit")
     run.commit_shard(FILTERED, key, annotated)
@@ -125,7 +167,10 @@ def update_curriculum(config: RunConfig, run_id: str, key: str) -> dict:
     if key in state["applied"]:
         return {"key": key, "skipped": True, "version": version}
     sampler = NoPositiveResampling.from_state_dict(state["sampler"])
-    table = run.read_shard(SCORED, key).select(["group_id", "prompt_id", "passed"]).to_pylist()
+    scored, quarantined = read_or_quarantine(run, SCORED, key, "update-curriculum")
+    if quarantined:
+        return quarantined
+    table = scored.select(["group_id", "prompt_id", "passed"]).to_pylist()
     groups: dict[str, tuple[str, list[bool]]] = {}
     for row in table:
         groups.setdefault(row["group_id"], (row["prompt_id"], []))[1].append(bool(row["passed"]))

@@ -50,7 +50,10 @@ INTAKE_MARKER = "trainer-intake"
 class RunShardSource:
     """Committed shards of one stage, in commit order. After every read it publishes how far
     into that order the trainer has got (marker `trainer-intake`), which generators use as
-    backpressure so they do not run unboundedly ahead of the trainer."""
+    backpressure so they do not run unboundedly ahead of the trainer. A shard it must reject is
+    also quarantined (Run.quarantine_shard, with the reason), so no other reader trips on it;
+    this stage's quarantined shards count as read in the marker (their raw inputs still count
+    as committed for the generators)."""
 
     def __init__(self, run: Run, stage: str) -> None:
         self.run, self.stage = run, stage
@@ -59,13 +62,15 @@ class RunShardSource:
 
     def list_ready(self) -> list[str]:
         keys = [info.key for info in self.run.list_shards(self.stage)]
-        self._position = {key: i for i, key in enumerate(keys)}
+        gone = len(self.run.quarantined_keys(self.stage))
+        self._position = {key: gone + i for i, key in enumerate(keys)}
         return keys
 
     def read(self, key: str) -> pa.Table:
         try:
             table = self.run.read_shard(self.stage, key)
         except _REJECTED as e:
+            self._quarantine(key, e)
             raise ShardRejected(f"{type(e).__name__}: {e}") from e
         finally:
             upto = self._position.get(key, -1) + 1
@@ -73,6 +78,20 @@ class RunShardSource:
                 self._read_upto = upto
                 self.run.write_marker(INTAKE_MARKER, {"stage": self.stage, "shards_read": upto})
         return table
+
+    def _quarantine(self, key: str, error: Exception) -> None:
+        import logging
+
+        from storage.errors import StorageUnreachableError, StoreError
+
+        try:
+            self.run.quarantine_shard(self.stage, key, error, by="trainer")
+        except StorageUnreachableError:
+            raise  # not the shard's fault: the task's retry policy handles it
+        except StoreError as e:  # e.g. a foreign commit record: still never trained on
+            logging.getLogger(__name__).warning(
+                "could not quarantine %s/%s (%s); skipping it", self.stage, key, e
+            )
 
     def curriculum_version(self) -> int | None:
         found = self.run.load_curriculum()

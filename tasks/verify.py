@@ -10,7 +10,11 @@
 - trainer steps and weight versions continuous: versions 0..N are all published, and the ledger
   holds one 'trained' entry per step 1..checkpoint step;
 - curriculum retirements never undone: each committed curriculum version retires a superset of
-  the previous one's prompts, and every version applies one more shard than the last.
+  the previous one's prompts, and every version applies one more shard than the last;
+- quarantined shards (Run.quarantine_shard: unusable input taken out of use, with a reason)
+  are accounted for, not lost: a key quarantined at any stage needs no later stage, a consumed
+  shard may have been quarantined by the trainer, and every quarantine entry still holds the
+  copies its reason record names. They are listed in `quarantined` and `notes`.
 No Prefect import: the CLI and the tests use it directly.
 """
 
@@ -29,6 +33,17 @@ from storage import Run
 class VerifyReport:
     problems: list[str] = field(default_factory=list)
     facts: dict[str, int] = field(default_factory=dict)
+    quarantined: list[dict] = field(default_factory=list)  # reason records, oldest first
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per quarantined shard: where, why, and where its copy lies."""
+        return [
+            f"quarantined {q['stage']}/{q['key']} by {q.get('by') or '?'}: "
+            f"{q.get('error') or 'reason'}: {q['reason'].split(' Fix:')[0]} "
+            f"(copy: {q.get('data_copy') or q.get('record_copy')})"
+            for q in self.quarantined
+        ]
 
     @property
     def ok(self) -> bool:
@@ -50,14 +65,20 @@ def verify_run(run: Run) -> VerifyReport:
     stages = {
         stage: {s.key for s in run.list_shards(stage)} for stage in ("raw", "scored", "filtered")
     }
+    report.quarantined = run.list_quarantined()
+    quarantined = {stage: set() for stage in ("raw", "scored", "filtered")}
+    for q in report.quarantined:
+        quarantined.setdefault(q["stage"], set()).add(q["key"])
+    anywhere = set().union(*quarantined.values())
+    report.problems += run.quarantine_problems()
     finished = (run.read_status() or {}).get("state") == "finished"
     for later in ("scored", "filtered"):
-        orphans = stages[later] - stages["raw"]
+        orphans = stages[later] - stages["raw"] - quarantined["raw"]
         if orphans:
             report.problems.append(
                 f"{len(orphans)} {later} shard(s) without their raw input, e.g. {sorted(orphans)[0]}"
             )
-        missing = stages["raw"] - stages[later]
+        missing = stages["raw"] - stages[later] - anywhere
         if finished and missing:
             report.problems.append(
                 f"{len(missing)} raw shard(s) never reached {later}, e.g. {sorted(missing)[0]}"
@@ -71,7 +92,7 @@ def verify_run(run: Run) -> VerifyReport:
             f"{len(twice)} group(s) consumed by more than one step, e.g. {twice[0]}"
         )
     read = {key for entry in ledger for key in entry["shards_read"]}
-    lost = read - stages["filtered"]
+    lost = read - stages["filtered"] - quarantined["filtered"]
     if lost:
         report.problems.append(
             f"{len(lost)} consumed shard(s) are no longer committed, e.g. {sorted(lost)[0]}"
@@ -110,5 +131,9 @@ def verify_run(run: Run) -> VerifyReport:
         "groups_consumed": len(groups),
         "weight_versions": len(versions),
         "prompts_retired": len(retired),
+        "quarantined_shards": len(report.quarantined),
+        "quarantine_pending": sum(
+            q["key"] in stages.get(q["stage"], ()) for q in report.quarantined
+        ),
     }
     return report

@@ -90,8 +90,6 @@ def test_trainer_over_a_run_store(model_dir, tmp_path):
     _make_other_schema_version(run, "s1")
     io = TrainerIO.over(run, stage="filtered", weights_dtype="float32")
     assert io.source.list_ready() == ["s0", "s1", "s2"]
-    with pytest.raises(ShardRejected, match="schema version 2"):
-        io.source.read("s1")
 
     trainer = Trainer(
         _config(model_dir),
@@ -110,6 +108,16 @@ def test_trainer_over_a_run_store(model_dir, tmp_path):
     assert metrics[1]["shards_rejected"] == 1  # s1: read for step 2, skipped, never trained
     assert "SchemaVersionError" in trainer.ledger[1]["shards_rejected"]["s1"]
     assert all("s1" not in e["groups"] for e in trainer.ledger)
+    # A rejected shard is also quarantined, with the reason, so no other reader trips on it.
+    (doc,) = run.list_quarantined("filtered")
+    assert doc["key"] == "s1" and doc["error"] == "SchemaVersionError" and doc["by"] == "trainer"
+    assert "schema version 2" in doc["reason"] and io.source.list_ready() == ["s0", "s2"]
+    run.commit_shard("filtered", "s3", _shard("s3", ["h", "i"]))
+    _make_other_schema_version(run, "s3")
+    io.source.list_ready()
+    with pytest.raises(ShardRejected, match="schema version 2"):
+        io.source.read("s3")
+    assert run.quarantined_keys("filtered") == {"s1", "s3"}
 
     # Published weights are the trainer's weights and load back through load_policy.
     local = run.download_weights(2, tmp_path / "w2")
