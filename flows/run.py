@@ -38,7 +38,8 @@ from tasks.scaling import fit_scaling_curve
 from tasks.stages import filter_shard, score_shard, update_curriculum
 from tasks.train import train_policy
 
-POLL_S = 1.0
+POLL_MIN_S, POLL_MAX_S = 0.05, 1.0  # idle polling backs off from MIN to MAX, reset on work
+TABLE_EVERY_S = 15.0  # the metrics table artifact reads every trainer part file: not per shard
 
 
 def advance_shards(config: RunConfig, run_id: str) -> int:
@@ -88,15 +89,23 @@ def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
     ]
     trainer = train_policy.submit(config, run_id)
     run, evaluated = open_run(config, run_id), set()
+    poll, shown_step, table_at = POLL_MIN_S, -1, time.monotonic()
     while not trainer.state.is_final():
         kill_point("flow.loop")
         moved = advance_shards(config, run_id)
         stop_generators_if_done(run, generators)
         evaluate_due(config, run_id, evaluated)
-        set_progress(progress, run.latest_weights_version() or 0, config.schedule.max_steps)
-        if moved:
+        step = run.latest_weights_version() or 0
+        if step != shown_step:
+            set_progress(progress, step, config.schedule.max_steps)
+            shown_step = step
+        if moved and time.monotonic() - table_at >= TABLE_EVERY_S:
             publish_metrics_table(config, run_id)
-        time.sleep(0 if moved else POLL_S)
+            table_at = time.monotonic()
+        # The stages sit on the critical path between generator and trainer: poll fast while
+        # shards flow, back off while idle so a long-idle run does not hammer S3 with LISTs.
+        poll = POLL_MIN_S if moved else min(2 * poll, POLL_MAX_S)
+        time.sleep(0 if moved else poll)
     try:
         summary = trainer.result()
     finally:

@@ -39,7 +39,7 @@ def max_lead(config: RunConfig) -> int:
     return max(2, config.pipeline.max_off_policy_steps + 1) * config.generation.num_generators
 
 
-def wait_for_trainer(run, config: RunConfig, should_stop, poll_s: float = 0.2) -> None:
+def wait_for_trainer(run, config: RunConfig, should_stop, poll_s: float = 0.05) -> None:
     """Backpressure: block (before drawing new prompts) while the committed raw shards are more
     than max_lead ahead of the trainer's reads. Reads keep advancing as long as the run flow
     filters shards, so this cannot deadlock; a stopping run releases it at once."""

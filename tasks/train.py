@@ -37,7 +37,10 @@ def train_policy(config: RunConfig, run_id: str) -> dict:
         checkpoints=io.checkpoints,
         metrics=io.metrics,
         options=TrainerOptions(
-            model_path=str(base), should_stop=should_stop, max_poll_interval_s=5.0
+            model_path=str(base),
+            should_stop=should_stop,
+            poll_interval_s=0.05,  # a shard waiting on a sleeping trainer is pipeline latency
+            max_poll_interval_s=1.0,
         ),
     )
     summary = trainer.train()

@@ -227,7 +227,7 @@ class Trainer:
     def next_batch(self) -> tuple[Batch | None, float]:
         """The next batch for step `version`, waiting for shards; (None, waited) on a stop."""
         t0 = last_progress = time.monotonic()
-        delay = self.opts.poll_interval_s
+        delay, logged = self.opts.poll_interval_s, t0 - 30.0 + 2.0  # first note after 2 s
         while True:
             if self.ingest():
                 delay, last_progress = self.opts.poll_interval_s, time.monotonic()
@@ -239,13 +239,15 @@ class Trainer:
                 idle is not None and time.monotonic() - last_progress > idle
             ):
                 return None, time.monotonic() - t0
-            log.info(
-                "step %d waits for shards: %d/%d usable groups, newest generator version %s",
-                self.version,
-                self.assembler.usable_groups(self.version),
-                self.assembler.P,
-                self.assembler.newest_generator_version,
-            )
+            if time.monotonic() - logged >= 30.0:  # polls are fast; say so once per 30 s
+                logged = time.monotonic()
+                log.info(
+                    "step %d waits for shards: %d/%d usable groups, newest generator version %s",
+                    self.version,
+                    self.assembler.usable_groups(self.version),
+                    self.assembler.P,
+                    self.assembler.newest_generator_version,
+                )
             time.sleep(delay)
             delay = min(2 * delay, self.opts.max_poll_interval_s)
 
