@@ -68,15 +68,27 @@ def _guard():
 
     try:
         yield
-    except (StoreError, ValueError, OSError) as exc:
+    except StoreError as exc:
         _fail(exc)
+    except PermissionError as exc:  # local files: name the path and the fix, not just errno
+        _fail(
+            PermissionError(
+                f"permission denied: {exc.filename or exc}. Fix: run as a user that may read and "
+                "write it, grant access (e.g. `chmod u+rwx`), or pick another --storage root."
+            )
+        )
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+
+
+def _store_options(endpoint_url: str | None) -> dict | None:
+    return {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
 
 
 def _store(storage: str, endpoint_url: str | None):
     from storage import open_store
 
-    options = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
-    return open_store(storage, storage_options=options)
+    return open_store(storage, storage_options=_store_options(endpoint_url))
 
 
 def _open_run(storage: str, endpoint_url: str | None, run_id: str):
@@ -94,13 +106,58 @@ def _open_run(storage: str, endpoint_url: str | None, run_id: str):
         ) from None
 
 
-def _load(file: Path | None, preset: str | None, overrides: list[str] | None):
+def _load(
+    file: Path | None, preset: str | None, overrides: list[str] | None, *, check: bool = True
+):
+    """The validated RunConfig; with `check`, also the inputs a run reads (see _check_inputs)."""
     from scalerl.config import ConfigError, load_config
 
     try:
-        return load_config(file, preset=preset, overrides=overrides or [])
+        cfg = load_config(file, preset=preset, overrides=overrides or [])
     except ConfigError as exc:
         _fail(exc)
+    if check:
+        with _guard():
+            _check_inputs(cfg)
+    return cfg
+
+
+def _check_inputs(cfg) -> None:
+    """Fail before anything is written when a run could not start from here: the storage URL
+    (syntax, then reachable, bucket, credentials; a local root must be writable), the prompts
+    (synthetic source name, or the whole data file: columns, text, ids, size), the model (a
+    local directory: causal LM, weights, end-of-sequence token; hub ids are checked when the
+    run loads them), and a storage.run_id that names a directory the store did not create."""
+    from scalerl.data import load_prompts
+    from storage.errors import ForeignFileError
+    from storage.paths import check_local_access, open_location, validate_name
+    from storage.store import RUN_MARKER
+    from tasks.common import BUILTIN_TINY, BUILTIN_TINY_WARM
+
+    store = _store(cfg.storage.url, cfg.storage.endpoint_url)
+    loc = open_location(cfg.storage.url, _store_options(cfg.storage.endpoint_url))
+    check_local_access(loc)
+    store.check()
+    load_prompts(cfg.data)
+    name = cfg.model.name_or_path
+    if name.startswith("builtin:") and name not in (BUILTIN_TINY, BUILTIN_TINY_WARM):
+        raise ValueError(
+            f"model.name_or_path = {name!r} is not a built-in model. Fix: use "
+            f"{BUILTIN_TINY!r}, {BUILTIN_TINY_WARM!r}, a local directory or a hub id."
+        )
+    if not name.startswith("builtin:"):
+        from scalerl.models import check_model  # torch + transformers: only when needed
+
+        check_model(name)
+    run_id = cfg.storage.run_id
+    if run_id is not None:
+        path = loc.join(validate_name(run_id, "run id"))
+        if loc.fs.exists(path) and not loc.fs.exists(f"{path}/{RUN_MARKER}"):
+            raise ForeignFileError(
+                f"storage.run_id = {run_id!r}: {loc.url_of(path)} exists but was not created by "
+                f"the run store (no {RUN_MARKER}). Fix: pick another run id or storage root, or "
+                "move that directory away."
+            )
 
 
 # -- output helpers ---------------------------------------------------------------------------

@@ -49,6 +49,10 @@ class StorageCredentialsError(StoreError, PermissionError):
     """Credentials are missing or rejected."""
 
 
+class StoragePermissionError(StoreError, PermissionError):
+    """A local storage root (or the directory it would be created in) may not be written."""
+
+
 class BucketNotFoundError(StoreError, LookupError):
     """The bucket named in an s3:// URL does not exist on the endpoint."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import fsspec
 
-from storage.errors import InvalidRunIdError, InvalidStorageUrlError
+from storage.errors import InvalidRunIdError, InvalidStorageUrlError, StoragePermissionError
 
 MAX_NAME_LEN = 128
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -142,3 +142,30 @@ def open_location(url: str, storage_options: dict | None = None) -> Location:
         f"storage URL {url!r} has unsupported scheme '{scheme}://'. Fix: use a local path, "
         "file://, s3://bucket/prefix (AWS, MinIO, Ceph, R2 via AWS_ENDPOINT_URL) or memory://."
     )
+
+
+def check_local_access(loc: Location) -> None:
+    """For a local root: raise StoragePermissionError unless this user can list and write it,
+    or, before it exists, create it (its nearest existing parent must be a writable directory).
+    Writes nothing. Object stores check their permissions per request."""
+    if not loc.is_local:
+        return
+    path = loc.root
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    fix = (
+        "Fix: pick a storage root this user may write (--storage or storage.url), or grant "
+        "access (e.g. `chmod u+rwx`)."
+    )
+    if not os.path.isdir(path):
+        raise StoragePermissionError(
+            f"storage root {loc.root}: {path} is a file, not a directory. Fix: pick a storage "
+            "root that is a directory or does not exist yet (--storage or storage.url)."
+        )
+    needed = os.R_OK | os.W_OK | os.X_OK if path == loc.root else os.W_OK | os.X_OK
+    if not os.access(path, needed):
+        what = "is not readable and writable" if path == loc.root else "cannot be created in"
+        where = "" if path == loc.root else f" {path}"
+        raise StoragePermissionError(
+            f"storage root {loc.root} {what}{where} by this user (permission denied). {fix}"
+        )

@@ -1,0 +1,378 @@
+"""docs/BAD_INPUT.md, row by row: each documented bad input is run through the `scalerl` CLI
+exactly as the row's command is written, and must print exactly the row's message on stderr
+(one line), nothing on stdout, exit with code 2, and leave every file it could touch as it was
+(the inputs, the committed runs, the default ./runs, the S3 prefix). The table is the only
+list of cases: a row added to the doc is tested, and a changed message fails until the doc
+says the same.
+
+Placeholders in commands and messages: $TMP (this module's temporary directory; commands run
+with $TMP/work as the current directory), $S3 (the session's moto_server endpoint) and $DEAD
+(an endpoint nothing listens on). Leading VAR=value words of a command are its environment;
+otherwise no AWS credentials are set at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+# tests/storage (a directory without __init__.py) is a namespace package named `storage` for a
+# module in tests/ that pytest runs on its own; with the repository root anywhere on sys.path
+# the real package wins (a regular package beats a namespace portion).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from flows.cli import app  # noqa: E402
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "BAD_INPUT.md"
+SCRIPT = Path(sys.executable).parent / "scalerl"
+S3_PREFIX = "scalerl-test/bad-input"
+# Root bypasses file modes. As root these rows run the console script under setpriv without
+# the two capabilities that do the bypassing (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH).
+NEEDS_NON_ROOT = {"storage-no-permission", "storage-read-only", "storage-runs-ls-no-permission"}
+NO_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+# What the issue asks the catalogue to cover at least.
+REQUIRED = {
+    "config-negative-k",
+    "config-eps-max-zero",
+    "config-batch-not-divide",
+    "config-unknown-loss",
+    "config-window-outside-budget",
+    "config-unknown-key",
+    "data-missing-column-jsonl",
+    "data-missing-column-parquet",
+    "data-empty-prompt",
+    "data-non-utf8-jsonl",
+    "data-non-utf8-parquet",
+    "data-duplicate-ids",
+    "data-empty-jsonl",
+    "data-empty-parquet",
+    "model-missing-path",
+    "model-not-causal",
+    "model-no-eos",
+    "storage-bad-scheme",
+    "storage-missing-credentials",
+    "storage-no-permission",
+    "storage-read-only",
+    "storage-foreign-commit-file",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    what: str
+    command: str
+    message: str
+
+
+def _cell(text: str) -> str:
+    text = text.strip().replace("\\|", "|")
+    if text.startswith("``") and text.endswith("``"):
+        return text[2:-2].strip()
+    if text.startswith("`") and text.endswith("`"):
+        return text[1:-1]
+    return text
+
+
+def catalogue() -> list[Row]:
+    """The rows of every table in docs/BAD_INPUT.md whose first cell is a backticked id."""
+    rows = []
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [_cell(c) for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+        assert len(cells) == 4, f"docs/BAD_INPUT.md row needs 4 cells: {line}"
+        rows.append(Row(*cells))
+    return rows
+
+
+ROWS = catalogue()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under root with its type, size, mtime and mode: any write shows up."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _record(run_id: str, i: int) -> dict:
+    import datetime as dt
+
+    t0 = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
+    return {
+        "run_id": run_id,
+        "shard_id": "gen0-000001",
+        "prompt_id": f"p{i}",
+        "group_id": f"g{i}",
+        "sample_index": 0,
+        "task": "arithmetic",
+        "prompt": f"{i} + 1 =",
+        "prompt_token_ids": [1, 2],
+        "answer": str(i + 1),
+        "completion": str(i + 1),
+        "completion_token_ids": [3],
+        "logprobs": [-0.5],
+        "versions": [0],
+        "finish_reason": "stop",
+        "thinking_tokens": 0,
+        "answer_tokens": 1,
+        "generator_id": "gen0",
+        "started_at": t0,
+        "finished_at": t0,
+    }
+
+
+def _committed_run(store, run_id: str):
+    from scalerl.config import load_config
+    from storage import rollouts_from_records
+
+    run = store.run(run_id, create=True)
+    run.write_config(load_config(preset="tiny-cpu").model_dump(mode="json"))
+    run.commit_shard("raw", "gen0-000001", rollouts_from_records([_record(run_id, 0)]))
+    return run
+
+
+def build_inputs(tmp: Path) -> None:
+    """Every bad input of the catalogue under $TMP (files, models, stores)."""
+    from transformers import BertConfig
+
+    from scalerl.models import build_tiny_model
+    from storage import open_store
+
+    inp, work = tmp / "in", tmp / "work"
+    inp.mkdir()
+    work.mkdir()
+    # -- config --
+    (inp / "typo.yaml").write_text("trainer:\n  checkpoint_evry: 5\n")
+    (inp / "broken.yaml").write_text("generation: [unclosed\n")
+    # -- data --
+    (inp / "no_prompt_column.jsonl").write_text('{"question": "1 + 1 =", "answer": "2"}\n')
+    pq.write_table(
+        pa.table({"question": ["1 + 1 ="], "answer": ["2"]}), inp / "no_prompt_column.parquet"
+    )
+    (inp / "empty_prompt.jsonl").write_text(
+        '{"prompt": "1 + 1 =", "answer": "2"}\n{"prompt": "  ", "answer": "3"}\n'
+    )
+    (inp / "latin1.jsonl").write_bytes(
+        '{"prompt": "caf\xe9 + 1 =", "answer": "2"}\n'.encode("latin-1")
+    )
+    (inp / "lone_surrogate.jsonl").write_text('{"prompt": "\\udcff + 1 =", "answer": "2"}\n')
+    pq.write_table(
+        pa.table({"prompt": pa.array([b"caf\xe9 + 1 ="], pa.binary()), "answer": ["2"]}),
+        inp / "latin1.parquet",
+    )
+    (inp / "duplicate_ids.jsonl").write_text(
+        "".join(json.dumps({"id": i, "prompt": f"{i} + 1 =", "answer": "1"}) + "\n" for i in "abca")
+    )
+    (inp / "empty.jsonl").write_bytes(b"")
+    (inp / "empty.parquet").write_bytes(b"")
+    pq.write_table(
+        pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}),
+        inp / "no_rows.parquet",
+    )
+    (inp / "not_json.jsonl").write_text('{"prompt": "1 + 1 =", "answer": "2"}\nprompt: 2 + 2 =\n')
+    (inp / "three_rows.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"{i} + 1 =", "answer": str(i + 1)}) + "\n" for i in range(3))
+    )
+    (inp / "prompts.csv").write_text("prompt,answer\n1 + 1 =,2\n")
+    # -- models --
+    BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=1).save_pretrained(
+        inp / "bert"
+    )
+    tiny = build_tiny_model(tmp / "tiny", seed=0)
+    no_eos = shutil.copytree(tiny, inp / "no_eos")
+    tok_cfg = json.loads((no_eos / "tokenizer_config.json").read_text())
+    tok_cfg["eos_token"] = None
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    no_weights = shutil.copytree(tiny, inp / "no_weights")
+    (no_weights / "model.safetensors").unlink()
+    # -- storage --
+    (inp / "a_file").write_text("not a directory\n")
+    (inp / "locked").mkdir()
+    (inp / "read_only").mkdir()
+    store = open_store(str(tmp / "store"))
+    _committed_run(store, "good")
+    foreign_commit = _committed_run(store, "foreign-commit")
+    (tmp / "store" / "foreign-commit" / "shards" / "raw" / "commits" / "notes.txt").write_text("hi")
+    _committed_run(store, "foreign-config")
+    (tmp / "store" / "foreign-config" / "run.json").write_text("model: qwen\n")
+    _committed_run(store, "foreign-weights")
+    (tmp / "store" / "foreign-weights" / "weights").mkdir()
+    (tmp / "store" / "foreign-weights" / "weights" / "old-model.bin").write_bytes(b"\0" * 8)
+    (tmp / "store" / "not-a-run").mkdir()
+    (tmp / "store" / "not-a-run" / "data.txt").write_text("someone else's files\n")
+    assert foreign_commit.read_shard("raw", "gen0-000001").num_rows == 1
+    os.chmod(inp / "locked", 0o000)
+    os.chmod(inp / "read_only", 0o555)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """$TMP with every bad input of the catalogue; permissions restored afterwards."""
+    tmp = tmp_path_factory.mktemp("bad-input")
+    build_inputs(tmp)
+    yield tmp
+    inp = tmp / "in"
+    os.chmod(inp / "locked", 0o700)
+    os.chmod(inp / "read_only", 0o700)
+
+
+def _expand(text: str, tmp: Path, s3: str, dead: str) -> str:
+    return text.replace("$TMP", str(tmp)).replace("$S3", s3).replace("$DEAD", dead)
+
+
+def _split(command: str) -> tuple[dict[str, str], list[str]]:
+    """'A=1 B=2 scalerl x y' -> ({'A': '1', 'B': '2'}, ['x', 'y'])."""
+    words = shlex.split(command)
+    env = {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    assert words and words[0] == "scalerl", f"a catalogue command must run scalerl: {command}"
+    return env, words[1:]
+
+
+def _base_env() -> dict[str, str | None]:
+    """No AWS credentials, profile or endpoint from this machine; no Prefect server to reach."""
+    env: dict[str, str | None] = {
+        var: None
+        for var in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3",
+            "SCALERL_STORAGE",
+        )
+    }
+    env |= {
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        # a run that got past its checks would fail here instead of starting a server
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",
+    }
+    return env
+
+
+def _s3_keys(endpoint: str) -> list[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        key="testing",
+        secret="testing",
+        client_kwargs={"endpoint_url": endpoint},
+        skip_instance_cache=True,
+    )
+    return fs.find(S3_PREFIX)
+
+
+def _param(row: Row):
+    marks = [pytest.mark.integration] if "$S3" in row.command else []
+    return pytest.param(row, id=row.id, marks=marks)
+
+
+@pytest.mark.parametrize("row", [_param(r) for r in ROWS])
+def test_documented_message(row: Row, inputs: Path, request, monkeypatch):
+    if row.id in NEEDS_NON_ROOT and os.geteuid() == 0:
+        _run_without_dac_override(row, inputs)
+        return
+    s3 = request.getfixturevalue("moto_endpoint") if "$S3" in row.command else "http://unused"
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    env, args = _split(_expand(row.command, inputs, s3, dead))
+    expected = _expand(row.message, inputs, s3, dead)
+    monkeypatch.chdir(inputs / "work")
+    before = _snapshot(inputs)
+    result = CliRunner().invoke(app, args, env=_base_env() | env)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert (result.exit_code, result.stderr, result.stdout) == (2, expected + "\n", "")
+    assert _snapshot(inputs) == before, "a rejected input changed or wrote files"
+    if "$S3" in row.command:
+        assert _s3_keys(s3) == [], "a rejected input wrote to the bucket"
+
+
+def _full_env(extra: dict[str, str]) -> dict[str, str]:
+    merged = {**os.environ, **_base_env(), **extra}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def _run_without_dac_override(row: Row, inputs: Path) -> None:
+    """The row through the installed script, as root that file modes apply to."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file modes cannot be enforced here")
+    probe = subprocess.run([*NO_DAC, "ls", str(inputs / "in" / "locked")], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("running as root and setpriv could not drop CAP_DAC_OVERRIDE here")
+    env, args = _split(_expand(row.command, inputs, "", ""))
+    before = _snapshot(inputs)
+    out = subprocess.run(
+        [*NO_DAC, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_full_env(env),
+        cwd=inputs / "work",
+    )
+    expected = _expand(row.message, inputs, "", "")
+    assert (out.returncode, out.stderr, out.stdout) == (2, expected + "\n", "")
+    assert _snapshot(inputs) == before, "a rejected input changed or wrote files"
+
+
+def test_committed_runs_are_still_readable(inputs):
+    """Runs the catalogue damaged around (foreign files beside them) keep their committed data."""
+    from storage import open_store
+
+    store = open_store(str(inputs / "store"))
+    for run_id in ("good", "foreign-commit", "foreign-config", "foreign-weights"):
+        assert store.run(run_id).read_shard("raw", "gen0-000001").num_rows == 1
+
+
+def test_catalogue_covers_what_the_issue_lists():
+    ids = [r.id for r in ROWS]
+    assert len(ids) == len(set(ids)), "duplicate ids in docs/BAD_INPUT.md"
+    assert set(ids) >= REQUIRED, f"missing rows: {sorted(REQUIRED - set(ids))}"
+    for row in ROWS:
+        assert row.message.startswith("error: ") and "\n" not in row.message, row.id
+        assert "Fix:" in row.message or "did you mean" in row.message or "valid" in row.message, (
+            f"{row.id}: the message names no fix"
+        )
+
+
+def test_console_script_prints_the_same_line(inputs):
+    """The installed `scalerl` script, not just the Typer app: same line, exit code 2."""
+    row = next(r for r in ROWS if r.id == "storage-bad-scheme")
+    env, args = _split(_expand(row.command, inputs, "", ""))
+    out = subprocess.run(
+        [str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_full_env(env),
+        cwd=inputs / "work",
+    )
+    assert (out.returncode, out.stderr, out.stdout) == (2, row.message + "\n", "")
