@@ -19,11 +19,20 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -324,6 +333,19 @@ class StorageConfig(_Section):
         description="Run id; a timestamped one is generated when unset.",
     )
 
+    @field_validator("url", "endpoint_url")
+    @classmethod
+    def _no_credentials_in_urls(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # The value is never echoed: it may hold a password.
+        if value is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@", value):
+            raise ValueError(
+                f"storage.{info.field_name} carries credentials (user:password@ in the URL); "
+                "the configuration is saved in run.json and shown in the Prefect UI. Fix: drop "
+                "them from the URL and export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                "AWS_PROFILE) instead."
+            )
+        return value
+
 
 class ScheduleConfig(_Section):
     max_steps: int = Field(
@@ -482,6 +504,9 @@ def _model_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
     return model
 
 
+_SECRET_KEY = re.compile(r"key|secret|token|password|credential|profile", re.IGNORECASE)
+
+
 def _format_error(err: dict[str, Any]) -> str:
     full = tuple(err["loc"])
     loc = tuple(p for p in full if p not in _LOSS_TYPES)
@@ -489,6 +514,12 @@ def _format_error(err: dict[str, Any]) -> str:
     if err["type"] == "union_tag_invalid":
         tags = ", ".join(sorted(_LOSS_TYPES))
         return f"{path}.type = {err['ctx']['tag']!r} is not a known loss; valid: {tags}"
+    if err["type"] == "extra_forbidden" and loc[0] == "storage" and _SECRET_KEY.search(path):
+        return (  # never echo the value: it is a secret
+            f"unknown key '{path}': credentials never go in the run configuration (it is saved "
+            "in run.json and shown in the Prefect UI). Fix: export AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment of every process of the run."
+        )
     if err["type"] == "extra_forbidden":
         owner = _model_at(full[:-1])
         valid = sorted(owner.model_fields) if owner else []
