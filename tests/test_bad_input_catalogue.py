@@ -51,6 +51,7 @@ REQUIRED = {
     "config-unknown-loss",
     "config-window-outside-budget",
     "config-unknown-key",
+    "config-credentials-in-config",
     "data-missing-column-jsonl",
     "data-missing-column-parquet",
     "data-empty-prompt",
@@ -358,6 +359,7 @@ def test_catalogue_covers_what_the_issue_lists():
     assert set(ids) >= REQUIRED, f"missing rows: {sorted(REQUIRED - set(ids))}"
     for row in ROWS:
         assert row.message.startswith("error: ") and "\n" not in row.message, row.id
+        assert "SECRET-VALUE" not in row.message, f"{row.id}: a secret is echoed"
         assert "Fix:" in row.message or "did you mean" in row.message or "valid" in row.message, (
             f"{row.id}: the message names no fix"
         )
