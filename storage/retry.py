@@ -8,7 +8,7 @@ a run (generators, stages, trainer, the flow loop, status and marker reads) ride
 endpoint that stops answering for a while, with no retry code at the call sites. The rule:
 
 - An endpoint that has answered at least once in this process is retried for up to
-  SCALERL_STORAGE_RETRY_S seconds (default 300), with exponential backoff from 0.5 s to 10 s,
+  SCALERL_STORAGE_RETRY_S seconds (default 300), with exponential backoff from 0.5 s to 5 s,
   a warning per failed attempt and a note when it answers again. Then the error propagates
   (the task's own retries and the flow's resume are the next line of defence).
 - An endpoint that has never answered in this process fails at once: a wrong URL, a server that
@@ -39,7 +39,7 @@ from storage.paths import Location
 
 RETRY_ENV = "SCALERL_STORAGE_RETRY_S"
 DEFAULT_RETRY_S = 300.0
-FIRST_DELAY_S, MAX_DELAY_S = 0.5, 10.0
+FIRST_DELAY_S, MAX_DELAY_S = 0.5, 5.0
 
 log = logging.getLogger("scalerl.storage")
 T = TypeVar("T")
@@ -86,7 +86,7 @@ def retry_unreachable(
     clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Call fn(); while it raises StorageUnreachableError for an endpoint that has answered
-    before, wait (0.5 s, 1 s, 2 s, ... capped at 10 s) and call it again, for up to `window_s`
+    before, wait (0.5 s, 1 s, 2 s, ... capped at 5 s) and call it again, for up to `window_s`
     seconds (default: retry_window_s()). Then re-raise the last error."""
     window = retry_window_s() if window_s is None else window_s
     start, delay, attempt = clock(), FIRST_DELAY_S, 0
