@@ -150,8 +150,22 @@ class ManifestDirs:
             )
         return manifest
 
+    def _check_paths(self, n: int, manifest: dict) -> None:
+        """Every listed path must stay inside the entry: a tampered manifest could otherwise
+        make a download write (or read) outside its directory."""
+        for entry in manifest.get("files", []):
+            rel = entry.get("path") if isinstance(entry, dict) else None
+            parts = rel.split("/") if isinstance(rel, str) else [""]
+            if "\\" in str(rel) or any(p in ("", ".", "..") for p in parts):
+                raise ForeignFileError(
+                    f"{self._loc.url_of(self.path(n) + '/' + MANIFEST)} lists {rel!r}, which is "
+                    f"not a plain relative path inside {self._prefix}{n}/ (the run store never "
+                    "writes one). Fix: move that entry out of the run directory."
+                )
+
     def download(self, n: int, local_dir: str | os.PathLike) -> Path:
         manifest = self._require(n)
+        self._check_paths(n, manifest)
         dst = Path(local_dir)
         for entry in manifest["files"]:
             target = dst / entry["path"]

@@ -378,3 +378,26 @@ def test_console_script_prints_the_same_line(inputs):
         cwd=inputs / "work",
     )
     assert (out.returncode, out.stderr, out.stdout) == (2, row.message + "\n", "")
+
+
+@pytest.mark.parametrize("rel", ["../../escaped.txt", "/etc/escaped.txt", "a/./b", "a\\..\\b"])
+def test_tampered_weight_manifest_cannot_write_outside(tmp_path, rel):
+    """Weights are downloaded to local disk by path from _MANIFEST.json; a manifest edited by
+    whoever can write the bucket must not place files outside the download directory."""
+    from storage import open_store
+    from storage.errors import ForeignFileError
+
+    src = tmp_path / "w"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"weights")
+    run = open_store(str(tmp_path / "store")).run("r1", create=True)
+    run.publish_weights(0, src)
+    manifest = tmp_path / "store" / "r1" / "weights" / "v0" / "_MANIFEST.json"
+    doc = json.loads(manifest.read_text())
+    doc["files"].append({"path": rel, "bytes": 7, "sha256": doc["files"][0]["sha256"]})
+    manifest.write_text(json.dumps(doc))
+    (tmp_path / "dl" / "deep").mkdir(parents=True)
+    with pytest.raises(ForeignFileError, match=r"not a plain relative path inside v0/.*Fix: move"):
+        run.download_weights(0, tmp_path / "dl" / "deep")
+    assert not (tmp_path / "escaped.txt").exists()
+    assert list((tmp_path / "dl").rglob("*")) == [tmp_path / "dl" / "deep"]
