@@ -83,6 +83,11 @@ def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
     logger = get_run_logger()
     run_id = prepare_run(config, run_id)
     progress = start_progress(run_id, config.schedule.max_steps)
+    # transformers' first import is not thread-safe (its lazy module: two threads that import
+    # it at once get "cannot import name 'AutoModelForCausalLM'"), and the generators and the
+    # trainer below would each import it first on their own thread. Import it here, once.
+    import transformers  # noqa: F401
+
     generators = [
         generate_rollouts.submit(config, run_id, f"gen{i}")
         for i in range(config.generation.num_generators)
