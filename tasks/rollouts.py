@@ -15,7 +15,10 @@ and the store refuses the second, different, shard). It stops when the run's sta
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 from prefect import get_run_logger, task
 
@@ -52,6 +55,25 @@ def wait_for_trainer(run, config: RunConfig, should_stop, poll_s: float = 0.05) 
         time.sleep(poll_s)
 
 
+def newest_copy_only(source):
+    """Wrap a StoreWeights so that the local copies of older versions are deleted as soon as a
+    newer one is handed to the engine: the engine copies each version into its live parameters
+    when poll() returns it, so the files of the versions before are never read again (with a real
+    policy a copy is gigabytes, and a generator sees a new version after every trainer step)."""
+    poll = source.poll
+
+    def poll_and_prune():
+        found = poll()
+        if found is not None:
+            for old in source.cache.root.glob("v*"):
+                if old.name != f"v{found[0]}":
+                    shutil.rmtree(old, ignore_errors=True)
+        return found
+
+    source.poll = poll_and_prune
+    return source
+
+
 @task(name="generate-rollouts", retries=2, retry_delay_seconds=[5, 30], cache_policy=None)
 def generate_rollouts(
     config: RunConfig, run_id: str, generator_id: str = "gen0", max_shards: int | None = None
@@ -77,9 +99,14 @@ def generate_rollouts(
         pass_rate_threshold=config.algorithm.pass_rate_threshold,
         seed=_seed(config.data.seed, generator_id, seq),
     )
-    cache = WeightCache(run)
+    local = tempfile.TemporaryDirectory(prefix=f"scalerl-{run_id}-w-")  # removed at the end
+    cache = WeightCache(run, Path(local.name))
     version = run.latest_weights_version()
-    engine = make_engine(config, cache.path(version), version)
+    try:
+        engine = make_engine(config, cache.path(version), version)
+    except BaseException:
+        local.cleanup()
+        raise
     exhausted = False
 
     def sample_prompts(n: int):
@@ -111,7 +138,7 @@ def generate_rollouts(
     )
     committed, tokens = 0, 0
     try:
-        weights = Throttled(StoreWeights(cache, version), interval_s=0.2)
+        weights = Throttled(newest_copy_only(StoreWeights(cache, version)), interval_s=0.2)
         for batch in generate_batches(
             engine, sample_prompts, settings, weights=weights, should_stop=should_stop
         ):
@@ -145,6 +172,7 @@ def generate_rollouts(
             )
     finally:
         engine.close()
+        local.cleanup()
     if exhausted:
         logger.info("every prompt is retired: generator %s stops", generator_id)
     return {
