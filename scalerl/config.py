@@ -55,9 +55,6 @@ class ModelConfig(_Section):
     revision: str | None = Field(
         None, description="Hub revision (branch, tag or commit) when name_or_path is a hub id."
     )
-    trust_remote_code: bool = Field(
-        False, description="Allow model code from the hub repository (only for models you trust)."
-    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass to save trainer memory."
     )

@@ -165,12 +165,12 @@ def check_causal_lm_config(config, name_or_path: str) -> None:
         )
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, revision: str | None = None):
     """AutoTokenizer for ``name_or_path``; ModelLoadError if it has no end-of-sequence token."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"cannot load a tokenizer from {name_or_path}: {type(e).__name__}. "
@@ -208,11 +208,11 @@ def _check_local_dir(local: Path) -> None:
         )
 
 
-def _load_config(name_or_path: str):
+def _load_config(name_or_path: str, revision: str | None = None):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"cannot load a model config for {name_or_path}: {type(e).__name__}. Fix: pass an "
@@ -241,8 +241,12 @@ def check_model(name_or_path: str) -> bool:
     return True
 
 
-def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"):
-    """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode.
+def load_policy(
+    name_or_path: str, *, dtype: str = "float32", device: str = "cpu", revision: str | None = None
+):
+    """Load ``(model, tokenizer)`` from a hub id (at ``revision``, default the main branch) or a
+    local directory, in eval mode. Hub code is never run (no trust_remote_code): the policy must
+    be an architecture transformers (and vLLM) implement.
 
     Raises ModelLoadError for a missing path, an unknown dtype, a model that is not a causal
     LM, or a tokenizer without an end-of-sequence token.
@@ -255,10 +259,12 @@ def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu
     if _looks_local(name_or_path):
         _check_local_dir(Path(name_or_path).expanduser())
         name_or_path = str(Path(name_or_path).expanduser())
-    check_causal_lm_config(_load_config(name_or_path), name_or_path)
-    tokenizer = load_tokenizer(name_or_path)
+    check_causal_lm_config(_load_config(name_or_path, revision), name_or_path)
+    tokenizer = load_tokenizer(name_or_path, revision)
     with _LOAD_LOCK:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=_DTYPES[dtype], revision=revision
+        )
     return model.to(device).eval(), tokenizer
 
 

@@ -45,7 +45,9 @@ def materialize_base_model(config: RunConfig, out_dir: Path) -> Path:
         return build_tiny_model(out_dir, seed=config.data.seed)
     if config.model.name_or_path == BUILTIN_TINY_WARM:
         return _warm_tiny_model(config, out_dir)
-    model, tokenizer = load_policy(config.model.name_or_path, dtype=config.model.dtype)
+    model, tokenizer = load_policy(
+        config.model.name_or_path, dtype=config.model.dtype, revision=config.model.revision
+    )
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir

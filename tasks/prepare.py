@@ -16,17 +16,40 @@ from scalerl.config import RunConfig
 from tasks.common import materialize_base_model, new_run_id, open_run
 
 
-@task(name="prepare-run", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=3600)
+def retry_unless_bad_input(_task, _task_run, state) -> bool:
+    """Retry what may pass next time (storage, network); never bad input (a ValueError: data,
+    model, run id, storage URL), which would fail the same way after a pointless wait."""
+    try:
+        state.result()
+    except ValueError:
+        return False
+    except BaseException:  # noqa: BLE001 - any other failure may be transient
+        return True
+    return True
+
+
+@task(
+    name="prepare-run",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_bad_input,
+    timeout_seconds=3600,
+)
 def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
     from scalerl.curriculum import NoPositiveResampling
     from scalerl.data import load_prompts
+    from scalerl.models import check_model
     from storage import PROMPT_SCHEMA
 
     logger = get_run_logger()
+    # Inputs first: a run started from the Prefect UI skips the CLI's checks, and a bad data
+    # file or model must fail here with one line, before a run directory exists.
+    prompts = load_prompts(config.data)
+    if not config.model.name_or_path.startswith("builtin:"):
+        check_model(config.model.name_or_path)
     run_id = run_id or config.storage.run_id or new_run_id()
     run = open_run(config, run_id, create=True)
     run.write_config(config.model_dump(mode="json"))
-    prompts = load_prompts(config.data)
     for split, rows in (("train", prompts.train), ("eval", prompts.eval)):
         run.write_prompts(split, pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
     if run.latest_weights_version() is None:

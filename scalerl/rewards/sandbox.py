@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,8 @@ from typing import Any
 
 _PRELOAD = ["scalerl.rewards", "math_verify"]
 # -c rather than -m: running a package submodule with -m imports it twice (runpy warns).
+# Environment variables kept from reward workers (cloud keys, API tokens, passwords).
+_SECRET_ENV = re.compile(r"^AWS_|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_KEY|AUTH", re.I)
 _WORKER_COMMAND = "from scalerl.rewards.sandbox import worker_entry; worker_entry()"
 _DETAIL_CHARS = 200
 
@@ -131,7 +134,8 @@ class _Worker:
     def __init__(self, memory_limit_bytes: int | None) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        env = dict(os.environ)
+        # Verifiers get no credentials: a completion the verifier parses is untrusted input.
+        env = {k: v for k, v in os.environ.items() if not _SECRET_ENV.search(k)}
         # The child must import whatever the parent can (fn is pickled by reference).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         command = [sys.executable, "-c", _WORKER_COMMAND, str(to_child_r), str(from_child_w)]

@@ -312,3 +312,24 @@ def test_score_many_bad_rows_raise_and_bad_completions_score_zero(pool):
         get_scorer("Countdown")
     for task in ("math", "arithmetic", "countdown"):
         assert isinstance(get_scorer(task), Scorer) and get_scorer(task).name == task
+
+
+def test_reward_workers_get_no_credentials(monkeypatch):
+    """A verifier parses untrusted completions: its worker process must not hold cloud keys or
+    API tokens. The worker's own os.environ is read back through os.getenv."""
+    secrets = {
+        "AWS_SECRET_ACCESS_KEY": "wJalr-SECRET-1234",
+        "AWS_ACCESS_KEY_ID": "AKIA-TEST",
+        "HF_TOKEN": "hf_secret",
+        "PREFECT_API_AUTH_STRING": "admin:pass",
+        "MY_DB_PASSWORD": "hunter2",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SCALERL_HARMLESS", "kept")
+    with ScoringPool(workers=1) as pool:
+        names = [*secrets, "SCALERL_HARMLESS"]
+        out = pool.run(os.getenv, [(n,) for n in names], timeout_s=10.0)
+    seen = dict(zip(names, (o.value for o in out), strict=True))
+    assert all(seen[n] is None for n in secrets), seen
+    assert seen["SCALERL_HARMLESS"] == "kept"
