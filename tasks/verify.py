@@ -11,6 +11,15 @@
   holds one 'trained' entry per step 1..checkpoint step;
 - curriculum retirements never undone: each committed curriculum version retires a superset of
   the previous one's prompts, and every version applies one more shard than the last;
+- and, from the trainer's checkpoint and the shards themselves (_trainer_problems,
+  _lineage_problems, _curriculum_problems): the trainer's read log agrees with its ledger and
+  reads no shard twice; every group of every shard it read was trained, dropped as stale or is
+  pending in the checkpoint, and every trained group is in the shard the ledger names; no
+  filtered shard was skipped while a later one was read; ledger entries follow the versions one
+  by one, every step has its metrics row, and a finished run has no weights beyond its last
+  checkpoint; curriculum versions are continuous, each one's applied list extends the previous
+  one's by one key, no key twice, every applied key is a scored shard, and once the run has
+  finished every scored shard is applied;
 - quarantined shards (Run.quarantine_shard: unusable input taken out of use, with a reason)
   are accounted for, not lost: a key quarantined at any stage needs no later stage, a consumed
   shard may have been quarantined by the trainer, and every quarantine entry still holds the
@@ -50,14 +59,16 @@ class VerifyReport:
         return not self.problems
 
 
-def _ledger(run: Run) -> tuple[int | None, list[dict]]:
+def _checkpoint(run: Run) -> tuple[int | None, list[dict], dict]:
+    """(step, ledger, batch assembler state) of the newest checkpoint; (None, [], {}) if none."""
     step = run.latest_checkpoint_step()
     if step is None:
-        return None, []
+        return None, [], {}
     with tempfile.TemporaryDirectory(prefix="scalerl-verify-") as tmp:
-        local = run.load_checkpoint(step, Path(tmp))
-        lines = (Path(local) / "ledger.jsonl").read_text(encoding="utf-8").splitlines()
-    return step, [json.loads(line) for line in lines if line.strip()]
+        local = Path(run.load_checkpoint(step, Path(tmp)))
+        lines = (local / "ledger.jsonl").read_text(encoding="utf-8").splitlines()
+        state = json.loads((local / "trainer_state.json").read_text(encoding="utf-8"))
+    return step, [json.loads(line) for line in lines if line.strip()], state.get("assembler", {})
 
 
 def verify_run(run: Run) -> VerifyReport:
@@ -84,7 +95,7 @@ def verify_run(run: Run) -> VerifyReport:
                 f"{len(missing)} raw shard(s) never reached {later}, e.g. {sorted(missing)[0]}"
             )
 
-    step, ledger = _ledger(run)
+    step, ledger, assembler = _checkpoint(run)
     groups = Counter(g for entry in ledger for gs in entry["groups"].values() for g in gs)
     twice = [g for g, n in groups.items() if n > 1]
     if twice:
@@ -123,6 +134,10 @@ def verify_run(run: Run) -> VerifyReport:
                 f"curriculum v{version} applies {len(state['applied'])} shards after {applied}"
             )
         retired, applied = now, len(state["applied"])
+    more: dict[str, int] = {}
+    report.problems += _trainer_problems(run, ledger, assembler, more)
+    report.problems += _lineage_problems(run, step, ledger, versions, finished)
+    report.problems += _curriculum_problems(run, stages["scored"], anywhere, finished, more)
     report.facts = {
         "raw_shards": len(stages["raw"]),
         "filtered_shards": len(stages["filtered"]),
@@ -135,5 +150,142 @@ def verify_run(run: Run) -> VerifyReport:
         "quarantine_pending": sum(
             q["key"] in stages.get(q["stage"], ()) for q in report.quarantined
         ),
+        **more,
     }
     return report
+
+
+def _trainer_problems(run: Run, ledger: list[dict], assembler: dict, facts: dict) -> list[str]:
+    """Nothing read twice, nothing read and then lost, nothing skipped (checkpoint + shards)."""
+    if not assembler:
+        return []
+    problems = []
+    # The read log: every shard the trainer read, in order; the ledger holds each batch's
+    # reads, the checkpoint's intake those since the last batch. Both must tell one story.
+    logged = [k for entry in ledger for k in entry["shards_read"]]
+    logged += assembler["intake"]["shards_read"]
+    if logged != assembler["shards_read"]:
+        problems.append(
+            f"the trainer's read log ({len(assembler['shards_read'])} shards) and its ledger "
+            f"({len(logged)} reads) disagree"
+        )
+    twice = sorted(k for k, n in Counter(assembler["shards_read"]).items() if n > 1)
+    if twice:
+        problems.append(
+            f"{len(twice)} shard(s) read by the trainer more than once, e.g. {twice[0]}"
+        )
+
+    # Every group of every shard read is trained, dropped as stale or pending, and every
+    # trained group is in the shard the ledger says it came from.
+    trained: dict[str, set[str]] = {}
+    accounted: set[str] = set()
+    for entry in [*ledger, {"groups": {}, **assembler["intake"]}]:
+        for key, gids in entry["groups"].items():
+            trained.setdefault(key, set()).update(gids)
+            accounted.update(gids)
+        for gids in entry.get("stale_groups", {}).values():
+            accounted.update(gids)
+    pending = {gid for gid, _ in assembler["pending"]}
+    accounted |= pending
+    rejected = {k for entry in ledger for k in entry.get("shards_rejected", {})}
+    rejected |= set(assembler["intake"].get("shards_rejected", {}))
+    order = [s.key for s in run.list_shards("filtered")]
+    lost, phantom = [], []
+    for key in dict.fromkeys(assembler["shards_read"]):
+        if key in rejected or key not in order:  # quarantined, or lost (reported above)
+            continue
+        gids = set(run.read_shard("filtered", key).column("group_id").to_pylist())
+        lost += sorted(gids - accounted)
+        phantom += sorted(trained.get(key, set()) - gids)
+    if lost:
+        problems.append(
+            f"{len(lost)} group(s) of shards the trainer read were neither trained, dropped as "
+            f"stale nor pending, e.g. {lost[0]}"
+        )
+    if phantom:
+        problems.append(
+            f"{len(phantom)} trained group(s) are not in the shard the ledger names, e.g. "
+            f"{phantom[0]}"
+        )
+
+    # The trainer reads filtered shards in commit order (one writer: the run flow), so what it
+    # has read is a prefix of that order; a committed shard before the last one read and not
+    # read itself was skipped.
+    read = set(assembler["shards_read"])
+    last = max((i for i, key in enumerate(order) if key in read), default=-1)
+    skipped = [key for key in order[:last] if key not in read]
+    if skipped:
+        problems.append(
+            f"{len(skipped)} filtered shard(s) were skipped by the trainer while later ones were "
+            f"read, e.g. {skipped[0]}"
+        )
+    facts.update(
+        shards_read_by_trainer=len(read),
+        groups_dropped_stale=sum(
+            len(g) for e in ledger for g in e.get("stale_groups", {}).values()
+        ),
+        groups_pending=len(pending),
+    )
+    return problems
+
+
+def _lineage_problems(
+    run: Run, step: int | None, ledger: list[dict], versions: list[int], finished: bool
+) -> list[str]:
+    """Steps and versions move one at a time, and every step left its metrics row."""
+    if step is None:
+        return []
+    problems = []
+    done = 0  # versions trained so far: a batch without a step (zero variance, NaN) keeps it
+    for i, entry in enumerate(ledger):
+        if entry["version"] != done:
+            problems.append(
+                f"ledger entry {i} trains version {entry['version']} after {done} step(s)"
+            )
+            break
+        done += entry["outcome"] == "trained"
+    if finished and versions and versions[-1] != step:
+        problems.append(
+            f"the run finished at checkpoint step {step} but weights v{versions[-1]} exist "
+            "(left by a trainer that died after publishing them)"
+        )
+    metrics = run.read_metrics("trainer")
+    logged = set(metrics.column("step").to_pylist()) if "step" in metrics.column_names else set()
+    missing = sorted(set(range(1, step + 1)) - logged)
+    if missing:
+        problems.append(f"{len(missing)} trainer step(s) without a metrics row, e.g. {missing[0]}")
+    return problems
+
+
+def _curriculum_problems(
+    run: Run, scored: set[str], quarantined: set[str], finished: bool, facts: dict
+) -> list[str]:
+    """Curriculum versions in a row, each applying exactly one new scored shard."""
+    problems = []
+    versions = run.list_curriculum_versions()
+    if versions and versions != list(range(versions[-1] + 1)):
+        problems.append(f"curriculum versions are not continuous: {versions[:10]}")
+    before: list[str] = []
+    for version in versions:
+        applied = run.load_curriculum(version)[1]["applied"]
+        if version and (applied[:-1] != before or len(applied) != len(before) + 1):
+            problems.append(
+                f"curriculum v{version} does not extend v{version - 1}'s applied shards by one"
+            )
+            break
+        before = applied
+    twice = sorted(k for k, n in Counter(before).items() if n > 1)
+    if twice:
+        problems.append(f"{len(twice)} shard(s) applied to the curriculum twice, e.g. {twice[0]}")
+    unknown = sorted(set(before) - scored - quarantined)
+    if unknown:
+        problems.append(
+            f"{len(unknown)} curriculum shard(s) are not committed scored shards, e.g. {unknown[0]}"
+        )
+    missing = sorted(scored - set(before) - quarantined)
+    if finished and missing:
+        problems.append(
+            f"{len(missing)} scored shard(s) never reached the curriculum, e.g. {missing[0]}"
+        )
+    facts["curriculum_versions"] = len(versions)
+    return problems
