@@ -55,9 +55,24 @@ def start_progress(run_id: str, max_steps: int):
     )
 
 
-def set_progress(artifact_id, step: int, max_steps: int) -> None:
-    if artifact_id is not None:
-        update_progress_artifact(artifact_id, progress=min(100.0, 100.0 * step / max(1, max_steps)))
+def set_progress(
+    artifact_id, step: int, max_steps: int, quarantined: int | None = None, run_id: str = ""
+) -> None:
+    """Move the progress bar; with `quarantined`, its description also counts quarantined
+    shards (e.g. len(run.quarantined_keys()))."""
+    if artifact_id is None:
+        return
+    description = None
+    if quarantined is not None:
+        description = (
+            f"Trainer steps done of {max_steps} planned (run {run_id}); "
+            f"{quarantined} shard(s) quarantined"
+        )
+    update_progress_artifact(
+        artifact_id,
+        progress=min(100.0, 100.0 * step / max(1, max_steps)),
+        description=description,
+    )
 
 
 @task(name="publish-metrics-table", retries=2, retry_delay_seconds=[2, 10], cache_policy=None)

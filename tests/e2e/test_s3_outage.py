@@ -163,6 +163,44 @@ def test_the_wait_is_bounded_by_the_configured_window(endpoint, monkeypatch):
         run.read_status()
 
 
+def _one_row_shard(run_id: str, key: str):
+    from storage import rollouts_from_records
+
+    return rollouts_from_records(
+        [
+            {
+                "run_id": run_id, "shard_id": key, "prompt_id": "p0", "group_id": f"{key}-g0",
+                "sample_index": 0, "task": "arith", "prompt": "1+1?", "prompt_token_ids": [1],
+                "answer": "2", "completion": "2", "completion_token_ids": [5], "logprobs": [-0.1],
+                "versions": [0], "finish_reason": "stop", "thinking_tokens": 0,
+                "answer_tokens": 1, "generator_id": "gen0", "started_at": 0.0,
+                "finished_at": 1.0,
+            }
+        ]
+    )  # fmt: skip
+
+
+def test_unreachable_storage_is_never_taken_for_a_corrupt_shard(endpoint, monkeypatch):
+    from tasks.stages import read_or_quarantine
+    from tasks.trainer_io import RunShardSource
+
+    url = f"s3://scalerl-test/{uuid.uuid4().hex[:8]}/runs"
+    run = open_store(url, storage_options=_options(endpoint.url)).run("r1", create=True)
+    for stage in ("raw", "filtered"):
+        run.commit_shard(stage, "k0", _one_row_shard("r1", "k0"))
+    source = RunShardSource(run, "filtered")
+    assert source.list_ready() == ["k0"]
+    monkeypatch.setenv("SCALERL_STORAGE_RETRY_S", "0")  # fail at once instead of waiting
+    endpoint.down()
+    with pytest.raises(StorageUnreachableError):
+        read_or_quarantine(run, "raw", "k0", "test")
+    with pytest.raises(StorageUnreachableError):  # not ShardRejected: the task retries it
+        source.read("k0")
+    endpoint.up()
+    assert run.list_quarantined() == [] and run.has_shard("raw", "k0")
+    assert source.read("k0").num_rows == 1
+
+
 SCRIPT = """
 import sys
 from scalerl.config import load_config

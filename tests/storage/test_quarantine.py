@@ -161,3 +161,27 @@ def test_a_crash_between_steps_loses_nothing_and_a_repeat_finishes(
     assert copy.replace_schema_metadata(None).equals(tables["k1"].replace_schema_metadata(None))
     assert not fs.exists(_fs(backend, info.url)[1])
     assert len(run.list_quarantined()) == 1
+
+
+def test_a_shard_whose_data_file_is_missing_is_quarantined_by_its_record(backend, run_with_shards):
+    run, _ = run_with_shards
+    info = {s.key: s for s in run.list_shards("raw")}["k1"]
+    fs, path = _fs(backend, info.url)
+    fs.rm_file(path)
+    with pytest.raises(CorruptShardError, match="is missing") as err:
+        run.read_shard("raw", "k1")
+    doc = run.quarantine_shard("raw", "k1", err.value)
+    assert doc["data_copy"] is None and doc["original_data"] == info.url
+    assert not run.has_shard("raw", "k1") and run.quarantine_problems() == []
+    rfs, rpath = _fs(backend, doc["record_copy"])
+    assert json.loads(rfs.cat_file(rpath))["key"] == "k1"
+
+
+def test_a_lost_quarantine_copy_is_reported(backend, run_with_shards):
+    run, _ = run_with_shards
+    doc = run.quarantine_shard("raw", "k1", "bad")
+    assert run.quarantine_problems() == []
+    fs, path = _fs(backend, doc["data_copy"])
+    fs.rm_file(path)
+    (problem,) = run.quarantine_problems()
+    assert problem.startswith("quarantined raw/k1 lacks its copy of k1.") and "parquet" in problem
