@@ -312,6 +312,12 @@ class EvaluationConfig(_Section):
     temperature: float = Field(
         1.0, gt=0.0, le=10.0, description="Sampling temperature for evaluation."
     )
+    gpu_memory_utilization: float = Field(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        description="vLLM runs only: share of accelerator memory of the evaluation engine, which runs in its own process beside the generator's (vLLM allows one engine per process); generation + evaluation shares must stay <= 0.95.",
+    )
 
 
 class StorageConfig(_Section):
@@ -404,6 +410,14 @@ class RunConfig(_Section):
                 f"generation.prompts_per_batch x generation.samples_per_prompt = "
                 f"{gen.prompts_per_batch} x {gen.samples_per_prompt} = {self.completions_per_batch}. "
                 "Fix: change one of the three, or drop completions_per_batch."
+            )
+        shares = gen.gpu_memory_utilization + self.evaluation.gpu_memory_utilization
+        if gen.engine == "vllm" and shares > 0.95:
+            raise ValueError(
+                f"generation.gpu_memory_utilization = {gen.gpu_memory_utilization} + "
+                f"evaluation.gpu_memory_utilization = {self.evaluation.gpu_memory_utilization} = "
+                f"{shares:.2f} is above 0.95: with vLLM the evaluation engine runs beside the "
+                "generator's on the same accelerator. Fix: lower one of the two."
             )
         if lc.enabled:
             if lc.thinking_budget_min > lc.thinking_budget_max:

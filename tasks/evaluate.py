@@ -27,6 +27,58 @@ def eval_key(version: int) -> str:
     return f"v{version:06d}"
 
 
+def generate_eval_shard(config: RunConfig, run_id: str, version: int) -> None:
+    """Sample and score the held-out prompts with policy `version`; commit eval/v{version}."""
+    from scalerl.engines.base import GroupRequest
+    from scalerl.rewards import score_many
+    from storage import rollouts_from_records
+    from tasks.generation import completion_records, length_policy, sampling_settings, shared_engine
+
+    run = open_run(config, run_id)
+    key = eval_key(version)
+    if run.has_shard(EVAL, key):
+        return
+    rows = {r["prompt_id"]: r for r in run.read_prompts("eval").to_pylist()}
+    engine = shared_engine(config, WeightCache(run), version)
+    requests = [
+        GroupRequest(pid, row["prompt"], config.evaluation.samples_per_prompt)
+        for pid, row in rows.items()
+    ]
+    sampling = sampling_settings(config, temperature=config.evaluation.temperature, seed=version)
+    groups = list(
+        engine.generate(requests, sampling, length=length_policy(config, engine.tokenizer))
+    )
+    records = completion_records(
+        groups, rows, run_id=run_id, shard_id=f"eval-{key}", generator_id="eval", version=version
+    )
+    rewards = score_many(records, [r["completion"] for r in records])
+    for record, reward in zip(records, rewards, strict=True):
+        record.update(reward=reward.value, passed=reward.passed, reward_reason=reward.reason)
+    run.commit_shard(EVAL, key, rollouts_from_records(records))
+
+
+def generate_eval_shard_in_child(config: RunConfig, run_id: str, version: int) -> None:
+    """The same, in a child process (`python -m tasks.eval_child`): vLLM allows one engine per
+    process and the generator's lives in this one. The child gets the config on stdin (it holds
+    no credentials; those stay in the inherited environment) and its own engine, sized by
+    evaluation.gpu_memory_utilization; the engine's memory goes back when the child exits."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.eval_child", run_id, str(version)],
+        input=config.model_dump_json(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(
+            f"the evaluation process for v{version} exited with code {proc.returncode}:\n{tail}"
+        )
+
+
 @task(
     name="evaluate-policy",
     retries=2,
@@ -37,38 +89,13 @@ def eval_key(version: int) -> str:
 def evaluate_policy(config: RunConfig, run_id: str, version: int) -> dict:
     import pyarrow.compute as pc
 
-    from scalerl.engines.base import GroupRequest
-    from scalerl.rewards import score_many
-    from storage import rollouts_from_records
-    from tasks.generation import completion_records, length_policy, sampling_settings, shared_engine
-
     run = open_run(config, run_id)
     key = eval_key(version)
     if not run.has_shard(EVAL, key):
-        rows = {r["prompt_id"]: r for r in run.read_prompts("eval").to_pylist()}
-        engine = shared_engine(config, WeightCache(run), version)
-        requests = [
-            GroupRequest(pid, row["prompt"], config.evaluation.samples_per_prompt)
-            for pid, row in rows.items()
-        ]
-        sampling = sampling_settings(
-            config, temperature=config.evaluation.temperature, seed=version
-        )
-        groups = list(
-            engine.generate(requests, sampling, length=length_policy(config, engine.tokenizer))
-        )
-        records = completion_records(
-            groups,
-            rows,
-            run_id=run_id,
-            shard_id=f"eval-{key}",
-            generator_id="eval",
-            version=version,
-        )
-        rewards = score_many(records, [r["completion"] for r in records])
-        for record, reward in zip(records, rewards, strict=True):
-            record.update(reward=reward.value, passed=reward.passed, reward_reason=reward.reason)
-        run.commit_shard(EVAL, key, rollouts_from_records(records))
+        if config.generation.engine == "vllm":
+            generate_eval_shard_in_child(config, run_id, version)
+        else:
+            generate_eval_shard(config, run_id, version)
     table = run.read_shard(EVAL, key)
     passed = table.column("passed").to_numpy(zero_copy_only=False).astype(float)
     lengths = pc.list_value_length(table.column("completion_token_ids")).to_numpy(

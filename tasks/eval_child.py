@@ -1,0 +1,26 @@
+"""Child process of evaluate_policy for vLLM runs: `python -m tasks.eval_child RUN_ID VERSION`
+with the RunConfig JSON on stdin. Commits eval/v{VERSION} and exits (tasks/evaluate.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(argv: list[str]) -> int:
+    from scalerl.config import validate_config
+    from tasks.evaluate import generate_eval_shard
+    from tasks.generation import close_shared_engines
+
+    run_id, version = argv[0], int(argv[1])
+    config = validate_config(json.loads(sys.stdin.read()))
+    config.generation.gpu_memory_utilization = config.evaluation.gpu_memory_utilization
+    try:
+        generate_eval_shard(config, run_id, version)
+    finally:
+        close_shared_engines()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
