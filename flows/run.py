@@ -102,7 +102,8 @@ def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
         evaluate_due(config, run_id, evaluated)
         step = run.latest_weights_version() or 0
         if step != shown_step:
-            set_progress(progress, step, config.schedule.max_steps)
+            quarantined = len(run.quarantined_keys())
+            set_progress(progress, step, config.schedule.max_steps, quarantined, run_id)
             shown_step = step
         if moved and time.monotonic() - table_at >= TABLE_EVERY_S:
             publish_metrics_table(config, run_id)

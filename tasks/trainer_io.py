@@ -8,7 +8,8 @@
 - RunShardSource: committed shards of one stage in commit order. Shards the store refuses as
   not ours (SchemaVersionError: another rollout schema version; ForeignFileError: another run's
   rows or commit record; CorruptShardError; InvalidRolloutsError) become ShardRejected: the
-  trainer skips them, counts them (metrics `shards_rejected`) and writes the reason into its
+  trainer skips them, counts them (metrics `shards_rejected`), the source moves them to
+  quarantine/ with the reason (Run.quarantine_shard), and the trainer writes the reason into its
   ledger. Never trained on; the run keeps going, because one bad file should not stop a
   multi-day run, and the count makes it visible. Unreachable storage is NOT a rejection: it
   propagates, so the task's retry policy handles it. Neither does a file that is not a commit
