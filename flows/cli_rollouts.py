@@ -150,8 +150,9 @@ def rollouts_show(
         text = r["completion"]
         if len(text) > chars:
             text = text[:chars] + f" … ({len(r['completion']) - chars} more characters)"
-        console.print(Text(head, style="bold"))
-        console.print(Text(text), Text(""))
+        # soft_wrap: a header or completion is never broken across lines (pipes, grep)
+        console.print(Text(head, style="bold"), soft_wrap=True)
+        console.print(Text(text), Text(""), soft_wrap=True)
 
 
 @rollouts_app.command("stats")

@@ -1,5 +1,11 @@
-"""Fixtures for the CLI tests: a realistic finished-looking run built with the storage API alone
-(no model, no Prefect), on local disk and on a real S3-protocol server (moto_server on loopback).
+"""Fixtures for the CLI tests, on local disk and on a real S3-protocol server (moto_server on
+loopback):
+
+- `real_run`: a REAL short tiny-cpu pipeline run (`scalerl run --preset tiny-cpu ...` under the
+  session's Prefect test server), one per backend, made once per session (about 25 s each);
+- `demo`: a finished-looking run built with the storage API alone (no model, no Prefect) whose
+  numbers are known in advance (see below), for checks a real run cannot make (the fit
+  recovering a known sigmoid, hand-made edge cases).
 
 The run `demo` holds, for the tiny-cpu config snapshot:
 - raw / scored / filtered shards of two generators (keys gen0-000001, gen0-000002, gen1-000001),
@@ -18,7 +24,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pytest
 
-from scalerl.config import load_config
+from scalerl.config import RunConfig, load_config
 from storage import open_store, rollouts_from_records
 
 RUN_ID = "demo"
@@ -211,3 +217,147 @@ def demo(request) -> DemoRun:
 def make_demo_run():
     """build_demo_run(storage, storage_options, endpoint) for tests that damage their run."""
     return build_demo_run
+
+
+# -- real pipeline runs -----------------------------------------------------------------------
+
+REAL_RUN_ID = "real-tiny"
+# Short, but with enough evaluations for the sigmoid fit (version 0 plus MIN_POINTS = 4 more):
+# every trainer step is evaluated on 8 held-out prompts x 2 samples.
+REAL_OVERRIDES = (
+    "schedule.max_steps=6",
+    "evaluation.every_steps=1",
+    "data.num_eval_prompts=8",
+    "evaluation.samples_per_prompt=2",
+)
+SECRET = "SCALERL-TEST-SECRET-9f3c1d"  # recognizable; moto accepts any credentials
+S3_TEST_KEY = "testing"
+
+
+@dataclass
+class RealRun:
+    """A finished tiny-cpu pipeline run and how to reach it."""
+
+    kind: str  # "local" | "s3"
+    storage: str
+    endpoint: str | None
+    run_id: str
+    output: str
+    """What `scalerl run` printed."""
+    log_records: list[str]
+    """Every log message emitted in this process while the run ran."""
+
+    @property
+    def args(self) -> list[str]:
+        return ["--storage", self.storage] + (
+            ["--endpoint-url", self.endpoint] if self.endpoint else []
+        )
+
+    @property
+    def storage_options(self) -> dict | None:
+        if self.endpoint is None:
+            return None
+        return {
+            "key": S3_TEST_KEY,
+            "secret": S3_TEST_KEY,
+            "client_kwargs": {"endpoint_url": self.endpoint},
+        }
+
+    def open(self):
+        return open_store(self.storage, storage_options=self.storage_options).run(self.run_id)
+
+    def config(self) -> RunConfig:
+        return RunConfig.model_validate(self.open().read_config())
+
+    def fs(self):
+        """(a fresh fsspec filesystem, the root path) of the store, with no listing cache."""
+        import fsspec
+
+        if self.endpoint is None:
+            return fsspec.filesystem("file"), self.storage
+        import s3fs
+
+        fs = s3fs.S3FileSystem(
+            key=S3_TEST_KEY,
+            secret=S3_TEST_KEY,
+            skip_instance_cache=True,
+            client_kwargs={"endpoint_url": self.endpoint},
+        )
+        return fs, self.storage.removeprefix("s3://")
+
+    def listing(self) -> dict[str, tuple]:
+        """Every object under the store root with its size and modification stamp: compare two
+        listings to show that nothing was written."""
+        fs, root = self.fs()
+        fs.invalidate_cache()
+        found = fs.find(root, detail=True) if fs.exists(root) else {}
+        return {
+            path: (info["size"], info.get("mtime") or info.get("LastModified"), info.get("ETag"))
+            for path, info in found.items()
+        }
+
+
+def _run_pipeline(kind: str, storage: str, endpoint: str | None) -> RealRun:
+    """`scalerl run --preset tiny-cpu` through the real CLI entry point, in this process so that
+    it reports to the session's Prefect test server; its stdout and every log message captured.
+    (Not CliRunner: Prefect's log handlers would keep CliRunner's stderr after it is closed.)"""
+    import contextlib
+    import io
+    import logging
+
+    import flows.run  # noqa: F401 - sets up Prefect's logging (dictConfig drops handlers): first
+    from flows.cli import app
+
+    args = ["run", "--preset", "tiny-cpu", "--storage", storage, "--run-id", REAL_RUN_ID]
+    args += [a for o in REAL_OVERRIDES for a in ("--set", o)]
+    if endpoint:
+        args += ["--set", f"storage.endpoint_url={endpoint}"]
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    loggers = [logging.getLogger(), logging.getLogger("prefect")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = app(args, prog_name="scalerl", standalone_mode=False)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert not code, (code, out.getvalue())
+    return RealRun(kind, storage, endpoint, REAL_RUN_ID, out.getvalue(), records)
+
+
+@pytest.fixture(scope="session")
+def real_local_run(prefect_harness, tmp_path_factory) -> RealRun:
+    return _run_pipeline("local", str(tmp_path_factory.mktemp("real") / "runs"), None)
+
+
+@pytest.fixture(scope="session")
+def real_s3_run(prefect_harness, moto_endpoint) -> RealRun:
+    """The S3 run is made with a recognizable secret key (tests/flows/test_s3_pipeline.py checks
+    that it leaks nowhere); tests then read it with other credentials (moto accepts any)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AWS_ACCESS_KEY_ID", "scalerl-test-key")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    try:
+        url = f"s3://scalerl-cli/{uuid.uuid4().hex[:8]}/runs"
+        return _run_pipeline("s3", url, moto_endpoint)
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("local", marks=pytest.mark.slow),
+        pytest.param("s3", marks=[pytest.mark.slow, pytest.mark.integration]),
+    ]
+)
+def real_run(request) -> RealRun:
+    """The real run on each backend (read-only: tests that write copy it first). S3 commands get
+    credentials the way users give them: AWS_* variables."""
+    if request.param == "local":
+        return request.getfixturevalue("real_local_run")
+    request.getfixturevalue("s3_credentials")
+    return request.getfixturevalue("real_s3_run")

@@ -75,9 +75,3 @@ def test_run_with_invalid_parameters_writes_nothing(tmp_path):
     assert result.exit_code == 2
     assert "pipeline.max_off_policy_steps = -1" in result.output
     assert not root.exists()
-
-
-def test_resume_of_an_unknown_run_is_one_line_exit_2(tmp_path):
-    result = runner.invoke(app, ["resume", "no-such-run", "--storage", str(tmp_path)])
-    assert result.exit_code == 2
-    assert "does not exist" in result.output and "Traceback" not in result.output
