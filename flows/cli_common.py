@@ -77,8 +77,23 @@ def _guard():
                 "write it, grant access (e.g. `chmod u+rwx`), or pick another --storage root."
             )
         )
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        _fail(_os_error(exc))
+    except ValueError as exc:
         _fail(exc)
+
+
+def _os_error(exc: OSError) -> OSError:
+    """A local file error with its path and the fix ('[Errno 20] Not a directory' says neither)."""
+    if exc.filename is None or "Fix:" in str(exc):
+        return exc
+    clear = type(exc)(
+        f"{exc.filename}: {exc.strerror or type(exc).__name__}. Fix: check the path (--storage "
+        "or -o): every part but the last must be an existing directory, readable (and writable "
+        "for outputs) by this user."
+    )
+    clear.__cause__ = exc  # --debug shows where it came from
+    return clear
 
 
 def _store_options(endpoint_url: str | None) -> dict | None:

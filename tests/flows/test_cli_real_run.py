@@ -563,16 +563,13 @@ def test_unreadable_storage_url(real_run, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flows/cli_common.py _guard passes a bare NotADirectoryError through ('[Errno 20] Not "
-    "a directory: PATH', no fix); remove this mark once it names the fix",
-)
 def test_a_storage_root_under_a_regular_file(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     for command in [["runs", "ls"], *_commands(REAL_RUN_ID, tmp_path / "out")]:
-        one_line_error(invoke(*command, "--storage", str(blocker / "runs")), str(blocker))
+        one_line_error(
+            invoke(*command, "--storage", str(blocker / "runs")), str(blocker), "Not a directory"
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
