@@ -7,20 +7,23 @@
 Why: a random tiny model passes nothing, every group then has zero variance and RL learns
 nothing. The paper starts from a pretrained, instruction-tuned model whose pass rate is already
 in a learnable range; this is the CPU stand-in. The tiny model (scalerl.models.build_tiny_model)
-is trained by teacher forcing on ``prompt + answer + EOS`` with the loss on the answer tokens
-only. The completion format is the simplest one the verifier reads: the bare integer, then EOS
-(``extract_final_answer`` falls back to the last number of a completion without think tags).
+is trained by teacher forcing on ``prompt + completion + EOS`` with the loss on the completion
+tokens only. The completion is ``<think>`` + the answer's digits reversed (sign last) +
+``</think>`` + the answer: least-significant digit first, the carry flows forward, which a
+2-layer model learns in minutes (with the bare answer it reached only ~36% greedy). The scorer
+reads the answer after ``</think>``.
 
 What it is trained on: ``a+b=`` / ``a-b=`` with 1-2 digit operands (WarmStartSpec). A 2-layer,
 128-wide model does not learn synthetic:arithmetic's own mix (2-3 digit operands, 2-3 terms,
 products) in minutes on a CPU (tried: 1,200 steps, loss stuck near 1.2-1.5 nats per digit, no
-exact answers), so the learning demo (bench/demo_learning.py) runs on prompts of this easier
-distribution, written to a JSONL data file (data.task=arithmetic).
+exact answers), so the learning demo (bench/demo_learning.py) and the tiny-cpu preset
+(synthetic:arithmetic-easy) run on prompts of this easier distribution.
 
-Where the starting point comes from: label smoothing (0.3) leaves the answer distribution
-diffuse. After 2,500 steps the *greedy* answer is right on ~36% of held-out problems, a
-*sampled* one (temperature 1) on ~10%: RL closes that gap by sharpening the distribution, and
-improves the greedy answer a little, so the sampled held-out pass rate has room to climb.
+Where the starting point comes from: label smoothing (0.3) leaves every token's distribution
+diffuse. After 2,500 steps the *greedy* completion is right on 98% of 64 held-out problems, a
+*sampled* one (temperature 1) on ~8% (64 x 8 samples): the policy "knows" the answer but samples
+it rarely, like a pretrained model whose pass@1 is far below its best-of-k. RL closes that gap
+by sharpening the distribution, so the sampled held-out pass rate has a long way to climb.
 
 Deterministic: the same arguments on the same machine give byte-identical safetensors (seeded
 init, seeded data, one thread, deterministic algorithms). Training prompts come from their own
@@ -69,9 +72,10 @@ class WarmStartSpec:
     label_smoothing: float = 0.3
     """Cross-entropy label smoothing: keeps the sampling distribution diffuse (a pass rate at
     temperature 1 well below the greedy one), the gap RL closes by sharpening it."""
-    reversed_thinking: bool = False
+    reversed_thinking: bool = True
     """Completion "<think>" + answer digits reversed + "</think>" + answer: small transformers
-    learn addition least-significant digit first far faster (the carry flows forward)."""
+    learn addition least-significant digit first far faster (the carry flows forward). Greedy
+    held-out pass rate after 2,500 steps: 0.98 with it, ~0.36 with the bare answer."""
 
 
 def training_rows(
