@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from storage.errors import (
     BucketNotFoundError,
     StorageCredentialsError,
+    StoragePermissionError,
     StorageUnreachableError,
     StoreError,
 )
@@ -154,6 +155,12 @@ def _translate(loc: Location, err: BaseException) -> StoreError | None:
         return StorageCredentialsError(
             f"access to {where} was denied (credentials rejected or lacking permission). "
             "Fix: check the access key and that it may list, read and write this bucket."
+        )
+    if loc.is_local and isinstance(err, PermissionError):
+        return StoragePermissionError(
+            f"permission denied: {getattr(err, 'filename', None) or where}. Fix: run as a user "
+            "that may read and write it, grant access (e.g. `chmod u+rwx`), or pick another "
+            "--storage root."
         )
     if loc.protocol == "s3" and isinstance(err, FileNotFoundError) and "bucket" in str(err):
         return BucketNotFoundError(
