@@ -5,8 +5,9 @@
 
 The run (tiny-cpu preset, transformers engine, small batches) goes in a child process, the way
 `scalerl run` does; this process samples every `--interval` seconds, for the child and each of
-its descendants (the reward workers), the resident set size, open file descriptors and threads,
-plus the disk held by the run's local weight copies under the temporary directory. "start" is
+its descendants (the reward workers), the resident set size, open file descriptors and threads
+(psutil, else /proc), plus the disk held by the run's local weight copies under the temporary
+directory. "start" is
 the first sample after `--warmup-shards` shards went through the flow (models loaded, Prefect's
 pools and caches filled, the allocator's arenas grown); "end" is the last sample while the
 trainer still ran. When `--shards` shards are through, this process sets the run's status to
@@ -63,30 +64,78 @@ def overrides(root: str, run_id: str, generators: int, prompts: int, samples: in
     ]
 
 
-def _role(proc, flow_pid: int) -> str:
-    if proc.pid == flow_pid:
+def _role(pid: int, flow_pid: int, cmdline: str) -> str:
+    if pid == flow_pid:
         return "flow"
-    cmd = " ".join(proc.cmdline())
-    return "reward-worker" if "scalerl.rewards" in cmd else "other"
+    return "reward-worker" if "scalerl.rewards" in cmdline else "other"
+
+
+def _proc_stats(pid: int) -> tuple[str, float, int, int]:
+    """(command line, RSS MiB, open fds, threads) of one process: psutil when it is installed
+    (it comes with accelerate), else Linux's /proc."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            return (
+                " ".join(proc.cmdline()),
+                proc.memory_info().rss / 2**20,
+                proc.num_fds(),
+                proc.num_threads(),
+            )
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return (
+        cmdline,
+        int(status["VmRSS"].split()[0]) / 1024,
+        len(os.listdir(f"/proc/{pid}/fd")),
+        int(status["Threads"]),
+    )
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except ImportError:
+        pass
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
 
 
 def snapshot(flow_pid: int) -> dict:
     """RSS (MiB), open fds and threads of the flow process and each of its descendants."""
-    import psutil
-
-    root = psutil.Process(flow_pid)
     procs = {}
-    for proc in [root, *root.children(recursive=True)]:
+    for pid in [flow_pid, *_descendants(flow_pid)]:
         try:
-            with proc.oneshot():
-                procs[str(proc.pid)] = {
-                    "role": _role(proc, flow_pid),
-                    "rss_mib": round(proc.memory_info().rss / 2**20, 1),
-                    "fds": proc.num_fds(),
-                    "threads": proc.num_threads(),
-                }
-        except psutil.NoSuchProcess:
+            cmdline, rss, fds, threads = _proc_stats(pid)
+        except Exception as e:  # it ended while we looked (OSError, psutil.NoSuchProcess)
+            if pid == flow_pid:
+                raise ProcessLookupError(flow_pid) from e
             continue
+        procs[str(pid)] = {
+            "role": _role(pid, flow_pid, cmdline),
+            "rss_mib": round(rss, 1),
+            "fds": fds,
+            "threads": threads,
+        }
     return procs
 
 
