@@ -15,7 +15,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
 SHARDS, WARMUP, GENERATORS = 80, 16, 4
-FD_SLACK = 4  # a Prefect API connection or a log file opened late, not one per shard
+# Open fds wander with what is open at the sampling instant (a shard file in a generator, the
+# trainer or the flow, an API connection): the 600-shard soak saw 13..18. A leak of one per
+# shard would add dozens here.
+FD_SLACK = 8
 THREAD_SLACK = 4  # Prefect's worker pools are full after warm-up; a few may come and go
 RSS_GROWTH = 0.15  # see below
 
