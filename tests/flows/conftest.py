@@ -331,7 +331,10 @@ def _run_pipeline(kind: str, storage: str, endpoint: str | None) -> RealRun:
 
 @pytest.fixture(scope="session")
 def real_local_run(prefect_harness, tmp_path_factory) -> RealRun:
-    return _run_pipeline("local", str(tmp_path_factory.mktemp("real") / "runs"), None)
+    # A root no earlier session used: Prefect's task cache (kept in ~/.prefect across sessions)
+    # is keyed by store URL, run id and shard, so a reused root would skip the stage tasks.
+    root = tmp_path_factory.mktemp("real") / uuid.uuid4().hex[:8] / "runs"
+    return _run_pipeline("local", str(root), None)
 
 
 @pytest.fixture(scope="session")

@@ -460,11 +460,10 @@ def test_resume_of_a_finished_run_writes_nothing(real_run):
     assert real_run.listing() == before
 
 
-@pytest.mark.slow
-def test_resume_of_an_interrupted_moved_run_completes_it(real_local_run, tmp_path):
+def test_resume_of_an_interrupted_moved_run_completes_it(real_run):
     """A copy of the run (another storage root: a moved run) whose status says it was still
     running when its process died: resume finishes it without touching committed data."""
-    moved = copy_run(real_local_run)
+    moved = copy_run(real_run)
     run = moved.open()
     run.write_status({"state": "running", "reason": "prepared"})
     raw_before = {s.key: s.committed_at for s in run.list_shards("raw")}
