@@ -471,8 +471,8 @@ def _tiny_cpu() -> dict[str, Any]:
         "optimizer": {"lr": 1.5e-4, "warmup_steps": 2},
         "trainer": {"micro_batch_tokens": 4_096, "checkpoint_every": 10},
         "pipeline": {"max_off_policy_steps": 2},
-        "evaluation": {"every_steps": 30, "samples_per_prompt": 8},
-        "schedule": {"max_steps": 600, "compute_unit": "samples"},
+        "evaluation": {"every_steps": 20, "samples_per_prompt": 8},
+        "schedule": {"max_steps": 300, "compute_unit": "samples"},
     }
 
 
