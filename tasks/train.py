@@ -9,6 +9,9 @@ continues from the newest checkpoint with the same ledger of consumed shards.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
 from scalerl.config import RunConfig
@@ -19,11 +22,16 @@ TRAIN_STAGE = "filtered"
 
 @task(name="train-policy", retries=1, retry_delay_seconds=[10], cache_policy=None)
 def train_policy(config: RunConfig, run_id: str) -> dict:
+    run = open_run(config, run_id)
+    with tempfile.TemporaryDirectory(prefix=f"scalerl-{run_id}-w-") as local:
+        # the policy prepare_run published as version 0, for a start without a checkpoint
+        base = WeightCache(run, Path(local)).path(0)
+        return _train(config, run_id, run, base)
+
+
+def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
     from scalerl.trainer import Trainer, TrainerOptions
     from tasks.trainer_io import TrainerIO
-
-    run = open_run(config, run_id)
-    base = WeightCache(run).path(0)  # the policy prepare_run published as version 0
 
     def should_stop() -> bool:
         return (run.read_status() or {}).get("state", "running") != "running"

@@ -78,11 +78,11 @@ def test_nothing_grows_with_the_shards(prefect_server, tmp_path):
     assert {p["role"] for p in end["processes"].values()} <= {"flow", "reward-worker"}
 
     # Local weight copies: each generator holds its current version and, while it downloads
-    # the next, that one too (the evaluation's copy of v0 besides); never the whole history,
-    # which is what a generator that kept every version it picked up would hold.
+    # the next, that one too (besides: the trainer's and the evaluation's copies of v0); never
+    # the whole history, which is what a generator that kept every version it used would hold.
     run = open_store(str(tmp_path)).run(report["run_id"])
     version_mib = _size_mib(tmp_path / report["run_id"] / "weights" / "v0")
-    bound = (2 * GENERATORS + 1) * version_mib
+    bound = (2 * GENERATORS + 2) * version_mib
     picked_up: dict[str, set] = {}
     for info in run.list_shards("raw"):
         table = run.read_shard("raw", info.key).select(["generator_id", "versions"])
