@@ -166,12 +166,14 @@ class Run:
             return json.loads(fsio.read_bytes(self._loc, path))
         except FileNotFoundError:
             raise NotCommittedError(
-                f"{self._loc.url_of(path)} does not exist. Fix: write_config() first."
+                f"{self._loc.url_of(path)} does not exist: this run was never prepared. Fix: "
+                "start it with `scalerl run` (or prepare_run), or pass the id of a prepared run."
             ) from None
         except ValueError:
             raise ForeignFileError(
-                f"{self._loc.url_of(path)} is not valid JSON. Fix: move it out of the run "
-                "directory and write_config() again."
+                f"{self._loc.url_of(path)} is not valid JSON (damaged or not written by "
+                "scalerl). Fix: restore run.json from a backup or a copy of the run's config "
+                "(scalerl config show --preset ... prints one), or move the run aside."
             ) from None
 
     def _replace_doc(self, path: str, doc: dict, what: str) -> None:
