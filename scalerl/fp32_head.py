@@ -18,8 +18,10 @@ Usage::
     logits = fp32_logits(model, hidden)                        # engines' decode steps
 
 Memory: only the realized next token's log-probability is kept; the (B, T, V) logits exist
-one chunk of ``chunk_size`` positions at a time (they are still saved for backward when
-gradients are on: that is the log-softmax's own need).
+one chunk at a time (at most ``chunk_size`` positions and ``chunk_tokens`` tokens). With
+gradients on, each chunk is activation-checkpointed: backward recomputes its logits instead of
+keeping them, so a 65k-token micro-batch on a 152k vocabulary (Qwen3) holds one chunk of fp32
+logits (8,192 x 152k x 4 B = 5 GB) instead of all of them (40 GB, twice with the log-softmax).
 """
 
 from __future__ import annotations
@@ -83,21 +85,23 @@ def logprobs_from_hidden(
     *,
     fp32_head: bool = True,
     chunk_size: int = 1024,
+    chunk_tokens: int = 8192,
 ) -> torch.Tensor:
     """log p(targets) (B, T) from hidden states (B, T, H) predicting those targets."""
+    from torch.utils.checkpoint import checkpoint
+
     weight, bias = head_weights(model)
     if fp32_head:
         weight, bias = weight.float(), None if bias is None else bias.float()
-    chunks = [
-        _chunk_logprobs(
-            hidden[:, t0 : t0 + chunk_size],
-            targets[:, t0 : t0 + chunk_size],
-            weight,
-            bias,
-            fp32_head,
-        )
-        for t0 in range(0, hidden.shape[1], chunk_size)
-    ]
+    step = max(1, min(chunk_size, chunk_tokens // max(1, hidden.shape[0])))
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    chunks = []
+    for t0 in range(0, hidden.shape[1], step):
+        args = (hidden[:, t0 : t0 + step], targets[:, t0 : t0 + step], weight, bias, fp32_head)
+        if recompute:
+            chunks.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            chunks.append(_chunk_logprobs(*args))
     return torch.cat(chunks, dim=1)  # (B, T)
 
 

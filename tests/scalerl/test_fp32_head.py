@@ -85,3 +85,32 @@ def test_chunking_does_not_change_the_result_and_gradients_flow(tiny):
     torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
     chunked.sum().backward()
     assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_backward_keeps_no_logits_and_matches_the_plain_head_gradient(tiny):
+    """Each head chunk is recomputed in backward: no (B, T, V) tensor is saved for it, and the
+    head's gradient equals that of the plain full-logits formula written out here."""
+    model, _ = load_policy(str(tiny["untied"]))
+    V = model.config.vocab_size
+    assert V != model.config.hidden_size
+    ids, mask = _batch(V, seed=5)
+    with torch.no_grad():
+        hidden = final_hidden(model, ids, mask)[:, :-1].detach()
+    weight = model.get_output_embeddings().weight
+    saved_last_dims = []
+
+    def pack(t):
+        saved_last_dims.append(t.shape[-1] if t.dim() else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = logprobs_from_hidden(model, hidden, ids[:, 1:], chunk_size=5)
+    assert V not in saved_last_dims, saved_last_dims
+    got.sum().backward()
+    grad = weight.grad.clone()
+    weight.grad = None
+    logits = hidden.float() @ weight.float().T  # (B, T, V)
+    expected = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    expected.sum().backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad, weight.grad, atol=1e-5, rtol=1e-5)
