@@ -7,6 +7,9 @@ the metrics row from it.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
 from scalerl.config import RunConfig
@@ -39,7 +42,9 @@ def generate_eval_shard(config: RunConfig, run_id: str, version: int) -> None:
     if run.has_shard(EVAL, key):
         return
     rows = {r["prompt_id"]: r for r in run.read_prompts("eval").to_pylist()}
-    engine = shared_engine(config, WeightCache(run), version)
+    with tempfile.TemporaryDirectory(prefix="scalerl-eval-w-") as local:
+        # The engine copies the weights into its live parameters; the local copy can go.
+        engine = shared_engine(config, WeightCache(run, Path(local)), version)
     requests = [
         GroupRequest(pid, row["prompt"], config.evaluation.samples_per_prompt)
         for pid, row in rows.items()
@@ -113,7 +118,9 @@ def evaluate_policy(config: RunConfig, run_id: str, version: int) -> dict:
         "truncation_rate": reasons.count("length") / len(reasons),
         "interruption_rate": reasons.count("interrupted") / len(reasons),
     }
-    run.append_metrics(EVAL, [row])
+    done = run.read_metrics(EVAL)
+    if done.num_rows == 0 or version not in done.column("version").to_pylist():
+        run.append_metrics(EVAL, [row])  # a resumed flow re-evaluates v0: one row per version
     get_run_logger().info(
         "eval v%d: pass rate %.3f over %d samples", version, row["pass_rate"], row["samples"]
     )
