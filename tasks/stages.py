@@ -2,8 +2,10 @@
 
 Each reads one committed shard and commits one output under the same key, so a retried or
 re-run stage overwrites nothing and duplicates nothing: the store treats an identical re-commit
-as a no-op, and each task first checks whether its output already exists (Prefect's cache key
-is the same (run, stage, key) triple, so a retried flow run skips it without even reading).
+as a no-op, and each task first checks whether its output already exists. There is no Prefect
+result cache on purpose: Prefect keeps it across sessions, and a key of (run, stage, shard)
+would make a run deleted and started again under the same id skip its stages forever; the
+store's own check is the one source of truth.
 
 Corrupt input: when a stage's input shard cannot be used (CorruptShardError: truncated, altered
 or missing data file; SchemaVersionError; ForeignFileError: another run's rows; InvalidRollouts
@@ -15,8 +17,6 @@ corruption: it propagates (the store waits out short outages, then the task's re
 """
 
 from __future__ import annotations
-
-from datetime import timedelta
 
 from prefect import get_run_logger, task
 
@@ -32,7 +32,6 @@ from storage.errors import (
 from tasks.common import open_run
 
 RAW, SCORED, FILTERED = "raw", "scored", "filtered"
-CACHE_FOR = timedelta(days=1)
 UNUSABLE = (CorruptShardError, SchemaVersionError, ForeignFileError, InvalidRolloutsError)
 
 
@@ -58,25 +57,12 @@ def read_or_quarantine(run, stage: str, key: str, by: str):
     return None, {"key": key, "quarantined": stage, "reason": doc.get("reason", "")}
 
 
-def _shard_cache_key(stage: str):
-    """Prefect idempotency key of a stage: (stage, store URL, run id, input shard key). A retried
-    flow run skips the task outright; the store-level check below covers everything else."""
-
-    def key(_context, parameters) -> str:
-        return (
-            f"{stage}|{parameters['config'].storage.url}|{parameters['run_id']}|{parameters['key']}"
-        )
-
-    return key
-
-
 @task(
     name="score-shard",
     retries=3,
     retry_delay_seconds=[2, 5, 15],
     timeout_seconds=1800,
-    cache_key_fn=_shard_cache_key(SCORED),
-    cache_expiration=CACHE_FOR,
+    cache_policy=None,  # idempotent through the store; see the module docstring
 )
 def score_shard(config: RunConfig, run_id: str, key: str) -> dict:
     """Verifiable reward of every completion in raw/{key} -> scored/{key}."""
@@ -121,8 +107,7 @@ def score_shard(config: RunConfig, run_id: str, key: str) -> dict:
     retries=3,
     retry_delay_seconds=[2, 5, 15],
     timeout_seconds=600,
-    cache_key_fn=_shard_cache_key(FILTERED),
-    cache_expiration=CACHE_FOR,
+    cache_policy=None,  # idempotent through the store; see the module docstring
 )
 def filter_shard(config: RunConfig, run_id: str, key: str) -> dict:
     """Annotate scored/{key} with `filter_reason` -> filtered/{key}.
@@ -150,8 +135,7 @@ def filter_shard(config: RunConfig, run_id: str, key: str) -> dict:
     retries=3,
     retry_delay_seconds=[2, 5, 15],
     timeout_seconds=600,
-    cache_key_fn=_shard_cache_key("curriculum"),
-    cache_expiration=CACHE_FOR,
+    cache_policy=None,  # idempotent through the store; see the module docstring
 )
 def update_curriculum(config: RunConfig, run_id: str, key: str) -> dict:
     """Fold scored/{key}'s per-prompt pass rates into the No-Positive-Resampling state.

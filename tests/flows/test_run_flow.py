@@ -121,3 +121,34 @@ def test_flows_on_an_existing_run_evaluate_fit_and_add_a_generator(tiny_run):
     assert out["shards"] == 1
     assert run.has_shard("raw", "extra-000000")
     run.write_status({"state": "finished", "reason": "test"})
+
+
+@pytest.mark.timeout(600)
+def test_a_run_deleted_and_started_again_under_the_same_id_runs_its_stages(
+    tmp_path, prefect_harness
+):
+    """Stage outputs are checked in the store, not remembered by Prefect: a run removed and
+    started again at the same URL with the same id scores and filters its new shards (a Prefect
+    result cache keyed by (stage, URL, run id, shard) once made such a flow loop forever)."""
+    import shutil
+
+    from flows.run import scalerl_run
+
+    root = tmp_path / "runs"
+    cfg = load_config(
+        preset="tiny-cpu",
+        overrides=[
+            f"storage.url={root}",
+            "schedule.max_steps=1",
+            "evaluation.every_steps=100",
+            "data.num_eval_prompts=8",
+        ],
+    )
+    for _ in range(2):
+        shutil.rmtree(root, ignore_errors=True)
+        summary = scalerl_run(cfg, run_id="same-id")
+        assert summary["step"] == 1
+        run = open_store(str(root)).run("same-id")
+        assert {s.key for s in run.list_shards("filtered")} == {
+            s.key for s in run.list_shards("raw")
+        }
