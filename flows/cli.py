@@ -76,7 +76,7 @@ def config_show(
     """Print the fully resolved configuration (defaults + preset + file + overrides) as YAML."""
     from scalerl.config import dump_config
 
-    typer.echo(dump_config(_load(file, preset, overrides)), nl=False)
+    typer.echo(dump_config(_load(file, preset, overrides, check=False)), nl=False)
 
 
 @config_app.command("validate")
@@ -165,6 +165,8 @@ def run_cmd(
     Without PREFECT_API_URL a temporary local Prefect server is started; with it, the run is
     visible in that server's UI. The config is validated before anything is written."""
     extra = [f"storage.url={storage}"] if storage else []
+    if run_id:  # so the input checks cover it (a directory the store did not create is refused)
+        extra.append(f"storage.run_id={run_id}")
     cfg = _load(file, preset, [*(overrides or []), *extra])
     from flows.cli_progress import run_progress
     from flows.run import scalerl_run
@@ -251,6 +253,8 @@ def runs_verify(
         report = verify_run(_open_run(storage, endpoint_url, run_id))
     for key, value in report.facts.items():
         typer.echo(f"{key}: {value}")
+    for note in report.notes:
+        typer.echo(note)
     for problem in report.problems:
         typer.echo(f"PROBLEM: {problem}")
     typer.echo("ok" if report.ok else f"{len(report.problems)} problem(s)")

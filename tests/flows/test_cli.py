@@ -75,3 +75,12 @@ def test_run_with_invalid_parameters_writes_nothing(tmp_path):
     assert result.exit_code == 2
     assert "pipeline.max_off_policy_steps = -1" in result.output
     assert not root.exists()
+
+
+def test_config_show_prints_a_config_whose_inputs_do_not_exist_yet(tmp_path):
+    """show resolves and prints; it does not check the data file, model or storage (validate
+    and run do)."""
+    missing = tmp_path / "not-yet.jsonl"
+    result = runner.invoke(app, ["config", "show", "--set", f"data.source={missing}"])
+    assert result.exit_code == 0, result.output
+    assert str(missing) in result.output
