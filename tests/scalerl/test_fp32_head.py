@@ -92,7 +92,7 @@ def test_backward_keeps_no_logits_and_matches_the_plain_head_gradient(tiny):
     head's gradient equals that of the plain full-logits formula written out here."""
     model, _ = load_policy(str(tiny["untied"]))
     V = model.config.vocab_size
-    assert V != model.config.hidden_size
+    assert model.config.hidden_size != V
     ids, mask = _batch(V, seed=5)
     with torch.no_grad():
         hidden = final_hidden(model, ids, mask)[:, :-1].detach()
