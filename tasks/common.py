@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -105,6 +106,13 @@ class WeightCache:
         if not (local / "config.json").exists():
             self.run.download_weights(version, local)
         return local
+
+    def keep_only(self, version: int) -> None:
+        """Delete the local copies of every other version (with a real policy a copy is
+        gigabytes, and a generator sees a new version after every trainer step)."""
+        for old in self.root.glob("v*"):
+            if old.name != f"v{version}":
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def config_of_run(storage_url: str, run_id: str, endpoint_url: str | None = None) -> RunConfig:

@@ -89,7 +89,9 @@ def sampling_settings(config: RunConfig, *, temperature: float | None = None, se
 
 
 class StoreWeights:
-    """WeightSource over the run store: the newest committed version, downloaded once."""
+    """WeightSource over the run store: the newest committed version, downloaded once. The
+    engine copies each version it is handed into its live parameters, so the local copies of
+    the versions before it are deleted then (WeightCache.keep_only)."""
 
     def __init__(self, cache: WeightCache, current: int) -> None:
         self.cache, self.current = cache, current
@@ -99,7 +101,9 @@ class StoreWeights:
         if latest is None or latest <= self.current:
             return None
         self.current = latest
-        return latest, self.cache.path(latest)
+        path = self.cache.path(latest)
+        self.cache.keep_only(latest)
+        return latest, path
 
 
 def completion_records(

@@ -15,7 +15,6 @@ and the store refuses the second, different, shard). It stops when the run's sta
 from __future__ import annotations
 
 import hashlib
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -53,25 +52,6 @@ def wait_for_trainer(run, config: RunConfig, should_stop, poll_s: float = 0.05) 
         if run.count_shards(RAW) - read <= max_lead(config):
             return
         time.sleep(poll_s)
-
-
-def newest_copy_only(source):
-    """Wrap a StoreWeights so that the local copies of older versions are deleted as soon as a
-    newer one is handed to the engine: the engine copies each version into its live parameters
-    when poll() returns it, so the files of the versions before are never read again (with a real
-    policy a copy is gigabytes, and a generator sees a new version after every trainer step)."""
-    poll = source.poll
-
-    def poll_and_prune():
-        found = poll()
-        if found is not None:
-            for old in source.cache.root.glob("v*"):
-                if old.name != f"v{found[0]}":
-                    shutil.rmtree(old, ignore_errors=True)
-        return found
-
-    source.poll = poll_and_prune
-    return source
 
 
 @task(name="generate-rollouts", retries=2, retry_delay_seconds=[5, 30], cache_policy=None)
@@ -138,7 +118,7 @@ def generate_rollouts(
     )
     committed, tokens = 0, 0
     try:
-        weights = Throttled(newest_copy_only(StoreWeights(cache, version)), interval_s=0.2)
+        weights = Throttled(StoreWeights(cache, version), interval_s=0.2)
         for batch in generate_batches(
             engine, sample_prompts, settings, weights=weights, should_stop=should_stop
         ):
