@@ -44,6 +44,7 @@ _PRELOAD = ["scalerl.rewards", "math_verify"]
 _SECRET_ENV = re.compile(r"^AWS_|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_KEY|AUTH", re.I)
 _WORKER_COMMAND = "from scalerl.rewards.sandbox import worker_entry; worker_entry()"
 _DETAIL_CHARS = 200
+MAX_CHUNK = 16  # items per message to a worker; replies still come one per item
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class Outcome:
 
 
 def _worker_main(conn: _DuplexPipe, memory_limit_bytes: int | None) -> None:
-    """The worker's loop: receive (fn, args), reply ("ok", value) or ("error", text)."""
+    """The worker's loop: receive (fn, [args, ...]) and reply once per item, in order, with
+    ("ok", value) or ("error", text)."""
     # The parent owns shutdown (close() or killing us); Ctrl-C goes to the parent only.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if memory_limit_bytes and sys.platform.startswith("linux"):
@@ -81,17 +83,18 @@ def _worker_main(conn: _DuplexPipe, memory_limit_bytes: int | None) -> None:
             return
         if message is None:
             return
-        fn, args = message
-        try:
-            reply: tuple[str, Any] = ("ok", fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - any failure is the item's result
-            reply = ("error", f"{type(exc).__name__}: {exc}"[:_DETAIL_CHARS])
-        try:
-            conn.send(reply)
-        except (EOFError, OSError):
-            return
-        except Exception as exc:  # the value could not be pickled
-            conn.send(("error", f"result not sendable: {type(exc).__name__}"))
+        fn, items = message
+        for args in items:  # one reply per item, as soon as it is done
+            try:
+                reply: tuple[str, Any] = ("ok", fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - any failure is the item's result
+                reply = ("error", f"{type(exc).__name__}: {exc}"[:_DETAIL_CHARS])
+            try:
+                conn.send(reply)
+            except (EOFError, OSError):
+                return
+            except Exception as exc:  # the value could not be pickled
+                conn.send(("error", f"result not sendable: {type(exc).__name__}"))
 
 
 def _watch_parent() -> None:
@@ -230,14 +233,18 @@ class ScoringPool:
         """Call ``fn(*args)`` for every args tuple in the workers; one Outcome per item.
 
         ``fn`` must be importable by reference (a module-level function or builtin).
-        The deadline of an item starts when a ready worker receives it.
+        Items go to the workers a few per message (MAX_CHUNK); each replies per item, and an
+        item's deadline starts when the worker starts it (its previous reply came back). A
+        worker that hangs or dies fails only the item it is on; the rest of its items are
+        given to other workers.
         """
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}. Fix: e.g. 5.0.")
         self._top_up()
         results: list[Outcome | None] = [None] * len(args_list)
         pending = deque(range(len(args_list)))
-        in_flight: dict[Connection, tuple[_Worker, int, float]] = {}
+        # conn -> (worker, the indices it holds in order, deadline of the first of them)
+        in_flight: dict[Connection, tuple[_Worker, deque[int], float]] = {}
         send_failures = 0
         try:
             while pending or in_flight:
@@ -245,44 +252,56 @@ class ScoringPool:
                     worker = self._acquire(block=not in_flight)
                     if worker is None:
                         break
-                    index = pending.popleft()
+                    chunk = deque(
+                        pending.popleft() for _ in range(min(len(pending), self._chunk(pending)))
+                    )
                     try:
-                        worker.send((fn, args_list[index]))
-                    except (EOFError, OSError):  # died while idle: not the item's fault
+                        worker.send((fn, [args_list[i] for i in chunk]))
+                    except (EOFError, OSError):  # died while idle: not the items' fault
                         self._discard(worker)
                         send_failures += 1
                         if send_failures > self.workers + 2:
                             detail = "no worker would take the item"
-                            results[index] = Outcome(False, failure="crash", detail=detail)
+                            for i in chunk:
+                                results[i] = Outcome(False, failure="crash", detail=detail)
                         else:
-                            pending.appendleft(index)
+                            pending.extendleft(reversed(chunk))
                         continue
-                    in_flight[worker.conn] = (worker, index, time.monotonic() + timeout_s)
+                    in_flight[worker.conn] = (worker, chunk, time.monotonic() + timeout_s)
                 if not in_flight:
                     continue
                 next_deadline = min(d for _, _, d in in_flight.values())
                 ready = wait(list(in_flight), timeout=max(0.0, next_deadline - time.monotonic()))
                 for conn in ready:
-                    worker, index, _ = in_flight.pop(conn)  # type: ignore[index]
+                    worker, chunk, _ = in_flight.pop(conn)  # type: ignore[index]
                     try:
-                        kind, payload = worker.conn.recv()
+                        while chunk:  # every reply already in the pipe
+                            kind, payload = worker.conn.recv()
+                            results[chunk.popleft()] = (
+                                Outcome(True, value=payload)
+                                if kind == "ok"
+                                else Outcome(False, failure="error", detail=payload)
+                            )
+                            if not worker.conn.poll(0):
+                                break
                     except (EOFError, OSError):
+                        # the worker died on the item it was running; the rest go back
                         detail = worker.exit_detail()
-                        results[index] = Outcome(False, failure="crash", detail=detail)
+                        results[chunk.popleft()] = Outcome(False, failure="crash", detail=detail)
+                        pending.extendleft(reversed(chunk))
                         self._discard(worker)
                         continue
-                    results[index] = (
-                        Outcome(True, value=payload)
-                        if kind == "ok"
-                        else Outcome(False, failure="error", detail=payload)
-                    )
-                    self._release(worker)
+                    if chunk:  # the next item's deadline starts now, as the worker starts it
+                        in_flight[conn] = (worker, chunk, time.monotonic() + timeout_s)
+                    else:
+                        self._release(worker)
                 now = time.monotonic()
-                for conn, (worker, index, deadline) in list(in_flight.items()):
+                for conn, (worker, chunk, deadline) in list(in_flight.items()):
                     if deadline <= now:
                         del in_flight[conn]
                         detail = f"no result after {timeout_s:g} s; worker killed"
-                        results[index] = Outcome(False, failure="timeout", detail=detail)
+                        results[chunk.popleft()] = Outcome(False, failure="timeout", detail=detail)
+                        pending.extendleft(reversed(chunk))  # not started: not their fault
                         self._discard(worker)
         finally:
             # Interrupted mid-batch (e.g. KeyboardInterrupt): the in-flight workers are
@@ -315,6 +334,11 @@ class ScoringPool:
         self.close()
 
     # ----------------------------------------------------------------- helpers
+    def _chunk(self, pending: deque[int]) -> int:
+        """Items per send: one message carries several items (a pipe round trip per item
+        cost more than scoring it), small enough that the workers share the load evenly."""
+        return max(1, min(MAX_CHUNK, -(-len(pending) // (2 * self.workers))))
+
     def _top_up(self) -> None:
         """Start missing workers without waiting, so their start-ups overlap."""
         while True:

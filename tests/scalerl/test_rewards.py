@@ -6,6 +6,7 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
@@ -175,6 +176,34 @@ def test_pool_replaces_hung_and_crashed_workers():
     assert pool.closed
     with pytest.raises(RuntimeError, match="closed"):
         pool.run(abs, [(1,)], timeout_s=1.0)
+
+
+def _sleep_or_exit(x: float) -> float:
+    """time.sleep(x) for x >= 0; exit the worker with code 7 for a negative x."""
+    if x < 0:
+        os._exit(7)
+    time.sleep(x)
+    return x
+
+
+def test_hung_and_crashing_items_inside_a_chunk_fail_alone():
+    # 40 items over 2 workers go out several per message (MAX_CHUNK); a hang and a crash
+    # in the middle of a chunk fail only their own item, and every other item still runs
+    # once, in order of the results.
+    from scalerl.rewards import sandbox
+
+    items = [(0.0,)] * 40
+    items[5], items[22] = (60.0,), (-1.0,)
+    with ScoringPool(workers=2) as pool:
+        assert pool._chunk(deque(range(40))) > 1  # several items per message
+        start = time.monotonic()
+        out = pool.run(_sleep_or_exit, items, timeout_s=1.0)
+        elapsed = time.monotonic() - start
+    assert out[5].failure == "timeout"
+    assert out[22].failure == "crash" and "code 7" in out[22].detail
+    assert all(o.ok and o.value == 0.0 for i, o in enumerate(out) if i not in (5, 22))
+    assert elapsed < 15.0, elapsed  # one 1 s deadline plus restarts, not 60 s
+    assert sandbox.MAX_CHUNK >= 2
 
 
 # ---------------------------------------------------------------------- arithmetic
