@@ -26,9 +26,11 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 import zlib
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -93,6 +95,31 @@ def _write_local(path: str, table: pa.Table) -> tuple[int, int]:
 @functools.cache
 def _crc_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-crc")
+
+
+class _RecordCache:
+    """Parsed commit records by (URL, listing stamp), shared by every Run of this process:
+    listing a stage used to re-read every record of it (O(shards) reads per poll)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max, self._lock = max_entries, threading.Lock()
+        self._data: OrderedDict[tuple, dict] = OrderedDict()
+
+    def get(self, key: tuple) -> dict | None:
+        with self._lock:
+            record = self._data.get(key)
+            if record is not None:
+                self._data.move_to_end(key)
+            return record
+
+    def put(self, key: tuple, record: dict) -> None:
+        with self._lock:
+            self._data[key] = record
+            while len(self._data) > self._max:
+                self._data.popitem(last=False)
+
+
+_RECORDS = _RecordCache(max_entries=20_000)
 
 
 class Shards:
@@ -284,7 +311,7 @@ class Shards:
             out.append(validate_name(name, "stage directory"))
         return sorted(out)
 
-    def _record_paths(self, stage: str) -> list[str]:
+    def _record_infos(self, stage: str) -> list[dict]:
         base = self._stage_dir(stage)
         for info in fsio.ls(self._loc, base):
             if fsio.basename(info) not in ("data", "commits") or info["type"] != "directory":
@@ -292,7 +319,7 @@ class Shards:
                     f"{self._loc.url_of(info['name'])} is not part of the shard layout "
                     f"(only data/ and commits/ belong in {stage}/). {_MOVE_OUT}"
                 )
-        paths = []
+        infos = []
         for info in fsio.ls(self._loc, f"{base}/commits"):
             name = fsio.basename(info)
             if name.startswith(fsio.TMP_PREFIX):
@@ -301,13 +328,32 @@ class Shards:
                 raise ForeignFileError(
                     f"{self._loc.url_of(info['name'])} is not a commit record. {_MOVE_OUT}"
                 )
-            paths.append(f"{base}/commits/{name}")
-        return paths
+            infos.append({**info, "name": f"{base}/commits/{name}"})
+        return infos
+
+    def _record_paths(self, stage: str) -> list[str]:
+        return [info["name"] for info in self._record_infos(stage)]
 
     def _records(self, stage: str) -> list[dict]:
-        paths = self._record_paths(stage)
-        raws = self._loc.fs.cat(paths) if paths else {}
-        return [self._parse_record(path, raw, stage, None) for path, raw in raws.items()]
+        """Every commit record of `stage`: one listing, then only the records this process
+        has not parsed yet are read (a record is written once and never changed; the cache
+        entry is also keyed by the listing's size and modification time)."""
+        infos = self._record_infos(stage)
+        stamped = [(info["name"], (info.get("size"), fsio.mtime(info))) for info in infos]
+        out: dict[str, dict] = {}
+        missing = []
+        for path, stamp in stamped:
+            hit = _RECORDS.get((self._loc.url_of(path), stamp))
+            if hit is None:
+                missing.append(path)
+            else:
+                out[path] = hit
+        raws = self._loc.fs.cat(missing) if missing else {}
+        stamps = dict(stamped)
+        for path, raw in raws.items():
+            out[path] = record = self._parse_record(path, raw, stage, None)
+            _RECORDS.put((self._loc.url_of(path), stamps[path]), record)
+        return [out[path] for path, _ in stamped]
 
     def count(self, stage: str) -> int:
         """Committed shards of a stage, from one directory listing (no record is read)."""

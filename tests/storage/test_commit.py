@@ -201,3 +201,37 @@ def test_racing_writers_of_one_key_agree(backend, make_rollouts):
     assert len(set(infos)) == 1 and run.list_shards("raw") == infos[:1]
     data_dir = infos[0].url.rsplit("/", 1)[0]
     assert len(_fs(backend).ls(_path(data_dir))) == 1  # losers removed their attempts
+
+
+def test_listing_reads_each_commit_record_once_and_sees_changes(backend, make_rollouts):
+    # Listing a stage used to re-read every commit record on every call. Records are parsed
+    # once per process now (keyed by URL and the listing's size and mtime): a second listing
+    # reads none, a new shard is read alone, and a record rewritten in place (a different
+    # size) is read again, so a foreign file is still caught.
+    run = _run(backend)
+    run.commit_shard("raw", "a", make_rollouts("r1", "a"))
+    run.commit_shard("raw", "b", make_rollouts("r1", "b"))
+    fs = run._shards._loc.fs
+    reads: list[list[str]] = []
+    original_cat = fs.cat
+
+    def counting_cat(paths, *args, **kwargs):
+        reads.append(sorted(p.rsplit("/", 1)[-1] for p in paths))
+        return original_cat(paths, *args, **kwargs)
+
+    fs.cat = counting_cat
+    try:
+        first = [i.key for i in run.list_shards("raw")]
+        again = [i.key for i in run.list_shards("raw")]
+        run.commit_shard("raw", "c", make_rollouts("r1", "c"))
+        third = [i.key for i in run.list_shards("raw")]
+    finally:
+        del fs.cat
+    assert first == again == ["a", "b"] and third == ["a", "b", "c"]
+    # the first listing may hit records parsed at commit time by an earlier test's Run only
+    # if the URL were the same: each test has its own root, so it reads both records
+    assert reads == [["a.json", "b.json"], ["c.json"]]
+    record = _path(run._shards._loc.url_of(run._shards._record_path("raw", "b")))
+    _put(_fs(backend), record, json.dumps({"format": "something else", "pad": "x" * 50}).encode())
+    with pytest.raises(ForeignFileError, match="not a commit record"):
+        run.list_shards("raw")
