@@ -70,9 +70,14 @@ def open_store(url: str = "./runs", *, storage_options: dict | None = None) -> R
     return RunStore(open_location(url, storage_options))
 
 
-def _json_bytes(value: object, what: str) -> bytes:
+def _json_bytes(value: object, what: str, *, compact: bool = False) -> bytes:
+    """Sorted-key JSON; `compact` for large documents (one line: json's C encoder only runs
+    without indent, and the curriculum state is rewritten for every shard)."""
     try:
-        return json.dumps(value, sort_keys=True, indent=1, allow_nan=False).encode()
+        indent, separators = (None, (",", ":")) if compact else (1, None)
+        return json.dumps(
+            value, sort_keys=True, indent=indent, separators=separators, allow_nan=False
+        ).encode()
     except (TypeError, ValueError) as e:
         raise InvalidInputError(
             f"{what} is not JSON-serializable ({e}). Fix: pass plain dicts, lists, strings, "
@@ -425,7 +430,7 @@ class Run:
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise InvalidInputError(f"curriculum version {version!r} is invalid. Fix: int >= 0.")
         path = f"{self._root}/curriculum/v{version}.json"
-        data = _json_bytes({"version": version, "state": state}, "curriculum state")
+        data = _json_bytes({"version": version, "state": state}, "curriculum state", compact=True)
         if not fsio.create_exclusive(self._loc, path, data) and (
             json.loads(fsio.read_bytes(self._loc, path)) != json.loads(data)
         ):
