@@ -65,9 +65,21 @@ def overrides(root: str, run_id: str, generators: int, prompts: int, samples: in
 
 
 def _role(pid: int, flow_pid: int, cmdline: str) -> str:
+    """flow, reward-worker, fork-server, resource-tracker, generator, trainer (tasks/isolated.py
+    names its children scalerl-gen<i> and scalerl-trainer), or other."""
     if pid == flow_pid:
         return "flow"
-    return "reward-worker" if "scalerl.rewards" in cmdline else "other"
+    if "scalerl.rewards" in cmdline:
+        return "reward-worker"
+    with contextlib.suppress(OSError):
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        if name == "scalerl-trainer":
+            return "trainer"
+        if name.startswith("scalerl-gen"):
+            return "generator"
+    if "multiprocessing.resource_tracker" in cmdline:
+        return "resource-tracker"  # started with the fork server
+    return "fork-server" if "multiprocessing.forkserver" in cmdline else "other"
 
 
 def _proc_stats(pid: int) -> tuple[str, float, int, int]:

@@ -262,6 +262,16 @@ class PipelineConfig(_Section):
         le=1_024,
         description="PipelineRL k: a completion with any token from policy version v_old is trained at step v only if v - v_old <= k; the trainer waits rather than run more than k steps ahead. 0 = synchronous on-policy.",
     )
+    isolation: Literal["process", "thread"] = Field(
+        "process",
+        description="Where generators and the trainer run: 'process' (each in its own Python process, supervised by its Prefect task, so they do not share one interpreter lock) or 'thread' (threads of the flow process). A memory:// store always uses threads.",
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1_024,
+        description="torch intra-op threads in each generator and trainer process (None: torch's default, all cores). Set 1 on small CPU machines, where the processes would otherwise oversubscribe the cores.",
+    )
 
 
 class OptimizerConfig(_Section):
@@ -470,7 +480,8 @@ def _tiny_cpu() -> dict[str, Any]:
         },
         "optimizer": {"lr": 1.5e-4, "warmup_steps": 2},
         "trainer": {"micro_batch_tokens": 4_096, "checkpoint_every": 10},
-        "pipeline": {"max_off_policy_steps": 2},
+        # generator and trainer processes, one core each, beside the flow process's stages
+        "pipeline": {"max_off_policy_steps": 2, "torch_threads": 1},
         "evaluation": {"every_steps": 20, "samples_per_prompt": 8},
         "schedule": {"max_steps": 300, "compute_unit": "samples"},
     }

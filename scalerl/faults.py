@@ -12,8 +12,9 @@ its commit, between a commit and the next bookkeeping write):
     trainer.after_step       trainer.after_publish         (scalerl/trainer/loop.py)
     flow.loop                                              (flows/run.py)
 
-Generators, stages and the trainer are threads of the flow process, so killing at a point of
-one of them kills the whole process at that component's moment, exactly like a node loss.
+Stages run in the flow process; generators and the trainer run in child processes of it
+(tasks/isolated.py). A point hit in such a child kills the flow process first and then the
+child, so a kill at any component's moment is a whole-node loss.
 """
 
 from __future__ import annotations
@@ -60,4 +61,7 @@ def kill_point(name: str) -> None:
     with _lock:
         _hits[name] += 1
         if _hits[name] == count:
+            parent = os.environ.get("SCALERL_ISOLATED_PARENT")  # tasks.isolated.PARENT_ENV
+            if parent and parent.isdigit() and int(parent) != os.getpid():
+                os.kill(int(parent), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)

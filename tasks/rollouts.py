@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from scalerl.config import RunConfig
 from scalerl.faults import kill_point
@@ -58,6 +58,23 @@ def wait_for_trainer(run, config: RunConfig, should_stop, poll_s: float = 0.05) 
 def generate_rollouts(
     config: RunConfig, run_id: str, generator_id: str = "gen0", max_shards: int | None = None
 ) -> dict:
+    """The generator in its own process (tasks/isolated.py), supervised by this task."""
+    from tasks.isolated import run_isolated
+
+    return run_isolated(
+        "tasks.rollouts:generator_body",
+        config,
+        f"generator {generator_id}",
+        run_id=run_id,
+        generator_id=generator_id,
+        max_shards=max_shards,
+    )
+
+
+def generator_body(
+    config: RunConfig, run_id: str, generator_id: str = "gen0", max_shards: int | None = None
+) -> dict:
+    """What generate_rollouts runs: the generator loop until the run stops (module docstring)."""
     from scalerl.curriculum import CurriculumExhausted, NoPositiveResampling
     from scalerl.engines.base import Throttled
     from scalerl.generator import GeneratorSettings, generate_batches
@@ -69,8 +86,9 @@ def generate_rollouts(
         make_engine,
         sampling_settings,
     )
+    from tasks.isolated import task_logger
 
-    logger = get_run_logger()
+    logger = task_logger()
     run = open_run(config, run_id)
     rows = {r["prompt_id"]: r for r in run.read_prompts("train").to_pylist()}
     seq = sum(1 for k in run.used_shard_keys(RAW) if k.startswith(f"{generator_id}-"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from scalerl.config import RunConfig
 from tasks.common import WeightCache, open_run
@@ -22,6 +22,14 @@ TRAIN_STAGE = "filtered"
 
 @task(name="train-policy", retries=1, retry_delay_seconds=[10], cache_policy=None)
 def train_policy(config: RunConfig, run_id: str) -> dict:
+    """The trainer in its own process (tasks/isolated.py), supervised by this task."""
+    from tasks.isolated import run_isolated
+
+    return run_isolated("tasks.train:trainer_body", config, "trainer", run_id=run_id)
+
+
+def trainer_body(config: RunConfig, run_id: str) -> dict:
+    """What train_policy runs: the trainer until max steps, the budget or a stop."""
     run = open_run(config, run_id)
     with tempfile.TemporaryDirectory(prefix=f"scalerl-{run_id}-w-") as local:
         # the policy prepare_run published as version 0, for a start without a checkpoint
@@ -31,6 +39,7 @@ def train_policy(config: RunConfig, run_id: str) -> dict:
 
 def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
     from scalerl.trainer import Trainer, TrainerOptions
+    from tasks.isolated import task_logger
     from tasks.trainer_io import TrainerIO
 
     def should_stop() -> bool:
@@ -52,9 +61,7 @@ def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
         ),
     )
     summary = trainer.train()
-    get_run_logger().info(
-        "trainer stopped at version %d (%s)", summary.version, summary.stop_reason
-    )
+    task_logger().info("trainer stopped at version %d (%s)", summary.version, summary.stop_reason)
     return {
         "step": summary.version,
         "reason": summary.stop_reason,

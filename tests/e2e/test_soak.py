@@ -58,11 +58,11 @@ def test_nothing_grows_with_the_shards(prefect_server, tmp_path):
     first, last = start["processes"][flow_pid], end["processes"][flow_pid]
     assert last["fds"] <= first["fds"] + FD_SLACK, (first, last)
     assert last["threads"] <= first["threads"] + THREAD_SLACK, (first, last)
-    # RSS: after warm-up the flow process holds 4 generator engines, the trainer's model and
-    # AdamW state, and Prefect's client; what it allocates per shard (Arrow tables, task run
-    # states) is freed, but the allocator keeps some arenas and Prefect batches its logs, so
-    # RSS wanders by a few percent. A leak of one shard's worth (or one weight version's) per
-    # shard would add tens of MiB here; 15% leaves room for the wandering only.
+    # RSS: after warm-up the flow process holds Prefect's client, the stages' Arrow tables and
+    # the evaluation engine; what it allocates per shard (Arrow tables, task run states) is
+    # freed, but the allocator keeps some arenas and Prefect batches its logs, so RSS wanders
+    # by a few percent. A leak of one shard's worth (or one weight version's) per shard would
+    # add tens of MiB here; 15% leaves room for the wandering only.
     assert last["rss_mib"] <= first["rss_mib"] * (1 + RSS_GROWTH), (first, last)
     assert max(p[2] for p in report["flow_timeline"]) <= first["rss_mib"] * (1 + RSS_GROWTH)
 
@@ -75,7 +75,21 @@ def test_nothing_grows_with_the_shards(prefect_server, tmp_path):
         assert last is not None, f"reward worker {pid} is gone: {end['processes']}"
         assert last["fds"] <= first["fds"] and last["threads"] <= first["threads"]
         assert last["rss_mib"] <= first["rss_mib"] * (1 + RSS_GROWTH), (first, last)
-    assert {p["role"] for p in end["processes"].values()} <= {"flow", "reward-worker"}
+    # Generator and trainer processes (tasks/isolated.py): the same GENERATORS + 1 processes
+    # from warm-up to the end, none respawned, and none growing with the shards either (the
+    # generators hold their engine, the trainer its model and AdamW state).
+    roles = {"generator": GENERATORS, "trainer": 1}
+    for role, count in roles.items():
+        pids = [pid for pid, p in start["processes"].items() if p["role"] == role]
+        assert len(pids) == count, (role, start["processes"])
+        for pid in pids:
+            first, last = start["processes"][pid], end["processes"].get(pid)
+            assert last is not None, f"{role} process {pid} is gone: {end['processes']}"
+            assert last["fds"] <= first["fds"] + FD_SLACK, (role, first, last)
+            assert last["threads"] <= first["threads"] + THREAD_SLACK, (role, first, last)
+            assert last["rss_mib"] <= first["rss_mib"] * (1 + RSS_GROWTH), (role, first, last)
+    allowed = {"flow", "reward-worker", "fork-server", "resource-tracker", *roles}
+    assert {p["role"] for p in end["processes"].values()} <= allowed, end["processes"]
 
     # Local weight copies: each generator holds its current version and, while it downloads
     # the next, that one too (besides: the trainer's and the evaluation's copies of v0); never

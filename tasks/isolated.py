@@ -1,0 +1,263 @@
+"""Run a persistent task's body (a generator, the trainer) in its own Python process.
+
+    summary = run_isolated("tasks.rollouts:generator_body", config, "generator gen0",
+                           run_id=run_id, generator_id="gen0")
+
+Why: generators, the trainer and the flow's stages are all Python loops around small torch
+calls. As threads of one process they take turns on one interpreter lock: at tiny-cpu scale
+the flow process used 1.2 of 2 cores while the trainer waited half of every step for data.
+In their own processes they run side by side (PipelineRL's actors are separate processes too).
+The Prefect task stays in the flow process and supervises: it starts the child, forwards the
+child's log records to the task run's log, and returns the child's result or raises its error,
+so retries, states and the UI are unchanged.
+
+How a child starts: it is forked from a fork server (multiprocessing "forkserver") that
+imported torch, transformers and the task bodies once (tasks/isolated_preload.py); a fresh
+interpreter per child would pay about 5 s of imports each time. The fork server is started at
+the top of the run flow (start_server), so its imports overlap prepare_run.
+
+Contract with the child:
+- It calls target(config, **kwargs) (target "module:function"), which returns a
+  JSON-serializable dict; torch uses pipeline.torch_threads intra-op threads.
+- Log records come back over a pipe and go to the task run's log; library output goes to the
+  flow process's stderr.
+- Its result, or its error as {"type": "module.Class", "message": ...}, comes back over the
+  same pipe. The parent raises the same exception class with the same message where it can
+  (else IsolatedTaskError), so a bad input reads the same as in-process. A child that dies
+  without a result (killed, out of memory) raises IsolatedTaskError with its exit status and
+  last log lines; Prefect's task retries apply as before.
+- The child exits when the flow process dies (checked every second) and is killed if the
+  supervising task is interrupted. SIGKILL of the flow process's group (a node loss) takes it
+  and the fork server too.
+- Chaos (scalerl/faults.py): a kill point hit in the child kills the flow process first, so a
+  crash at a generator's or the trainer's seam is still a whole-node loss.
+
+In-process fallback: a memory:// store lives in one process only, so with it (or with
+pipeline.isolation = "thread") the body runs on the task's own thread instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from scalerl.config import RunConfig
+
+PARENT_ENV = "SCALERL_ISOLATED_PARENT"
+
+
+class IsolatedTaskError(RuntimeError):
+    """The child process failed in a way that cannot be re-raised as its own exception."""
+
+
+def in_process(config: RunConfig) -> bool:
+    """True where the body must run on the caller's thread (see the module docstring)."""
+    return config.pipeline.isolation == "thread" or config.storage.url.startswith("memory://")
+
+
+def task_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a task run; a plain logger in an isolated child."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("scalerl.task")
+
+
+def start_server() -> None:
+    """Start the fork server now (idempotent, returns at once): it imports torch, transformers
+    and the task bodies once, in the background, and every child is then a fork of it. A
+    fresh interpreter per child would pay that import (about 5 s of CPU) each time."""
+    import multiprocessing.forkserver
+
+    _context()
+    with _without_main():
+        multiprocessing.forkserver.ensure_running()
+
+
+def wait_for_server() -> None:
+    """Block until the fork server has finished its imports (fork one no-op child)."""
+    start_server()
+    ctx = _context()
+    proc = ctx.Process(target=_noop)
+    with _without_main():
+        proc.start()
+    proc.join()
+
+
+def _noop() -> None:
+    return None
+
+
+_MAIN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_main():
+    """multiprocessing re-imports the caller's __main__ in the fork server and in every child
+    (so that pickled functions of __main__ resolve). Our children only run tasks.isolated
+    code, and a user's script that calls scalerl_run without an `if __name__ == "__main__"`
+    guard would start the run again inside them. Leave __main__ out of what is sent."""
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+
+    def without_main(name):
+        data = original(name)
+        for key in ("init_main_from_path", "init_main_from_name", "main_path"):
+            data.pop(key, None)
+        return data
+
+    with _MAIN_LOCK:
+        spawn.get_preparation_data = without_main
+        try:
+            yield
+        finally:
+            spawn.get_preparation_data = original
+
+
+@functools.cache
+def _context():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["tasks.isolated_preload"])
+    return ctx
+
+
+def run_isolated(target: str, config: RunConfig, what: str, **kwargs: Any) -> dict:
+    """target(config, **kwargs) in a child process (or in-process, see in_process)."""
+    if in_process(config):
+        return _resolve(target)(config, **kwargs)
+    logger = task_logger()
+    spec = {
+        "target": target,
+        "config": config.model_dump(mode="json"),
+        "kwargs": kwargs,
+        "torch_threads": config.pipeline.torch_threads,
+        "parent": os.getpid(),
+        "name": "scalerl-" + what.split()[-1],  # ps/top show it: scalerl-gen0, scalerl-trainer
+        # the fork server's environment is the flow process's when the server started; the
+        # child gets the caller's as it is now (tests and chaos runs set variables per run)
+        "env": dict(os.environ),
+    }
+    ctx = _context()
+    reader, writer = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(spec, writer), name=f"scalerl {what}", daemon=False)
+    tail: deque[str] = deque(maxlen=20)
+    outcome = None
+    try:
+        with _without_main():
+            proc.start()
+        writer.close()  # the child holds the only writer: EOF means it has ended
+        while True:
+            try:
+                kind, *payload = reader.recv()
+            except EOFError:
+                break
+            if kind == "log":
+                level, message = payload
+                logger.log(level, message)
+                tail.append(message)
+            else:
+                outcome = payload[0]
+        proc.join()
+    finally:
+        reader.close()
+        if proc.is_alive():  # the supervising task was interrupted
+            proc.kill()
+            proc.join()
+    if outcome is not None and "ok" in outcome:
+        return outcome["ok"]
+    if outcome is not None and "error" in outcome:
+        raise _rebuild(outcome["error"])
+    last = "\n".join(tail) or "(no log output)"
+    raise IsolatedTaskError(
+        f"the {what} process ended with exit status {proc.exitcode} before reporting a "
+        f"result; its last log lines:\n{last}\nFix: see the error above; the task is retried, "
+        "and a resumed run continues from what is committed."
+    )
+
+
+def _resolve(target: str):
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _rebuild(error: dict) -> BaseException:
+    module, _, name = error["type"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            return cls(error["message"])
+    except Exception:  # noqa: BLE001 - fall back to a generic error with the same text
+        pass
+    return IsolatedTaskError(f"{error['type']}: {error['message']}")
+
+
+# -- the child ----------------------------------------------------------------------------------
+
+
+class _PipeHandler(logging.Handler):
+    def __init__(self, conn) -> None:
+        super().__init__()
+        self.conn = conn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.conn.send(("log", record.levelno, self.format(record)))
+        except Exception:  # noqa: BLE001 - logging must never kill the task
+            self.handleError(record)
+
+
+def _watch_parent(parent: int) -> None:
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(70)  # the flow process is gone: nobody supervises this body
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _child(spec: dict, conn) -> None:
+    os.environ.clear()
+    os.environ.update(spec["env"])
+    os.environ[PARENT_ENV] = str(spec["parent"])  # scalerl/faults.py kills it at a kill point
+    with contextlib.suppress(OSError):  # Linux: the name ps, top and bench/soak.py show
+        Path("/proc/self/comm").write_text(spec["name"][:15])
+    _watch_parent(spec["parent"])
+    handler = _PipeHandler(conn)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    if spec.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(spec["torch_threads"]))
+    try:
+        config = RunConfig.model_validate(spec["config"])
+        result: dict = {"ok": _resolve(spec["target"])(config, **spec["kwargs"])}
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
+        logging.getLogger("scalerl.task").exception("%s failed", spec["target"])
+        kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        result = {"error": {"type": kind, "message": str(exc)}}
+    conn.send(("result", json.loads(json.dumps(result, default=str))))
+    conn.close()
+    if "error" in result:
+        sys.exit(1)

@@ -1,0 +1,153 @@
+"""tasks/isolated.py: task bodies in their own processes (forked from a fork server).
+
+The targets below run in the child; they are found there by module name (this file's directory
+is on sys.path under pytest, and the child gets the parent's sys.path).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from scalerl.config import ConfigError, load_config
+from tasks.isolated import IsolatedTaskError, in_process, run_isolated
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def echo_target(config, value: int) -> dict:
+    logging.getLogger("scalerl.test").info("child %d says %d", os.getpid(), value)
+    return {"pid": os.getpid(), "value": value * 2, "url": config.storage.url}
+
+
+def failing_target(config) -> dict:
+    raise ConfigError("generation.max_new_tokens = 0 is too small. Fix: set it to >= 1.")
+
+
+def dying_target(config) -> dict:
+    logging.getLogger("scalerl.test").info("about to die")
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {}
+
+
+def threads_target(config) -> dict:
+    import torch
+
+    return {"threads": torch.get_num_threads()}
+
+
+def _config(tmp_path, *overrides):
+    return load_config(preset="tiny-cpu", overrides=[f"storage.url={tmp_path}", *overrides])
+
+
+def test_child_runs_in_its_own_process_and_logs_reach_the_parent(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        "tasks.isolated.task_logger", lambda: type("L", (), {"log": lambda _, *a: seen.append(a)})()
+    )
+    out = run_isolated("test_isolated:echo_target", _config(tmp_path), "echo", value=21)
+    assert out["value"] == 42 and out["url"] == str(tmp_path)
+    assert out["pid"] != os.getpid()
+    assert (logging.INFO, f"child {out['pid']} says 21") in seen  # relayed to the task's log
+
+
+def test_error_comes_back_as_the_same_class_and_message(tmp_path):
+    with pytest.raises(ConfigError, match=r"max_new_tokens = 0 is too small\. Fix: set it"):
+        run_isolated("test_isolated:failing_target", _config(tmp_path), "failing")
+
+
+def test_a_killed_child_raises_with_its_status_and_last_lines(tmp_path):
+    with pytest.raises(IsolatedTaskError, match=r"(?s)exit status -9.*about to die"):
+        run_isolated("test_isolated:dying_target", _config(tmp_path), "dying")
+
+
+def test_torch_threads_setting_applies_in_the_child(tmp_path):
+    one = run_isolated("test_isolated:threads_target", _config(tmp_path), "threads")
+    assert one["threads"] == 1  # the tiny-cpu preset
+    two = run_isolated(
+        "test_isolated:threads_target", _config(tmp_path, "pipeline.torch_threads=2"), "threads"
+    )
+    assert two["threads"] == 2
+
+
+def test_memory_store_and_thread_isolation_run_in_process(tmp_path):
+    memory = load_config(preset="tiny-cpu", overrides=["storage.url=memory://iso-test"])
+    assert in_process(memory)
+    assert run_isolated("test_isolated:echo_target", memory, "echo", value=1)["pid"] == os.getpid()
+    threaded = _config(tmp_path, "pipeline.isolation=thread")
+    assert run_isolated("test_isolated:echo_target", threaded, "x", value=1)["pid"] == os.getpid()
+
+
+def _script(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path[:0] = [{str(REPO)!r}, {str(Path(__file__).parent)!r}]
+            from scalerl.config import load_config
+            from tasks.isolated import run_isolated
+            config = load_config(preset="tiny-cpu", overrides=["storage.url={tmp_path}"])
+            """
+        )
+        + textwrap.dedent(body)
+    )
+    return script
+
+
+def test_an_unguarded_user_script_is_not_run_again_in_the_child(tmp_path):
+    # multiprocessing re-imports the caller's __main__ in its children by default; a script
+    # without an `if __name__ == "__main__"` guard would then start its run again there.
+    marker = tmp_path / "imports.txt"
+    script = _script(
+        tmp_path,
+        f"""
+        with open({str(marker)!r}, "a") as f:
+            f.write("imported\\n")
+        print(run_isolated("test_isolated:echo_target", config, "echo", value=2)["value"])
+        """,
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "4"
+    assert marker.read_text().splitlines() == ["imported"]
+
+
+def test_a_kill_point_in_the_child_kills_the_flow_process_too(tmp_path):
+    # scalerl/faults.py: a crash at a generator's or the trainer's seam is a whole-node loss
+    script = _script(
+        tmp_path,
+        """
+        from scalerl.faults import kill_point
+        import test_isolated
+        run_isolated("test_isolated:chaos_target", config, "chaos")
+        print("parent survived")
+        """,
+    )
+    env = {**os.environ, "SCALERL_CHAOS": "trainer.after_step:1"}
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert out.returncode == -signal.SIGKILL, (out.returncode, out.stdout, out.stderr)
+    assert "parent survived" not in out.stdout
+
+
+def chaos_target(config) -> dict:
+    from scalerl.faults import kill_point
+
+    kill_point("trainer.after_step")
+    return {"survived": True}
