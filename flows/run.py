@@ -20,11 +20,13 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger
+from prefect.utilities.annotations import quote
 
 from scalerl.config import RunConfig
 from scalerl.faults import kill_point
 from tasks.common import open_run
 from tasks.evaluate import evaluate_policy
+from tasks.isolated import in_process, start_server
 from tasks.prepare import prepare_run
 from tasks.report import (
     publish_metrics_table,
@@ -40,6 +42,7 @@ from tasks.train import train_policy
 
 POLL_MIN_S, POLL_MAX_S = 0.05, 1.0  # idle polling backs off from MIN to MAX, reset on work
 TABLE_EVERY_S = 15.0  # the metrics table artifact reads every trainer part file: not per shard
+PROGRESS_EVERY_S = 1.0  # progress artifact updates are API calls: at most this often
 
 
 def advance_shards(config: RunConfig, run_id: str) -> int:
@@ -47,20 +50,43 @@ def advance_shards(config: RunConfig, run_id: str) -> int:
     run = open_run(config, run_id)
     done = {s.key for s in run.list_shards("filtered")} | run.quarantined_keys()
     todo = [s.key for s in run.list_shards("raw") if s.key not in done]
+    # quote: Prefect would otherwise walk the whole config (a pydantic tree) looking for futures
+    # on every call, three calls per shard
+    quoted = quote(config)
     for key in todo:
         for stage in (score_shard, update_curriculum, filter_shard):
-            if "quarantined" in stage(config, run_id, key):
+            if "quarantined" in stage(quoted, run_id, key):
                 break  # its input was unusable and is in quarantine: the key goes no further
     return len(todo)
 
 
-def evaluate_due(config: RunConfig, run_id: str, done: set[int]) -> None:
-    """Evaluate every published version that is a multiple of evaluation.every_steps."""
+def evaluate_due(config: RunConfig, run_id: str, done: dict, *, wait: bool = False) -> None:
+    """Evaluate every published version that is a multiple of evaluation.every_steps.
+
+    Evaluations run beside the loop (submitted to the flow's task runner) so the stages keep
+    feeding the trainer meanwhile, one at a time (they share one engine); `done` maps version
+    -> its future (None once finished and checked). A failed evaluation raises here, on the
+    loop's next look; `wait` blocks until every due version is evaluated."""
     run = open_run(config, run_id)
-    for version in run.list_weight_versions():
-        if version % config.evaluation.every_steps == 0 and version not in done:
-            evaluate_policy(config, run_id, version)
-            done.add(version)
+    due = [
+        v
+        for v in run.list_weight_versions()
+        if v % config.evaluation.every_steps == 0 and v not in done
+    ]
+    while True:
+        for version, future in list(done.items()):
+            if future is not None and future.wrapped_future.done():
+                future.result()  # raises the evaluation's error
+                done[version] = None  # checked
+        running = [f for f in done.values() if f is not None]
+        if due and not running:  # one at a time: evaluations share one engine
+            version = due.pop(0)
+            done[version] = evaluate_policy.submit(quote(config), run_id, version)
+            continue
+        if not wait or (not due and not running):
+            return
+        if running:
+            running[0].wait()
 
 
 def stop_generators_if_done(run, generators) -> None:
@@ -68,7 +94,8 @@ def stop_generators_if_done(run, generators) -> None:
     retired) or one has failed; it then stops instead of waiting for shards."""
     if (run.read_status() or {}).get("state") != "running":
         return
-    ended = [g for g in generators if g.state.is_final()]
+    # a running future's .state is an API call; a finished one's is local
+    ended = [g for g in generators if g.wrapped_future.done() and g.state.is_final()]
     if any(not g.state.is_completed() for g in ended):
         run.write_status({"state": "failed", "reason": "a generator failed; see its task run"})
     elif generators and len(ended) == len(generators):
@@ -77,34 +104,19 @@ def stop_generators_if_done(run, generators) -> None:
         )
 
 
-@flow(name="scalerl-run", log_prints=True)
-def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
-    """Run (or resume) the whole ScaleRL pipeline for `config`; returns the run summary."""
-    logger = get_run_logger()
-    run_id = prepare_run(config, run_id)
-    progress = start_progress(run_id, config.schedule.max_steps)
-    # transformers' first import is not thread-safe (its lazy module: two threads that import
-    # it at once get "cannot import name 'AutoModelForCausalLM'"), and the generators and the
-    # trainer below would each import it first on their own thread. Import it here, once.
-    import transformers  # noqa: F401
-
-    generators = [
-        generate_rollouts.submit(config, run_id, f"gen{i}")
-        for i in range(config.generation.num_generators)
-    ]
-    trainer = train_policy.submit(config, run_id)
-    run, evaluated = open_run(config, run_id), set()
-    poll, shown_step, table_at = POLL_MIN_S, -1, time.monotonic()
-    while not trainer.state.is_final():
+def _supervise(config, run_id, run, progress, generators, trainer, evaluated) -> dict:
+    """The loop of scalerl_run while the trainer runs; returns the trainer's summary."""
+    poll, shown_step, table_at, shown_at = POLL_MIN_S, -1, time.monotonic(), 0.0
+    while not trainer.wrapped_future.done():  # (.state would be an API call per loop)
         kill_point("flow.loop")
         moved = advance_shards(config, run_id)
         stop_generators_if_done(run, generators)
-        evaluate_due(config, run_id, evaluated)
         step = run.latest_weights_version() or 0
-        if step != shown_step:
+        if step != shown_step and time.monotonic() - shown_at >= PROGRESS_EVERY_S:
+            evaluate_due(config, run_id, evaluated)
             quarantined = len(run.quarantined_keys())
             set_progress(progress, step, config.schedule.max_steps, quarantined, run_id)
-            shown_step = step
+            shown_step, shown_at = step, time.monotonic()
         if moved and time.monotonic() - table_at >= TABLE_EVERY_S:
             publish_metrics_table(config, run_id)
             table_at = time.monotonic()
@@ -121,10 +133,40 @@ def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
         for g in generators:
             g.wait()
         advance_shards(config, run_id)  # shards committed while the generators wound down
-    evaluate_due(config, run_id, evaluated)  # versions published after the loop last looked
+    return summary
+
+
+@flow(name="scalerl-run", log_prints=True)
+def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
+    """Run (or resume) the whole ScaleRL pipeline for `config`; returns the run summary."""
+    logger = get_run_logger()
+    if not in_process(config):
+        start_server()  # generator and trainer processes fork from it; imports overlap prepare
+    run_id = prepare_run(config, run_id)
+    progress = start_progress(run_id, config.schedule.max_steps)
+    # transformers' first import is not thread-safe (its lazy module: two threads that import
+    # it at once get "cannot import name 'AutoModelForCausalLM'"), and the generators and the
+    # trainer below would each import it first on their own thread. Import it here, once.
+    import transformers  # noqa: F401
+
+    generators = [
+        generate_rollouts.submit(config, run_id, f"gen{i}")
+        for i in range(config.generation.num_generators)
+    ]
+    trainer = train_policy.submit(config, run_id)
+    run, evaluated = open_run(config, run_id), {}
+    try:
+        summary = _supervise(config, run_id, run, progress, generators, trainer, evaluated)
+    except BaseException as exc:
+        # The generators and the trainer run until the run's status leaves "running": without
+        # this, a failing flow would wait on them forever. Resuming sets it back to running.
+        if (run.read_status() or {}).get("state") == "running":
+            run.write_status({"state": "failed", "reason": f"the run flow failed: {exc!r}"[:500]})
+        raise
+    evaluate_due(config, run_id, evaluated, wait=True)  # versions published meanwhile
     final = run.latest_weights_version() or 0
     if final not in evaluated:
-        evaluate_policy(config, run_id, final)
+        evaluate_policy(quote(config), run_id, final)
     fit = fit_scaling_curve(config, run_id)
     run.write_status(
         {

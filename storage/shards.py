@@ -268,7 +268,7 @@ class Shards:
             raise CorruptShardError(f"committed shard file {url} is missing. {fix}") from None
         crc = _crc_pool().submit(zlib.crc32, data)  # overlaps the decode; both drop the GIL
         try:
-            table, error = pq.read_table(pa.BufferReader(data)), None
+            table, error = pq.ParquetFile(pa.BufferReader(data)).read(), None  # no dataset layer
         except (pa.ArrowException, OSError) as e:
             table, error = None, e
         if len(data) != record["bytes"] or crc.result() != record["crc32"]:
