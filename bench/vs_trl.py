@@ -12,11 +12,17 @@ ScaleRL; ours is the full tiny-cpu pipeline (flows/run.py: PipelineRL-k, curricu
 store-backed rollouts; evaluations only at version 0 and at the end). One after the other, in
 this process, on the CPU.
 
-Reported per side: wall seconds, samples per second, and the held-out pass rate of the final
-policy measured by the same sampler (scalerl.warmstart.pass_rate: the run's held-out prompts x
-`--eval-samples` samples at temperature 1). Ours also reports its steady-state rate from the
-trainer's own per-step timestamps (without prepare and the two evaluations). The temporary
-Prefect server is started before the clock starts.
+Reported per side: wall seconds, trained samples per second, generated samples per second, and
+the held-out pass rate of the final policy measured by the same sampler
+(scalerl.warmstart.pass_rate: the run's held-out prompts x `--eval-samples` samples at
+temperature 1). Ours samples more completions than it trains on (zero-variance groups are
+filtered out, and shards in flight at the stop are never read), so TRL runs twice: "trl" at
+the same number of optimizer steps (equal trained samples) and "trl_equal_generated" at the
+same number of generated completions as ours (equal generation compute). Ours also reports its
+steady-state rate from the trainer's own per-step timestamps (without prepare and the two
+evaluations). Ours' wall includes prepare, both evaluations, the fit, plots and the report.
+Untimed on both sides: imports and the model load for TRL; the temporary Prefect server and
+the fork server's imports (tasks/isolated.py) for ours.
 Without TRL installed the TRL side is skipped with a message (JSON "trl": {"skipped": ...}).
 """
 
@@ -61,8 +67,12 @@ def run_ours(config) -> dict:
 
     from flows.run import scalerl_run
     from tasks.common import WeightCache, open_run
+    from tasks.isolated import wait_for_server
 
     flow(name="vs-trl-warmup")(_noop)()  # starts Prefect's temporary server, untimed
+    # The fork server imports torch and transformers for the generator and trainer processes;
+    # TRL's side also has its imports done and its model loaded before its clock starts.
+    wait_for_server()
     t0 = time.perf_counter()
     result = scalerl_run(config)
     wall = time.perf_counter() - t0
@@ -70,6 +80,9 @@ def run_ours(config) -> dict:
     times = sorted(float(t) for t in run.read_metrics("trainer").column("time").to_pylist())
     steps = result.get("step", 0)
     samples = steps * config.completions_per_batch
+    # every completion sampled, including zero-variance groups the filter dropped and shards
+    # still in flight when the trainer stopped: the generation compute the run spent
+    generated = sum(info.rows for info in run.list_shards("raw"))
     steady = (
         (len(times) - 1) * config.completions_per_batch / (times[-1] - times[0])
         if len(times) > 1 and times[-1] > times[0]
@@ -79,14 +92,16 @@ def run_ours(config) -> dict:
     return {
         "steps": steps,
         "samples": samples,
+        "generated_samples": generated,
         "wall_s": round(wall, 1),
         "samples_per_s": samples / wall,
+        "generated_samples_per_s": generated / wall,
         "samples_per_s_steady": steady,
         "final_model": str(final),
     }
 
 
-def run_trl(config, base: Path, train_rows: list[dict], out_dir: Path) -> dict:
+def run_trl(config, base: Path, train_rows: list[dict], out_dir: Path, steps: int) -> dict:
     try:
         import trl
         from datasets import Dataset
@@ -104,7 +119,6 @@ def run_trl(config, base: Path, train_rows: list[dict], out_dir: Path) -> dict:
         ]
 
     gen, opt = config.generation, config.optimizer
-    steps = config.schedule.max_steps
     batch = gen.prompts_per_batch * gen.samples_per_prompt
     args = GRPOConfig(
         output_dir=str(out_dir),
@@ -137,7 +151,8 @@ def run_trl(config, base: Path, train_rows: list[dict], out_dir: Path) -> dict:
     )
     model, tokenizer = load_policy(str(base), dtype="float32")
     need = steps * gen.prompts_per_batch
-    rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in train_rows][:need]
+    rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in train_rows]
+    rows = (rows * (need // len(rows) + 1))[:need]  # epochs over the prompts if need be
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=accuracy,
@@ -155,8 +170,10 @@ def run_trl(config, base: Path, train_rows: list[dict], out_dir: Path) -> dict:
         "version": trl.__version__,
         "steps": int(trainer.state.global_step),
         "samples": int(trainer.state.global_step) * batch,
+        "generated_samples": int(trainer.state.global_step) * batch,  # TRL trains on all
         "wall_s": round(wall, 1),
         "samples_per_s": int(trainer.state.global_step) * batch / wall,
+        "generated_samples_per_s": int(trainer.state.global_step) * batch / wall,
         "final_model": str(final),
     }
 
@@ -197,15 +214,30 @@ def main(argv: list[str] | None = None) -> dict:
     ours = run_ours(config)
     ours["final_pass_rate"] = score(ours.pop("final_model"))
     report["ours"] = ours
-    trl_side = run_trl(config, base, prompts.train, work / "trl")
-    if "final_model" in trl_side:
-        trl_side["final_pass_rate"] = score(trl_side.pop("final_model"))
+    # TRL twice: at the same optimizer steps (so the same trained samples), and at the same
+    # number of generated completions (ours also samples the zero-variance groups it filters out)
+    per_step = config.completions_per_batch
+    sides = {
+        "trl": args.steps,
+        "trl_equal_generated": -(-ours["generated_samples"] // per_step),
+    }
+    for name, steps in sides.items():
+        side = run_trl(config, base, prompts.train, work / name, steps)
+        if "final_model" not in side:
+            print(f"TRL side skipped: {side['skipped']}")
+            report[name] = side
+            break
+        side["final_pass_rate"] = score(side.pop("final_model"))
+        report[name] = side
+    if "samples_per_s" in report.get("trl", {}):
         report["samples_per_s_ratio_ours_over_trl"] = (
-            ours["samples_per_s"] / trl_side["samples_per_s"]
+            ours["samples_per_s"] / report["trl"]["samples_per_s"]
         )
-    else:
-        print(f"TRL side skipped: {trl_side['skipped']}")
-    report["trl"] = trl_side
+    if "generated_samples_per_s" in report.get("trl_equal_generated", {}):
+        report["generated_samples_per_s_ratio_ours_over_trl"] = (
+            ours["generated_samples_per_s"]
+            / report["trl_equal_generated"]["generated_samples_per_s"]
+        )
     report["machine"] = machine()
     return emit(report, args.out)
 
