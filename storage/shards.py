@@ -99,7 +99,8 @@ def _crc_pool() -> ThreadPoolExecutor:
 
 class _RecordCache:
     """Parsed commit records by (URL, listing stamp), shared by every Run of this process:
-    listing a stage used to re-read every record of it (O(shards) reads per poll)."""
+    listing a stage used to re-read every record of it (O(shards) reads per poll). The
+    records are shared, so callers only read them."""
 
     def __init__(self, max_entries: int) -> None:
         self._max, self._lock = max_entries, threading.Lock()

@@ -257,7 +257,9 @@ def _child(spec: dict, conn) -> None:
         logging.getLogger("scalerl.task").exception("%s failed", spec["target"])
         kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
         result = {"error": {"type": kind, "message": str(exc)}}
-    conn.send(("result", json.loads(json.dumps(result, default=str))))
+    message = ("result", json.loads(json.dumps(result, default=str)))
+    with handler.lock:  # a library thread that logs now must not interleave with the result
+        conn.send(message)
     conn.close()
     if "error" in result:
         sys.exit(1)
