@@ -37,7 +37,7 @@ from pathlib import Path
 from common import emit, machine
 
 
-def _config(steps: int, work: Path):
+def _config(steps: int, work: Path, overrides: list[str] = ()):
     """tiny-cpu on arithmetic from the warm start's distribution (as bench/demo_learning.py)."""
     from scalerl.config import load_config
     from scalerl.warmstart import task_rows
@@ -54,6 +54,7 @@ def _config(steps: int, work: Path):
             "data.num_eval_prompts=64",
             f"schedule.max_steps={steps}",
             f"evaluation.every_steps={steps}",
+            *overrides,
         ],
     )
 
@@ -183,6 +184,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=20, help="Optimizer steps on each side.")
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--out", help="Also write the JSON here.")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Config override for both sides (e.g. pipeline.max_off_policy_steps=8).",
+    )
     args = parser.parse_args(argv)
 
     from scalerl.data import load_prompts
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tasks.common import materialize_base_model
 
     work = Path(tempfile.mkdtemp(prefix="scalerl-vs-trl-"))
-    config = _config(args.steps, work)
+    config = _config(args.steps, work, args.set)
     base = materialize_base_model(config, work / "base")
     prompts = load_prompts(config.data)
     held_out = prompts.eval

@@ -18,7 +18,8 @@ prompts), where weights come from (``weights``) and where batches go.
 
 Stopping: the prompts run out (``sample_prompts`` raises CurriculumExhausted or returns
 nothing: in-flight groups are finished and emitted, then the loop ends), ``max_groups``
-groups were produced, or ``should_stop()`` turns true (checked after every finished group;
+groups were produced, or ``should_stop()`` turns true (checked after every finished group
+and while ``may_start`` holds the next batch back;
 sequences in flight are dropped: completions are regenerated, never half-stored). The
 groups finished before a stop are emitted as a last, possibly short, batch.
 """
@@ -30,11 +31,23 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from scalerl.curriculum import CurriculumExhausted
-from scalerl.engines.base import Completion, Engine, GroupRequest, SamplingSettings, WeightSource
+from scalerl.engines.base import (
+    HOLD,
+    Completion,
+    Engine,
+    GroupRequest,
+    SamplingSettings,
+    WeightSource,
+)
 from scalerl.length_control import LengthPolicy
 
 PromptSampler = Callable[[int], Sequence[tuple[str, str]]]
 """n -> up to n (prompt_id, prompt_text) pairs; raise CurriculumExhausted when none are left."""
+
+StartGate = Callable[[int], bool]
+"""in_flight -> may the next batch's prompts start now? in_flight = batches whose prompts were
+drawn but which were not yet emitted. While False the engine keeps stepping what is in flight
+(engines.base.HOLD) and asks again: backpressure that never freezes the batch in progress."""
 
 
 @dataclass(frozen=True)
@@ -81,10 +94,22 @@ class GeneratedBatch:
         return max(versions) if versions else None
 
 
-def _requests(sample_prompts: PromptSampler, settings: GeneratorSettings) -> Iterator[GroupRequest]:
-    """GroupRequests drawn lazily, a batch's worth of prompts per sampler call."""
-    left = settings.max_groups
+def _requests(
+    sample_prompts: PromptSampler,
+    settings: GeneratorSettings,
+    may_start: StartGate | None,
+    emitted: list[int],
+    should_stop: Callable[[], bool],
+) -> Iterator[GroupRequest | object]:
+    """GroupRequests drawn lazily, a batch's worth of prompts per sampler call; HOLD while
+    `may_start` refuses the next batch (emitted[0]: groups emitted so far), until a stop."""
+    left, drawn = settings.max_groups, 0
     while left is None or left > 0:
+        if may_start is not None:
+            while not may_start(-(-(drawn - emitted[0]) // settings.groups_per_batch)):
+                if should_stop():
+                    return
+                yield HOLD
         want = settings.groups_per_batch if left is None else min(left, settings.groups_per_batch)
         try:
             prompts = list(sample_prompts(want))
@@ -92,6 +117,7 @@ def _requests(sample_prompts: PromptSampler, settings: GeneratorSettings) -> Ite
             return
         if not prompts:
             return
+        drawn += len(prompts[:want])
         for prompt_id, text in prompts[:want]:
             yield GroupRequest(prompt_id, text, settings.samples_per_prompt)
         if left is not None:
@@ -105,11 +131,13 @@ def generate_batches(
     *,
     weights: WeightSource | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    may_start: StartGate | None = None,
 ) -> Iterator[GeneratedBatch]:
-    """Run the engine over sampled prompts and yield batches of complete groups."""
-    index, groups, started = 0, [], time.time()
+    """Run the engine over sampled prompts and yield batches of complete groups; `may_start`
+    (optional) holds back the next batch's prompts (StartGate)."""
+    index, groups, started, emitted = 0, [], time.time(), [0]
     stream = engine.generate(
-        _requests(sample_prompts, settings),
+        _requests(sample_prompts, settings, may_start, emitted, should_stop),
         settings.sampling,
         length=settings.length,
         weights=weights,
@@ -117,6 +145,7 @@ def generate_batches(
     try:
         for group in stream:
             groups.append(group)
+            emitted[0] += 1
             if len(groups) == settings.groups_per_batch:
                 yield GeneratedBatch(index, groups, started, time.time())
                 index, groups, started = index + 1, [], time.time()

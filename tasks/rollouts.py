@@ -35,23 +35,55 @@ def _seed(*parts) -> int:
     )
 
 
-def max_lead(config: RunConfig) -> int:
-    """Raw shards the generators may be ahead of what the trainer has read: enough to keep the
-    trainer fed through scoring and filtering, not so many that they go stale (k) unused."""
-    return max(2, config.pipeline.max_off_policy_steps + 1) * config.generation.num_generators
+def may_start_batch(
+    *, unread: int, in_flight: int, published: int, loaded: int, k: int, generators: int
+) -> bool:
+    """Backpressure: may a generator draw the prompts of its next batch now?
+
+    Each raw shard is one trainer batch, read in commit order, so the new batch is trained at
+    step published + queued at the earliest, queued = raw shards committed but not yet read by
+    the trainer (`unread`) + this generator's batches drawn but not committed (`in_flight`) +
+    one per other generator (their batch in progress). Its oldest token comes from version
+    `loaded` (the engine's weights now) or newer, so it is at most published + queued - loaded
+    steps old when trained, and is dropped unused past k (the staleness contract): start only
+    when that is <= k. A trainer with nothing queued is never kept waiting, whatever the lag.
+    """
+    if unread + in_flight == 0:
+        return True
+    return published + unread + in_flight + (generators - 1) - loaded <= k
 
 
-def wait_for_trainer(run, config: RunConfig, should_stop, poll_s: float = 0.05) -> None:
-    """Backpressure: block (before drawing new prompts) while the committed raw shards are more
-    than max_lead ahead of the trainer's reads. Reads keep advancing as long as the run flow
-    filters shards, so this cannot deadlock; a stopping run releases it at once."""
-    from tasks.trainer_io import INTAKE_MARKER
+class LeadGate:
+    """The generator's StartGate (scalerl.generator): may_start_batch over the run store.
+    Store reads are limited to one per `interval_s` while it refuses; when only the engine's
+    weights are behind, it tells the throttled weight source to look at once."""
 
-    while not should_stop():
-        read = (run.read_marker(INTAKE_MARKER) or {}).get("shards_read", 0)
-        if run.count_shards(RAW) - read <= max_lead(config):
-            return
-        time.sleep(poll_s)
+    def __init__(self, run, config: RunConfig, engine, weights, interval_s: float = 0.02):
+        self.run, self.engine, self.weights, self.interval_s = run, engine, weights, interval_s
+        self.k = config.pipeline.max_off_policy_steps
+        self.generators = config.generation.num_generators
+        self._refused_at = float("-inf")
+
+    def __call__(self, in_flight: int) -> bool:
+        from tasks.trainer_io import INTAKE_MARKER
+
+        if time.monotonic() - self._refused_at < self.interval_s:
+            return False
+        read = (self.run.read_marker(INTAKE_MARKER) or {}).get("shards_read", 0)
+        published = self.run.latest_weights_version() or 0
+        ok = may_start_batch(
+            unread=max(0, self.run.count_shards(RAW) - read),
+            in_flight=in_flight,
+            published=published,
+            loaded=self.engine.version,
+            k=self.k,
+            generators=self.generators,
+        )
+        if not ok:
+            self._refused_at = time.monotonic()
+            if published > self.engine.version:
+                self.weights.expedite()
+        return ok
 
 
 @task(name="generate-rollouts", retries=2, retry_delay_seconds=[5, 30], cache_policy=None)
@@ -109,7 +141,6 @@ def generator_body(
 
     def sample_prompts(n: int):
         nonlocal exhausted
-        wait_for_trainer(run, config, should_stop)
         committed = run.load_curriculum()
         if committed is not None:
             sampler.retire(committed[1]["sampler"]["retired"])
@@ -138,7 +169,12 @@ def generator_body(
     try:
         weights = Throttled(StoreWeights(cache, version), interval_s=0.2)
         for batch in generate_batches(
-            engine, sample_prompts, settings, weights=weights, should_stop=should_stop
+            engine,
+            sample_prompts,
+            settings,
+            weights=weights,
+            should_stop=should_stop,
+            may_start=LeadGate(run, config, engine, weights),
         ):
             if (
                 stop[0]

@@ -31,6 +31,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from scalerl.engines.base import (
+    HOLD,
+    HOLD_SLEEP_S,
     Completion,
     EngineError,
     GroupRequest,
@@ -335,10 +337,14 @@ class TransformersEngine:
                 self.load_weights(*new)
             # 1) admit waiting sequences into free rows; one prefill per prompt group
             free = [r for r, s in enumerate(slots) if s is None]
+            held = False
             while len(waiting) < len(free) and not exhausted:
                 req = next(source, None)
                 if req is None:
                     exhausted = True
+                    break
+                if req is HOLD:  # nothing to start now: step what is live, ask again
+                    held = True
                     break
                 _, seqs, done_group = open_group(
                     req, self.tokenizer, sampling, policy, self.context_len
@@ -379,6 +385,8 @@ class TransformersEngine:
             if not live:
                 if exhausted and not waiting:
                     return
+                if held:
+                    time.sleep(HOLD_SLEEP_S)
                 continue
             ids = torch.tensor(
                 [[pending[r][0] if slots[r] else self.pad_id] for r in range(store.rows)]

@@ -44,11 +44,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from scalerl.engines.base import (
+    HOLD,
+    HOLD_SLEEP_S,
     Completion,
     EngineError,
     GroupRequest,
@@ -228,10 +231,14 @@ class VLLMEngine:
             while True:
                 if weights is not None and (new := weights.poll()) is not None:
                     self.load_weights(*new)
+                held = False
                 while len(live) + len(waiting) < self.max_batch_size and not exhausted:
                     req = next(source, None)
                     if req is None:
                         exhausted = True
+                        break
+                    if req is HOLD:  # nothing to start now: step what is live, ask again
+                        held = True
                         break
                     _, seqs, done_group = open_group(
                         req, self.tokenizer, sampling, policy, self.context_len
@@ -244,6 +251,8 @@ class VLLMEngine:
                 if not live:
                     if exhausted and not waiting:
                         return
+                    if held:
+                        time.sleep(HOLD_SLEEP_S)
                     continue
                 done = [
                     group

@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from scalerl.config import load_config
 from scalerl.faults import POINTS
 from storage import open_store
 from tasks.verify import verify_run
@@ -32,7 +33,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("SCALERL_CHAOS_SEED", "20261125"))
-MAX_STEPS = 14
+# Room for every kill to fire: generators start a batch only when the trainer can still use
+# it (tasks/rollouts.py), so a cycle near the end may have few shards left to reach a point.
+MAX_STEPS = 20
 SEAM_KILLS = 11  # every point once, the rest drawn at random
 EXTERNAL_KILLS = 1  # os.kill from the test at a random moment, not at a seam
 CYCLE_TIMEOUT_S = 120
@@ -130,6 +133,12 @@ def chaos_run(prefect_server, tmp_path_factory):
     run = None
     seen: dict[tuple[str, str], float] = {}
     cycles = []
+    # The warm-started model is built once per machine and cached (tasks/common.py); on a fresh
+    # machine building it takes longer than a cycle may, so build it before any cycle's clock.
+    from tasks.common import materialize_base_model
+
+    cfg = load_config(preset="tiny-cpu", overrides=[f"storage.url={root}", *OVERRIDES])
+    materialize_base_model(cfg, tmp / "base-model")
     t0 = time.monotonic()
     for i, chaos in enumerate(plan):
         log = tmp / f"cycle-{i:02d}.log"

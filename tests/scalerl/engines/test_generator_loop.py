@@ -85,6 +85,55 @@ def test_batches_carry_the_versions_picked_up_in_flight(tiny_model, scheduled):
         assert c.versions == sorted(c.versions)  # versions never go back within a sample
 
 
+def test_a_closed_gate_holds_new_prompts_without_freezing_the_batch_in_flight(tiny_model):
+    """The gate is asked before each batch's prompts with the batches drawn but not yet
+    emitted; while it refuses, the engine finishes what it has (HOLD) and nothing new starts.
+    Samples are seeded per (prompt, index), so the completions equal an ungated run's."""
+    engine = TransformersEngine(str(tiny_model), max_batch_size=4)
+    calls: list[int] = []
+    emitted: list[int] = []
+    refusals = [0]
+
+    def gate(in_flight: int) -> bool:
+        calls.append(in_flight)
+        if in_flight > 0:  # only one batch in flight at a time
+            refusals[0] += 1
+            return False
+        return True
+
+    gated = []
+    for b in generate_batches(engine, FiniteSampler(6), settings(), may_start=gate):
+        emitted.append(len(calls))
+        gated.append(b)
+    free = list(generate_batches(engine, FiniteSampler(6), settings()))
+    assert [len(b.groups) for b in gated] == [2, 2, 2]
+    # the first batch's prompts started at once; the next ones waited for the batch before
+    assert calls[0] == 0 and refusals[0] > 0 and set(calls) == {0, 1}
+    # a batch emitted before the gate let the next one start: in flight was 0 again
+    assert emitted[0] <= calls.index(0, 1)
+    key = lambda bs: {(c.prompt_id, c.sample_index): c.token_ids for b in bs for c in b.completions}  # noqa: E731
+    assert key(gated) == key(free)
+
+
+def test_a_stop_while_held_ends_the_loop(tiny_model):
+    """Nothing in flight and the gate closed for good: only a stop can end the loop, and it
+    must, although no group finishes any more to trigger the usual check."""
+    engine = TransformersEngine(str(tiny_model), max_batch_size=4)
+    calls = [0]
+
+    def gate(in_flight: int) -> bool:
+        calls[0] += 1
+        assert calls[0] < 10_000, "held forever: the stop was never looked at"
+        return calls[0] == 1  # the first batch only
+
+    batches = list(
+        generate_batches(
+            engine, endless, settings(), may_start=gate, should_stop=lambda: calls[0] > 5
+        )
+    )
+    assert [len(b.groups) for b in batches] == [2] and 5 < calls[0] < 10
+
+
 @pytest.mark.parametrize("kw", [dict(groups_per_batch=0), dict(samples_per_prompt=0)])
 def test_invalid_settings_are_rejected(kw):
     with pytest.raises(ValueError, match="Fix:"):

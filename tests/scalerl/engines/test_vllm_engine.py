@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalerl.engines.base import GroupRequest, SamplingSettings
+from scalerl.engines.base import HOLD, GroupRequest, SamplingSettings
 from scalerl.engines.hf import TransformersEngine
 from scalerl.fp32_head import token_logprobs
 from scalerl.length_control import INTERRUPTION_PHRASE, LengthPolicy
@@ -64,6 +64,31 @@ def test_greedy_matches_transformers_engine_and_fp32_logprobs(engine, tiny_model
             expected = token_logprobs(model, full)[0, len(c.prompt_token_ids) - 1 :]
         torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
         assert c.versions == [0] * 32 and all(c.sampled)
+
+
+@pytest.mark.slow
+def test_hold_in_the_request_stream_delays_requests_and_drops_none(engine):
+    """HOLD (backpressure): the engine steps what is live, asks again, and idles when nothing
+    is; greedy completions equal those of a stream without holds."""
+    settings = SamplingSettings(max_new_tokens=8, temperature=0)
+    asked_after_hold = []
+
+    def held():
+        first, *rest = requests()
+        yield first
+        for _ in range(3):  # while p0 is live
+            yield HOLD
+        for i, req in enumerate(rest):
+            yield req
+            if i == 0:
+                for _ in range(5):  # held again, p1 just admitted
+                    asked_after_hold.append(1)
+                    yield HOLD
+
+    got = by_key(engine.generate(held(), settings))
+    ref = by_key(engine.generate(requests(), settings))
+    assert len(asked_after_hold) == 5
+    assert {k: c.token_ids for k, c in got.items()} == {k: c.token_ids for k, c in ref.items()}
 
 
 @pytest.mark.slow
@@ -152,7 +177,7 @@ def test_bad_models_fail_before_vllm_starts(tmp_path, tiny_model):
 BF16_CHECK = """
 import json, sys
 import torch
-from scalerl.engines.base import GroupRequest, SamplingSettings
+from scalerl.engines.base import HOLD, GroupRequest, SamplingSettings
 from scalerl.engines.vllm_engine import VLLMEngine
 from scalerl.fp32_head import token_logprobs
 from scalerl.models import load_policy

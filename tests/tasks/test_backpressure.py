@@ -1,0 +1,99 @@
+"""Generator backpressure (tasks/rollouts.py): start a batch only if it can still be trained.
+
+The rule, written out: the new batch is trained at step published + unread + in_flight +
+(generators - 1) at the earliest, and its oldest token is from version `loaded` or newer; it
+is used only if that step - loaded <= k. With nothing queued for the trainer it always starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+
+from scalerl.config import load_config
+from scalerl.engines.base import Throttled
+from storage import open_store
+from tasks.rollouts import LeadGate, may_start_batch
+from tasks.trainer_io import INTAKE_MARKER
+from tests.tasks.test_trainer_io import _shard
+
+
+@pytest.mark.parametrize(
+    "unread, in_flight, published, loaded, k, generators",
+    [  # an engine never holds weights newer than the newest published: loaded <= published
+        c
+        for c in itertools.product([0, 1, 2, 5], [0, 1], [0, 3, 7], [0, 2, 3, 7], [0, 2, 8], [1, 2])
+        if c[3] <= c[2]
+    ],
+)
+def test_rule_matches_the_staleness_bound(unread, in_flight, published, loaded, k, generators):
+    earliest_step = published + unread + in_flight + (generators - 1)
+    expected = unread + in_flight == 0 or earliest_step - loaded <= k
+    got = may_start_batch(
+        unread=unread,
+        in_flight=in_flight,
+        published=published,
+        loaded=loaded,
+        k=k,
+        generators=generators,
+    )
+    assert got == expected
+
+
+def test_k0_is_lockstep_and_a_starving_trainer_is_never_kept_waiting():
+    # synchronous: one batch at a time, from the newest weights
+    assert may_start_batch(unread=0, in_flight=0, published=4, loaded=4, k=0, generators=1)
+    assert not may_start_batch(unread=0, in_flight=1, published=4, loaded=4, k=0, generators=1)
+    assert not may_start_batch(unread=1, in_flight=0, published=4, loaded=4, k=0, generators=1)
+    # weights far behind, but the trainer has nothing coming: start anyway (no deadlock)
+    assert may_start_batch(unread=0, in_flight=0, published=9, loaded=1, k=2, generators=3)
+
+
+class _Weights(Throttled):
+    def __init__(self):
+        super().__init__(source=SimpleNamespace(poll=lambda: None), interval_s=60.0)
+        self.expedited = 0
+
+    def expedite(self) -> None:
+        super().expedite()
+        self.expedited += 1
+
+
+def test_gate_reads_the_run_store(tmp_path):
+    config = load_config(preset="tiny-cpu", overrides=["pipeline.max_off_policy_steps=2"])
+    run = open_store(str(tmp_path / "runs")).run("io-run", create=True)
+    for v in range(4):  # the trainer published v0..v3: it trains step 3 next
+        d = tmp_path / f"w{v}"
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        run.publish_weights(v, d)
+    for i in range(3):
+        run.commit_shard("raw", f"gen0-{i:06d}", _shard(f"gen0-{i:06d}", [f"g{i}"]))
+    run.write_marker(INTAKE_MARKER, {"stage": "filtered", "shards_read": 2})  # 1 unread
+    engine, weights = SimpleNamespace(version=3), _Weights()
+    gate = LeadGate(run, config, engine, weights, interval_s=0.0)
+    # 3 + 1 unread + 0 in flight - 3 = 1 <= 2; with one in flight 2 <= 2; with two, 3 > 2
+    assert gate(0) and gate(1) and not gate(2)
+    assert weights.expedited == 0  # refused for the queue, not for old weights
+    engine.version = 2  # weights one behind: 3 + 1 + 1 - 2 = 3 > 2
+    assert not gate(1) and weights.expedited == 1  # and the engine is told to look now
+    run.write_marker(INTAKE_MARKER, {"stage": "filtered", "shards_read": 3})  # trainer read it
+    assert gate(1)  # 3 + 0 + 1 - 2 = 2 <= 2
+
+
+def test_gate_looks_at_the_store_at_most_once_per_interval_while_it_refuses(tmp_path):
+    config = load_config(preset="tiny-cpu", overrides=["pipeline.max_off_policy_steps=0"])
+    run = open_store(str(tmp_path / "runs")).run("io-run", create=True)
+    d = tmp_path / "w0"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    run.publish_weights(0, d)
+    gate = LeadGate(run, config, SimpleNamespace(version=0), _Weights(), interval_s=3600.0)
+    assert not gate(1)  # a batch in flight at k = 0
+    run.commit_shard("raw", "gen0-000000", _shard("gen0-000000", ["g0"]))
+    run.write_marker(INTAKE_MARKER, {"stage": "filtered", "shards_read": 1})
+    assert not gate(0)  # would pass now, but the last refusal was under an hour ago
+    gate._refused_at = float("-inf")
+    assert gate(0)
