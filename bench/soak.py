@@ -65,8 +65,9 @@ def overrides(root: str, run_id: str, generators: int, prompts: int, samples: in
 
 
 def _role(pid: int, flow_pid: int, cmdline: str) -> str:
-    """flow, reward-worker, fork-server, resource-tracker, generator, trainer (tasks/isolated.py
-    names its children scalerl-gen<i> and scalerl-trainer), or other."""
+    """flow, reward-worker, fork-server, resource-tracker, generator, trainer, evaluator
+    (tasks/isolated.py names its children scalerl-gen<i>, scalerl-trainer, scalerl-eval-v<n>),
+    or other."""
     if pid == flow_pid:
         return "flow"
     if "scalerl.rewards" in cmdline:
@@ -77,6 +78,8 @@ def _role(pid: int, flow_pid: int, cmdline: str) -> str:
             return "trainer"
         if name.startswith("scalerl-gen"):
             return "generator"
+        if name.startswith("scalerl-eval"):
+            return "evaluator"  # one per evaluation, gone when it is done
     if "multiprocessing.resource_tracker" in cmdline:
         return "resource-tracker"  # started with the fork server
     return "fork-server" if "multiprocessing.forkserver" in cmdline else "other"

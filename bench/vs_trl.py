@@ -12,7 +12,10 @@ ScaleRL; ours is the full tiny-cpu pipeline (flows/run.py: PipelineRL-k, curricu
 store-backed rollouts; evaluations only at version 0 and at the end). One after the other, in
 this process, on the CPU.
 
-Reported per side: wall seconds, trained samples per second, generated samples per second, and
+Reported per side: wall seconds, trained samples per second, generated samples per second
+(ours also over its training window: from the flow's start to the trainer's last step, which
+covers what TRL's train() does plus our prepare, process starts and model loads, but not the
+final evaluation, fit, plots and report that follow it; TRL does none of those), and
 the held-out pass rate of the final policy measured by the same sampler
 (scalerl.warmstart.pass_rate: the run's held-out prompts x `--eval-samples` samples at
 temperature 1). Ours samples more completions than it trains on (zero-variance groups are
@@ -74,11 +77,15 @@ def run_ours(config) -> dict:
     # The fork server imports torch and transformers for the generator and trainer processes;
     # TRL's side also has its imports done and its model loaded before its clock starts.
     wait_for_server()
-    t0 = time.perf_counter()
+    t0, start = time.perf_counter(), time.time()
     result = scalerl_run(config)
     wall = time.perf_counter() - t0
     run = open_run(config, result["run_id"])
     times = sorted(float(t) for t in run.read_metrics("trainer").column("time").to_pylist())
+    # from the flow's start to the trainer's last step: what TRL's train() covers, plus our
+    # prepare, process starts and model loads (the final evaluation, fit, plots and report are
+    # after it; the version-0 evaluation runs beside the first steps)
+    train_wall = times[-1] - start if times else wall
     steps = result.get("step", 0)
     samples = steps * config.completions_per_batch
     # every completion sampled, including zero-variance groups the filter dropped and shards
@@ -97,6 +104,9 @@ def run_ours(config) -> dict:
         "wall_s": round(wall, 1),
         "samples_per_s": samples / wall,
         "generated_samples_per_s": generated / wall,
+        "train_wall_s": round(train_wall, 1),
+        "samples_per_s_train_window": samples / train_wall,
+        "generated_samples_per_s_train_window": generated / train_wall,
         "samples_per_s_steady": steady,
         "final_model": str(final),
     }
@@ -241,9 +251,16 @@ def main(argv: list[str] | None = None) -> dict:
         report["samples_per_s_ratio_ours_over_trl"] = (
             ours["samples_per_s"] / report["trl"]["samples_per_s"]
         )
+        report["samples_per_s_train_window_ratio_ours_over_trl"] = (
+            ours["samples_per_s_train_window"] / report["trl"]["samples_per_s"]
+        )
     if "generated_samples_per_s" in report.get("trl_equal_generated", {}):
         report["generated_samples_per_s_ratio_ours_over_trl"] = (
             ours["generated_samples_per_s"]
+            / report["trl_equal_generated"]["generated_samples_per_s"]
+        )
+        report["generated_samples_per_s_train_window_ratio_ours_over_trl"] = (
+            ours["generated_samples_per_s_train_window"]
             / report["trl_equal_generated"]["generated_samples_per_s"]
         )
     report["machine"] = machine()

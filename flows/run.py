@@ -4,9 +4,10 @@ evaluations -> scaling fit -> report. The flow a Prefect deployment schedules fr
     from flows.run import scalerl_run
     scalerl_run(load_config(preset="tiny-cpu"))          # or: scalerl run --preset tiny-cpu
 
-Generators and the trainer are persistent tasks on the flow's thread pool; the flow itself moves
-every newly committed raw shard through score -> filter -> curriculum (in commit order, so the
-curriculum sees one writer), evaluates every `evaluation.every_steps` versions, and keeps the
+Generators and the trainer are persistent tasks (each supervising its own process); the flow
+itself moves every newly committed raw shard through score -> curriculum -> filter (in commit
+order, so the curriculum sees one writer; three task runs per shard, or one advance-shard task
+run with pipeline.stage_tasks = per_shard), evaluates every `evaluation.every_steps` versions, and keeps the
 progress and metrics artifacts current. It ends when the trainer ends (max steps, compute budget,
 or no more prompts), then marks the run finished, which stops the generators.
 
@@ -26,7 +27,7 @@ from scalerl.config import RunConfig
 from scalerl.faults import kill_point
 from tasks.common import open_run
 from tasks.evaluate import evaluate_policy
-from tasks.isolated import in_process, start_server
+from tasks.isolated import in_process, start_server, wait_for_activity
 from tasks.prepare import prepare_run
 from tasks.report import (
     publish_metrics_table,
@@ -37,7 +38,7 @@ from tasks.report import (
 )
 from tasks.rollouts import generate_rollouts
 from tasks.scaling import fit_scaling_curve
-from tasks.stages import filter_shard, score_shard, update_curriculum
+from tasks.stages import advance_shard, filter_shard, score_shard, update_curriculum
 from tasks.train import train_policy
 
 POLL_MIN_S, POLL_MAX_S = 0.05, 1.0  # idle polling backs off from MIN to MAX, reset on work
@@ -53,7 +54,11 @@ def advance_shards(config: RunConfig, run_id: str) -> int:
     # quote: Prefect would otherwise walk the whole config (a pydantic tree) looking for futures
     # on every call, three calls per shard
     quoted = quote(config)
+    per_shard = config.pipeline.stage_tasks == "per_shard"
     for key in todo:
+        if per_shard:  # the same three stages in one task run
+            advance_shard(quoted, run_id, key)
+            continue
         for stage in (score_shard, update_curriculum, filter_shard):
             if "quarantined" in stage(quoted, run_id, key):
                 break  # its input was unusable and is in quarantine: the key goes no further
@@ -120,10 +125,12 @@ def _supervise(config, run_id, run, progress, generators, trainer, evaluated) ->
         if moved and time.monotonic() - table_at >= TABLE_EVERY_S:
             publish_metrics_table(config, run_id)
             table_at = time.monotonic()
-        # The stages sit on the critical path between generator and trainer: poll fast while
-        # shards flow, back off while idle so a long-idle run does not hammer S3 with LISTs.
+        # The stages sit on the critical path between generator and trainer: a generator's
+        # commit wakes the loop at once (tasks.isolated.notify_flow); otherwise it polls, fast
+        # while shards flow and backing off while idle, so an idle run does not hammer S3.
         poll = POLL_MIN_S if moved else min(2 * poll, POLL_MAX_S)
-        time.sleep(0 if moved else poll)
+        if not moved:
+            wait_for_activity(poll)
     try:
         summary = trainer.result()
     finally:
@@ -144,10 +151,11 @@ def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
         start_server()  # generator and trainer processes fork from it; imports overlap prepare
     run_id = prepare_run(config, run_id)
     progress = start_progress(run_id, config.schedule.max_steps)
-    # transformers' first import is not thread-safe (its lazy module: two threads that import
-    # it at once get "cannot import name 'AutoModelForCausalLM'"), and the generators and the
-    # trainer below would each import it first on their own thread. Import it here, once.
-    import transformers  # noqa: F401
+    if in_process(config):
+        # transformers' first import is not thread-safe (its lazy module: two threads that
+        # import it at once get "cannot import name 'AutoModelForCausalLM'"), and the
+        # generators and the trainer below would each import it first on their own thread.
+        import transformers  # noqa: F401
 
     generators = [
         generate_rollouts.submit(config, run_id, f"gen{i}")

@@ -272,6 +272,10 @@ class PipelineConfig(_Section):
         le=1_024,
         description="torch intra-op threads in each generator and trainer process (None: torch's default, all cores). Set 1 on small CPU machines, where the processes would otherwise oversubscribe the cores.",
     )
+    stage_tasks: Literal["per_stage", "per_shard"] = Field(
+        "per_stage",
+        description="Prefect task runs per rollout shard: 'per_stage' (score-shard, update-curriculum and filter-shard, three task runs) or 'per_shard' (one advance-shard task run that runs the same three stages in order, each still committing its own output). per_shard costs a third of the orchestration: use it when a task run costs as much as generating a shard (tiny models).",
+    )
 
 
 class OptimizerConfig(_Section):
@@ -482,7 +486,9 @@ def _tiny_cpu() -> dict[str, Any]:
         "optimizer": {"lr": 1.5e-4, "warmup_steps": 2},
         "trainer": {"micro_batch_tokens": 4_096, "checkpoint_every": 10},
         # generator and trainer processes, one core each, beside the flow process's stages
-        "pipeline": {"max_off_policy_steps": 2, "torch_threads": 1},
+        # one Prefect task run per shard: with a 2-layer model, a task run (client + server
+        # CPU) costs about as much as generating the shard
+        "pipeline": {"max_off_policy_steps": 2, "torch_threads": 1, "stage_tasks": "per_shard"},
         "evaluation": {"every_steps": 20, "samples_per_prompt": 8},
         "schedule": {"max_steps": 500, "compute_unit": "samples"},
     }

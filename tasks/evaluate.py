@@ -14,6 +14,7 @@ from prefect import get_run_logger, task
 
 from scalerl.config import RunConfig
 from tasks.common import WeightCache, open_run
+from tasks.isolated import in_process, run_isolated
 
 EVAL = "eval"
 
@@ -31,7 +32,8 @@ def eval_key(version: int) -> str:
 
 
 def generate_eval_shard(config: RunConfig, run_id: str, version: int) -> None:
-    """Sample and score the held-out prompts with policy `version`; commit eval/v{version}."""
+    """Sample and score the held-out prompts with policy `version`; commit eval/v{version}.
+    Runs in a child process (evaluate_policy), or here with pipeline.isolation = thread."""
     from scalerl.engines.base import GroupRequest
     from scalerl.rewards import score_many
     from storage import rollouts_from_records
@@ -99,6 +101,17 @@ def evaluate_policy(config: RunConfig, run_id: str, version: int) -> dict:
     if not run.has_shard(EVAL, key):
         if config.generation.engine == "vllm":
             generate_eval_shard_in_child(config, run_id, version)
+        elif not in_process(config):
+            # a fork of the fork server (torch and transformers already imported): the flow
+            # process never imports them, and sampling does not hold the flow's GIL while its
+            # loop moves shards to the trainer
+            run_isolated(
+                "tasks.evaluate:generate_eval_shard",
+                config,
+                f"evaluation eval-v{version}",
+                run_id=run_id,
+                version=version,
+            )
         else:
             generate_eval_shard(config, run_id, version)
     table = run.read_shard(EVAL, key)

@@ -103,6 +103,30 @@ def _noop() -> None:
 
 _MAIN_LOCK = threading.Lock()
 
+# Wakes the run flow's loop when a body says it committed something (notify_flow): the loop
+# waits on it instead of sleeping through a fixed poll interval, so a new raw shard goes to
+# the stages at once without the loop listing the store every few milliseconds.
+_ACTIVITY = threading.Event()
+_CHILD_HANDLER: _PipeHandler | None = None  # set in an isolated child: its pipe to the parent
+
+
+def notify_flow() -> None:
+    """Tell the run flow that new data is committed (a generator's raw shard). In a child the
+    message goes up the pipe and the supervising task sets the event; in-process, directly."""
+    handler = _CHILD_HANDLER
+    if handler is None:
+        _ACTIVITY.set()
+        return
+    with handler.lock, contextlib.suppress(OSError):
+        handler.conn.send(("notify",))
+
+
+def wait_for_activity(timeout: float) -> bool:
+    """Block until notify_flow() or `timeout` seconds; True if notified (and re-armed)."""
+    fired = _ACTIVITY.wait(timeout)
+    _ACTIVITY.clear()
+    return fired
+
 
 @contextlib.contextmanager
 def _without_main():
@@ -171,6 +195,8 @@ def run_isolated(target: str, config: RunConfig, what: str, **kwargs: Any) -> di
                 level, message = payload
                 logger.log(level, message)
                 tail.append(message)
+            elif kind == "notify":
+                _ACTIVITY.set()
             else:
                 outcome = payload[0]
         proc.join()
@@ -241,7 +267,8 @@ def _child(spec: dict, conn) -> None:
     with contextlib.suppress(OSError):  # Linux: the name ps, top and bench/soak.py show
         Path("/proc/self/comm").write_text(spec["name"][:15])
     _watch_parent(spec["parent"])
-    handler = _PipeHandler(conn)
+    global _CHILD_HANDLER
+    handler = _CHILD_HANDLER = _PipeHandler(conn)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

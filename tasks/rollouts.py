@@ -36,27 +36,30 @@ def _seed(*parts) -> int:
 
 
 def may_start_batch(
-    *, unread: int, in_flight: int, published: int, loaded: int, k: int, generators: int
+    *, unread: int, in_flight: int, trainer_step: int, loaded: int, k: int, generators: int
 ) -> bool:
     """Backpressure: may a generator draw the prompts of its next batch now?
 
     Each raw shard is one trainer batch, read in commit order, so the new batch is trained at
-    step published + queued at the earliest, queued = raw shards committed but not yet read by
-    the trainer (`unread`) + this generator's batches drawn but not committed (`in_flight`) +
-    one per other generator (their batch in progress). Its oldest token comes from version
-    `loaded` (the engine's weights now) or newer, so it is at most published + queued - loaded
-    steps old when trained, and is dropped unused past k (the staleness contract): start only
-    when that is <= k. A trainer with nothing queued is never kept waiting, whatever the lag.
+    step trainer_step + queued at the earliest: trainer_step = the step the trainer's next
+    unread shard goes to, queued = raw shards committed but not yet read by the trainer
+    (`unread`) + this generator's batches drawn but not committed (`in_flight`) + one per other
+    generator (their batch in progress). Its oldest token comes from version `loaded` (the
+    engine's weights now) or newer, so it is at most trainer_step + queued - loaded steps old
+    when trained, and is dropped unused past k (the staleness contract): start only when that
+    is <= k. A trainer with nothing queued is never kept waiting, whatever the lag.
     """
     if unread + in_flight == 0:
         return True
-    return published + unread + in_flight + (generators - 1) - loaded <= k
+    return trainer_step + unread + in_flight + (generators - 1) - loaded <= k
 
 
 class LeadGate:
     """The generator's StartGate (scalerl.generator): may_start_batch over the run store.
-    Store reads are limited to one per `interval_s` while it refuses; when only the engine's
-    weights are behind, it tells the throttled weight source to look at once."""
+    trainer_step comes from the trainer's intake marker (next_step, written when it takes a
+    batch; the newest published version before its first batch). Store reads are limited to one per
+    `interval_s` while it refuses; when only the engine's weights are behind, it tells the
+    throttled weight source to look at once."""
 
     def __init__(self, run, config: RunConfig, engine, weights, interval_s: float = 0.02):
         self.run, self.engine, self.weights, self.interval_s = run, engine, weights, interval_s
@@ -69,19 +72,21 @@ class LeadGate:
 
         if time.monotonic() - self._refused_at < self.interval_s:
             return False
-        read = (self.run.read_marker(INTAKE_MARKER) or {}).get("shards_read", 0)
-        published = self.run.latest_weights_version() or 0
+        marker = self.run.read_marker(INTAKE_MARKER) or {}
+        step = marker.get("next_step")
+        if step is None:  # before the trainer's first batch: the newest published version
+            step = self.run.latest_weights_version() or 0
         ok = may_start_batch(
-            unread=max(0, self.run.count_shards(RAW) - read),
+            unread=max(0, self.run.count_shards(RAW) - marker.get("shards_read", 0)),
             in_flight=in_flight,
-            published=published,
+            trainer_step=step,
             loaded=self.engine.version,
             k=self.k,
             generators=self.generators,
         )
         if not ok:
             self._refused_at = time.monotonic()
-            if published > self.engine.version:
+            if step > self.engine.version:  # the trainer has published newer weights
                 self.weights.expedite()
         return ok
 
@@ -118,7 +123,7 @@ def generator_body(
         make_engine,
         sampling_settings,
     )
-    from tasks.isolated import task_logger
+    from tasks.isolated import notify_flow, task_logger
 
     logger = task_logger()
     run = open_run(config, run_id)
@@ -194,6 +199,7 @@ def generator_body(
             )
             kill_point("generator.before_commit")
             run.commit_shard(RAW, key, rollouts_from_records(records))
+            notify_flow()  # the run flow's loop wakes and sends it through the stages now
             kill_point("generator.after_commit")
             seq, committed = seq + 1, committed + 1
             tokens += sum(len(r["completion_token_ids"]) for r in records)

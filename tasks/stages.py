@@ -1,5 +1,9 @@
 """The per-shard stages: score -> filter -> curriculum update.
 
+Each is a Prefect task of its own (pipeline.stage_tasks = per_stage, three task runs per
+shard), or the three run in order inside one advance-shard task run (per_shard): the same
+functions (`task.fn`), the same commits, a third of the orchestration cost.
+
 Each reads one committed shard and commits one output under the same key, so a retried or
 re-run stage overwrites nothing and duplicates nothing: the store treats an identical re-commit
 as a no-op, and each task first checks whether its output already exists. There is no Prefect
@@ -181,3 +185,32 @@ def update_curriculum(config: RunConfig, run_id: str, key: str) -> dict:
         "active": len(sampler.active_ids),
         "exhausted": sampler.exhausted,
     }
+
+
+STAGES = (("score", score_shard), ("curriculum", update_curriculum), ("filter", filter_shard))
+
+
+@task(
+    name="advance-shard",
+    retries=3,
+    retry_delay_seconds=[2, 5, 15],
+    timeout_seconds=1800,
+    cache_policy=None,  # idempotent through the store; see the module docstring
+)
+def advance_shard(config: RunConfig, run_id: str, key: str) -> dict:
+    """score -> curriculum -> filter for raw/{key} in one task run (pipeline.stage_tasks =
+    per_shard). Each stage commits its own output and skips what is already committed, so a
+    retry resumes at the first stage not yet done. Stops at a quarantined input and returns
+    {"quarantined": stage, ...} as the stage did; a failure names the stage."""
+    out: dict = {"key": key}
+    for name, stage in STAGES:
+        try:
+            result = stage.fn(config, run_id, key)
+        except Exception as e:
+            get_run_logger().error("shard %s: stage %s failed: %r", key, name, e)
+            raise
+        out[name] = result
+        if "quarantined" in result:
+            out["quarantined"], out["reason"] = result["quarantined"], result.get("reason", "")
+            break
+    return out

@@ -56,7 +56,7 @@ def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
         options=TrainerOptions(
             model_path=str(base),
             should_stop=should_stop,
-            poll_interval_s=0.05,  # a shard waiting on a sleeping trainer is pipeline latency
+            poll_interval_s=0.01,  # a shard waiting on a sleeping trainer is pipeline latency
             max_poll_interval_s=1.0,
         ),
     )

@@ -50,8 +50,9 @@ INTAKE_MARKER = "trainer-intake"
 
 class RunShardSource:
     """Committed shards of one stage, in commit order. After every read it publishes how far
-    into that order the trainer has got (marker `trainer-intake`), which generators use as
-    backpressure so they do not run unboundedly ahead of the trainer. A shard it must reject is
+    into that order the trainer has got (marker `trainer-intake`: shards_read, and next_step,
+    the step the next unread shard goes to, from note_step), which generators use as
+    backpressure so they do not generate what the trainer could no longer use. A shard it must reject is
     also quarantined (Run.quarantine_shard, with the reason), so no other reader trips on it;
     this stage's quarantined shards count as read in the marker (their raw inputs still count
     as committed for the generators)."""
@@ -60,6 +61,7 @@ class RunShardSource:
         self.run, self.stage = run, stage
         self._position: dict[str, int] = {}
         self._read_upto = 0
+        self._next_step: int | None = None
 
     def list_ready(self) -> list[str]:
         keys = [info.key for info in self.run.list_shards(self.stage)]
@@ -77,8 +79,19 @@ class RunShardSource:
             upto = self._position.get(key, -1) + 1
             if upto > self._read_upto:
                 self._read_upto = upto
-                self.run.write_marker(INTAKE_MARKER, {"stage": self.stage, "shards_read": upto})
+                self._write_marker()
         return table
+
+    def note_step(self, step: int) -> None:
+        """The trainer took its batch: shards not yet read go to `step` or later."""
+        self._next_step = step
+        self._write_marker()
+
+    def _write_marker(self) -> None:
+        doc = {"stage": self.stage, "shards_read": self._read_upto}
+        if self._next_step is not None:
+            doc["next_step"] = self._next_step
+        self.run.write_marker(INTAKE_MARKER, doc)
 
     def _quarantine(self, key: str, error: Exception) -> None:
         import logging

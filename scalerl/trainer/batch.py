@@ -76,6 +76,9 @@ class ShardSource(Protocol):
         """Version of the curriculum state the generators sample from (None before the first)."""
         ...
 
+    # Optional: note_step(step) -> None. Called once a batch is taken, with the step the next
+    # unread shard goes to (the generators' backpressure reads it; tasks/trainer_io.py).
+
 
 def check_shard(table: pa.Table, run_id: str, key: str) -> None:
     """Raise ShardRejected unless `table` has the trainer's columns, rows of `run_id`, rewards."""

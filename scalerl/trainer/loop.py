@@ -233,6 +233,9 @@ class Trainer:
                 delay, last_progress = self.opts.poll_interval_s, time.monotonic()
             batch = self.assembler.take(self.version)
             if batch is not None:
+                note = getattr(self.source, "note_step", None)  # optional (batch.ShardSource)
+                if note is not None and self.is_main:
+                    note(self.version + 1)  # unread shards now go to the next step or later
                 return batch, time.monotonic() - t0
             idle = self.opts.idle_timeout_s
             if self.stop_requested() or (

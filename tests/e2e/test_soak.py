@@ -88,7 +88,7 @@ def test_nothing_grows_with_the_shards(prefect_server, tmp_path):
             assert last["fds"] <= first["fds"] + FD_SLACK, (role, first, last)
             assert last["threads"] <= first["threads"] + THREAD_SLACK, (role, first, last)
             assert last["rss_mib"] <= first["rss_mib"] * (1 + RSS_GROWTH), (role, first, last)
-    allowed = {"flow", "reward-worker", "fork-server", "resource-tracker", *roles}
+    allowed = {"flow", "reward-worker", "fork-server", "resource-tracker", "evaluator", *roles}
     assert {p["role"] for p in end["processes"].values()} <= allowed, end["processes"]
 
     # Local weight copies: each generator holds its current version and, while it downloads

@@ -25,7 +25,9 @@ def tiny_run(tmp_path_factory, prefect_harness):
             "data.num_eval_prompts=16",
         ],
     )
-    summary = scalerl_run(cfg)
+    state = scalerl_run(cfg, return_state=True)
+    summary = state.result()
+    summary["flow_run_id"] = state.state_details.flow_run_id
     return cfg, root, summary
 
 
@@ -89,6 +91,42 @@ def test_artifacts_are_in_the_prefect_api(tiny_run):
     assert report and f"ScaleRL run `{rid}`" in report[-1].data
 
 
+async def _task_run_names(prefix: str, flow_run_id=None) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    flows = None if flow_run_id is None else FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=flows,
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=prefix)),
+            limit=200,
+        )
+    return [r.name for r in runs]
+
+
+def test_tiny_cpu_moves_each_shard_through_its_stages_in_one_task_run(tiny_run):
+    """pipeline.stage_tasks = per_shard (the tiny-cpu preset): one advance-shard task run per
+    raw shard, and every stage's output committed as with three task runs."""
+    cfg, root, summary = tiny_run
+    assert cfg.pipeline.stage_tasks == "per_shard"
+    run = open_store(str(root)).run(summary["run_id"])
+    raw = {s.key for s in run.list_shards("raw")}
+    assert {s.key for s in run.list_shards("scored")} == raw
+    assert {s.key for s in run.list_shards("filtered")} == raw
+    version, state = run.load_curriculum()
+    assert sorted(state["applied"]) == sorted(raw) and version == len(raw)
+    flow_run = summary["flow_run_id"]
+    assert len(asyncio.run(_task_run_names("advance-shard", flow_run))) == len(raw)
+    for name in ("score-shard", "update-curriculum", "filter-shard"):  # no per-stage task runs
+        assert not asyncio.run(_task_run_names(name, flow_run))
+
+
 def test_invalid_parameters_are_rejected_before_anything_is_written(tmp_path, prefect_harness):
     from flows.run import scalerl_run
 
@@ -142,8 +180,10 @@ def test_a_run_deleted_and_started_again_under_the_same_id_runs_its_stages(
             "schedule.max_steps=1",
             "evaluation.every_steps=100",
             "data.num_eval_prompts=8",
+            "pipeline.stage_tasks=per_stage",  # three task runs per shard, as in the paper preset
         ],
     )
+    before = len(asyncio.run(_task_run_names("filter-shard")))
     for _ in range(2):
         shutil.rmtree(root, ignore_errors=True)
         summary = scalerl_run(cfg, run_id="same-id")
@@ -152,3 +192,5 @@ def test_a_run_deleted_and_started_again_under_the_same_id_runs_its_stages(
         assert {s.key for s in run.list_shards("filtered")} == {
             s.key for s in run.list_shards("raw")
         }
+    # per_stage: one filter-shard task run per raw shard of each of the two runs, at least
+    assert len(asyncio.run(_task_run_names("filter-shard"))) - before >= 2

@@ -15,8 +15,10 @@ from scalerl.warmstart import (
     warm_start_tiny,
 )
 
-# Long enough that the model gets some held-out sums and differences right, short enough for a test.
-SPEC = WarmStartSpec(steps=500, num_prompts=4_000)
+# Long enough that the model gets some held-out sums and differences right, short enough for a
+# test. Float rounding differs between CPUs, so the result does too: at 500 steps one machine
+# got 3 of 48 greedy answers right and another 1 of 48 (5 of 240); at 800 steps, 18 of 240.
+SPEC = WarmStartSpec(steps=800, num_prompts=4_000)
 # For the determinism checks only: a few steps exercise every random choice just as well.
 SHORT = WarmStartSpec(steps=5, batch_size=16, num_prompts=200)
 
@@ -28,7 +30,7 @@ def _digest(path) -> str:
 @pytest.fixture(scope="module")
 def held_out():
     # The warm-start's own distribution (2 operands of 1-2 digits, + and -), another seed.
-    return make_arithmetic(48, seed=99, digits=(1, 2), terms=(2, 2), ops="+-")
+    return make_arithmetic(240, seed=99, digits=(1, 2), terms=(2, 2), ops="+-")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def test_warm_model_beats_the_random_one_on_the_scorer(tmp_path, warm, held_out)
         scored = [scorer.score(r, o[0]).passed for r, o in zip(held_out, outs, strict=True)]
         assert sum(scored) / len(scored) == rates[name]
     assert rates["random"] == 0.0
-    assert rates["warm"] >= 0.05, rates
+    assert rates["warm"] >= 0.03, rates  # at least 8 of 240
 
 
 def test_training_prompts_skip_the_excluded_ones():

@@ -1,7 +1,7 @@
 """Generator backpressure (tasks/rollouts.py): start a batch only if it can still be trained.
 
-The rule, written out: the new batch is trained at step published + unread + in_flight +
-(generators - 1) at the earliest, and its oldest token is from version `loaded` or newer; it
+The rule, written out: the new batch is trained at step trainer_step + unread + in_flight +
+(generators - 1) at the earliest (trainer_step: where the trainer's next unread shard goes), and its oldest token is from version `loaded` or newer; it
 is used only if that step - loaded <= k. With nothing queued for the trainer it always starts.
 """
 
@@ -21,20 +21,20 @@ from tests.tasks.test_trainer_io import _shard
 
 
 @pytest.mark.parametrize(
-    "unread, in_flight, published, loaded, k, generators",
-    [  # an engine never holds weights newer than the newest published: loaded <= published
+    "unread, in_flight, trainer_step, loaded, k, generators",
+    [  # an engine never holds weights newer than the trainer's step: loaded <= trainer_step
         c
         for c in itertools.product([0, 1, 2, 5], [0, 1], [0, 3, 7], [0, 2, 3, 7], [0, 2, 8], [1, 2])
         if c[3] <= c[2]
     ],
 )
-def test_rule_matches_the_staleness_bound(unread, in_flight, published, loaded, k, generators):
-    earliest_step = published + unread + in_flight + (generators - 1)
+def test_rule_matches_the_staleness_bound(unread, in_flight, trainer_step, loaded, k, generators):
+    earliest_step = trainer_step + unread + in_flight + (generators - 1)
     expected = unread + in_flight == 0 or earliest_step - loaded <= k
     got = may_start_batch(
         unread=unread,
         in_flight=in_flight,
-        published=published,
+        trainer_step=trainer_step,
         loaded=loaded,
         k=k,
         generators=generators,
@@ -44,11 +44,11 @@ def test_rule_matches_the_staleness_bound(unread, in_flight, published, loaded, 
 
 def test_k0_is_lockstep_and_a_starving_trainer_is_never_kept_waiting():
     # synchronous: one batch at a time, from the newest weights
-    assert may_start_batch(unread=0, in_flight=0, published=4, loaded=4, k=0, generators=1)
-    assert not may_start_batch(unread=0, in_flight=1, published=4, loaded=4, k=0, generators=1)
-    assert not may_start_batch(unread=1, in_flight=0, published=4, loaded=4, k=0, generators=1)
+    assert may_start_batch(unread=0, in_flight=0, trainer_step=4, loaded=4, k=0, generators=1)
+    assert not may_start_batch(unread=0, in_flight=1, trainer_step=4, loaded=4, k=0, generators=1)
+    assert not may_start_batch(unread=1, in_flight=0, trainer_step=4, loaded=4, k=0, generators=1)
     # weights far behind, but the trainer has nothing coming: start anyway (no deadlock)
-    assert may_start_batch(unread=0, in_flight=0, published=9, loaded=1, k=2, generators=3)
+    assert may_start_batch(unread=0, in_flight=0, trainer_step=9, loaded=1, k=2, generators=3)
 
 
 class _Weights(Throttled):
@@ -81,6 +81,10 @@ def test_gate_reads_the_run_store(tmp_path):
     assert not gate(1) and weights.expedited == 1  # and the engine is told to look now
     run.write_marker(INTAKE_MARKER, {"stage": "filtered", "shards_read": 3})  # trainer read it
     assert gate(1)  # 3 + 0 + 1 - 2 = 2 <= 2
+    # the trainer took its batch for step 3 and trains it: unread shards now go to step 4
+    run.write_marker(INTAKE_MARKER, {"stage": "filtered", "shards_read": 3, "next_step": 4})
+    engine.version = 3
+    assert gate(1) and not gate(2)  # 4 + 0 + 1 - 3 = 2 <= 2; 4 + 0 + 2 - 3 = 3 > 2
 
 
 def test_gate_looks_at_the_store_at_most_once_per_interval_while_it_refuses(tmp_path):

@@ -108,6 +108,13 @@ def test_trainer_over_a_run_store(model_dir, tmp_path):
     assert metrics[1]["shards_rejected"] == 1  # s1: read for step 2, skipped, never trained
     assert "SchemaVersionError" in trainer.ledger[1]["shards_rejected"]["s1"]
     assert all("s1" not in e["groups"] for e in trainer.ledger)
+    # the generators' backpressure input: every shard read, and where the next unread one goes
+    # (the last batch taken trained version 1 and published v2: the next would train v2)
+    assert run.read_marker("trainer-intake") == {
+        "stage": "filtered",
+        "shards_read": 3,
+        "next_step": 2,
+    }
     # A rejected shard is also quarantined, with the reason, so no other reader trips on it.
     (doc,) = run.list_quarantined("filtered")
     assert doc["key"] == "s1" and doc["error"] == "SchemaVersionError" and doc["by"] == "trainer"
