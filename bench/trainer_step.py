@@ -36,6 +36,11 @@ from scalerl.trainer.step import (
 )
 
 SHAPES = {
+    # builtin:tiny / tiny-warm (scalerl/models.py): the tiny-cpu preset's model
+    "tiny": dict(
+        vocab_size=260, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2,
+    ),
     # Small enough for 2 CPU cores, big enough that the model (not Python) dominates.
     "small": dict(
         vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
