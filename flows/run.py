@@ -6,9 +6,9 @@ evaluations -> scaling fit -> report. The flow a Prefect deployment schedules fr
 
 Generators and the trainer are persistent tasks (each supervising its own process); the flow
 itself moves every newly committed raw shard through score -> curriculum -> filter (in commit
-order, so the curriculum sees one writer; three task runs per shard, or one advance-shard task
-run with pipeline.stage_tasks = per_shard), evaluates every `evaluation.every_steps` versions, and keeps the
-progress and metrics artifacts current. It ends when the trainer ends (max steps, compute budget,
+order, so the curriculum sees one writer; three task runs per shard, or one advance-shard
+task run with pipeline.stage_tasks = per_shard), evaluates every `evaluation.every_steps`
+versions, and keeps the progress and metrics artifacts current. It ends when the trainer ends (max steps, compute budget,
 or no more prompts), then marks the run finished, which stops the generators.
 
 Resume: call it again with the same run_id (`scalerl resume RUN_ID`, or Prefect's retry of the
@@ -38,7 +38,7 @@ from tasks.report import (
 )
 from tasks.rollouts import generate_rollouts
 from tasks.scaling import fit_scaling_curve
-from tasks.stages import advance_shard, filter_shard, score_shard, update_curriculum
+from tasks.stages import STAGES, advance_shard
 from tasks.train import train_policy
 
 POLL_MIN_S, POLL_MAX_S = 0.05, 1.0  # idle polling backs off from MIN to MAX, reset on work
@@ -59,7 +59,7 @@ def advance_shards(config: RunConfig, run_id: str) -> int:
         if per_shard:  # the same three stages in one task run
             advance_shard(quoted, run_id, key)
             continue
-        for stage in (score_shard, update_curriculum, filter_shard):
+        for _, stage in STAGES:  # the order advance_shard runs them in, as three task runs
             if "quarantined" in stage(quoted, run_id, key):
                 break  # its input was unusable and is in quarantine: the key goes no further
     return len(todo)
