@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("SCALERL_CHAOS_SEED", "20261125"))
 # Room for every kill to fire: generators start a batch only when the trainer can still use
 # it (tasks/rollouts.py), so a cycle near the end may have few shards left to reach a point.
-MAX_STEPS = 20
+MAX_STEPS = 64
 SEAM_KILLS = 11  # every point once, the rest drawn at random
 EXTERNAL_KILLS = 1  # os.kill from the test at a random moment, not at a seam
 CYCLE_TIMEOUT_S = 120
