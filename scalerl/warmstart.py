@@ -36,11 +36,15 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from scalerl.models import THINK_END, THINK_START, build_tiny_model, load_policy
+# torch and scalerl.models (which imports torch) are imported inside the functions that train or
+# sample: the run flow imports this module for WarmStartSpec and training_rows (the warm model's
+# cache key), and the flow process does not import torch.
 from scalerl.rewards.synthetic import ArithmeticScorer, make_arithmetic
+
+if TYPE_CHECKING:
+    import torch
 
 # Offset of the warm-start data seed from the run's seed: warm-start prompts are a different
 # draw from the distribution of task_rows(seed=run seed).
@@ -95,6 +99,8 @@ def training_rows(
 
 def completion_text(answer: str, reversed_thinking: bool = False) -> str:
     """The completion the warm start teaches for a reference answer (EOS follows it)."""
+    from scalerl.models import THINK_END, THINK_START
+
     if not reversed_thinking:
         return answer
     sign = "-" if answer.startswith("-") else ""
@@ -123,6 +129,8 @@ def _batch(
     examples: Sequence[tuple[list[int], int]], pad: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (ids, attention mask, labels) with -100 outside the answer tokens."""
+    import torch
+
     T = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), T), pad, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(examples), T), dtype=torch.long)  # (B, T)
@@ -143,6 +151,10 @@ def warm_start_tiny(
     log=None,
 ) -> Path:
     """Build the tiny model at ``path``, pre-train it on arithmetic, save it there; return path."""
+    import torch
+
+    from scalerl.models import build_tiny_model, load_policy
+
     spec = spec or WarmStartSpec()
     if spec.steps < 0:
         raise ValueError(f"steps must be >= 0, got {spec.steps}. Fix: pass steps=0 or more.")
@@ -169,6 +181,8 @@ def warm_start_tiny(
 
 
 def _train(model, examples, spec: WarmStartSpec, seed: int, pad: int, log=None) -> None:
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.train()
@@ -204,7 +218,6 @@ def _train(model, examples, spec: WarmStartSpec, seed: int, pad: int, log=None) 
     model.eval()
 
 
-@torch.no_grad()
 def sample_answers(
     model,
     tokenizer,
@@ -217,6 +230,15 @@ def sample_answers(
 ) -> list[list[str]]:
     """``samples`` completions per prompt, decoded (temperature 0 = greedy). A short, plain
     sampler for checking a warm start; the pipeline's engines do the real generation."""
+    import torch
+
+    with torch.no_grad():
+        return _sample(model, tokenizer, prompts, samples, temperature, seed, max_new_tokens)
+
+
+def _sample(model, tokenizer, prompts, samples, temperature, seed, max_new_tokens):
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     out: list[list[str]] = []
@@ -253,6 +275,8 @@ def pass_rate(
     seed: int = 0,
 ) -> float:
     """Mean arithmetic-scorer pass rate of the model at ``path`` over rows x samples."""
+    from scalerl.models import load_policy
+
     model, tokenizer = load_policy(str(path), dtype="float32")
     scorer = ArithmeticScorer()
     completions = sample_answers(

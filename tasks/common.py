@@ -40,12 +40,12 @@ def materialize_base_model(config: RunConfig, out_dir: Path) -> Path:
     tokenizer: the locally built tiny model for `builtin:tiny`, the tiny model warm-started on the
     synthetic task for `builtin:tiny-warm` (scalerl/warmstart.py; its training prompts skip the
     run's held-out prompts), else whatever from_pretrained loads from the hub id or local path."""
+    if config.model.name_or_path == BUILTIN_TINY_WARM:
+        return _warm_tiny_model(config, out_dir)  # a cached copy: no torch in the flow process
     from scalerl.models import build_tiny_model, load_policy
 
     if config.model.name_or_path == BUILTIN_TINY:
         return build_tiny_model(out_dir, seed=config.data.seed)
-    if config.model.name_or_path == BUILTIN_TINY_WARM:
-        return _warm_tiny_model(config, out_dir)
     model, tokenizer = load_policy(
         config.model.name_or_path, dtype=config.model.dtype, revision=config.model.revision
     )
@@ -65,7 +65,7 @@ def _warm_tiny_model(config: RunConfig, out_dir: Path) -> Path:
     from dataclasses import asdict
 
     from scalerl.data import load_prompts
-    from scalerl.warmstart import WarmStartSpec, training_rows, warm_start_tiny
+    from scalerl.warmstart import WarmStartSpec, training_rows, warm_start_tiny  # lazy torch
 
     if config.data.task != "arithmetic" and not config.data.source.startswith(
         "synthetic:arithmetic"

@@ -38,7 +38,6 @@ def retry_unless_bad_input(_task, _task_run, state) -> bool:
 def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
     from scalerl.curriculum import NoPositiveResampling
     from scalerl.data import load_prompts
-    from scalerl.models import check_model
     from storage import PROMPT_SCHEMA
 
     logger = get_run_logger()
@@ -46,6 +45,8 @@ def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
     # file or model must fail here with one line, before a run directory exists.
     prompts = load_prompts(config.data)
     if not config.model.name_or_path.startswith("builtin:"):
+        from scalerl.models import check_model  # imports torch: not for the builtin models
+
         check_model(config.model.name_or_path)
     run_id = run_id or config.storage.run_id or new_run_id()
     run = open_run(config, run_id, create=True)
