@@ -7,7 +7,8 @@ evaluations -> scaling fit -> report. The flow a Prefect deployment schedules fr
 Generators and the trainer are persistent tasks (each supervising its own process); the flow
 itself moves every newly committed raw shard through score -> curriculum -> filter (in commit
 order, so the curriculum sees one writer; three task runs per shard, or one advance-shard
-task run with pipeline.stage_tasks = per_shard), evaluates every `evaluation.every_steps`
+task run with pipeline.stage_tasks = per_shard; with stream, one persistent advance-stream task
+runs the stages for the whole run and the loop only supervises), evaluates every `evaluation.every_steps`
 versions, and keeps the progress and metrics artifacts current. It ends when the trainer ends (max steps, compute budget,
 or no more prompts), then marks the run finished, which stops the generators.
 
@@ -19,6 +20,7 @@ and the curriculum continues from its committed state.
 from __future__ import annotations
 
 import time
+from concurrent import futures
 
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
@@ -38,23 +40,29 @@ from tasks.report import (
 )
 from tasks.rollouts import generate_rollouts
 from tasks.scaling import fit_scaling_curve
-from tasks.stages import STAGES, advance_shard
+from tasks.stages import (
+    STAGES,
+    advance_shard,
+    advance_stream,
+    end_stream,
+    open_stream,
+    pending_keys,
+)
 from tasks.train import train_policy
 
 POLL_MIN_S, POLL_MAX_S = 0.05, 1.0  # idle polling backs off from MIN to MAX, reset on work
 TABLE_EVERY_S = 15.0  # the metrics table artifact reads every trainer part file: not per shard
 PROGRESS_EVERY_S = 1.0  # progress artifact updates are API calls: at most this often
+STREAM_SUPERVISE_S = 0.5  # stage_tasks = stream: the loop only supervises, off the critical path
 
 
 def advance_shards(config: RunConfig, run_id: str) -> int:
     """Score, filter and fold into the curriculum every raw shard not yet through; returns how many."""
-    run = open_run(config, run_id)
-    done = {s.key for s in run.list_shards("filtered")} | run.quarantined_keys()
-    todo = [s.key for s in run.list_shards("raw") if s.key not in done]
+    todo = pending_keys(open_run(config, run_id))
     # quote: Prefect would otherwise walk the whole config (a pydantic tree) looking for futures
     # on every call, three calls per shard
     quoted = quote(config)
-    per_shard = config.pipeline.stage_tasks == "per_shard"
+    per_shard = config.pipeline.stage_tasks != "per_stage"  # stream: the final drain only
     for key in todo:
         if per_shard:  # the same three stages in one task run
             advance_shard(quoted, run_id, key)
@@ -109,12 +117,19 @@ def stop_generators_if_done(run, generators) -> None:
         )
 
 
-def _supervise(config, run_id, run, progress, generators, trainer, evaluated) -> dict:
-    """The loop of scalerl_run while the trainer runs; returns the trainer's summary."""
+def _supervise(config, run_id, run, progress, generators, trainer, evaluated, stream) -> dict:
+    """The loop of scalerl_run while the trainer runs; returns the trainer's summary. `stream`:
+    the advance-stream task's future (pipeline.stage_tasks = stream), else None and the loop
+    moves the shards through the stages itself."""
     poll, shown_step, table_at, shown_at = POLL_MIN_S, -1, time.monotonic(), 0.0
     while not trainer.wrapped_future.done():  # (.state would be an API call per loop)
         kill_point("flow.loop")
-        moved = advance_shards(config, run_id)
+        if stream is None:
+            moved = advance_shards(config, run_id)
+        else:
+            moved = True  # the stream task moves them
+            if stream.wrapped_future.done() and stream.state.is_failed():
+                stream.result()  # raises its error: the stages cannot go on, so neither can the run
         stop_generators_if_done(run, generators)
         step = run.latest_weights_version() or 0
         if step != shown_step and time.monotonic() - shown_at >= PROGRESS_EVERY_S:
@@ -125,6 +140,13 @@ def _supervise(config, run_id, run, progress, generators, trainer, evaluated) ->
         if moved and time.monotonic() - table_at >= TABLE_EVERY_S:
             publish_metrics_table(config, run_id)
             table_at = time.monotonic()
+        if stream is not None:  # nothing on the critical path here: look twice a second
+            futures.wait(  # (a stream that returned because the run failed is not waited on)
+                [f for f in (trainer.wrapped_future, stream.wrapped_future) if not f.done()],
+                timeout=STREAM_SUPERVISE_S,
+                return_when=futures.FIRST_COMPLETED,
+            )
+            continue
         # The stages sit on the critical path between generator and trainer: a generator's
         # commit wakes the loop at once (tasks.isolated.notify_flow); otherwise it polls, fast
         # while shards flow and backing off while idle, so an idle run does not hammer S3.
@@ -139,7 +161,13 @@ def _supervise(config, run_id, run, progress, generators, trainer, evaluated) ->
             run.write_status({"state": "stopping", "reason": "trainer ended"})
         for g in generators:
             g.wait()
-        advance_shards(config, run_id)  # shards committed while the generators wound down
+        if stream is None:
+            advance_shards(config, run_id)  # shards committed while the generators wound down
+        else:
+            end_stream(run_id)  # the stream drains what the generators committed, then returns
+            stream.wait()
+    if stream is not None:
+        stream.result()  # its failure fails the run (after the trainer's, which comes first)
     return summary
 
 
@@ -162,14 +190,19 @@ def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
         for i in range(config.generation.num_generators)
     ]
     trainer = train_policy.submit(config, run_id)
+    stream = None
+    if config.pipeline.stage_tasks == "stream":
+        open_stream(run_id)
+        stream = advance_stream.submit(quote(config), run_id)
     run, evaluated = open_run(config, run_id), {}
     try:
-        summary = _supervise(config, run_id, run, progress, generators, trainer, evaluated)
+        summary = _supervise(config, run_id, run, progress, generators, trainer, evaluated, stream)
     except BaseException as exc:
         # The generators and the trainer run until the run's status leaves "running": without
         # this, a failing flow would wait on them forever. Resuming sets it back to running.
         if (run.read_status() or {}).get("state") == "running":
             run.write_status({"state": "failed", "reason": f"the run flow failed: {exc!r}"[:500]})
+        end_stream(run_id)
         raise
     evaluate_due(config, run_id, evaluated, wait=True)  # versions published meanwhile
     final = run.latest_weights_version() or 0

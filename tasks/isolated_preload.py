@@ -3,8 +3,14 @@ evaluation processes start as forks with torch, transformers and the task bodies
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
+# A progress bar per weight save (the trainer publishes every step) and per model load is noise
+# in the run's log, a line each in the terminal that started the run; the children show none.
+from transformers.utils import logging as _hf_logging  # noqa: E402
+
 import tasks.evaluate  # noqa: F401
 import tasks.rollouts  # noqa: F401
 import tasks.train  # noqa: F401
 from scalerl.engines import hf  # noqa: F401
 from scalerl.trainer import loop  # noqa: F401
+
+_hf_logging.disable_progress_bar()

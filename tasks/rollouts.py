@@ -27,6 +27,7 @@ from tasks.common import WeightCache, open_run
 
 RAW = "raw"
 STATUS_POLL_S = 1.0
+LOG_EVERY_S = 5.0  # per-shard commit lines: at most this often
 
 
 def _seed(*parts) -> int:
@@ -170,7 +171,7 @@ def generator_body(
         length=length_policy(config, engine.tokenizer),
         max_groups=None if max_shards is None else max_shards * config.generation.prompts_per_batch,
     )
-    committed, tokens = 0, 0
+    committed, tokens, logged, logged_at = 0, 0, 0, float("-inf")
     try:
         weights = Throttled(StoreWeights(cache, version), interval_s=0.2)
         for batch in generate_batches(
@@ -203,13 +204,19 @@ def generator_body(
             kill_point("generator.after_commit")
             seq, committed = seq + 1, committed + 1
             tokens += sum(len(r["completion_token_ids"]) for r in records)
-            logger.info(
-                "committed raw/%s: %d completions, versions %s..%s",
-                key,
-                len(records),
-                batch.min_version,
-                batch.max_version,
-            )
+            # a line per shard while shards are slow; at most one per LOG_EVERY_S when they
+            # are fast (a tiny model commits several a second, and every line is an API call)
+            if time.monotonic() - logged_at >= LOG_EVERY_S:
+                logger.info(
+                    "committed raw/%s: %d completions, versions %s..%s (%d shard(s) since the "
+                    "last line)",
+                    key,
+                    len(records),
+                    batch.min_version,
+                    batch.max_version,
+                    committed - logged,
+                )
+                logged_at, logged = time.monotonic(), committed
     finally:
         engine.close()
         local.cleanup()

@@ -110,11 +110,11 @@ async def _task_run_names(prefix: str, flow_run_id=None) -> list[str]:
     return [r.name for r in runs]
 
 
-def test_tiny_cpu_moves_each_shard_through_its_stages_in_one_task_run(tiny_run):
-    """pipeline.stage_tasks = per_shard (the tiny-cpu preset): one advance-shard task run per
-    raw shard, and every stage's output committed as with three task runs."""
+def test_tiny_cpu_moves_every_shard_through_its_stages_in_one_stream_task_run(tiny_run):
+    """pipeline.stage_tasks = stream (the tiny-cpu preset): one advance-stream task run for the
+    whole run and none per shard, and every stage's output committed as with three task runs."""
     cfg, root, summary = tiny_run
-    assert cfg.pipeline.stage_tasks == "per_shard"
+    assert cfg.pipeline.stage_tasks == "stream"
     run = open_store(str(root)).run(summary["run_id"])
     raw = {s.key for s in run.list_shards("raw")}
     assert {s.key for s in run.list_shards("scored")} == raw
@@ -122,9 +122,9 @@ def test_tiny_cpu_moves_each_shard_through_its_stages_in_one_task_run(tiny_run):
     version, state = run.load_curriculum()
     assert sorted(state["applied"]) == sorted(raw) and version == len(raw)
     flow_run = summary["flow_run_id"]
-    assert len(asyncio.run(_task_run_names("advance-shard", flow_run))) == len(raw)
-    for name in ("score-shard", "update-curriculum", "filter-shard"):  # no per-stage task runs
-        assert not asyncio.run(_task_run_names(name, flow_run))
+    assert len(asyncio.run(_task_run_names("advance-stream", flow_run))) == 1
+    for name in ("advance-shard", "score-shard", "update-curriculum", "filter-shard"):
+        assert not asyncio.run(_task_run_names(name, flow_run)), name
 
 
 def test_invalid_parameters_are_rejected_before_anything_is_written(tmp_path, prefect_harness):
@@ -180,17 +180,25 @@ def test_a_run_deleted_and_started_again_under_the_same_id_runs_its_stages(
             "schedule.max_steps=1",
             "evaluation.every_steps=100",
             "data.num_eval_prompts=8",
-            "pipeline.stage_tasks=per_stage",  # three task runs per shard, as in the paper preset
         ],
     )
     before = len(asyncio.run(_task_run_names("filter-shard")))
-    for _ in range(2):
+    before_shard = len(asyncio.run(_task_run_names("advance-shard")))
+    # three task runs per shard as in the paper preset, then one per shard
+    for tasks in ("per_stage", "per_shard"):
         shutil.rmtree(root, ignore_errors=True)
-        summary = scalerl_run(cfg, run_id="same-id")
+        summary = scalerl_run(
+            cfg.model_copy(
+                update={"pipeline": cfg.pipeline.model_copy(update={"stage_tasks": tasks})}
+            ),
+            run_id="same-id",
+        )
         assert summary["step"] == 1
         run = open_store(str(root)).run("same-id")
         assert {s.key for s in run.list_shards("filtered")} == {
             s.key for s in run.list_shards("raw")
         }
-    # per_stage: one filter-shard task run per raw shard of each of the two runs, at least
-    assert len(asyncio.run(_task_run_names("filter-shard"))) - before >= 2
+    # one filter-shard task run per raw shard of the per_stage run, one advance-shard task run
+    # per raw shard of the per_shard run
+    assert len(asyncio.run(_task_run_names("filter-shard"))) - before >= 1
+    assert len(asyncio.run(_task_run_names("advance-shard"))) - before_shard >= 1
