@@ -332,6 +332,12 @@ class EvaluationConfig(_Section):
         le=1.0,
         description="vLLM runs only: share of accelerator memory of the evaluation engine, which runs in its own process beside the generator's (vLLM allows one engine per process); generation + evaluation shares must stay <= 0.95.",
     )
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU scheduling niceness added to each evaluation process (Unix): evaluations are not on the training path, so where CPU is short they yield it to the generators and the trainer and catch up when it is free (the run waits for every due evaluation before its fit). 0: the same priority. Not applied with pipeline.isolation = thread, where an evaluation is a thread of the flow process.",
+    )
 
 
 class StorageConfig(_Section):

@@ -4,6 +4,7 @@ with the RunConfig JSON on stdin. Commits eval/v{VERSION} and exits (tasks/evalu
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -15,6 +16,8 @@ def main(argv: list[str]) -> int:
     run_id, version = argv[0], int(argv[1])
     config = validate_config(json.loads(sys.stdin.read()))
     config.generation.gpu_memory_utilization = config.evaluation.gpu_memory_utilization
+    if config.evaluation.nice:  # off the training path: its CPU work yields to the generators'
+        os.nice(config.evaluation.nice)
     try:
         generate_eval_shard(config, run_id, version)
     finally:

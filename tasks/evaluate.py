@@ -109,6 +109,7 @@ def evaluate_policy(config: RunConfig, run_id: str, version: int) -> dict:
                 "tasks.evaluate:generate_eval_shard",
                 config,
                 f"evaluation eval-v{version}",
+                nice=config.evaluation.nice,  # off the training path: yields CPU to it
                 run_id=run_id,
                 version=version,
             )

@@ -161,8 +161,11 @@ def _context():
     return ctx
 
 
-def run_isolated(target: str, config: RunConfig, what: str, **kwargs: Any) -> dict:
-    """target(config, **kwargs) in a child process (or in-process, see in_process)."""
+def run_isolated(
+    target: str, config: RunConfig, what: str, *, nice: int = 0, **kwargs: Any
+) -> dict:
+    """target(config, **kwargs) in a child process (or in-process, see in_process). `nice`: added
+    to the child's CPU niceness (lower priority), e.g. evaluation.nice; ignored in-process."""
     if in_process(config):
         return _resolve(target)(config, **kwargs)
     logger = task_logger()
@@ -171,6 +174,7 @@ def run_isolated(target: str, config: RunConfig, what: str, **kwargs: Any) -> di
         "config": config.model_dump(mode="json"),
         "kwargs": kwargs,
         "torch_threads": config.pipeline.torch_threads,
+        "nice": nice,
         "parent": os.getpid(),
         "name": "scalerl-" + what.split()[-1],  # ps/top show it: scalerl-gen0, scalerl-trainer
         # the fork server's environment is the flow process's when the server started; the
@@ -267,6 +271,8 @@ def _child(spec: dict, conn) -> None:
     with contextlib.suppress(OSError):  # Linux: the name ps, top and bench/soak.py show
         Path("/proc/self/comm").write_text(spec["name"][:15])
     _watch_parent(spec["parent"])
+    if spec.get("nice"):
+        os.nice(int(spec["nice"]))
     global _CHILD_HANDLER
     handler = _CHILD_HANDLER = _PipeHandler(conn)
     handler.setFormatter(logging.Formatter("%(message)s"))

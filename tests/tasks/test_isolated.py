@@ -151,3 +151,16 @@ def chaos_target(config) -> dict:
 
     kill_point("trainer.after_step")
     return {"survived": True}
+
+
+def nice_target(config) -> dict:
+    return {"nice": os.nice(0)}
+
+
+def test_nice_lowers_the_childs_cpu_priority_and_leaves_the_parents(tmp_path):
+    """evaluation.nice: an evaluation process yields CPU to the generators and the trainer."""
+    before = os.nice(0)
+    out = run_isolated("test_isolated:nice_target", _config(tmp_path), "nice", nice=7)
+    assert out["nice"] == min(before + 7, 19)
+    assert run_isolated("test_isolated:nice_target", _config(tmp_path), "nice")["nice"] == before
+    assert os.nice(0) == before
