@@ -37,7 +37,14 @@ def _seed(*parts) -> int:
 
 
 def may_start_batch(
-    *, unread: int, in_flight: int, trainer_step: int, loaded: int, k: int, generators: int
+    *,
+    unread: int,
+    in_flight: int,
+    trainer_step: int,
+    loaded: int,
+    k: int,
+    generators: int,
+    max_queued: int | None = None,
 ) -> bool:
     """Backpressure: may a generator draw the prompts of its next batch now?
 
@@ -48,11 +55,16 @@ def may_start_batch(
     generator (their batch in progress). Its oldest token comes from version `loaded` (the
     engine's weights now) or newer, so it is at most trainer_step + queued - loaded steps old
     when trained, and is dropped unused past k (the staleness contract): start only when that
-    is <= k. A trainer with nothing queued is never kept waiting, whatever the lag.
+    is <= k. With `max_queued` (pipeline.max_queued_batches), the batch also needs room in the
+    queue: queued + 1 <= max_queued. A trainer with nothing queued is never kept waiting,
+    whatever the lag.
     """
     if unread + in_flight == 0:
         return True
-    return trainer_step + unread + in_flight + (generators - 1) - loaded <= k
+    queued = unread + in_flight + (generators - 1)
+    if max_queued is not None and queued + 1 > max_queued:
+        return False
+    return trainer_step + queued - loaded <= k
 
 
 class LeadGate:
@@ -66,6 +78,7 @@ class LeadGate:
         self.run, self.engine, self.weights, self.interval_s = run, engine, weights, interval_s
         self.k = config.pipeline.max_off_policy_steps
         self.generators = config.generation.num_generators
+        self.max_queued = config.pipeline.max_queued_batches
         self._refused_at = float("-inf")
 
     def __call__(self, in_flight: int) -> bool:
@@ -84,6 +97,7 @@ class LeadGate:
             loaded=self.engine.version,
             k=self.k,
             generators=self.generators,
+            max_queued=self.max_queued,
         )
         if not ok:
             self._refused_at = time.monotonic()

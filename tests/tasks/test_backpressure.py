@@ -42,6 +42,26 @@ def test_rule_matches_the_staleness_bound(unread, in_flight, trainer_step, loade
     assert got == expected
 
 
+@pytest.mark.parametrize(
+    "unread, in_flight, generators, max_queued",
+    list(itertools.product([0, 1, 2, 3], [0, 1], [1, 2], [None, 1, 2, 3])),
+)
+def test_a_queue_bound_holds_generators_before_k_does(unread, in_flight, generators, max_queued):
+    # k far away (trainer_step = loaded, k = 8): only the queue bound can refuse
+    queued = unread + in_flight + (generators - 1)  # batches ahead of the new one
+    expected = unread + in_flight == 0 or max_queued is None or queued + 1 <= max_queued
+    got = may_start_batch(
+        unread=unread,
+        in_flight=in_flight,
+        trainer_step=5,
+        loaded=5,
+        k=8,
+        generators=generators,
+        max_queued=max_queued,
+    )
+    assert got == expected
+
+
 def test_k0_is_lockstep_and_a_starving_trainer_is_never_kept_waiting():
     # synchronous: one batch at a time, from the newest weights
     assert may_start_batch(unread=0, in_flight=0, trainer_step=4, loaded=4, k=0, generators=1)
@@ -63,6 +83,8 @@ class _Weights(Throttled):
 
 def test_gate_reads_the_run_store(tmp_path):
     config = load_config(preset="tiny-cpu", overrides=["pipeline.max_off_policy_steps=2"])
+    assert config.pipeline.max_queued_batches == 2  # the preset's queue bound: tested last
+    config.pipeline.max_queued_batches = None  # k alone first
     run = open_store(str(tmp_path / "runs")).run("io-run", create=True)
     for v in range(4):  # the trainer published v0..v3: it trains step 3 next
         d = tmp_path / f"w{v}"
@@ -85,6 +107,14 @@ def test_gate_reads_the_run_store(tmp_path):
     run.write_marker(INTAKE_MARKER, {"stage": "filtered", "shards_read": 3, "next_step": 4})
     engine.version = 3
     assert gate(1) and not gate(2)  # 4 + 0 + 1 - 3 = 2 <= 2; 4 + 0 + 2 - 3 = 3 > 2
+    # the preset's queue bound (2): one unread + one in flight fills it, whatever k allows
+    config.pipeline.max_off_policy_steps = 8
+    run.write_marker(INTAKE_MARKER, {"stage": "filtered", "shards_read": 2, "next_step": 3})
+    gate = LeadGate(run, config, engine, weights, interval_s=0.0)
+    assert gate(1) and gate(2)  # k = 8 alone: 3 + 1 + 2 - 3 = 3 <= 8
+    config.pipeline.max_queued_batches = 2
+    gate = LeadGate(run, config, engine, weights, interval_s=0.0)
+    assert gate(0) and not gate(1)  # 1 unread + 0 in flight + 1 <= 2; 1 + 1 + 1 > 2
 
 
 def test_gate_looks_at_the_store_at_most_once_per_interval_while_it_refuses(tmp_path):
