@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/vs_trl.py --out bench/results/vs_trl.json
     .venv/bin/python bench/vs_trl.py --steps 3                # a quick smoke run
+    .venv/bin/python bench/vs_trl.py --steps 200 --repeats 3  # ours and TRL alternate 3 times
 
 Both sides start from the same warm-started tiny model (`builtin:tiny-warm`, scalerl/warmstart.py)
 on arithmetic from its own distribution (1-2 digit a+b, a-b; as bench/demo_learning.py), with the tiny-cpu preset's shape: P prompts x G samples per optimizer
@@ -33,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -197,6 +200,21 @@ def run_trl(config, base: Path, train_rows: list[dict], out_dir: Path, steps: in
     }
 
 
+def _summary(runs: list[dict]) -> dict:
+    """Medians of every number over the runs (mean for the pass rate), and the runs."""
+    if len(runs) == 1:
+        return {**runs[0], "runs": runs}
+    out: dict = {}
+    for key, value in runs[0].items():
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        if isinstance(value, (int, float)) and len(values) == len(runs):
+            out[key] = statistics.median(values)
+    out["final_pass_rate"] = statistics.mean(r["final_pass_rate"] for r in runs)
+    out.update({k: v for k, v in runs[0].items() if k not in out})  # e.g. the TRL version
+    out["runs"] = runs
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="Optimizer steps on each side.")
@@ -208,6 +226,12 @@ def main(argv: list[str] | None = None) -> dict:
         "at 256 x 8 the standard error of a pass rate near 0.65 is about 0.01.",
     )
     parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="Ours and TRL (same steps) alternate this many times; medians and every pair.",
+    )
     parser.add_argument("--out", help="Also write the JSON here.")
     parser.add_argument(
         "--set",
@@ -233,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     report: dict = {
         "bench": "vs_trl",
+        "command": " ".join(
+            ["python bench/vs_trl.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "task": config.data.source,
         "model": config.model.name_or_path,
         "batch": {
@@ -244,38 +271,54 @@ def main(argv: list[str] | None = None) -> dict:
         "held_out": {"prompts": len(held_out), "samples": args.eval_samples, "temperature": 1.0},
         "start_pass_rate": score(base),
     }
-    ours = run_ours(config)
-    ours["final_pass_rate"] = score(ours.pop("final_model"))
-    report["ours"] = ours
-    # TRL twice: at the same optimizer steps (so the same trained samples), and at the same
-    # number of generated completions (ours also samples the zero-variance groups it filters out)
+    # Ours and TRL (same optimizer steps) alternate `--repeats` times: on a shared machine the
+    # rate drifts by 10-15% between minutes, so each ours run is compared with the TRL run right
+    # after it, and the report gives every pair and the medians.
     per_step = config.completions_per_batch
-    sides = {
-        "trl": args.steps,
-        "trl_equal_generated": -(-ours["generated_samples"] // per_step),
-    }
-    for name, steps in sides.items():
-        side = run_trl(config, base, prompts.train, work / name, steps)
+    ours_runs, trl_runs = [], []
+    for i in range(args.repeats):
+        ours = run_ours(config)
+        ours["final_pass_rate"] = score(ours.pop("final_model"))
+        ours_runs.append(ours)
+        side = run_trl(config, base, prompts.train, work / f"trl-{i}", args.steps)
         if "final_model" not in side:
             print(f"TRL side skipped: {side['skipped']}")
-            report[name] = side
+            trl_runs = None
+            report["trl"] = side
             break
         side["final_pass_rate"] = score(side.pop("final_model"))
-        report[name] = side
-    if "samples_per_s" in report.get("trl", {}):
-        report["samples_per_s_ratio_ours_over_trl"] = (
-            ours["samples_per_s"] / report["trl"]["samples_per_s"]
-        )
-        report["samples_per_s_train_window_ratio_ours_over_trl"] = (
-            ours["samples_per_s_train_window"] / report["trl"]["samples_per_s"]
-        )
-    if "generated_samples_per_s" in report.get("trl_equal_generated", {}):
-        report["generated_samples_per_s_ratio_ours_over_trl"] = (
-            ours["generated_samples_per_s"]
-            / report["trl_equal_generated"]["generated_samples_per_s"]
+        trl_runs.append(side)
+    report["ours"] = _summary(ours_runs)
+    if trl_runs:
+        report["trl"] = _summary(trl_runs)
+        # TRL at the same number of generated completions as ours (ours also samples the
+        # zero-variance groups it filters out, and shards in flight at the stop): once
+        steps = -(-int(report["ours"]["generated_samples"]) // per_step)
+        side = run_trl(config, base, prompts.train, work / "trl_equal_generated", steps)
+        side["final_pass_rate"] = score(side.pop("final_model"))
+        report["trl_equal_generated"] = side
+        pairs = list(zip(ours_runs, trl_runs, strict=True))
+        report["pairs"] = [
+            {
+                "samples_per_s_ratio": o["samples_per_s"] / t["samples_per_s"],
+                "samples_per_s_train_window_ratio": o["samples_per_s_train_window"]
+                / t["samples_per_s"],
+                "samples_per_s_steady_ratio": (o["samples_per_s_steady"] or 0) / t["samples_per_s"],
+                "pass_rate_difference": o["final_pass_rate"] - t["final_pass_rate"],
+            }
+            for o, t in pairs
+        ]
+        for key in (
+            "samples_per_s_ratio",
+            "samples_per_s_train_window_ratio",
+            "samples_per_s_steady_ratio",
+        ):
+            report[f"{key}_ours_over_trl"] = statistics.median(p[key] for p in report["pairs"])
+        report["pass_rate_difference_ours_minus_trl"] = statistics.mean(
+            p["pass_rate_difference"] for p in report["pairs"]
         )
         report["generated_samples_per_s_train_window_ratio_ours_over_trl"] = (
-            ours["generated_samples_per_s_train_window"]
+            report["ours"]["generated_samples_per_s_train_window"]
             / report["trl_equal_generated"]["generated_samples_per_s"]
         )
     report["machine"] = machine()
