@@ -23,7 +23,13 @@ def raw_shards(tmp_path_factory, prefect_harness):
     root = tmp_path_factory.mktemp("runs")
     cfg = load_config(
         preset="tiny-cpu",
-        overrides=[f"storage.url={root}", "data.num_eval_prompts=8", "schedule.max_steps=2"],
+        overrides=[
+            f"storage.url={root}",
+            "data.num_eval_prompts=8",
+            "schedule.max_steps=2",
+            # no trainer reads these shards: the preset's queue bound (2) would hold the third
+            "pipeline.max_queued_batches=null",
+        ],
     )
     run_id = "stages"
     prepare_run(cfg, run_id)
