@@ -270,10 +270,15 @@ def _per_shard_log(msg: str, *args) -> None:
     get_run_logger().log(level, msg, *args)
 
 
+def done_keys(run) -> set[str]:
+    """Raw shards through the stages: filtered or quarantined."""
+    return {s.key for s in run.list_shards(FILTERED)} | run.quarantined_keys()
+
+
 def pending_keys(run) -> list[str]:
     """Raw shards not yet through the stages (neither filtered nor quarantined), in commit order."""
-    done = {s.key for s in run.list_shards(FILTERED)} | run.quarantined_keys()
-    return [s.key for s in run.list_shards("raw") if s.key not in done]
+    done = done_keys(run)
+    return [s.key for s in run.list_shards(RAW) if s.key not in done]
 
 
 STREAM_POLL_MIN_S, STREAM_POLL_MAX_S = 0.05, 1.0  # without a wake-up: fast while shards flow
@@ -320,7 +325,7 @@ def advance_stream(config: RunConfig, run_id: str) -> dict:
     end = _STREAM_END.setdefault(run_id, threading.Event())
     # keys through the stages: listed once, then kept here (this task is the only one moving
     # them), so a pass lists only raw/
-    done = {s.key for s in run.list_shards(FILTERED)} | run.quarantined_keys()
+    done = done_keys(run)
     totals = {"shards": 0, "rows": 0, "passed": 0, "retired": 0, "quarantined": 0}
     curriculum: dict = {}  # the state it last committed (update_curriculum's `live`)
     poll, reported, last_report = STREAM_POLL_MIN_S, 0, time.monotonic()

@@ -26,6 +26,15 @@ def _imports(path: Path):
             yield node.module.split(".")[0], node.lineno
 
 
+def _python(code: str, timeout: int):
+    """Run `code` in a fresh interpreter at the repository root; its completed process."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=timeout
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
 def test_no_forbidden_imports_in_source():
     bad = []
     for package, forbidden in FORBIDDEN.items():
@@ -45,19 +54,13 @@ def test_importing_every_scalerl_module_pulls_no_orchestration_or_storage():
         "bad = sorted(n for n in ('prefect', 'vllm', 'storage', 'tasks', 'flows', 's3fs') if n in sys.modules)\n"
         "print(','.join(bad))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = _python(code, timeout=300)
     assert out.stdout.strip() == "", f"scalerl pulled in: {out.stdout.strip()}"
 
 
 def test_importing_storage_pulls_no_torch():
     code = "import sys, storage\nprint(','.join(n for n in ('torch', 'prefect', 'scalerl') if n in sys.modules))\n"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = _python(code, timeout=120)
     assert out.stdout.strip() == ""
 
 
@@ -85,8 +88,5 @@ def test_the_flow_process_prepares_a_tiny_warm_run_without_importing_torch(tmp_p
         "assert (out / 'config.json').is_file()\n"
         "print(','.join(n for n in ('torch', 'transformers') if n in sys.modules))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = _python(code, timeout=300)
     assert out.stdout.strip() == "", f"the flow process imported: {out.stdout.strip()}"
