@@ -3,8 +3,9 @@
     .venv/bin/python bench/demo_learning.py --out bench/results/demo.json
     .venv/bin/python bench/demo_learning.py --set schedule.max_steps=4   # a quick smoke run
 
-Runs `scalerl_run` on the `tiny-cpu` preset (the warm-started tiny model on synthetic
-arithmetic, see scalerl/warmstart.py) in a fresh run store, then reports: the held-out pass
+Runs `scalerl_run` on the `tiny-cpu` preset as `make demo` does (the warm-started tiny model on
+synthetic:arithmetic-easy, the warm start's own distribution, see scalerl/warmstart.py; 128
+held-out prompts x 8 samples) in a fresh run store, then reports: the held-out pass
 rate of version 0 and of the final version, the fitted sigmoid R(C) = R0 + (A - R0) /
 (1 + (C_mid / C)^B) on all evaluations, and the half-run check of tasks/scaling.py (fit on
 the evaluations up to half the compute, predict the last one). Wall time includes the start of
@@ -17,7 +18,6 @@ the final pass rate, whole run within 15 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,31 +34,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--storage", help="Run store root (default: a fresh temporary folder).")
     parser.add_argument("--out", help="Also write the JSON here.")
-    parser.add_argument(
-        "--task",
-        choices=["warm-range", "synthetic"],
-        default="warm-range",
-        help="warm-range: arithmetic from the warm start's distribution (1-2 digit a+b, a-b), "
-        "written to a JSONL data file; synthetic: the preset's synthetic:arithmetic as is.",
-    )
     args = parser.parse_args(argv)
 
     from flows.run import scalerl_run
     from scalerl.config import load_config
     from scalerl.stats import eval_points
-    from scalerl.warmstart import task_rows
     from tasks.common import open_run
 
     storage = args.storage or tempfile.mkdtemp(prefix="scalerl-demo-")
-    task = []
-    if args.task == "warm-range":
-        data = Path(storage) / "arithmetic.jsonl"
-        data.parent.mkdir(parents=True, exist_ok=True)
-        rows = task_rows(2_048 + 64, seed=0)
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        task = [f"data.source={data}", "data.task=arithmetic", "data.num_eval_prompts=64"]
     config = load_config(
-        preset=args.preset, overrides=[f"storage.url={storage}/runs", *task, *args.overrides]
+        preset=args.preset, overrides=[f"storage.url={storage}/runs", *args.overrides]
     )
     result = scalerl_run(config)
     wall = time.perf_counter() - T0
@@ -68,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "demo_learning",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "preset": args.preset,
-        "task": args.task,
+        "data": config.data.source,
+        "eval_prompts": config.data.num_eval_prompts,
         "overrides": args.overrides,
         "run_id": result["run_id"],
         "trainer_steps": result.get("step"),

@@ -31,7 +31,7 @@ def test_short_demo_fits_a_curve_and_plots_it(tmp_path, prefect_harness):
     from storage import open_store
 
     out = tmp_path / "demo.json"
-    # The demo's own held-out set (64 prompts), so the cached warm-started model is reused.
+    # The preset's own data and held-out set, as `make demo` runs it.
     overrides = [
         "schedule.max_steps=4",
         "evaluation.every_steps=1",
@@ -44,7 +44,7 @@ def test_short_demo_fits_a_curve_and_plots_it(tmp_path, prefect_harness):
     curve = report["curve"]
     assert [p["step"] for p in curve] == [0, 1, 2, 3, 4]
     cfg = load_config(preset="tiny-cpu", overrides=overrides)
-    assert report["task"] == "warm-range"
+    assert (report["data"], report["eval_prompts"]) == (cfg.data.source, cfg.data.num_eval_prompts)
     for p in curve:  # compute axis: samples = step x prompts x samples per prompt
         assert p["compute"] == p["step"] * cfg.completions_per_batch
         assert 0.0 <= p["pass_rate"] <= 1.0
