@@ -93,25 +93,34 @@ class ManifestDirs:
         fsio.fault_point(f"{self._what}.before_manifest")
         manifest = {"files": entries, "committed_at": time.time()}
         fsio.write_atomic(self._loc, f"{dest}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-        latest = self.latest_hint()
-        if latest is None or n > latest:
+        # the pointer as written, not latest_hint(): with no pointer yet that lists the entries,
+        # finds the manifest just written, and the pointer was never written at all
+        pointed = self._pointer()
+        if pointed is None or n > pointed:
             pointer = json.dumps({self._what: n}).encode()
             fsio.write_atomic(self._loc, f"{self._base}/{LATEST}", pointer)
         return True
 
-    def latest_hint(self) -> int | None:
-        """The LATEST pointer if it names a committed entry, else the newest listed one."""
+    def _pointer(self) -> int | None:
+        """The number the LATEST pointer holds (committed or not), or None without one."""
         try:
             n = json.loads(fsio.read_bytes(self._loc, f"{self._base}/{LATEST}"))[self._what]
-            if self._loc.fs.exists(f"{self.path(n)}/{MANIFEST}"):
-                return n
+            self.path(n)  # a non-negative int, or InvalidInputError
+            return n
         except FileNotFoundError:
-            pass
+            return None
         except (ValueError, KeyError, TypeError, InvalidInputError):
             raise ForeignFileError(
                 f"{self._loc.url_of(self._base + '/' + LATEST)} is not a pointer written by the "
                 "run store. Fix: move it out of the run directory."
             ) from None
+
+    def latest_hint(self) -> int | None:
+        """The LATEST pointer if it names a committed entry (two small reads), else the newest
+        listed one (a listing plus one read per entry)."""
+        n = self._pointer()
+        if n is not None and self._loc.fs.exists(f"{self.path(n)}/{MANIFEST}"):
+            return n
         listed = self.list()
         return listed[-1] if listed else None
 

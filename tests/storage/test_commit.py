@@ -91,6 +91,40 @@ def test_weights_and_curriculum_conflicts(backend, tmp_path):
         run.save_curriculum({"x": 2}, 3)
 
 
+def test_latest_weights_pointer_moves_forward_and_polls_read_only_it(backend, tmp_path):
+    # Generators poll latest_weights_version between decode steps. The LATEST pointer makes a
+    # poll two small reads; it was never written (publish asked latest_hint(), which listed the
+    # manifest just committed and saw nothing to move), so every poll listed every version.
+    run = _run(backend)
+    (tmp_path / "w").mkdir()
+    for v in (0, 1, 2):
+        (tmp_path / "w" / "m.bin").write_bytes(bytes([v]) * 10)
+        run.publish_weights(v, tmp_path / "w")
+    fs = run._weights._loc.fs
+    pointer = _path(run._weights._loc.url_of(run._weights._base + "/LATEST"))
+    assert json.loads(fs.cat_file(pointer)) == {"weights": 2}
+    run.publish_weights(1, tmp_path / "w", overwrite=True)  # a resumed trainer republishing v1
+    assert json.loads(fs.cat_file(pointer)) == {"weights": 2}  # never moves back
+    listings: list[str] = []
+    original_ls = fs.ls
+
+    def counting_ls(path, *args, **kwargs):
+        listings.append(path)
+        return original_ls(path, *args, **kwargs)
+
+    fs.ls = counting_ls
+    try:
+        assert run.latest_weights_version() == 2
+        assert listings == []
+        fs.rm_file(pointer)  # a store written before the fix: the listing still answers
+        assert run.latest_weights_version() == 2 and listings
+    finally:
+        del fs.ls
+    _put(fs, pointer, b'{"weights": "two"}')
+    with pytest.raises(ForeignFileError, match="not a pointer written by the run store"):
+        run.latest_weights_version()
+
+
 def test_rows_of_another_run_are_refused_at_commit(backend, make_rollouts):
     run = _run(backend)
     with pytest.raises(InvalidRolloutsError, match="rows of run 'other'.*Fix: set run_id"):
