@@ -11,7 +11,8 @@ its sequence's keys right-aligned and contiguous: columns [L - npos[r], L), wher
 the row's token count, which is also the position of its next token (so padding never
 shifts RoPE positions). A decode step appends one column to every row. When a row finishes,
 the next waiting sequence takes it at once (continuous batching): its prompt is prefilled
-once per group and its keys are copied, right-aligned, into the rows of the group's samples.
+once per group (kept until the group's last sample has a row; redone only if new weights
+arrived meanwhile) and its keys are copied, right-aligned, into the rows of its samples.
 An interruption phrase is fed through a one-row forward on a copy of that row's keys and
 written back the same way. Leading columns no live row uses are dropped now and then.
 New weights are copied into the live parameters between steps; the cache is kept.
@@ -313,6 +314,10 @@ class TransformersEngine:
         slots: list[SequenceState | None] = [None] * self.max_batch_size
         pending: list[list[int]] = [[] for _ in slots]  # tokens sampled, not yet in the cache
         waiting: deque[SequenceState] = deque()
+        # a group's members are admitted as rows free up, often a few at a time: its prompt's
+        # prefill (version, logits, keys) is kept until the last member is in, not redone
+        prefilled: dict[int, tuple[int, torch.Tensor, list]] = {}
+        unadmitted: dict[int, int] = {}
         source = iter(requests)
         exhausted = False
 
@@ -346,9 +351,11 @@ class TransformersEngine:
                 if req is HOLD:  # nothing to start now: step what is live, ask again
                     held = True
                     break
-                _, seqs, done_group = open_group(
+                group, seqs, done_group = open_group(
                     req, self.tokenizer, sampling, policy, self.context_len
                 )
+                if seqs:
+                    unadmitted[id(group)] = len(seqs)
                 waiting.extend(seqs)
                 if done_group is not None:
                     yield done_group
@@ -357,9 +364,18 @@ class TransformersEngine:
                 seq = waiting.popleft()
                 admitted.setdefault(id(seq.group), []).append((r, seq))
             now = time.time()
-            for members in admitted.values():
-                prompt = members[0][1].prompt_ids
-                logits, kv = self._extend(None, prompt)
+            for gid, members in admitted.items():
+                cached = prefilled.get(gid)
+                if cached is not None and cached[0] == self.version:
+                    logits, kv = cached[1:]
+                else:  # first members, or new weights since: prefill with the loaded version
+                    logits, kv = self._extend(None, members[0][1].prompt_ids)
+                unadmitted[gid] -= len(members)
+                if unadmitted[gid]:
+                    prefilled[gid] = (self.version, logits, kv)
+                else:
+                    del unadmitted[gid]
+                    prefilled.pop(gid, None)
                 rows = [r for r, _ in members]
                 store.write_rows(rows, kv)
                 for (r, seq), (t, d) in zip(

@@ -109,6 +109,36 @@ def test_in_flight_update_changes_later_tokens_without_restarting(tiny_model, sc
         assert got[key].versions == [1] * 30 and got[key].token_ids == [z] * 30
 
 
+def test_a_group_admitted_in_parts_is_prefilled_once_per_weight_version(
+    tiny_model, scripted, scheduled
+):
+    # 2 rows, one group of 4: members 0-1 start, 2-3 wait for their rows. The prompt's prefill
+    # is kept for them, unless new weights arrived meanwhile (then it is redone with those:
+    # the first token's logprob is tagged with the loaded version and must come from it).
+    tok = load_policy(str(tiny_model))[1]
+    z = tok.convert_tokens_to_ids("Z")
+    settings = SamplingSettings(max_new_tokens=5, temperature=0, ignore_eos=True)
+    reqs = [GroupRequest("a", "Hello there", 4)]
+
+    def run(weights=None):
+        engine = TransformersEngine(str(tiny_model), max_batch_size=2)
+        calls, extend = [], engine._extend
+        engine._extend = lambda prefix, tokens: (
+            calls.append(prefix is None) or extend(prefix, tokens)
+        )
+        return by_key(engine.generate(reqs, settings, weights=weights)), calls
+
+    plain, calls = run()
+    assert calls == [True]  # one prefill for four members admitted in two parts
+    assert len({tuple(c.token_ids) for c in plain.values()}) == 1  # greedy: all alike
+    updated, calls = run(scheduled(1, scripted("always_z", {}, z), at=3))
+    assert calls == [True, True]
+    for i in (0, 1):  # in flight at the update: their first tokens were from version 0
+        assert updated[("a", i)].versions[0] == 0
+    for i in (2, 3):  # admitted after it: prefill and every token from version 1
+        assert updated[("a", i)].versions == [1] * 5 and updated[("a", i)].token_ids == [z] * 5
+
+
 def test_interruption_injects_phrase_and_counts_tokens(tiny_model, scripted):
     tok = load_policy(str(tiny_model))[1]
     a, end, eos = (tok.convert_tokens_to_ids(t) for t in ("a", "</think>", tok.eos_token))
