@@ -498,7 +498,9 @@ def _tiny_cpu() -> dict[str, Any]:
             "answer_budget": 4,
         },
         "optimizer": {"lr": 1.5e-4, "warmup_steps": 2},
-        "trainer": {"micro_batch_tokens": 4_096, "checkpoint_every": 10},
+        # a checkpoint (weights + AdamW state) every 10 steps cost 6% of the trainer's CPU; 50
+        # steps of this model are ~7 s of work to redo after a crash
+        "trainer": {"micro_batch_tokens": 4_096, "checkpoint_every": 50},
         # generator and trainer processes, one core each, beside the flow process's stages;
         # no Prefect task run per shard: with a 2-layer model a task run (client + server CPU)
         # costs more than generating the shard, so one advance-stream task runs the stages.
