@@ -17,6 +17,9 @@ from tasks.common import WeightCache, open_run
 from tasks.isolated import in_process, run_isolated
 
 EVAL = "eval"
+# an evaluation process still running after this is taken as hung: it is killed and the task
+# retried (the same 2 h as the Prefect task timeout this replaces)
+EVAL_TIMEOUT_S = 7200.0
 
 
 def compute_at(config: RunConfig, step: int) -> float:
@@ -72,13 +75,20 @@ def generate_eval_shard_in_child(config: RunConfig, run_id: str, version: int) -
     import subprocess
     import sys
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "tasks.eval_child", run_id, str(version)],
-        input=config.model_dump_json(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tasks.eval_child", run_id, str(version)],
+            input=config.model_dump_json(),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=EVAL_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:  # subprocess.run has killed the child
+        raise TimeoutError(
+            f"the evaluation process for v{version} did not finish within {EVAL_TIMEOUT_S:g} s. "
+            "Fix: check the engine's memory and evaluation settings; the task is retried."
+        ) from None
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise RuntimeError(
@@ -90,9 +100,8 @@ def generate_eval_shard_in_child(config: RunConfig, run_id: str, version: int) -
     name="evaluate-policy",
     retries=2,
     retry_delay_seconds=[5, 30],
-    timeout_seconds=7200,
-    cache_policy=None,
-)
+    cache_policy=None,  # no timeout_seconds: it cannot stop a task on a worker thread (the run
+)  # submits these), and Prefect warned so on every one; the process timeout below can
 def evaluate_policy(config: RunConfig, run_id: str, version: int) -> dict:
     import pyarrow.compute as pc
 
@@ -110,6 +119,7 @@ def evaluate_policy(config: RunConfig, run_id: str, version: int) -> dict:
                 config,
                 f"evaluation eval-v{version}",
                 nice=config.evaluation.nice,  # off the training path: yields CPU to it
+                timeout_s=EVAL_TIMEOUT_S,
                 run_id=run_id,
                 version=version,
             )

@@ -162,10 +162,19 @@ def _context():
 
 
 def run_isolated(
-    target: str, config: RunConfig, what: str, *, nice: int = 0, **kwargs: Any
+    target: str,
+    config: RunConfig,
+    what: str,
+    *,
+    nice: int = 0,
+    timeout_s: float | None = None,
+    **kwargs: Any,
 ) -> dict:
     """target(config, **kwargs) in a child process (or in-process, see in_process). `nice`: added
-    to the child's CPU niceness (lower priority), e.g. evaluation.nice; ignored in-process."""
+    to the child's CPU niceness (lower priority), e.g. evaluation.nice; ignored in-process.
+    `timeout_s`: the child is killed and TimeoutError raised when it has not returned by then
+    (a Prefect task timeout cannot interrupt a task running on a worker thread; this can);
+    ignored in-process."""
     if in_process(config):
         return _resolve(target)(config, **kwargs)
     logger = task_logger()
@@ -190,7 +199,14 @@ def run_isolated(
         with _without_main():
             proc.start()
         writer.close()  # the child holds the only writer: EOF means it has ended
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
+            if deadline is not None and not reader.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(  # the finally below kills the child
+                    f"the {what} process did not finish within {timeout_s:g} s. Fix: look at "
+                    "its last log lines above; the task is retried, and a resumed run "
+                    "continues from what is committed."
+                )
             try:
                 kind, *payload = reader.recv()
             except EOFError:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,27 @@ def test_nice_lowers_the_childs_cpu_priority_and_leaves_the_parents(tmp_path):
     assert out["nice"] == min(before + 7, 19)
     assert run_isolated("test_isolated:nice_target", _config(tmp_path), "nice")["nice"] == before
     assert os.nice(0) == before
+
+
+def sleeping_target(config, seconds: float) -> dict:
+    logging.getLogger("scalerl.test").info("pid %d", os.getpid())
+    time.sleep(seconds)
+    return {}
+
+
+def test_a_child_past_its_timeout_is_killed_and_the_caller_gets_timeout_error(
+    tmp_path, monkeypatch
+):
+    seen = []
+    monkeypatch.setattr(
+        "tasks.isolated.task_logger", lambda: type("L", (), {"log": lambda _, *a: seen.append(a)})()
+    )
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"sleepy process did not finish within 1 s\. Fix"):
+        run_isolated(
+            "test_isolated:sleeping_target", _config(tmp_path), "sleepy", timeout_s=1.0, seconds=60
+        )
+    assert time.monotonic() - start < 30
+    (pid,) = [int(m.split()[1]) for _, m in seen if m.startswith("pid ")]
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pid, 0)
