@@ -489,7 +489,9 @@ def _tiny_cpu() -> dict[str, Any]:
             "samples_per_prompt": 16,
             "max_prompt_tokens": 32,
             "max_new_tokens": 12,
-            "max_batch_size": 64,
+            # one row per sample of a batch (8 x 16), as TRL decodes it: the engine alone makes
+            # 1,134 samples/s with 128 rows, 879 with 64 (fewer, wider forward calls)
+            "max_batch_size": 128,
             "gpu_memory_utilization": 0.3,
         },
         "length_control": {
