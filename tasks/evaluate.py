@@ -96,12 +96,9 @@ def generate_eval_shard_in_child(config: RunConfig, run_id: str, version: int) -
         )
 
 
-@task(
-    name="evaluate-policy",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    cache_policy=None,  # no timeout_seconds: it cannot stop a task on a worker thread (the run
-)  # submits these), and Prefect warned so on every one; the process timeout below can
+# No timeout_seconds: the run submits evaluations to worker threads, where Prefect's timeout
+# cannot interrupt them (and it warned so on every one); EVAL_TIMEOUT_S on the process can.
+@task(name="evaluate-policy", retries=2, retry_delay_seconds=[5, 30], cache_policy=None)
 def evaluate_policy(config: RunConfig, run_id: str, version: int) -> dict:
     import pyarrow.compute as pc
 
