@@ -73,6 +73,16 @@ def advance_shards(config: RunConfig, run_id: str) -> int:
     return len(todo)
 
 
+def due_versions(run, every: int, done) -> list[int]:
+    """Committed weight versions that are multiples of `every`, up to the latest, not in `done`.
+    From the LATEST pointer and one manifest read per candidate: the loop asks every second, and
+    listing every version (one read per manifest) grew with the run, on S3 by a request each."""
+    latest = run.latest_weights_version()
+    if latest is None:
+        return []
+    return [v for v in range(0, latest + 1, every) if v not in done and run.has_weights(v)]
+
+
 def evaluate_due(config: RunConfig, run_id: str, done: dict, *, wait: bool = False) -> None:
     """Evaluate every published version that is a multiple of evaluation.every_steps.
 
@@ -80,12 +90,7 @@ def evaluate_due(config: RunConfig, run_id: str, done: dict, *, wait: bool = Fal
     feeding the trainer meanwhile, one at a time (they share one engine); `done` maps version
     -> its future (None once finished and checked). A failed evaluation raises here, on the
     loop's next look; `wait` blocks until every due version is evaluated."""
-    run = open_run(config, run_id)
-    due = [
-        v
-        for v in run.list_weight_versions()
-        if v % config.evaluation.every_steps == 0 and v not in done
-    ]
+    due = due_versions(open_run(config, run_id), config.evaluation.every_steps, done)
     while True:
         for version, future in list(done.items()):
             if future is not None and future.wrapped_future.done():

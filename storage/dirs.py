@@ -150,6 +150,9 @@ class ManifestDirs:
         self._require(n)
         return self._loc.url_of(self.path(n))
 
+    def has(self, n: int) -> bool:
+        return self._manifest(n) is not None
+
     def _require(self, n: int) -> dict:
         manifest = self._manifest(n)
         if manifest is None:

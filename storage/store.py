@@ -351,6 +351,11 @@ class Run:
         return self._weights.latest_hint()
 
     @retrying
+    def has_weights(self, version: int) -> bool:
+        """Whether weights `version` are committed (one small read; no listing)."""
+        return self._weights.has(version)
+
+    @retrying
     def list_weight_versions(self) -> list[int]:
         return self._weights.list()
 
