@@ -3,7 +3,7 @@ checkpoints (checkpoints/step-{N}/).
 
     weights/v{N}/<files...>          uploaded file by file
     weights/v{N}/_MANIFEST.json      written last: [{path, bytes, sha256}], committed_at
-    weights/LATEST                   {"version": N}, moved forward after the manifest
+    weights/LATEST                   {"weights": N}, moved forward after the manifest
 
 A directory without a manifest is invisible (a writer died mid-upload); a reader downloads
 exactly the manifest's files and checks their sizes. Publishing a committed entry again is
@@ -76,6 +76,9 @@ class ManifestDirs:
         old = self._manifest(n)
         if old is not None:
             if old.get("files") == entries:
+                # a retry of a publish whose pointer write failed (or a writer killed between
+                # the two) lands here: the pointer must still move, or readers trust n - 1
+                self._advance(n)
                 return False
             if not overwrite:
                 raise CommitConflictError(
@@ -93,13 +96,17 @@ class ManifestDirs:
         fsio.fault_point(f"{self._what}.before_manifest")
         manifest = {"files": entries, "committed_at": time.time()}
         fsio.write_atomic(self._loc, f"{dest}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-        # the pointer as written, not latest_hint(): with no pointer yet that lists the entries,
-        # finds the manifest just written, and the pointer was never written at all
+        self._advance(n)
+        return True
+
+    def _advance(self, n: int) -> None:
+        """Move the LATEST pointer forward to committed entry n (never back). It compares with
+        the pointer as written, not latest_hint(): with no pointer yet that lists the entries,
+        finds n's manifest, and the pointer was never written at all."""
         pointed = self._pointer()
         if pointed is None or n > pointed:
             pointer = json.dumps({self._what: n}).encode()
             fsio.write_atomic(self._loc, f"{self._base}/{LATEST}", pointer)
-        return True
 
     def _pointer(self) -> int | None:
         """The number the LATEST pointer holds (committed or not), or None without one."""

@@ -125,6 +125,37 @@ def test_latest_weights_pointer_moves_forward_and_polls_read_only_it(backend, tm
         run.latest_weights_version()
 
 
+def test_a_retried_publish_moves_the_pointer_its_first_attempt_did_not(
+    backend, tmp_path, monkeypatch
+):
+    # The manifest of v1 was written, then the pointer write failed (an outage, or the writer
+    # was killed between the two). The retry finds v1 committed identically: it must still
+    # move the pointer, or readers trust v0 while v1 is the newest version.
+    import storage.dirs
+
+    run = _run(backend)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "m.bin").write_bytes(b"0" * 10)
+    run.publish_weights(0, tmp_path / "w")
+    (tmp_path / "w" / "m.bin").write_bytes(b"1" * 10)
+    real_write, failed = storage.dirs.fsio.write_atomic, []
+
+    def failing_pointer_write(loc, path, data):
+        if path.endswith("/LATEST") and not failed:
+            failed.append(path)
+            raise OSError("connection reset while writing the pointer")
+        return real_write(loc, path, data)
+
+    monkeypatch.setattr(storage.dirs.fsio, "write_atomic", failing_pointer_write)
+    with pytest.raises(OSError, match="connection reset"):
+        run.publish_weights(1, tmp_path / "w")
+    assert failed and run.list_weight_versions() == [0, 1]  # committed, pointer still at 0
+    run.publish_weights(1, tmp_path / "w")  # the retry: identical files, nothing uploaded...
+    pointer = _path(run._weights._loc.url_of(run._weights._base + "/LATEST"))
+    assert json.loads(_fs(backend).cat_file(pointer)) == {"weights": 1}  # ...but the pointer moved
+    assert run.latest_weights_version() == 1
+
+
 def test_rows_of_another_run_are_refused_at_commit(backend, make_rollouts):
     run = _run(backend)
     with pytest.raises(InvalidRolloutsError, match="rows of run 'other'.*Fix: set run_id"):
