@@ -67,6 +67,24 @@ def generate_eval_shard(config: RunConfig, run_id: str, version: int) -> None:
     run.commit_shard(EVAL, key, rollouts_from_records(records))
 
 
+def kill_tree(proc) -> None:
+    """Kill a child process and every process under it, then reap it. vLLM runs its engine
+    core in processes of its own, which would outlive their parent (and keep its GPU memory)
+    if only the child were killed. psutil comes with vLLM."""
+    import contextlib
+
+    import psutil
+
+    family = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(proc.pid)
+        family = [*root.children(recursive=True), root]  # collected before any dies
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    proc.communicate()
+
+
 def generate_eval_shard_in_child(config: RunConfig, run_id: str, version: int) -> None:
     """The same, in a child process (`python -m tasks.eval_child`): vLLM allows one engine per
     process and the generator's lives in this one. The child gets the config on stdin (it holds
@@ -75,22 +93,24 @@ def generate_eval_shard_in_child(config: RunConfig, run_id: str, version: int) -
     import subprocess
     import sys
 
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasks.eval_child", run_id, str(version)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "tasks.eval_child", run_id, str(version)],
-            input=config.model_dump_json(),
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=EVAL_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:  # subprocess.run has killed the child
+        _, stderr = proc.communicate(config.model_dump_json(), timeout=EVAL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
         raise TimeoutError(
-            f"the evaluation process for v{version} did not finish within {EVAL_TIMEOUT_S:g} s. "
-            "Fix: check the engine's memory and evaluation settings; the task is retried."
+            f"the evaluation process for v{version} did not finish within {EVAL_TIMEOUT_S:g} s "
+            "and was killed with its engine processes. Fix: check the engine's memory and "
+            "evaluation settings; the task is retried."
         ) from None
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        tail = "\n".join(stderr.strip().splitlines()[-15:])
         raise RuntimeError(
             f"the evaluation process for v{version} exited with code {proc.returncode}:\n{tail}"
         )
@@ -98,6 +118,7 @@ def generate_eval_shard_in_child(config: RunConfig, run_id: str, version: int) -
 
 # No timeout_seconds: the run submits evaluations to worker threads, where Prefect's timeout
 # cannot interrupt them (and it warned so on every one); EVAL_TIMEOUT_S on the process can.
+# In-process evaluations (pipeline.isolation = thread, or a memory:// store) have no timeout.
 @task(name="evaluate-policy", retries=2, retry_delay_seconds=[5, 30], cache_policy=None)
 def evaluate_policy(config: RunConfig, run_id: str, version: int) -> dict:
     import pyarrow.compute as pc

@@ -201,7 +201,9 @@ def run_isolated(
         writer.close()  # the child holds the only writer: EOF means it has ended
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            if deadline is not None and not reader.poll(max(0.0, deadline - time.monotonic())):
+            # (once the result is in, the child is only exiting: it is not timed out then)
+            late = deadline is not None and outcome is None
+            if late and not reader.poll(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(  # the finally below kills the child
                     f"the {what} process did not finish within {timeout_s:g} s. Fix: look at "
                     "its last log lines above; the task is retried, and a resumed run "

@@ -3,6 +3,7 @@ process and vLLM allows one engine per process. Here a parent process holds a li
 (as a generator does) and evaluates a published version through tasks.evaluate; the eval shard
 is committed, scored, and the parent's engine still generates afterwards."""
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,24 @@ def test_vllm_memory_shares_are_checked():
                 "evaluation.gpu_memory_utilization=0.1",
             ]
         )
+
+
+def test_kill_tree_takes_the_grandchildren_a_plain_kill_would_orphan():
+    # A hung evaluation child is killed with the processes it started (vLLM's engine core
+    # runs in its own process): a child that started a sleeping grandchild, both gone after.
+    import psutil
+
+    from tasks.evaluate import kill_tree
+
+    code = (
+        "import subprocess, sys, time; "
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "print(g.pid, flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    grandchild = int(proc.stdout.readline())
+    assert psutil.pid_exists(grandchild)
+    kill_tree(proc)
+    assert proc.returncode is not None  # killed and reaped
+    with contextlib.suppress(psutil.NoSuchProcess):  # gone, or dead and waiting for init
+        assert psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
