@@ -5,8 +5,10 @@
     .venv/bin/python bench/vs_trl.py --steps 200 --repeats 3  # ours and TRL alternate 3 times
 
 Both sides start from the same warm-started tiny model (`builtin:tiny-warm`, scalerl/warmstart.py)
-on arithmetic from its own distribution (1-2 digit a+b, a-b; as bench/demo_learning.py), with the tiny-cpu preset's shape: P prompts x G samples per optimizer
-step, the same max completion length, learning rate, warmup, temperature and number of steps,
+on arithmetic from its own distribution (1-2 digit a+b, a-b: the tiny-cpu preset's
+synthetic:arithmetic-easy, written to a JSONL file here so both sides read the same rows and
+the held-out set can be larger), with the tiny-cpu preset's shape: P prompts x G samples per
+optimizer step, the same max completion length, learning rate, warmup, temperature and number of steps,
 so both see the same number of samples. TRL runs on-policy (one optimizer step per generation
 batch, beta = 0, no KL), CISPO with eps_max as TRL's epsilon_high, batch-scaled rewards as in
 ScaleRL; ours is the full tiny-cpu pipeline (flows/run.py: PipelineRL-k, curriculum, filtering,
@@ -48,7 +50,7 @@ IN_RUN_EVAL_SAMPLES = (
 
 
 def _config(steps: int, work: Path, overrides: list[str] = (), eval_prompts: int = 256):
-    """tiny-cpu on arithmetic from the warm start's distribution (as bench/demo_learning.py).
+    """tiny-cpu on arithmetic from the warm start's distribution (1-2 digit a+b, a-b), as rows.
     `eval_prompts` held-out prompts: the final pass rates are measured on all of them x
     --eval-samples; ours' own in-run evaluations (at version 0, inside its timed window, and at
     the end) sample IN_RUN_EVAL_SAMPLES in all, so a larger held-out set costs ours no more."""

@@ -4,6 +4,7 @@ import pytest
 
 from flows.run import due_versions
 from storage import open_store
+from storage.dirs import ManifestDirs
 
 
 def test_due_versions_are_committed_multiples_up_to_latest_not_done(tmp_path, monkeypatch):
@@ -17,10 +18,10 @@ def test_due_versions_are_committed_multiples_up_to_latest_not_done(tmp_path, mo
     # multiples of 3 in 0..7 are 0, 3, 6; 0 is done)
     (tmp_path / "runs" / "r1" / "weights" / "v6" / "_MANIFEST.json").unlink()
 
-    def no_listing():
+    def no_listing(*_):
         raise AssertionError("due_versions listed every weight version")
 
-    monkeypatch.setattr(run, "list_weight_versions", no_listing)
+    monkeypatch.setattr(ManifestDirs, "list", no_listing)  # below every listing of versions
     assert due_versions(run, 3, {0: None}) == [3]
     assert due_versions(run, 3, {}) == [0, 3]
     assert due_versions(run, 1, {v: None for v in range(5)}) == [5, 7]
