@@ -69,7 +69,7 @@ def generate_eval_shard(config: RunConfig, run_id: str, version: int) -> None:
 
 def kill_tree(proc) -> None:
     """Kill a child process and every process under it, then reap it. vLLM runs its engine
-    core in processes of its own, which would outlive their parent (and keep its GPU memory)
+    core in processes of its own, which can outlive their parent (and keep its GPU memory)
     if only the child were killed. psutil comes with vLLM."""
     import contextlib
 
