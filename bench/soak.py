@@ -64,6 +64,12 @@ def overrides(root: str, run_id: str, generators: int, prompts: int, samples: in
     ]
 
 
+def _ppid(pid: int) -> int | None:
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return None
+
+
 def _role(pid: int, flow_pid: int, cmdline: str) -> str:
     """flow, reward-worker, fork-server, resource-tracker, generator, trainer, evaluator
     (tasks/isolated.py names its children scalerl-gen<i>, scalerl-trainer, scalerl-eval-v<n>),
@@ -71,7 +77,9 @@ def _role(pid: int, flow_pid: int, cmdline: str) -> str:
     if pid == flow_pid:
         return "flow"
     if "scalerl.rewards" in cmdline:
-        return "reward-worker"
+        # the flow's scoring pool; an evaluation process scores with a pool of its own, whose
+        # workers go when the evaluation is done (a v0 evaluation can outlast the warm-up)
+        return "reward-worker" if _ppid(pid) == flow_pid else "evaluator"
     with contextlib.suppress(OSError):
         name = Path(f"/proc/{pid}/comm").read_text().strip()
         if name == "scalerl-trainer":
