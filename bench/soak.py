@@ -65,6 +65,7 @@ def overrides(root: str, run_id: str, generators: int, prompts: int, samples: in
 
 
 def _ppid(pid: int) -> int | None:
+    """The parent's pid from Linux's /proc (None if the process is gone)."""
     with contextlib.suppress(OSError, IndexError, ValueError):
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     return None
@@ -130,11 +131,8 @@ def _descendants(pid: int) -> list[int]:
         pass
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (ppid := _ppid(int(entry))) is not None:
+            children.setdefault(ppid, []).append(int(entry))
     out, todo = [], [pid]
     while todo:
         kids = children.get(todo.pop(), [])

@@ -8,8 +8,8 @@ Both sides start from the same warm-started tiny model (`builtin:tiny-warm`, sca
 on arithmetic from its own distribution (1-2 digit a+b, a-b: the tiny-cpu preset's
 synthetic:arithmetic-easy, written to a JSONL file here so both sides read the same rows and
 the held-out set can be larger), with the tiny-cpu preset's shape: P prompts x G samples per
-optimizer step, the same max completion length, learning rate, warmup, temperature and number of steps,
-so both see the same number of samples. TRL runs on-policy (one optimizer step per generation
+optimizer step, the same max completion length, learning rate, warmup, temperature and number
+of steps, so both see the same number of samples. TRL runs on-policy (one optimizer step per generation
 batch, beta = 0, no KL), CISPO with eps_max as TRL's epsilon_high, batch-scaled rewards as in
 ScaleRL; ours is the full tiny-cpu pipeline (flows/run.py: PipelineRL-k, curriculum, filtering,
 store-backed rollouts; evaluations only at version 0 and at the end). One after the other, in
