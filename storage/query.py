@@ -15,7 +15,10 @@ glob of data/, so a writer's half-uploaded file is never seen):
                                   filtered, else scored, else raw (filtered can lag behind raw
                                   while a run is going: query raw to see everything generated)
     metrics_eval, metrics_trainer, metrics_scaling
-                                  the run's metric rows, when the run has some
+                                  the run's metric rows, when the run has some, as
+                                  Run.read_metrics gives them: one row per trainer step and
+                                  per eval version (the last written; a step redone after a
+                                  resume is not counted twice), sorted by it
 
 The run's fsspec filesystem (local, s3fs with the store's endpoint and credentials, memory)
 is registered with DuckDB, so no httpfs extension or CREATE SECRET is needed and s3:// URLs

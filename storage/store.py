@@ -19,7 +19,9 @@ Layout under {root}/{run_id}/ (every name is checked against [A-Za-z0-9._-]):
     weights/v{N}/... + _MANIFEST.json      policy weights; weights/LATEST points at newest
     checkpoints/step-{N}/... + _MANIFEST.json    trainer checkpoints (+ checkpoints/LATEST)
     curriculum/v{N}.json                   curriculum state, one file per version
-    metrics/{name}/part-{time_ns}-{id}.parquet   appended metric rows
+    metrics/{name}/part-{time_ns}-{id}.parquet   appended metric rows; read_metrics keeps
+                                           the last written row per step (trainer) or
+                                           version (eval): METRICS_KEYS
     quarantine/{stage}/{key}/{attempt}/    a shard taken out of use (quarantine_shard): copies
                                            of its data and commit record, reason.json
     .tmp-*                                 in-flight local writes; orphans if old
@@ -41,7 +43,9 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage import fsio
@@ -63,6 +67,11 @@ from storage.shards import ShardInfo, Shards
 RUN_MARKER = ".scalerl-run.json"
 _CURRICULUM_RE = re.compile(r"v(0|[1-9][0-9]*)\.json")
 _PART_RE = re.compile(r"part-[0-9]{19}-[0-9a-f]{8}\.parquet")
+# The metrics streams with one row per key: a step redone after a resume from an older
+# checkpoint, a version evaluated again, or a second writer appends the key again, and
+# read_metrics keeps the last row written. Columns are tried in order, the first non-null
+# value per row is the key (eval rows carry version; rows without it fall back to step).
+METRICS_KEYS: dict[str, tuple[str, ...]] = {"trainer": ("step",), "eval": ("version", "step")}
 
 
 def open_store(url: str = "./runs", *, storage_options: dict | None = None) -> RunStore:
@@ -83,6 +92,43 @@ def _json_bytes(value: object, what: str, *, compact: bool = False) -> bytes:
             f"{what} is not JSON-serializable ({e}). Fix: pass plain dicts, lists, strings, "
             "finite numbers, booleans and None (e.g. config.model_dump(mode='json'))."
         ) from None
+
+
+def latest_metrics(name: str, table: pa.Table) -> pa.Table:
+    """`table` (rows of metrics stream `name` in append order) with one row per key of
+    METRICS_KEYS[name], the last one, sorted by key; rows with a null key follow, all kept.
+    A stream without a key, or a table without the key columns, is returned as it is."""
+    present = [c for c in METRICS_KEYS.get(name, ()) if c in table.column_names]
+    if not present or table.num_rows == 0:
+        return table
+    key = table.column(present[0])
+    for other in present[1:]:
+        try:
+            key = pc.coalesce(key, table.column(other).cast(key.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            break  # a fallback column of another kind: the first column alone is the key
+    index = pa.array(np.arange(table.num_rows, dtype=np.int64))
+    keyed = pa.table({"key": key, "row": index})
+    valid = pc.is_valid(key)
+    last = (
+        keyed.filter(valid)
+        .group_by("key", use_threads=False)
+        .aggregate([("row", "max")])
+        .sort_by("key")
+        .column("row_max")
+    )
+    if last.length() == table.num_rows:
+        return table if _ascending(key) else table.take(last)
+    nulls = keyed.filter(pc.invert(valid)).column("row")
+    return table.take(pa.chunked_array([*last.chunks, *nulls.chunks], type=pa.int64()))
+
+
+def _ascending(key: pa.ChunkedArray) -> bool:
+    """No null and every key above the one before it (the common case: nothing redone)."""
+    if key.null_count or len(key) < 2:
+        return not key.null_count
+    k = key.combine_chunks()
+    return bool(pc.all(pc.greater(k[1:], k[:-1])).as_py())
 
 
 class RunStore:
@@ -389,8 +435,9 @@ class Run:
     # -- metrics and curriculum ------------------------------------------------------------
 
     def append_metrics(self, name: str, rows: list[dict] | pa.Table) -> None:
-        """Append rows as one part file; read_metrics returns all parts in append order. The
-        part's name is fixed before the upload, so a retried upload replaces, never adds."""
+        """Append rows as one part file, named by the time it is written (time_ns), which is
+        the append order read_metrics keeps the last row per key by. The part's name is fixed
+        before the upload, so a retried upload replaces, never adds."""
         base = f"{self._root}/metrics/{validate_name(name, 'metrics name')}"
         if isinstance(rows, pa.Table):
             table = rows
@@ -410,7 +457,11 @@ class Run:
         fsio.write_atomic(self._loc, path, data)
 
     @retrying
-    def read_metrics(self, name: str) -> pa.Table:
+    def read_metrics(self, name: str, *, all_rows: bool = False) -> pa.Table:
+        """The rows of metrics stream `name`. For a stream with a key (METRICS_KEYS: trainer
+        by step, eval by version) one row per key, the LAST written (parts in name order,
+        i.e. by their time_ns, then rows in part order), sorted by key; rows whose key is
+        null follow, all kept. Other streams, or `all_rows=True`: every row in append order."""
         base = f"{self._root}/metrics/{validate_name(name, 'metrics name')}"
         parts = []
         for info in fsio.ls(self._loc, base):
@@ -426,8 +477,11 @@ class Run:
         if not parts:
             return pa.table({})
         raws = self._loc.fs.cat(sorted(parts))
-        tables = [pq.read_table(pa.BufferReader(raws[k])) for k in sorted(raws)]
-        return pa.concat_tables(tables, promote_options="permissive")
+        # append order: part-{time_ns:019d}-{id} sorts by the time it was written
+        order = sorted(raws, key=lambda k: k.rsplit("/", 1)[-1])
+        tables = [pq.read_table(pa.BufferReader(raws[k])) for k in order]
+        table = pa.concat_tables(tables, promote_options="permissive")
+        return table if all_rows else latest_metrics(name, table)
 
     @retrying
     def save_curriculum(self, state: dict, version: int) -> None:

@@ -23,7 +23,10 @@
 - quarantined shards (Run.quarantine_shard: unusable input taken out of use, with a reason)
   are accounted for, not lost: a key quarantined at any stage needs no later stage, a consumed
   shard may have been quarantined by the trainer, and every quarantine entry still holds the
-  copies its reason record names. They are listed in `quarantined` and `notes`.
+  copies its reason record names. They are listed in `quarantined` and `notes`;
+- steps redone after a resume from an older checkpoint (or written twice) are not a problem:
+  every reader sees the last row written per step (Run.read_metrics); the facts
+  trainer_steps_redone and trainer_rows_replaced count them, and `notes` says so.
 No Prefect import: the CLI and the tests use it directly.
 """
 
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage import Run
+from storage.store import latest_metrics
 
 
 @dataclass
@@ -43,16 +47,18 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     facts: dict[str, int] = field(default_factory=dict)
     quarantined: list[dict] = field(default_factory=list)  # reason records, oldest first
+    remarks: list[str] = field(default_factory=list)  # facts worth a line, not problems
 
     @property
     def notes(self) -> list[str]:
-        """One line per quarantined shard: where, why, and where its copy lies."""
+        """One line per quarantined shard (where, why, where its copy lies), then the remarks
+        (e.g. trainer steps redone after a resume)."""
         return [
             f"quarantined {q['stage']}/{q['key']} by {q.get('by') or '?'}: "
             f"{q.get('error') or 'reason'}: {q['reason'].split(' Fix:')[0]} "
             f"(copy: {q.get('data_copy') or q.get('record_copy')})"
             for q in self.quarantined
-        ]
+        ] + self.remarks
 
     @property
     def ok(self) -> bool:
@@ -136,7 +142,13 @@ def verify_run(run: Run) -> VerifyReport:
         retired, applied = now, len(state["applied"])
     more: dict[str, int] = {}
     report.problems += _trainer_problems(run, ledger, assembler, more)
-    report.problems += _lineage_problems(run, step, ledger, versions, finished)
+    report.problems += _lineage_problems(run, step, ledger, versions, finished, more)
+    if more.get("trainer_steps_redone"):
+        report.remarks.append(
+            f"{more['trainer_steps_redone']} trainer step(s) were trained again after a resume "
+            f"from an older checkpoint; their {more['trainer_rows_replaced']} earlier metrics "
+            "row(s) are replaced by the last written (read_metrics: one row per step)"
+        )
     report.problems += _curriculum_problems(run, stages["scored"], anywhere, finished, more)
     report.facts = {
         "raw_shards": len(stages["raw"]),
@@ -230,9 +242,22 @@ def _trainer_problems(run: Run, ledger: list[dict], assembler: dict, facts: dict
 
 
 def _lineage_problems(
-    run: Run, step: int | None, ledger: list[dict], versions: list[int], finished: bool
+    run: Run,
+    step: int | None,
+    ledger: list[dict],
+    versions: list[int],
+    finished: bool,
+    facts: dict,
 ) -> list[str]:
-    """Steps and versions move one at a time, and every step left its metrics row."""
+    """Steps and versions move one at a time, and every step left its metrics row. Counts
+    into `facts` the steps with more than one metrics row (redone after a resume, or written
+    twice) and the rows the last one replaces: not a problem, every reader sees one per step."""
+    every = run.read_metrics("trainer", all_rows=True)
+    metrics = latest_metrics("trainer", every)
+    steps = every.column("step").to_pylist() if "step" in every.column_names else []
+    counts = Counter(s for s in steps if s is not None)
+    facts["trainer_steps_redone"] = sum(n > 1 for n in counts.values())
+    facts["trainer_rows_replaced"] = sum(n - 1 for n in counts.values())
     if step is None:
         return []
     problems = []
@@ -249,7 +274,6 @@ def _lineage_problems(
             f"the run finished at checkpoint step {step} but weights v{versions[-1]} exist "
             "(left by a trainer that died after publishing them)"
         )
-    metrics = run.read_metrics("trainer")
     logged = set(metrics.column("step").to_pylist()) if "step" in metrics.column_names else set()
     missing = sorted(set(range(1, step + 1)) - logged)
     if missing:
