@@ -80,7 +80,8 @@ class SigmoidFit:
     A_interval: tuple[float, float]
     """Bootstrap percentile interval for A (nan, nan when bootstrap=0)."""
     at_grid_edge: bool = False
-    """A or C_mid ended on the edge of its grid: the data do not pin them down yet."""
+    """A or C_mid ended on (or within numerical noise of) an end of its grid, see
+    ``at_grid_edge``: the data do not pin them down yet."""
 
     def predict(self, C: Any) -> Any:
         """Predicted pass rate at compute C (float for a scalar, array for an array)."""
@@ -144,7 +145,7 @@ def fit_sigmoid(
     A, B, C_mid, err = best
     if refine:
         A, B, C_mid, err = _refine(C, R, R0, (A, B, C_mid), err, a_grid, c_grid)
-    at_edge = a_grid[-1] - A < 1e-9 or not c_grid[0] * 1.001 < C_mid < c_grid[-1] * 0.999
+    at_edge = at_grid_edge(A, a_grid) or at_grid_edge(C_mid, c_grid, log=True)
     bounds = _bounds(a_grid, c_grid)
     interval = _bootstrap_A(C, R, R0, (A, B, C_mid), bounds, bootstrap, confidence, seed)
     return SigmoidFit(
@@ -237,6 +238,25 @@ def _exclude(
             "fewer early points."
         )
     return C[keep], R[keep]
+
+
+EDGE_TOLERANCE = 0.01
+"""A value within this fraction of a grid step of the grid's first or last value is "on the
+edge": the bounded refinement stops a hair inside its box (A = 0.9999994 for a top of 1.0)."""
+
+
+def at_grid_edge(value: float, grid: Any, *, log: bool = False) -> bool:
+    """Whether ``value`` sits on (or within numerical noise of) either end of ``grid``.
+
+    Noise is EDGE_TOLERANCE of the grid's smallest step (A_STEP for a one-value grid),
+    measured on log(value) when ``log`` (a log-spaced grid such as the C_mid grid)."""
+    g = np.unique(np.asarray(grid, dtype=float))
+    v = float(value)
+    if log:
+        g, v = np.log(g), float(np.log(v))
+    step = float(np.min(np.diff(g))) if len(g) > 1 else A_STEP
+    tol = EDGE_TOLERANCE * step
+    return bool(v <= g[0] + tol or v >= g[-1] - tol)
 
 
 def _a_grid(a_grid: Any, R0: float) -> np.ndarray:

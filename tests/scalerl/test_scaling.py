@@ -5,7 +5,15 @@ import time
 import numpy as np
 import pytest
 
-from scalerl.scaling import PAPER_A_GRID, fit_power_law, fit_sigmoid, sigmoid
+from scalerl.scaling import (
+    A_STEP,
+    EDGE_TOLERANCE,
+    PAPER_A_GRID,
+    at_grid_edge,
+    fit_power_law,
+    fit_sigmoid,
+    sigmoid,
+)
 
 
 def curve(C, A, B, C_mid, R0):
@@ -135,3 +143,35 @@ def test_bad_options():
         fit_sigmoid(C, R, exclude_fraction=1.0)
     with pytest.raises(ValueError, match="1-D"):
         fit_power_law([[1.0]], [[0.5]])
+
+
+@pytest.mark.parametrize(("n", "slope"), [(5, 0.025), (7, 0.015)])
+def test_curve_still_rising_linearly_puts_A_on_the_grid_edge(n, slope):
+    # R = R0 + slope * k at C = 1000 k: no bend in sight, so the best A is the top of the
+    # default grid (1.0); the bounded refinement stops a hair below it (A = 0.9999994 for
+    # n = 7), which must still count as the edge.
+    k = np.arange(1, n + 1)
+    C, R = 1000.0 * k, 0.1 + slope * k
+    fit = fit_sigmoid(C, R, R0=0.1, exclude_fraction=0.0, bootstrap=0)
+    assert 1.0 - 0.01 * A_STEP <= fit.A <= 1.0
+    assert fit.at_grid_edge
+
+
+def test_at_grid_edge_tolerance_is_a_fraction_of_the_grid_step():
+    a = np.round(np.arange(0.105, 1.0 + 1e-9, A_STEP), 6)  # the default grid for R0 = 0.1
+    tol = 0.01 * A_STEP  # EDGE_TOLERANCE of one step
+    assert EDGE_TOLERANCE == 0.01
+    for A in (1.0, 0.9999994, 1.0 - 0.5 * tol, 0.105, 0.105 + 0.5 * tol):
+        assert at_grid_edge(A, a), A
+    for A in (1.0 - 2 * tol, 1.0 - A_STEP, 0.5, 0.105 + 2 * tol):
+        assert not at_grid_edge(A, a), A
+    assert at_grid_edge(0.8, PAPER_A_GRID) and at_grid_edge(0.45 + 1e-7, PAPER_A_GRID)
+    assert not at_grid_edge(0.61, PAPER_A_GRID)
+    assert at_grid_edge(0.7, [0.7])  # a one-value grid: its value is both ends
+    # a log-spaced grid (C_mid): the tolerance is a fraction of the step in log C
+    c = np.geomspace(250.0, 70_000.0, 100)
+    log_tol = 0.01 * np.log(70_000.0 / 250.0) / 99
+    assert at_grid_edge(70_000.0 * np.exp(-0.5 * log_tol), c, log=True)
+    assert at_grid_edge(250.0 * np.exp(0.5 * log_tol), c, log=True)
+    assert not at_grid_edge(70_000.0 * np.exp(-2 * log_tol), c, log=True)
+    assert not at_grid_edge(5000.0, c, log=True)
