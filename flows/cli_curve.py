@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -128,8 +129,6 @@ def curve_plot(
 ) -> None:
     """Render a PNG (800 x 500 px): the fitted compute curve, completion lengths with the
     interruption window, or the staleness of trained samples."""
-    import tempfile
-
     from scalerl import plots
 
     with _guard():
@@ -142,8 +141,10 @@ def curve_plot(
         run = _open_run(storage, endpoint_url, run_id)
         draw = _plot_data(run, kind, stage, target_compute)  # everything read before writing
         output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=output.parent)
-        os.close(fd)
+        # a fresh sibling created with mode 0o666 so the kernel applies the umask, as for any
+        # file the user asks for (mkstemp would leave 0o600); renamed over `output` when drawn
+        tmp = output.parent / f".tmp-{uuid.uuid4().hex[:12]}-{output.name}"
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         try:
             draw(plots, tmp)
             os.replace(tmp, output)

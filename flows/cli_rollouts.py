@@ -118,6 +118,19 @@ def rollouts_show(
                 + f" ORDER BY prompt_id, group_id, sample_index LIMIT {int(limit)}"
             )
             rows = q.sql(sql, params).to_pylist()
+            known: list[str] = []  # set when the prompt id is nowhere in the view
+            if not rows and prompt is not None:
+                ids = f"SELECT DISTINCT prompt_id FROM {_ident(view)}"
+                if not q.sql(f"{ids} WHERE prompt_id = ?", [prompt]).num_rows:
+                    known = q.sql(f"{ids} ORDER BY 1 LIMIT 5").column("prompt_id").to_pylist()
+        if known:
+            raise InvalidInputError(
+                f"no prompt {prompt!r} in {view!r} of run {run_id!r}; prompt ids look like "
+                f"{known[0]} (first few: {', '.join(known)}). Fix: pass one of them, e.g. "
+                f"`scalerl rollouts show {run_id} --prompt {known[0]}`, or list them all with "
+                f'`scalerl rollouts query {run_id} "SELECT DISTINCT prompt_id FROM {view} '
+                'ORDER BY 1"`.'
+            )
         if not rows:
             raise InvalidInputError(
                 f"no completions in {view!r} of run {run_id!r} match"

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from scalerl.scaling import SigmoidFit
 
@@ -39,6 +40,49 @@ def _figure(title: str):
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     return fig, ax
+
+
+class ReadableLogLocator(LogLocator):
+    """Major ticks of a log axis, as many as fit: 1..9, then 1, 2, 3, 5, then 1, 2, 5 times
+    each power of ten as the range widens, only powers of ten beyond 2.5 decades. Paired with
+    ``tick_label`` and unlabelled minor ticks, so no two tick labels overlap."""
+
+    def __call__(self):
+        vmin, vmax = sorted(self.axis.get_view_interval())
+        decades = np.log10(vmax / vmin) if vmin > 0 else np.inf
+        if decades < 0.4:
+            subs: Any = np.arange(1.0, 10.0)
+        elif decades < 1.0:
+            subs = (1.0, 2.0, 3.0, 5.0)
+        elif decades <= 2.5:
+            subs = (1.0, 2.0, 5.0)
+        else:
+            subs = (1.0,)
+        self.set_params(subs=subs, numticks=8)
+        return super().__call__()
+
+
+def tick_label(x: float, _pos: Any = None) -> str:
+    """Short plain labels: 500, 2000, 0.05, and 2e6 / 1e-4 for very large / small values."""
+    if x <= 0:
+        return f"{x:g}"
+    if 1.0 <= x < 1e6:
+        return f"{x:.0f}" if abs(x - round(x)) < 1e-6 * x else f"{x:.4g}"
+    if 1e-3 <= x < 1.0:
+        return f"{x:.4g}"
+    exp = int(np.floor(np.log10(x)))
+    mant = x / 10.0**exp
+    if round(mant, 3) >= 10:  # rounding pushed it to the next power
+        mant, exp = mant / 10, exp + 1
+    return f"{mant:.3g}e{exp}"
+
+
+def _readable_log_x(ax) -> None:
+    """Log x-axis whose tick labels never overlap (no minor labels; ReadableLogLocator)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ReadableLogLocator(base=10.0))
+    ax.xaxis.set_major_formatter(FuncFormatter(tick_label))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def save_png(fig: Figure, path: str | os.PathLike) -> Path:
@@ -91,7 +135,7 @@ def curve_figure(
     elif (~pos).any():
         ax.axhline(R[~pos][0], ls=":", color="gray", label=f"R0 = {R[~pos][0]:.3f}")
     if pos.any():
-        ax.set_xscale("log")
+        _readable_log_x(ax)
     ax.set_xlabel(f"compute ({compute_unit})")
     ax.set_ylabel("pass rate")
     ax.set_ylim(0.0, 1.0)

@@ -68,6 +68,35 @@ def test_rollouts_show_prompt_prints_prompt_then_each_completion(demo):
     assert out.count("(failed, wrong)") == len(records) - passed
 
 
+def test_rollouts_show_unknown_prompt_lists_real_prompt_ids(local_demo):
+    # README's example id (p017) is in no run: the error names the ids that exist
+    s = ["--storage", local_demo.storage]
+    first = sorted({r["prompt_id"] for r in local_demo.records["filtered"]})[:5]
+    err = one_line_error(
+        invoke("rollouts", "show", "demo", "--prompt", "p017", *s),
+        "no prompt 'p017' in 'rollouts' of run 'demo'",
+        f"prompt ids look like {first[0]} (first few: {', '.join(first)})",
+        f"`scalerl rollouts show demo --prompt {first[0]}`",
+        '"SELECT DISTINCT prompt_id FROM rollouts ORDER BY 1"',
+    )
+    assert "Fix:" in err
+    ids = sorted({r["prompt_id"] for r in local_demo.records["scored"]})
+    scored = one_line_error(
+        invoke("rollouts", "show", "demo", "--prompt", "x", "--stage", "scored", *s)
+    )
+    assert f"(first few: {', '.join(ids[:5])})" in scored
+    # a prompt that exists but not at that version: the usual "no completions match"
+    pid = first[0]
+    versions = [
+        v for r in local_demo.records["filtered"] if r["prompt_id"] == pid for v in r["versions"]
+    ]
+    err = one_line_error(
+        invoke("rollouts", "show", "demo", "--prompt", pid, "--step", str(max(versions) + 100), *s),
+        f"no completions in 'rollouts' of run 'demo' match --prompt {pid} --step",
+    )
+    assert "prompt ids look like" not in err
+
+
 def test_rollouts_query_formats(demo):
     sql = "SELECT finish_reason, count(*) AS n FROM raw GROUP BY 1 ORDER BY 1"
     expected = {}
@@ -157,6 +186,22 @@ def test_curve_fit_recovers_the_sigmoid_and_predicts(demo):
     assert "A     = 0.60" in text and "C_mid" in text and "predicted pass rate at 20000" in text
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_curve_plot_files_get_the_usual_mode(local_demo, tmp_path, umask):
+    """A plot is a file the user asked for: mode 0o666 & ~umask like any other, not mkstemp's
+    0o600, and no temporary sibling is left behind."""
+    old = os.umask(umask)
+    try:
+        for kind in ("curve", "lengths", "staleness"):
+            path = tmp_path / f"{kind}.png"
+            ok(invoke("curve", "plot", "demo", "--kind", kind, "-o", str(path), "--storage", local_demo.storage))  # fmt: skip
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (kind, oct(path.stat().st_mode))
+    finally:
+        os.umask(old)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["curve.png", "lengths.png", "staleness.png"]  # no .tmp-* left
+
+
 # -- doctor -----------------------------------------------------------------------------------
 
 
@@ -209,7 +254,7 @@ def test_unknown_stage_and_format(local_demo, tmp_path):
     one_line_error(invoke("curve", "plot", "demo", "-o", str(tmp_path / "a.png"), "--kind", "pie", *s), "pie")  # fmt: skip
     one_line_error(invoke("curve", "plot", "demo", "-o", str(tmp_path / "a.jpg"), *s), ".png")
     one_line_error(
-        invoke("rollouts", "show", "demo", "--prompt", "nope", *s), "no completions", "Fix:"
+        invoke("rollouts", "show", "demo", "--prompt", "nope", *s), "no prompt 'nope'", "Fix:"
     )
     assert list(tmp_path.iterdir()) == []
 

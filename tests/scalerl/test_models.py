@@ -73,3 +73,23 @@ def test_tokenizer_without_eos_is_rejected(tiny, tmp_path):
 def test_unknown_dtype_is_rejected(tiny):
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         load_policy(str(tiny), dtype="float8")
+
+
+def test_replacement_characters_are_bytes_that_are_not_utf8_on_their_own(tiny):
+    """Why a completion can read "<think>6\ufffd</think>66": non-ASCII text is one token per UTF-8
+    byte, so a sampled byte 0x80-0xFF that does not complete a character decodes (like any
+    byte-level BPE tokenizer) to U+FFFD. Decoding the whole id list is lossless for valid text:
+    a character split over several tokens comes back whole (per-token decoding would not)."""
+    from scalerl.models import _bytes_to_unicode
+
+    _, tok = load_policy(str(tiny))
+    byte_id = {b: tok.convert_tokens_to_ids(c) for b, c in _bytes_to_unicode().items()}
+    text = "é€😀 <think>ü</think>"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert "".join(tok.decode([i]) for i in ids[:2]) == "\ufffd\ufffd"  # "é" token by token
+    think, end, six = (tok.convert_tokens_to_ids(t) for t in ("<think>", "</think>", "6"))
+    sampled = [think, six, byte_id[0xC7], end, six, six, tok.eos_token_id]
+    expected = "<think>" + b"6\xc7".decode("utf-8", "replace") + "</think>66"
+    assert expected == "<think>6\ufffd</think>66"
+    assert tok.decode(sampled, skip_special_tokens=True) == expected

@@ -92,3 +92,44 @@ def test_staleness_bars_and_bound(tmp_path):
     bars = {round(p.get_x() + p.get_width() / 2): p.get_height() for p in ax.patches}
     assert bars == hist
     assert list(_line(ax, "k = 8").get_xdata()) == [8.5, 8.5]
+
+
+def _visible_x_tick_labels(fig):
+    """(text, window bounding box) of every x tick label drawn inside the view (Agg canvas)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    lo, hi = sorted(ax.get_xlim())
+    out = []
+    for tick in ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks():
+        label = tick.label1
+        x = tick.get_loc()
+        if tick.get_visible() and label.get_visible() and label.get_text() and lo <= x <= hi:
+            out.append((label.get_text(), label.get_window_extent(renderer)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("first", "decades", "target"),
+    [
+        (1500.0, 1.0, None),  # seen: "3x10^3 4x10^3" minor labels on top of each other
+        (2000.0, 1.0, None),
+        (1500.0, 0.5, 10.0),
+        (2000.0, 0.7, 10.0),
+        (1000.0, 0.2, None),
+        (100.0, 2.0, None),
+        (10.0, 4.0, 100.0),
+        (1.0, 8.0, None),
+        (0.01, 1.5, None),
+    ],
+)
+def test_curve_x_tick_labels_never_overlap(first, decades, target):
+    compute = [0.0, *np.geomspace(first, first * 10**decades, 6)]
+    rates = [_rate(c) for c in compute]
+    target_compute = compute[-1] * target if target else None
+    fig = curve_figure(compute, rates, FIT, target_compute=target_compute)
+    labels = _visible_x_tick_labels(fig)
+    assert len(labels) >= 2, labels  # the axis can still be read
+    for i, (text_a, box_a) in enumerate(labels):
+        for text_b, box_b in labels[i + 1 :]:
+            assert not box_a.overlaps(box_b), (text_a, text_b)
