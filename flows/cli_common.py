@@ -142,7 +142,8 @@ def _check_inputs(cfg) -> None:
     (syntax, then reachable, bucket, credentials; a local root must be writable), the prompts
     (synthetic source name, or the whole data file: columns, text, ids, size), the model (a
     local directory: causal LM, weights, end-of-sequence token; hub ids are checked when the
-    run loads them), and a storage.run_id that names a directory the store did not create."""
+    run loads them), a storage.run_id that names a directory the store did not create, and one
+    that names an existing run started with another config."""
     from scalerl.data import load_prompts
     from storage.errors import ForeignFileError
     from storage.paths import check_local_access, open_location, validate_name
@@ -173,6 +174,12 @@ def _check_inputs(cfg) -> None:
                 f"the run store (no {RUN_MARKER}). Fix: pick another run id or storage root, or "
                 "move that directory away."
             )
+        if loc.fs.exists(f"{path}/{RUN_MARKER}"):  # an existing run: only with its own config
+            from storage import open_store
+
+            open_store(
+                cfg.storage.url, storage_options=_store_options(cfg.storage.endpoint_url)
+            ).run(run_id).check_config(cfg.model_dump(mode="json"))
 
 
 # -- output helpers ---------------------------------------------------------------------------

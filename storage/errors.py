@@ -71,3 +71,8 @@ class ForeignFileError(StoreError):
 
 class CommitConflictError(StoreError):
     """Different content was committed under a key that is already committed."""
+
+
+class ConfigMismatchError(CommitConflictError, ValueError):
+    """A run was started or resumed with a config that differs from its run.json. A ValueError:
+    bad input, which no retry can fix."""

@@ -53,6 +53,7 @@ from storage.dirs import ManifestDirs
 from storage.errors import (
     BucketNotFoundError,
     CommitConflictError,
+    ConfigMismatchError,
     ForeignFileError,
     InvalidInputError,
     NotCommittedError,
@@ -77,6 +78,22 @@ METRICS_KEYS: dict[str, tuple[str, ...]] = {"trainer": ("step",), "eval": ("vers
 def open_store(url: str = "./runs", *, storage_options: dict | None = None) -> RunStore:
     """Open the run store at `url` (local path, file://, s3://bucket/prefix, memory://)."""
     return RunStore(open_location(url, storage_options))
+
+
+def config_differences(saved: dict, given: dict, limit: int = 8) -> list[str]:
+    """Dotted paths whose values differ between two config dicts, as 'path: X in run.json, Y
+    given' (at most `limit`, then how many more)."""
+    out: list[str] = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+        elif a != b:
+            out.append(f"{path}: {json.dumps(a)} in run.json, {json.dumps(b)} given")
+
+    walk(saved, given, "")
+    return out[:limit] + ([f"and {len(out) - limit} more"] if len(out) > limit else [])
 
 
 def _json_bytes(value: object, what: str, *, compact: bool = False) -> bytes:
@@ -193,7 +210,7 @@ class Run:
     @retrying
     def write_config(self, config: dict, *, overwrite: bool = False) -> None:
         """Write run.json. Rewriting identical content is a no-op; different content raises
-        CommitConflictError unless overwrite=True."""
+        ConfigMismatchError (naming the differing fields) unless overwrite=True."""
         if not isinstance(config, dict):
             raise InvalidInputError(
                 f"config must be a dict, got {type(config).__name__}. "
@@ -202,13 +219,36 @@ class Run:
         data, path = _json_bytes(config, "config"), f"{self._root}/run.json"
         if overwrite:
             fsio.write_atomic(self._loc, path, data)
-        elif not fsio.create_exclusive(self._loc, path, data) and (
-            self.read_config() != json.loads(data)
-        ):
-            raise CommitConflictError(
-                f"{self._loc.url_of(path)} already holds a different config. Fix: start a new "
-                "run id, or pass overwrite=True to replace the snapshot."
+        elif not fsio.create_exclusive(self._loc, path, data):
+            self._refuse_other_config(self.read_config(), json.loads(data))
+
+    @retrying
+    def check_config(self, config: dict) -> None:
+        """Raise ConfigMismatchError (naming the differing fields) when run.json exists and holds
+        another config; nothing is written. What `scalerl run --run-id` checks up front."""
+        if self._loc.fs.exists(f"{self._root}/run.json"):
+            self._refuse_other_config(self.read_config(), json.loads(_json_bytes(config, "config")))
+
+    def _refuse_other_config(self, saved: dict, given: dict) -> None:
+        if (saved.get("storage") or {}).get("run_id", "") is None:  # written before ids were
+            saved["storage"]["run_id"] = self.run_id  # kept in the snapshot
+        if saved != given:
+            raise ConfigMismatchError(
+                f"run {self.run_id} was started with another config "
+                f"({self._loc.url_of(f'{self._root}/run.json')}); differing: "
+                f"{'; '.join(config_differences(saved, given))}. Fix: resume it with its own "
+                f"config (`scalerl resume {self.run_id}`, or the scalerl-resume deployment with "
+                "only the run id), or start a new run id."
             )
+
+    @retrying
+    def created_at(self) -> float | None:
+        """When run.json was written (seconds since the epoch): the run's start. None when the
+        run was never prepared."""
+        try:
+            return fsio.mtime(self._loc.fs.info(f"{self._root}/run.json"))
+        except FileNotFoundError:
+            return None
 
     @retrying
     def read_config(self) -> dict:

@@ -66,11 +66,19 @@ def test_different_content_conflicts_and_original_is_kept(backend, make_rollouts
 
 def test_config_conflict(backend):
     run = _run(backend)
-    run.write_config({"lr": 1})
-    with pytest.raises(CommitConflictError, match="different config. Fix: "):
-        run.write_config({"lr": 2})
-    assert run.read_config() == {"lr": 1}
-    run.write_config({"lr": 2}, overwrite=True)
+    run.write_config({"lr": 1, "data": {"seed": 0, "source": "a"}})
+    # one line naming every differing field with both values, and the fix
+    with pytest.raises(CommitConflictError) as err:
+        run.write_config({"lr": 2, "data": {"seed": 0, "source": "b"}})
+    assert isinstance(err.value, ValueError)  # bad input: prepare_run does not retry it
+    message = str(err.value)
+    assert "\n" not in message
+    assert (
+        'differing: data.source: "a" in run.json, "b" given; lr: 1 in run.json, 2 given.' in message
+    )
+    assert "Fix: resume it with its own config" in message
+    assert run.read_config() == {"lr": 1, "data": {"seed": 0, "source": "a"}}
+    run.write_config({"lr": 2}, overwrite=True)  # the whole snapshot replaced
     assert run.read_config() == {"lr": 2}
 
 

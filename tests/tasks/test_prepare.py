@@ -44,3 +44,47 @@ def test_missing_local_model_fails_before_the_run_exists(prefect_harness, tmp_pa
     with pytest.raises(ValueError, match="Fix:"):
         just_prepare()
     assert not (root / "r2").exists()
+
+
+def test_another_config_under_an_existing_run_id_names_the_fields_and_is_not_retried(
+    prefect_harness, tmp_path, monkeypatch
+):
+    from storage import open_store
+    from storage.errors import ConfigMismatchError
+    from tasks.common import with_run_id
+
+    root = tmp_path / "runs"
+    base = with_run_id(
+        load_config(
+            preset="tiny-cpu", overrides=[f"storage.url={root}", "model.name_or_path=builtin:tiny"]
+        ),
+        "r3",
+    )
+    other = base.model_copy(
+        update={
+            "schedule": base.schedule.model_copy(update={"max_steps": 7}),
+            "optimizer": base.optimizer.model_copy(update={"lr": 0.5}),
+        }
+    )
+    writes = []
+    real_write = type(open_store(str(root)).run("x", create=True)).write_config
+
+    def counting_write(self, config, **kw):
+        writes.append(1)
+        return real_write(self, config, **kw)
+
+    @flow
+    def just_prepare(cfg):
+        return prepare_run(cfg, "r3")
+
+    assert just_prepare(base) == "r3"
+    saved = open_store(str(root)).run("r3").read_config()
+    monkeypatch.setattr(type(open_store(str(root)).run("r3")), "write_config", counting_write)
+    with pytest.raises(ConfigMismatchError) as err:
+        just_prepare(other)
+    assert writes == [1]  # retries=2 would have tried 3 times
+    message = str(err.value)
+    assert "optimizer.lr: 0.00015 in run.json, 0.5 given" in message
+    assert "schedule.max_steps: 500 in run.json, 7 given" in message
+    assert "scalerl resume r3" in message
+    assert open_store(str(root)).run("r3").read_config() == saved
