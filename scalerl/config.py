@@ -213,9 +213,22 @@ class GSPOLoss(_Section):
 LossConfig = Annotated[CISPOLoss | GRPOLoss | DAPOLoss | GSPOLoss, Field(discriminator="type")]
 
 
+def _loss_schema_for_forms(schema: dict) -> None:
+    """The loss as `anyOf` with a default, not pydantic's `oneOf` + discriminator: the Prefect UI's
+    form renders anyOf as a choice of the four loss types with each one's fields, while a oneOf
+    property showed a bare, empty JSON editor. Validation is pydantic's discriminated union either
+    way (the 'type' constants tell the variants apart)."""
+    if "oneOf" in schema:
+        schema["anyOf"] = schema.pop("oneOf")
+        schema.pop("discriminator", None)
+    schema.setdefault("default", CISPOLoss().model_dump())
+
+
 class AlgorithmConfig(_Section):
     loss: LossConfig = Field(
-        default_factory=CISPOLoss, description="Policy-gradient loss, chosen by its 'type' field."
+        default_factory=CISPOLoss,
+        description="Policy-gradient loss, chosen by its 'type': cispo (ScaleRL), grpo, dapo or gspo; each has its own clipping fields.",
+        json_schema_extra=_loss_schema_for_forms,
     )
     aggregation: Literal["prompt", "sample", "token"] = Field(
         "prompt",
@@ -350,7 +363,7 @@ class StorageConfig(_Section):
     url: str = Field(
         "./runs",
         min_length=1,
-        description="Root of the run store: a local path, s3://bucket/prefix, or memory:// for tests.",
+        description="Root of the run store: s3://bucket/prefix, a local path, or memory:// for tests. A relative path (the default ./runs) is resolved against the working directory of the process that runs the flow: for `scalerl run`, where you run it; for a process worker of prefect.yaml, the project directory `prefect deploy` ran in. Give an absolute path or an s3:// URL when several machines share runs.",
     )
     endpoint_url: str | None = Field(
         None,
@@ -359,7 +372,7 @@ class StorageConfig(_Section):
     run_id: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-        description="Run id; a timestamped one is generated when unset.",
+        description="Run id (the run's directory under url). Unset: a new timestamped id (e.g. 20261125-153012-a1b2); a Retry of the flow run in the UI resumes the run its first attempt started. Set to an existing run's id to resume it with the same config (or use the scalerl-resume deployment, which needs only the id).",
     )
 
     @field_validator("url", "endpoint_url")
