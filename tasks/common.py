@@ -30,6 +30,15 @@ def open_run(config: RunConfig, run_id: str, *, create: bool = False) -> Run:
     )
 
 
+def with_run_id(config: RunConfig, run_id: str) -> RunConfig:
+    """`config` with storage.run_id set: the snapshot a run keeps in run.json names its own id."""
+    if config.storage.run_id == run_id:
+        return config
+    return config.model_copy(
+        update={"storage": config.storage.model_copy(update={"run_id": run_id})}
+    )
+
+
 def new_run_id() -> str:
     """Sortable and unique: 20261125-153012-a1b2."""
     return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
@@ -85,13 +94,53 @@ def _warm_tiny_model(config: RunConfig, out_dir: Path) -> Path:
     cached = root / f"tiny-warm-{key}"
     if not (cached / "config.json").is_file():
         tmp = root / f".tiny-warm-{key}-{secrets.token_hex(4)}"
-        warm_start_tiny(tmp, seed=seed, spec=spec, exclude=overlap)
+        warm_start_tiny(
+            tmp, seed=seed, spec=spec, exclude=overlap, log=_warm_progress(spec, cached)
+        )
         try:
             tmp.rename(cached)  # atomic: a concurrent builder's identical copy may win
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(cached, out_dir, dirs_exist_ok=True)
     return out_dir
+
+
+def _warm_progress(spec, cached: Path):
+    """A `log(step, loss)` for warm_start_tiny that says how far the one-off warm start is, with
+    an estimate of the time left (it takes minutes on 2 cores and the run waits for it)."""
+    import logging
+    import time
+
+    try:
+        from prefect import get_run_logger
+
+        logger = get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow or task run
+        logger = logging.getLogger("scalerl.warmstart")
+    start = time.monotonic()
+    logger.info(
+        "building %s once: %d supervised steps on arithmetic (a few minutes on 2 cores; "
+        "cached at %s for later runs)",
+        BUILTIN_TINY_WARM,
+        spec.steps,
+        cached,
+    )
+
+    def log(step: int, loss: float) -> None:
+        done = step + 1
+        elapsed = time.monotonic() - start
+        left = elapsed / done * (spec.steps - done)
+        logger.info(
+            "warm start: step %d/%d (%.0f%%), loss %.3f, %.0f s elapsed, about %.0f s left",
+            done,
+            spec.steps,
+            100.0 * done / spec.steps,
+            loss,
+            elapsed,
+            left,
+        )
+
+    return log
 
 
 class WeightCache:
@@ -129,3 +178,26 @@ def config_of_run(storage_url: str, run_id: str, endpoint_url: str | None = None
         "run_id": run_id,
     }
     return validate_config(saved)
+
+
+def resume_config(
+    run_id: str, storage_url: str, endpoint_url: str | None = None
+) -> tuple[RunConfig, dict]:
+    """(config, status) to resume run `run_id` with: its own run.json snapshot, which the run
+    accepts as the same run. When the run is read from another place than the one it was started
+    at (moved, or another mount or endpoint), run.json's storage section is rewritten to point
+    there; nothing else in the snapshot ever changes. An unknown run id raises RunNotFoundError."""
+    from scalerl.config import validate_config
+
+    options = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
+    run = open_store(storage_url, storage_options=options).run(run_id)
+    saved, status = run.read_config(), run.read_status() or {}
+    where = {**(saved.get("storage") or {}), "run_id": run_id}
+    same_place = where.get("url") == storage_url and where.get("endpoint_url") == endpoint_url
+    if same_place or status.get("state") == "finished":  # a finished run is left as it is
+        return validate_config({**saved, "storage": where}), status
+    moved = validate_config(
+        {**saved, "storage": {**where, "url": storage_url, "endpoint_url": endpoint_url}}
+    )
+    run.write_config(moved.model_dump(mode="json"), overwrite=True)
+    return moved, status

@@ -270,13 +270,27 @@ class _PipeHandler(logging.Handler):
             self.handleError(record)
 
 
+def _alive(pid: int) -> bool:
+    """True while process `pid` runs. A killed process that its own parent has not reaped yet
+    (a zombie) still answers kill(pid, 0); it counts as dead here. Seen: a SIGKILLed `scalerl
+    run` whose caller waited for its output pipe, which these children held open, before
+    reaping it: neither side ever moved."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # Linux: the state is the field after the parenthesised command name
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
 def _watch_parent(parent: int) -> None:
     def watch() -> None:
         while True:
             time.sleep(1.0)
-            try:
-                os.kill(parent, 0)
-            except ProcessLookupError:
+            if not _alive(parent):
                 os._exit(70)  # the flow process is gone: nobody supervises this body
 
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()

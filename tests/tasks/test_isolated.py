@@ -189,3 +189,22 @@ def test_a_child_past_its_timeout_is_killed_and_the_caller_gets_timeout_error(
     (pid,) = [int(m.split()[1]) for _, m in seen if m.startswith("pid ")]
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(pid, 0)
+
+
+def test_a_dead_parent_not_yet_reaped_counts_as_gone():
+    """An isolated child watches its flow process with _alive: a SIGKILLed parent that nobody
+    has reaped yet (a zombie) still answers kill(pid, 0), and the child must exit all the same."""
+    from tasks.isolated import _alive
+
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        assert _alive(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the killed process never became a zombie"
+            time.sleep(0.01)
+        assert not _alive(proc.pid)  # a zombie: not reaped (no wait() yet), but gone
+    finally:
+        proc.wait()
+    assert not _alive(proc.pid)  # reaped: no such process
