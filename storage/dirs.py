@@ -10,14 +10,30 @@ exactly the manifest's files and checks their sizes. Publishing a committed entr
 a no-op when every file's digest matches; different content raises CommitConflictError
 unless overwrite=True, which first withdraws the manifest so readers never mix old and new
 files. The LATEST pointer is a hint for cheap polling; listings read manifests.
+
+Damage after the commit (a file truncated, altered or deleted) is told apart from a republish:
+download re-reads the manifest, and if it is unchanged raises DamagedEntryError naming the
+file; `damage`/`damage_many` find missing and wrong-sized files from one listing (sizes only,
+nothing is hashed); `quarantine` takes a damaged entry out of use:
+
+    quarantine/{base}/{prefix}{N}/q-{digest}/files/<files...>   copies of the files present
+    quarantine/{base}/{prefix}{N}/q-{digest}/_MANIFEST.json     copy of the manifest
+    quarantine/{base}/{prefix}{N}/q-{digest}/reason.json        written after the copies
+
+(digest: of the manifest, so one commit always lands in one place and a later commit of the
+same number gets its own). Then the manifest is removed (readers stop seeing the entry) and the
+originals that were copied; nothing is deleted before its copy exists, and a repeated call
+finishes the job and returns the first reason record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -27,11 +43,25 @@ from storage.errors import (
     ForeignFileError,
     InvalidInputError,
     NotCommittedError,
+    StoreError,
 )
 from storage.paths import Location
 
 MANIFEST = "_MANIFEST.json"
 LATEST = "LATEST"
+REASON = "reason.json"
+QUARANTINE_FORMAT = "scalerl.quarantine-entry/1"
+_QID_RE = re.compile(r"q-[0-9a-f]{12}")
+
+
+class DamagedEntryError(StoreError):
+    """A committed weights or checkpoint file is missing, or its size or checksum no longer
+    matches the manifest (damaged after the commit; not a republish). `damage`: one string
+    per damaged file."""
+
+    def __init__(self, message: str, damage: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.damage = list(damage)
 
 
 def _sha256(path: Path) -> str:
@@ -42,8 +72,13 @@ def _sha256(path: Path) -> str:
 class ManifestDirs:
     """Numbered directories under `base`, named f"{prefix}{n}" (what: 'weights', ...)."""
 
-    def __init__(self, loc: Location, base: str, prefix: str, what: str) -> None:
+    def __init__(
+        self, loc: Location, base: str, prefix: str, what: str, quarantine: str | None = None
+    ) -> None:
+        """quarantine: the directory damaged entries are moved to (see quarantine())."""
         self._loc, self._base, self._prefix, self._what = loc, base, prefix, what
+        parent, name = base.rsplit("/", 1)
+        self._qbase = quarantine or f"{parent}/quarantine/{name}"
         self._re = re.compile(re.escape(prefix) + r"(0|[1-9][0-9]*)")
 
     def path(self, n: int) -> str:
@@ -182,25 +217,286 @@ class ManifestDirs:
                     "writes one). Fix: move that entry out of the run directory."
                 )
 
-    def download(self, n: int, local_dir: str | os.PathLike) -> Path:
-        manifest = self._require(n)
+    def download(
+        self,
+        n: int,
+        local_dir: str | os.PathLike,
+        *,
+        files: list[str] | None = None,
+        checksum: bool = False,
+    ) -> Path:
+        """Download entry n (only the manifest paths in `files`, if given) into local_dir and
+        check every file's size, and with checksum=True its sha256 (hashing the local copy).
+        A mismatch or a missing file is NotCommittedError when the manifest changed meanwhile
+        (republished: download again) and DamagedEntryError when it did not (the file itself
+        was truncated, altered or deleted after the commit)."""
+        raw = self._manifest_raw(n)
+        if raw is None:
+            self._require(n)  # raises NotCommittedError naming the committed entries
+        manifest = json.loads(raw)
         self._check_paths(n, manifest)
+        entries = manifest["files"]
+        if files is not None:
+            wanted = set(files)
+            entries = [e for e in entries if e["path"] in wanted]
+            unknown = sorted(wanted - {e["path"] for e in entries})
+            if unknown:
+                raise DamagedEntryError(
+                    f"{self._what} {self._prefix}{n} at {self._loc.url_of(self.path(n))} has no "
+                    f"{', '.join(unknown)} in its manifest. Fix: pick another {self._what}."
+                )
         dst = Path(local_dir)
-        for entry in manifest["files"]:
+        damage = []
+        for entry in entries:
             target = dst / entry["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._loc.fs.get_file(f"{self.path(n)}/{entry['path']}", str(target))
-            if target.stat().st_size != entry["bytes"]:
-                raise NotCommittedError(
-                    f"{self._what} file {entry['path']} of {self._prefix}{n} changed while "
-                    "downloading (it was republished). Fix: download again."
+            try:
+                self._loc.fs.get_file(f"{self.path(n)}/{entry['path']}", str(target))
+            except FileNotFoundError:
+                damage.append(
+                    f"{entry['path']} is missing (its manifest lists {entry['bytes']:,} bytes)"
                 )
-        if self._manifest(n) != manifest:
+                continue
+            size = target.stat().st_size
+            if size != entry["bytes"]:
+                damage.append(
+                    f"{entry['path']} is {size:,} bytes, its manifest says {entry['bytes']:,}"
+                )
+            elif checksum and entry.get("sha256") and _sha256(target) != entry["sha256"]:
+                damage.append(f"{entry['path']} does not match its manifest's sha256")
+        if self._manifest_raw(n) != raw:
             raise NotCommittedError(
                 f"{self._what} {self._prefix}{n} was republished while downloading. "
                 "Fix: download again."
             )
+        if damage:
+            raise DamagedEntryError(self.damage_message(n, damage), damage)
         return dst
+
+    def damage_message(self, n: int, damage: list[str]) -> str:
+        fix = (
+            "Fix: resume the run: the trainer quarantines a damaged checkpoint and resumes from "
+            "the previous intact one; or restore the file from a copy of the run."
+            if self._what == "checkpoint"
+            else "Fix: restore the file from a copy of the run; only a trainer that trains "
+            "this version again republishes it."
+        )
+        return (
+            f"{self._what} {self._prefix}{n} at {self._loc.url_of(self.path(n))} is damaged: "
+            f"{'; '.join(damage)}. It was not republished (its manifest is unchanged): the "
+            f"file was truncated, altered or deleted after the commit, or written damaged. {fix}"
+        )
+
+    def _manifest_raw(self, n: int) -> bytes | None:
+        try:
+            return fsio.read_bytes(self._loc, f"{self.path(n)}/{MANIFEST}")
+        except FileNotFoundError:
+            return None
+
+    # -- damage found by listing (sizes; nothing is hashed) --------------------------------
+
+    def _sizes(self, path: str) -> dict[str, int]:
+        """Relative path -> size of every file under `path` (one recursive listing)."""
+        try:
+            infos = self._loc.fs.find(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        prefix = path.strip("/") + "/"
+        out = {}
+        for name, info in infos.items():
+            name = str(info.get("name", name)).strip("/")
+            if info.get("type", "file") == "file" and name.startswith(prefix):
+                out[name[len(prefix) :]] = int(info.get("size") or 0)
+        return out
+
+    @staticmethod
+    def _compare(manifest: dict, sizes: dict[str, int]) -> list[str]:
+        out = []
+        for entry in manifest.get("files", []):
+            got = sizes.get(entry["path"])
+            if got is None:
+                out.append(
+                    f"{entry['path']} is missing (its manifest lists {entry['bytes']:,} bytes)"
+                )
+            elif got != entry["bytes"]:
+                out.append(
+                    f"{entry['path']} is {got:,} bytes, its manifest says {entry['bytes']:,}"
+                )
+        return out
+
+    def damage(self, n: int) -> list[str]:
+        """What is wrong with committed entry n's files (one listing, sizes only): one string
+        per manifest file that is missing or of another size; [] when intact.
+        NotCommittedError when n has no manifest."""
+        manifest = self._require(n)
+        self._check_paths(n, manifest)
+        return self._compare(manifest, self._sizes(self.path(n)))
+
+    def damage_many(self, numbers: list[int]) -> dict[int, list[str] | None]:
+        """damage() of several entries from one batched manifest read and one listing of the
+        whole base; None for an entry without a manifest."""
+        numbers = sorted(set(numbers))
+        if not numbers:
+            return {}
+        paths = {f"{self.path(n)}/{MANIFEST}": n for n in numbers}
+        found = self._loc.fs.cat(list(paths), on_error="omit")
+        manifests = {}
+        for path, raw in found.items():
+            n = self._re.fullmatch(path.rstrip("/").split("/")[-2]).group(1)
+            manifests[int(n)] = json.loads(raw)
+        sizes = self._sizes(self._base)
+        out: dict[int, list[str] | None] = {}
+        for n in numbers:
+            if n not in manifests:
+                out[n] = None
+                continue
+            self._check_paths(n, manifests[n])
+            head = f"{self._prefix}{n}/"
+            mine = {p[len(head) :]: b for p, b in sizes.items() if p.startswith(head)}
+            out[n] = self._compare(manifests[n], mine)
+        return out
+
+    # -- quarantine ------------------------------------------------------------------------
+
+    def quarantine(self, n: int, reason: str, error: str = "", by: str = "", **extra) -> dict:
+        """Take committed entry n out of use (see the module docstring): copies under
+        {quarantine}/{prefix}{n}/q-{digest}/, reason.json, then the manifest and the copied
+        originals are removed. Returns the reason record; a repeated call (the entry is no
+        longer committed) finishes the removal and returns the newest record for n.
+        NotCommittedError when n is neither committed nor quarantined."""
+        raw = self._manifest_raw(n)
+        if raw is None:
+            done = [d for d in self.quarantined() if d.get("number") == n]
+            if not done:
+                self._require(n)  # NotCommittedError naming the committed entries
+            self._remove_originals(n, done[-1])
+            return done[-1]
+        manifest = json.loads(raw)
+        self._check_paths(n, manifest)
+        qdir = self._qdir_path(n, f"q-{hashlib.sha256(raw).hexdigest()[:12]}")
+        doc = self._read_reason(f"{qdir}/{REASON}")
+        if doc is None:
+            copied, missing = [], []
+            for entry in manifest["files"]:
+                src, dst = f"{self.path(n)}/{entry['path']}", f"{qdir}/files/{entry['path']}"
+                (copied if self._copy(src, dst) else missing).append(entry["path"])
+            fsio.write_atomic(self._loc, f"{qdir}/{MANIFEST}", raw)
+            fsio.fault_point(f"{self._what}.quarantine.copied")
+            doc = {
+                "format": QUARANTINE_FORMAT,
+                "what": self._what,
+                "entry": f"{self._prefix}{n}",
+                "number": n,
+                "reason": str(reason),
+                "error": error,
+                "by": by,
+                "quarantined_at": time.time(),
+                "original": self._loc.url_of(self.path(n)),
+                "copy": self._loc.url_of(qdir),
+                "files_copied": copied,
+                "files_missing": missing,
+                **extra,
+            }
+            fsio.write_atomic(self._loc, f"{qdir}/{REASON}", json.dumps(doc, indent=1).encode())
+        fsio.fault_point(f"{self._what}.quarantine.reason_written")
+        with contextlib.suppress(FileNotFoundError):
+            self._loc.fs.rm_file(f"{self.path(n)}/{MANIFEST}")  # readers stop seeing it
+        self._remove_originals(n, doc)
+        return doc
+
+    def _remove_originals(self, n: int, doc: dict) -> None:
+        """Delete the original files the record says were copied (once no manifest commits
+        entry n again: a new commit of the same number keeps its files)."""
+        if self._manifest_raw(n) is not None:
+            return
+        qdir = self._qdir_path(n, doc["copy"].rstrip("/").rsplit("/", 1)[-1])
+        for rel in doc.get("files_copied", []):
+            copy = f"{qdir}/files/{rel}"
+            if not self._loc.fs.exists(copy):
+                continue  # never delete what has no copy
+            with contextlib.suppress(FileNotFoundError):
+                self._loc.fs.rm_file(f"{self.path(n)}/{rel}")
+        if self._loc.is_local:  # empty directories left behind
+            for dirpath, _, _ in sorted(os.walk(self.path(n)), reverse=True):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+
+    def _qdir_path(self, n: int, qid: str) -> str:
+        return f"{self._qbase}/{self._prefix}{n}/{qid}"
+
+    def _copy(self, src: str, dst: str) -> bool:
+        """Copy src to dst (whole or not at all on local disk); False if src is missing."""
+        if not self._loc.is_local:
+            try:
+                self._loc.fs.copy(src, dst)
+            except FileNotFoundError:
+                return False
+            return True
+        if not os.path.isfile(src):
+            return False
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = fsio.tmp_name(dst)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return True
+
+    def _read_reason(self, path: str) -> dict | None:
+        try:
+            doc = json.loads(fsio.read_bytes(self._loc, path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or doc.get("format") != QUARANTINE_FORMAT:
+            raise ForeignFileError(
+                f"{self._loc.url_of(path)} is not a quarantine record of the run store. Fix: "
+                "move it out of the run directory."
+            )
+        return doc
+
+    def _quarantine_listing(self) -> dict[tuple[int, str], set[str]]:
+        """(number, q-id) -> relative paths of the files in that quarantine entry."""
+        try:
+            names = self._loc.fs.find(self._qbase)
+        except FileNotFoundError:
+            return {}
+        prefix = self._qbase.strip("/") + "/"
+        out: dict[tuple[int, str], set[str]] = {}
+        for name in names:
+            name = name.strip("/")
+            parts = name[len(prefix) :].split("/", 2) if name.startswith(prefix) else []
+            match = self._re.fullmatch(parts[0]) if len(parts) == 3 else None
+            if match and _QID_RE.fullmatch(parts[1]):
+                out.setdefault((int(match.group(1)), parts[1]), set()).add(parts[2])
+        return out
+
+    def quarantined(self) -> list[dict]:
+        """Reason records of the quarantined entries, oldest first."""
+        docs = []
+        for (n, qid), names in self._quarantine_listing().items():
+            if REASON in names:
+                docs.append(self._read_reason(f"{self._qdir_path(n, qid)}/{REASON}"))
+        return sorted(docs, key=lambda d: (d["quarantined_at"], d["number"]))
+
+    def quarantine_problems(self) -> list[str]:
+        """Quarantine entries missing a copy their reason record names."""
+        problems = []
+        for (n, qid), names in sorted(self._quarantine_listing().items()):
+            if REASON not in names:
+                continue  # interrupted before the reason: the entry is still committed
+            doc = self._read_reason(f"{self._qdir_path(n, qid)}/{REASON}")
+            lost = [MANIFEST] if MANIFEST not in names else []
+            lost += [r for r in doc.get("files_copied", []) if f"files/{r}" not in names]
+            if lost:
+                problems.append(
+                    f"quarantined {self._what} {self._prefix}{n} lacks its copy of "
+                    f"{', '.join(lost)} ({doc['copy']})"
+                )
+        return problems
 
     def orphans(self, older_than: float) -> list[str]:
         """Entries without a manifest whose files are all older than `older_than`."""

@@ -18,6 +18,9 @@ Layout under {root}/{run_id}/ (every name is checked against [A-Za-z0-9._-]):
     shards/{stage}/commits/{key}.json      commit records; only these make a shard visible
     weights/v{N}/... + _MANIFEST.json      policy weights; weights/LATEST points at newest
     checkpoints/step-{N}/... + _MANIFEST.json    trainer checkpoints (+ checkpoints/LATEST)
+    quarantine/checkpoints/step-{N}/q-{digest}/  a damaged checkpoint taken out of use
+                                           (quarantine_checkpoint): files/, _MANIFEST.json,
+                                           reason.json (storage/dirs.py)
     curriculum/v{N}.json                   curriculum state, one file per version
     metrics/{name}/part-{time_ns}-{id}.parquet   appended metric rows; read_metrics keeps
                                            the last written row per step (trainer) or
@@ -36,6 +39,7 @@ up to SCALERL_STORAGE_RETRY_S, default 300 s); an endpoint that never answered f
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -48,7 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage import fsio
+from storage import fsio, lease
 from storage.dirs import ManifestDirs
 from storage.errors import (
     BucketNotFoundError,
@@ -148,6 +152,20 @@ def _ascending(key: pa.ChunkedArray) -> bool:
     return bool(pc.all(pc.greater(k[1:], k[:-1])).as_py())
 
 
+def _writes(method):
+    """A write of the run's writer: refused (LeaseLostError) once another writer took the run's
+    lease over. Only processes that write under a lease check (storage/lease.py: the run's flow
+    process and its children inherit it); readers and tools never do."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self._lease is not None:
+            self._check_lease()  # its own retry loop: an outage is waited out, as for writes
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class RunStore:
     """All runs under one root URL."""
 
@@ -201,9 +219,29 @@ class Run:
         self._shards = Shards(loc, self._root, run_id)
         self._weights = ManifestDirs(loc, f"{self._root}/weights", "v", "weights")
         self._ckpts = ManifestDirs(loc, f"{self._root}/checkpoints", "step-", "checkpoint")
+        self._lease = lease.inherited(loc, self._root, run_id)  # None unless we write under one
 
     def __repr__(self) -> str:
         return f"Run({self.url!r})"
+
+    # -- the writer's lease (storage/lease.py) -----------------------------------------------
+
+    def acquire_lease(self, holder: dict | None = None) -> lease.Lease:
+        """Become the run's one writer (LeaseHeldError names a live holder); this Run object
+        writes under the lease from now on. Export lease.env() as $SCALERL_LEASE so that the
+        writer's children do too."""
+        self._lease = lease.acquire(self._loc, self._root, self.run_id, holder)
+        return self._lease
+
+    @retrying
+    def _check_lease(self) -> None:
+        self._lease.check()
+
+    @retrying
+    def lease_holder(self) -> dict | None:
+        """The newest lease document (host, pid, flow run, heartbeat, expiry), or None."""
+        found = lease.newest(self._loc, self._root)
+        return None if found is None else found[1]
 
     # -- config and prompts ----------------------------------------------------------------
 
@@ -243,12 +281,9 @@ class Run:
 
     @retrying
     def created_at(self) -> float | None:
-        """When run.json was written (seconds since the epoch): the run's start. None when the
-        run was never prepared."""
-        try:
-            return fsio.mtime(self._loc.fs.info(f"{self._root}/run.json"))
-        except FileNotFoundError:
-            return None
+        """When the run was created (its marker's time, seconds since the epoch), or None."""
+        doc = self._read_doc(f"{self._root}/{RUN_MARKER}") or {}
+        return doc.get("created_at")
 
     @retrying
     def read_config(self) -> dict:
@@ -286,6 +321,7 @@ class Run:
                 f"{self._loc.url_of(path)} is not valid JSON. Fix: move it out of the run directory."
             ) from None
 
+    @_writes
     @retrying
     def write_status(self, status: dict) -> None:
         """Replace status.json: the run's lifecycle as every process sees it (e.g. state
@@ -297,6 +333,7 @@ class Run:
         """The last status written, or None before the first one."""
         return self._read_doc(f"{self._root}/status.json")
 
+    @_writes
     @retrying
     def write_marker(self, name: str, doc: dict) -> None:
         """Replace markers/{name}.json: small progress facts one process publishes for others
@@ -352,6 +389,7 @@ class Run:
 
     # -- shards ----------------------------------------------------------------------------
 
+    @_writes
     @retrying
     def commit_shard(self, stage: str, key: str, table: pa.Table) -> ShardInfo:
         """Commit a rollout table as shard `key` of `stage` (see storage/shards.py)."""
@@ -386,6 +424,7 @@ class Run:
 
     # -- quarantine ------------------------------------------------------------------------
 
+    @_writes
     @retrying
     def quarantine_shard(
         self, stage: str, key: str, reason: str | BaseException, *, by: str = ""
@@ -426,6 +465,7 @@ class Run:
 
     # -- weights and checkpoints -----------------------------------------------------------
 
+    @_writes
     @retrying
     def publish_weights(
         self, version: int, local_dir: str | os.PathLike, *, overwrite: bool = False
@@ -453,6 +493,7 @@ class Run:
     def weights_url(self, version: int) -> str:
         return self._weights.url(version)
 
+    @_writes
     @retrying
     def save_checkpoint(
         self, step: int, local_dir: str | os.PathLike, *, overwrite: bool = False
@@ -465,15 +506,67 @@ class Run:
         return steps[-1] if steps else None
 
     @retrying
-    def load_checkpoint(self, step: int, local_dir: str | os.PathLike) -> Path:
-        return self._ckpts.download(step, local_dir)
+    def load_checkpoint(
+        self,
+        step: int,
+        local_dir: str | os.PathLike,
+        *,
+        files: list[str] | None = None,
+        checksum: bool = False,
+    ) -> Path:
+        """Download checkpoint `step` (only `files`, manifest paths, if given), checking sizes
+        (and sha256 with checksum=True). DamagedEntryError (storage.dirs) when a file is
+        missing or does not match the unchanged manifest."""
+        return self._ckpts.download(step, local_dir, files=files, checksum=checksum)
 
     @retrying
     def list_checkpoints(self) -> list[int]:
         return self._ckpts.list()
 
+    @retrying
+    def checkpoint_damage(self, steps: list[int] | None = None) -> dict[int, list[str] | None]:
+        """For each checkpoint step (default: every committed one): [] when its files are all
+        there with their manifest's sizes, else one string per missing or wrong-sized file;
+        None when it is not committed. One batched manifest read and one listing; no hashing."""
+        return self._ckpts.damage_many(self._ckpts.list() if steps is None else steps)
+
+    @retrying
+    def weights_damage(self, versions: list[int]) -> dict[int, list[str] | None]:
+        """checkpoint_damage for weight versions (None: the version's manifest is missing)."""
+        return self._weights.damage_many(versions)
+
+    def damage_message(self, kind: str, number: int, damage: list[str]) -> str:
+        """The DamagedEntryError text for `damage` of checkpoint / weights `number`."""
+        dirs = self._ckpts if kind == "checkpoint" else self._weights
+        return dirs.damage_message(number, damage)
+
+    @retrying
+    def quarantine_checkpoint(
+        self, step: int, reason: str | BaseException, *, by: str = "", **extra
+    ) -> dict:
+        """Take committed checkpoint `step` out of use (damaged, or it fails to load): copy its
+        files and manifest to quarantine/checkpoints/step-{step}/q-{digest}/, write reason.json
+        (reason, error type, by, time, original and copy URLs, files copied / missing, and
+        `extra`), then remove its manifest (latest_checkpoint_step stops seeing it) and the
+        originals that were copied. Nothing is deleted before its copy exists; a repeated call
+        finishes the job and returns the first reason record. NotCommittedError when the step
+        is neither committed nor quarantined."""
+        error = type(reason).__name__ if isinstance(reason, BaseException) else ""
+        return self._ckpts.quarantine(step, str(reason), error, by, **extra)
+
+    @retrying
+    def list_quarantined_checkpoints(self) -> list[dict]:
+        """Reason records of every quarantined checkpoint, oldest first."""
+        return self._ckpts.quarantined()
+
+    @retrying
+    def checkpoint_quarantine_problems(self) -> list[str]:
+        """Quarantined checkpoints missing a copy their reason record names."""
+        return self._ckpts.quarantine_problems()
+
     # -- metrics and curriculum ------------------------------------------------------------
 
+    @_writes
     def append_metrics(self, name: str, rows: list[dict] | pa.Table) -> None:
         """Append rows as one part file, named by the time it is written (time_ns), which is
         the append order read_metrics keeps the last row per key by. The part's name is fixed
@@ -523,6 +616,7 @@ class Run:
         table = pa.concat_tables(tables, promote_options="permissive")
         return table if all_rows else latest_metrics(name, table)
 
+    @_writes
     @retrying
     def save_curriculum(self, state: dict, version: int) -> None:
         """Commit curriculum state `version`; identical re-save is a no-op."""

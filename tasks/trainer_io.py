@@ -21,6 +21,12 @@
   replaces the dead process's copy (its own lineage is the one it trains from).
 - RunCheckpointStore: run.save_checkpoint / latest_checkpoint_step / load_checkpoint; the
   store's manifest-last commit leaves the previous checkpoint usable after a crash mid-write.
+  At resume a checkpoint whose files no longer match its manifest (missing, another size: one
+  listing; sha256 of the downloaded copy) or that fails to load (trainer_state.json, rng.json
+  unparseable, a .pt file torch.load refuses) is quarantined (Run.quarantine_checkpoint: copied
+  aside with the reason, then taken out of use) and the previous intact checkpoint is used,
+  with a warning naming both; the steps after it are trained again (read_metrics keeps one
+  row per step). With none intact the trainer starts as a run without a checkpoint does.
 - RunMetricsSink: run.append_metrics(name, rows), one part file per step.
 """
 
@@ -129,17 +135,89 @@ class RunWeightPublisher:
 
 
 class RunCheckpointStore:
+    """Checkpoints over a run. latest_step() and load() skip damaged checkpoints: each one is
+    quarantined and the next older intact one is used (see the module docstring); load(step)
+    may therefore return an older checkpoint than `step` (its trainer_state.json says which),
+    or None when no intact one is left."""
+
     def __init__(self, run: Run) -> None:
         self.run = run
 
     def latest_step(self) -> int | None:
-        return self.run.latest_checkpoint_step()
+        step = self.run.latest_checkpoint_step()
+        if step is None:
+            return None
+        damage = self.run.checkpoint_damage([step]).get(step)
+        if damage is None:  # withdrawn meanwhile (republished): look again
+            return self.latest_step()
+        if damage:
+            return self._fall_back(step, damage)
+        return step
 
     def save(self, step: int, local_dir: Path) -> None:
         self.run.save_checkpoint(step, local_dir, overwrite=True)
 
-    def load(self, step: int, local_dir: Path) -> Path:
-        return self.run.load_checkpoint(step, local_dir)
+    def load(self, step: int, local_dir: Path) -> Path | None:
+        from storage.dirs import DamagedEntryError
+
+        try:
+            local = self.run.load_checkpoint(step, local_dir, checksum=True)
+            problem = _load_problem(local)
+        except DamagedEntryError as e:
+            problem = "; ".join(e.damage) or str(e)
+        if problem is None:
+            return local
+        older = self._fall_back(step, [problem])
+        if older is None:
+            return None  # the trainer starts as a run without a checkpoint does
+        return self.load(older, Path(f"{local_dir}-fallback-{older}"))
+
+    def _fall_back(self, step: int, damage: list[str]) -> int | None:
+        """Quarantine checkpoint `step` (damaged: one string per file), log which one is used
+        instead, and return it (checked like latest_step), or None when none is left."""
+        from storage.dirs import DamagedEntryError
+
+        reason = DamagedEntryError(self.run.damage_message("checkpoint", step, damage), damage)
+        doc = self.run.quarantine_checkpoint(step, reason, by="trainer", damage=damage)
+        older = self.latest_step()
+        _log().warning(
+            "checkpoint step-%d of run %s is damaged (%s): quarantined to %s; resuming from %s",
+            step,
+            self.run.run_id,
+            "; ".join(damage),
+            doc.get("copy"),
+            "no checkpoint (none intact is left): every step is trained again"
+            if older is None
+            else f"checkpoint step-{older} instead: the steps after {older} are trained again",
+        )
+        return older
+
+
+def _log():
+    import logging
+
+    return logging.getLogger(__name__)
+
+
+def _load_problem(local: Path) -> str | None:
+    """Why a downloaded checkpoint cannot be resumed from (its JSON files do not parse, a .pt
+    file does not torch.load), or None. The .pt files are memory-mapped, not read whole."""
+    import json
+
+    import torch
+
+    for path in sorted(local.rglob("*")):
+        rel = path.relative_to(local).as_posix()
+        try:
+            if path.suffix == ".pt":
+                torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+            elif path.suffix == ".json" and path.parent == local:
+                json.loads(path.read_text(encoding="utf-8"))
+        except Exception as e:  # noqa: BLE001 - any failure to load is the checkpoint's fault
+            return f"{rel} does not load ({type(e).__name__}: {str(e)[:200]})"
+    if not (local / "trainer_state.json").is_file():
+        return "trainer_state.json is missing"
+    return None
 
 
 class RunMetricsSink:

@@ -24,6 +24,16 @@
   are accounted for, not lost: a key quarantined at any stage needs no later stage, a consumed
   shard may have been quarantined by the trainer, and every quarantine entry still holds the
   copies its reason record names. They are listed in `quarantined` and `notes`;
+- nothing stored is gone (_loss_problems; one PROBLEM line per missing thing, at most
+  MAX_LINES per kind): weight versions 0..N all have their manifest, and the weights a run
+  needs (the latest, every version the eval metrics name) and every checkpoint still hold each
+  file of their manifest at its size; every committed shard of every stage (raw, scored,
+  filtered, eval) still has its data file at the size of its commit record; a raw shard whose
+  scored or filtered commit record is gone (finished run), and an evaluated version without its
+  eval shard, are named. Cheap on S3: listings with sizes and the small manifests and commit
+  records; nothing is hashed but the newest checkpoint's ledger.jsonl and trainer_state.json
+  (the only checkpoint files downloaded, sha256-checked). A checkpoint quarantined by a resuming
+  trainer (Run.quarantine_checkpoint) is a note, not a problem, if its copies are complete;
 - steps redone after a resume from an older checkpoint (or written twice) are not a problem:
   every reader sees the last row written per step (Run.read_metrics); the facts
   trainer_steps_redone and trainer_rows_replaced count them, and `notes` says so.
@@ -39,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage import Run
+from storage.dirs import DamagedEntryError
 from storage.store import latest_metrics
 
 
@@ -65,16 +76,27 @@ class VerifyReport:
         return not self.problems
 
 
+MAX_LINES = 10  # PROBLEM lines per kind of loss; then one line with the count of the rest
+
+
 def _checkpoint(run: Run) -> tuple[int | None, list[dict], dict]:
-    """(step, ledger, batch assembler state) of the newest checkpoint; (None, [], {}) if none."""
-    step = run.latest_checkpoint_step()
-    if step is None:
-        return None, [], {}
-    with tempfile.TemporaryDirectory(prefix="scalerl-verify-") as tmp:
-        local = Path(run.load_checkpoint(step, Path(tmp)))
-        lines = (local / "ledger.jsonl").read_text(encoding="utf-8").splitlines()
-        state = json.loads((local / "trainer_state.json").read_text(encoding="utf-8"))
-    return step, [json.loads(line) for line in lines if line.strip()], state.get("assembler", {})
+    """(step, ledger, batch assembler state) of the newest checkpoint whose ledger and trainer
+    state are intact (only those two files are downloaded; a checkpoint damaged elsewhere is
+    reported by _loss_problems); (None, [], {}) if none."""
+    for step in reversed(run.list_checkpoints()):
+        with tempfile.TemporaryDirectory(prefix="scalerl-verify-") as tmp:
+            try:
+                local = Path(run.load_checkpoint(step, Path(tmp), files=_LEDGER, checksum=True))
+            except DamagedEntryError:
+                continue
+            lines = (local / "ledger.jsonl").read_text(encoding="utf-8").splitlines()
+            state = json.loads((local / "trainer_state.json").read_text(encoding="utf-8"))
+        ledger = [json.loads(line) for line in lines if line.strip()]
+        return step, ledger, state.get("assembler", {})
+    return None, [], {}
+
+
+_LEDGER = ["ledger.jsonl", "trainer_state.json"]
 
 
 def verify_run(run: Run) -> VerifyReport:
@@ -82,6 +104,7 @@ def verify_run(run: Run) -> VerifyReport:
     stages = {
         stage: {s.key for s in run.list_shards(stage)} for stage in ("raw", "scored", "filtered")
     }
+    data = {stage: set(_data_files(run, stage)) for stage in ("scored", "filtered")}
     report.quarantined = run.list_quarantined()
     quarantined = {stage: set() for stage in ("raw", "scored", "filtered")}
     for q in report.quarantined:
@@ -97,8 +120,14 @@ def verify_run(run: Run) -> VerifyReport:
             )
         missing = stages["raw"] - stages[later] - anywhere
         if finished and missing:
-            report.problems.append(
-                f"{len(missing)} raw shard(s) never reached {later}, e.g. {sorted(missing)[0]}"
+            report.problems += _capped(
+                [
+                    f"raw shard {key} never reached {later}: {later} shard {key} is missing "
+                    f"(shards/{later}/commits/{key}.json not found"
+                    + ("; its data file is still there)" if key in data[later] else ")")
+                    for key in sorted(missing)
+                ],
+                f"raw shard(s) never reached {later}",
             )
 
     step, ledger, assembler = _checkpoint(run)
@@ -121,8 +150,8 @@ def verify_run(run: Run) -> VerifyReport:
         )
 
     versions = run.list_weight_versions()
-    if versions and versions != list(range(versions[-1] + 1)):
-        report.problems.append(f"weight versions are not continuous: {versions}")
+    more: dict[str, int] = {}
+    report.problems += _loss_problems(run, step, versions, quarantined, report.remarks, more)
     if step is not None and (not versions or versions[-1] < step):
         report.problems.append(
             f"checkpoint step {step} but the newest weights are {versions[-1] if versions else None}"
@@ -140,7 +169,6 @@ def verify_run(run: Run) -> VerifyReport:
                 f"curriculum v{version} applies {len(state['applied'])} shards after {applied}"
             )
         retired, applied = now, len(state["applied"])
-    more: dict[str, int] = {}
     report.problems += _trainer_problems(run, ledger, assembler, more)
     report.problems += _lineage_problems(run, step, ledger, versions, finished, more)
     if more.get("trainer_steps_redone"):
@@ -312,4 +340,132 @@ def _curriculum_problems(
             f"{len(missing)} scored shard(s) never reached the curriculum, e.g. {missing[0]}"
         )
     facts["curriculum_versions"] = len(versions)
+    return problems
+
+
+def _capped(lines: list[str], what: str) -> list[str]:
+    """At most MAX_LINES lines, then one that counts the rest."""
+    if len(lines) <= MAX_LINES:
+        return lines
+    return [*lines[:MAX_LINES], f"and {len(lines) - MAX_LINES} more {what}"]
+
+
+def _data_files(run: Run, stage: str) -> dict[str, dict[str, int]]:
+    """key -> {data file name: size} of the data files under shards/{stage}/data/ (one
+    listing with sizes; nothing is read)."""
+    fs, base = run._loc.fs, f"{run._root}/shards/{stage}/data"
+    try:
+        infos = fs.ls(base, detail=True)
+    except FileNotFoundError:
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for info in infos:
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        parts = name.rsplit(".", 2)  # {key}.{attempt}.parquet
+        if info.get("type") == "file" and len(parts) == 3 and parts[2] == "parquet":
+            out.setdefault(parts[0], {})[name] = int(info.get("size") or 0)
+    return out
+
+
+def _loss_problems(
+    run: Run,
+    step: int | None,
+    versions: list[int],
+    quarantined: dict[str, set[str]],
+    remarks: list[str],
+    facts: dict,
+) -> list[str]:
+    """Everything the run's record says exists still does, at its recorded size: weight
+    versions, the weights it needs, every checkpoint's files, every committed shard's data
+    file, every evaluated version's eval shard. One line per missing thing."""
+    problems: list[str] = []
+    top = max([*versions, step or 0]) if versions or step else None
+    if top is not None:
+        gone = sorted(set(range(top + 1)) - set(versions))
+        problems += _capped(
+            [
+                f"weights v{v} is missing (weights/v{v}/_MANIFEST.json not found): the trainer "
+                f"published versions 0..{top}, so weight versions are not continuous. Fix: "
+                f"restore weights/v{v}/ from a copy of the run"
+                for v in gone
+            ],
+            "weight versions missing",
+        )
+    evals = run.read_metrics("eval")
+    evaluated = (
+        sorted({v for v in evals.column("version").to_pylist() if v is not None})
+        if "version" in evals.column_names
+        else []
+    )
+    needed: dict[int, list[str]] = {}
+    if versions:
+        needed.setdefault(versions[-1], []).append("the latest")
+    for v in evaluated:
+        needed.setdefault(v, []).append("evaluated")
+    for v, damage in sorted(run.weights_damage(sorted(needed)).items()):
+        if damage is None and top is not None and v <= top:
+            continue  # named above
+        if damage is None:
+            problems.append(
+                f"weights v{v} ({', '.join(needed[v])}) is missing (weights/v{v}/_MANIFEST.json "
+                f"not found): the eval metrics have a row for version {v}"
+            )
+        elif damage:
+            problems.append(
+                f"weights v{v} ({', '.join(needed[v])}) is damaged: {'; '.join(damage)} "
+                f"(weights/v{v}/_MANIFEST.json). Fix: restore the file from a copy of the run"
+            )
+
+    steps = run.list_checkpoints()
+    damaged = {s: d for s, d in run.checkpoint_damage(steps).items() if d}
+    for s, damage in sorted(damaged.items()):
+        older = [o for o in steps if o < s and o not in damaged]
+        problems.append(
+            f"checkpoint step-{s} is damaged: {'; '.join(damage)} "
+            f"(checkpoints/step-{s}/_MANIFEST.json). Fix: resume the run: the trainer "
+            "quarantines it and resumes from "
+            + (f"checkpoint step-{older[-1]}" if older else "the base model (none older is intact)")
+        )
+    for doc in run.list_quarantined_checkpoints():
+        remarks.append(
+            f"quarantined checkpoint {doc['entry']} by {doc.get('by') or '?'}: "
+            f"{'; '.join(doc.get('damage') or []) or doc['reason'].split(' Fix:')[0]} "
+            f"(copy: {doc['copy']})"
+        )
+    problems += run.checkpoint_quarantine_problems()
+    facts["checkpoints_damaged"] = len(damaged)
+    facts["checkpoints_quarantined"] = len(run.list_quarantined_checkpoints())
+
+    shard_lines: list[str] = []
+    for stage in run.stages():
+        files = _data_files(run, stage)
+        for info in run.list_shards(stage):
+            name = info.url.rsplit("/", 1)[-1]
+            size = files.get(info.key, {}).get(name)
+            where = f"shards/{stage}/data/{name}"
+            if size is None:
+                shard_lines.append(
+                    f"{stage} shard {info.key} is missing its data file ({where} not found; "
+                    f"its commit record says {info.bytes:,} bytes)"
+                )
+            elif size != info.bytes:
+                shard_lines.append(
+                    f"{stage} shard {info.key} is damaged: {where} is {size:,} bytes, its "
+                    f"commit record says {info.bytes:,}"
+                )
+    problems += _capped(shard_lines, "shard data files missing or damaged")
+    if evaluated:
+        committed = {s.key for s in run.list_shards("eval")} | quarantined.get("eval", set())
+        files = _data_files(run, "eval")
+        problems += _capped(
+            [
+                f"eval shard {key} is missing (shards/eval/commits/{key}.json not found"
+                + ("; its data file is still there" if key in files else "")
+                + f"): the eval metrics have a row for version {v}"
+                for v in evaluated
+                if (key := f"v{v:06d}") not in committed  # tasks.evaluate.eval_key
+            ],
+            "eval shards missing",
+        )
+    facts["shard_files_missing_or_damaged"] = len(shard_lines)
     return problems

@@ -48,8 +48,11 @@ class CheckpointStore(Protocol):
         """Commit the directory as checkpoint `step` (atomically; replaces a same-step one)."""
         ...
 
-    def load(self, step: int, local_dir: Path) -> Path:
-        """Download checkpoint `step` into local_dir; return the directory holding its files."""
+    def load(self, step: int, local_dir: Path) -> Path | None:
+        """Download checkpoint `step` into local_dir; return the directory holding its files.
+        A store that finds `step` damaged may quarantine it and return an older intact
+        checkpoint instead (its trainer_state.json names its step), or None when none is left
+        (the trainer then starts as without a checkpoint)."""
         ...
 
 
