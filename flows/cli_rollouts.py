@@ -218,7 +218,12 @@ QUERY_HELP = """Run SQL (DuckDB) over the run's COMMITTED shards, local or s3://
 
 Views: raw, scored, filtered, eval (one per stage; every column of docs/ROLLOUT_SCHEMA.md,
 filtered adds filter_reason), rollouts (filtered, else scored, else raw), and metrics_eval,
-metrics_trainer, metrics_scaling (metric rows, when present). Examples:
+metrics_trainer, metrics_scaling (metric rows, when present).
+
+Read-only: the query sees these views and nothing else. File functions (read_csv,
+read_parquet, glob, ...), COPY, EXPORT, ATTACH, INSTALL, LOAD and SET are refused (exit 2);
+to use DuckDB freely, export the run (`scalerl rollouts export RUN -f parquet -o DIR`).
+Examples:
 
   scalerl rollouts query RUN "SELECT min_version, avg(reward), avg(passed::INT) FROM rollouts GROUP BY 1 ORDER BY 1"
 

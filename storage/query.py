@@ -20,19 +20,33 @@ glob of data/, so a writer's half-uploaded file is never seen):
                                   per eval version (the last written; a step redone after a
                                   resume is not counted twice), sorted by it
 
-The run's fsspec filesystem (local, s3fs with the store's endpoint and credentials, memory)
-is registered with DuckDB, so no httpfs extension or CREATE SECRET is needed and s3:// URLs
-work against any S3-compatible endpoint (MinIO, Ceph, R2, moto).
+Each stage view is a lazy pyarrow.dataset over exactly those files, read through the run's own
+filesystem (local disk, or the store's fsspec filesystem: s3fs with its endpoint and
+credentials, memory), registered with DuckDB: DuckDB pushes column and filter selections into
+it and never opens a file itself, so no httpfs extension or CREATE SECRET is needed and s3://
+URLs work against any S3-compatible endpoint (MinIO, Ceph, R2, moto).
+
+Read-only: once the views are registered the connection is locked down with DuckDB's own
+settings (enable_external_access = false, autoinstall/autoload_known_extensions = false, then
+lock_configuration = true), so a query sees the run's views and nothing else: no file
+function (read_csv, read_parquet, glob, read_text, ...), COPY, EXPORT, ATTACH, INSTALL or
+LOAD, and no SET at all (not even back). Such a query fails with a QueryError that says the
+query is read-only. A committed shard file that is missing or unreadable is a
+CorruptShardError naming the file.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from storage.errors import InvalidInputError
+from storage.errors import CorruptShardError, InvalidInputError
 from storage.schema import ROLLOUT_SCHEMA
 from storage.store import Run
 
@@ -41,8 +55,21 @@ ROLLOUT_SOURCES = ("filtered", "scored", "raw")  # what `rollouts` points at, fi
 METRICS = ("eval", "trainer", "scaling")
 
 
+# Applied in this order once the views exist; the last one makes every setting final.
+LOCKDOWN = (
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET enable_external_access = false",
+    "SET lock_configuration = true",
+)
+
+
 class QueryError(InvalidInputError):
     """The SQL could not be parsed, bound or run."""
+
+
+class ReadOnlyQueryError(QueryError):
+    """The SQL tried to reach files, extensions or settings: rollouts query is read-only."""
 
 
 def _ident(name: str) -> str:
@@ -65,13 +92,29 @@ class RolloutQuery:
 
     def __init__(self, run: Run, *, metrics: bool = True) -> None:
         self.run = run
-        self.con = duckdb.connect()
         # The store's own filesystem object (same endpoint, credentials, timeouts); storage
         # is the package that owns it, hence the private attribute.
         loc = run._loc
-        if not loc.is_local:
-            self.con.register_filesystem(loc.fs)
+        self._loc = loc
+        self._fs = (
+            pafs.LocalFileSystem()
+            if loc.is_local
+            else pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
+        )
+        self.con = duckdb.connect(
+            config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+        )
+        try:
+            self._register_views(run, metrics)
+            for statement in LOCKDOWN:
+                self.con.execute(statement)
+        except BaseException:
+            self.con.close()
+            raise
+
+    def _register_views(self, run: Run, metrics: bool) -> None:
         self.shards: dict[str, int] = {}
+        self._files: dict[str, str] = {}  # filesystem path -> URL, for error messages
         stages = list(dict.fromkeys([*PIPELINE_STAGES, *run.stages()]))
         for stage in stages:
             self._stage_view(stage, stage, run.shard_urls(stage))
@@ -86,19 +129,42 @@ class RolloutQuery:
                     self.con.register(f"metrics_{name}", table)
                     self.views.append(f"metrics_{name}")
 
+    def _path(self, url: str) -> str:
+        """The path of `url` inside the run's filesystem (a local path is its own URL)."""
+        if self._loc.is_local:
+            return url
+        return url.split("://", 1)[1] if "://" in url else url
+
+    def _schema(self, url: str) -> pa.Schema:
+        path = self._path(url)
+        fix = (
+            f"Fix: run `scalerl runs verify {self.run.run_id}` and re-run the stage that "
+            "produced it (or quarantine the shard)."
+        )
+        try:
+            return pq.read_schema(path, filesystem=self._fs)
+        except FileNotFoundError:
+            raise CorruptShardError(f"committed shard file {url} is missing. {fix}") from None
+        except (pa.ArrowException, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CorruptShardError(f"shard file {url} cannot be read ({first}). {fix}") from None
+
     def _stage_view(self, view: str, stage: str, urls: list[str]) -> None:
+        """Register `view`: a lazy dataset over exactly `urls` (columns united by name, as
+        DuckDB's union_by_name; only the footers are read here, in parallel), or an empty table
+        with the rollout columns."""
         self.shards[stage] = len(urls)
-        if urls:
-            files = "[" + ", ".join("'" + u.replace("'", "''") + "'" for u in urls) + "]"
-            self.con.execute(
-                f"CREATE VIEW {_ident(view)} AS SELECT * FROM read_parquet({files}, "
-                "union_by_name = true)"
-            )
-        else:
-            self.con.register(f"_empty_{view}", _empty_view_table(stage))
-            self.con.execute(
-                f"CREATE VIEW {_ident(view)} AS SELECT * FROM {_ident('_empty_' + view)}"
-            )
+        if not urls:
+            self.con.register(view, _empty_view_table(stage))
+            return
+        with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+            schemas = list(pool.map(self._schema, urls))
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+        fmt = ds.ParquetFileFormat()
+        paths = [self._path(u) for u in urls]
+        self._files.update(zip(paths, urls, strict=True))
+        fragments = [fmt.make_fragment(p, self._fs) for p in paths]
+        self.con.register(view, ds.FileSystemDataset(fragments, schema, fmt, self._fs))
 
     def sql(self, query: str, params: list[Any] | None = None) -> pa.Table:
         """Run one query and return its result as a pyarrow Table; QueryError when it fails."""
@@ -115,10 +181,48 @@ class RolloutQuery:
             first = (
                 str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
             )
+            self._raise_special(e, first)
             raise QueryError(
                 f"the SQL query failed: {first}. Fix: correct the query; views are "
                 f"{', '.join(self.views)} (columns: docs/ROLLOUT_SCHEMA.md)."
             ) from None
+
+    def _raise_special(self, error: duckdb.Error, first: str) -> None:
+        """A refused file/extension/setting access or an unreadable shard file: its own error."""
+        text = str(error)
+        fix = (
+            "rollouts query is read-only. Fix: query the views ("
+            + ", ".join(self.views)
+            + f"; `scalerl rollouts query {self.run.run_id} --help` lists them), or export the "
+            f"run (`scalerl rollouts export {self.run.run_id} -f parquet -o DIR`) and use "
+            "DuckDB directly."
+        )
+        detail = first.split(": ", 1)[-1].split(" - file system operations are", 1)[0]
+        # "File s3://... requires the extension httpfs to be loaded": extensions stay unloaded.
+        outside = "requires the extension" in text and "to be loaded" in text
+        if isinstance(error, duckdb.PermissionException) or outside:
+            raise ReadOnlyQueryError(
+                f"the query tried to read or write outside the run's views ({detail}): {fix}"
+            ) from None
+        if "configuration has been locked" in text or "while database is running" in text:
+            detail = detail.split(" - ", 1)[0]
+            raise ReadOnlyQueryError(
+                f"the query tried to change a setting ({detail}): {fix}"
+            ) from None
+        for path, url in self._files.items():
+            if path in text:
+                missing = ("No such file", "FileNotFoundError", "NoSuchKey")
+                last = text.strip().splitlines()[-1].strip().rstrip(".")  # a Python cause's last
+                what = (
+                    "is missing"
+                    if any(m in text for m in missing)
+                    else f"cannot be read ({last if 'Traceback' in text else detail})"
+                )
+                raise CorruptShardError(
+                    f"committed shard file {url} {what}. Fix: run `scalerl runs verify "
+                    f"{self.run.run_id}` and re-run the stage that produced it (or quarantine "
+                    "the shard)."
+                ) from None
 
     def close(self) -> None:
         self.con.close()

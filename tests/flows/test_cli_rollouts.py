@@ -147,6 +147,37 @@ def test_query_help_documents_the_views():
         assert view in out
 
 
+def test_query_is_read_only(demo, tmp_path):
+    err = one_line_error(
+        invoke("rollouts", "query", demo.run_id, "SELECT * FROM read_csv('/etc/passwd')", *demo.args),
+        'outside the run\'s views (Cannot access file "/etc/passwd")',
+        "rollouts query is read-only. Fix: query the views (raw, ",
+        f"`scalerl rollouts export {demo.run_id} -f parquet -o DIR`",
+    )  # fmt: skip
+    assert "root:" not in err
+    target = f"{tmp_path}/x.json"
+    one_line_error(
+        invoke("rollouts", "query", demo.run_id, f"COPY (SELECT 1) TO '{target}'", *demo.args),
+        "read-only",
+    )
+    assert not Path(target).exists()
+    one_line_error(
+        invoke("rollouts", "query", demo.run_id, "SET enable_external_access = true", *demo.args),
+        "tried to change a setting",
+    )
+    assert "Read-only" in ok(invoke("rollouts", "query", "--help"))
+
+
+def test_query_with_a_deleted_shard_file_is_one_line(make_demo_run, tmp_path):
+    demo = make_demo_run(str(tmp_path / "runs"), None, None)
+    victim = open_store(demo.storage).run("demo").list_shards("raw")[0].url
+    Path(victim).unlink()
+    one_line_error(
+        invoke("rollouts", "query", "demo", "SELECT count(*) FROM raw", "--storage", demo.storage),
+        f"committed shard file {victim} is missing. Fix: run `scalerl runs verify demo`",
+    )
+
+
 # -- export -----------------------------------------------------------------------------------
 
 

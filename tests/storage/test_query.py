@@ -111,4 +111,7 @@ def test_bad_sql_is_one_clear_error(run, sql, needle):
 
 def test_statements_without_results_return_an_empty_table(run):
     with RolloutQuery(run) as q:
-        assert q.sql("SET threads = 1").num_rows == 0
+        assert q.sql("CREATE TEMP VIEW r2 AS SELECT * FROM raw").num_rows == 0
+        # SET is refused: the configuration is locked (tests/storage/test_query_readonly.py).
+        with pytest.raises(QueryError, match="read-only"):
+            q.sql("SET threads = 1")
