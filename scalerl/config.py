@@ -143,6 +143,11 @@ class GenerationConfig(_Section):
     )
 
 
+_MAX_NEW_TOKENS = next(
+    m.le for m in GenerationConfig.model_fields["max_new_tokens"].metadata if hasattr(m, "le")
+)
+
+
 class LengthControlConfig(_Section):
     enabled: bool = Field(
         True,
@@ -327,6 +332,11 @@ class TrainerConfig(_Section):
     max_nan_steps: int = Field(
         3, ge=0, description="Steps with a non-finite loss that are skipped before the run stops."
     )
+    stall_batches: int = Field(
+        200,
+        ge=0,
+        description="Stop the run (state 'stalled', with the reason) after this many batches in a row made no trainer step because every group's rewards were equal: e.g. every reward 0 because the scorer cannot read the answers, or every prompt solved. 0: never.",
+    )
     seed: int = Field(0, ge=0, description="Trainer seed (data order ties, dropout).")
 
 
@@ -466,13 +476,43 @@ class RunConfig(_Section):
                     f"[1, {lc.thinking_budget_max}]. Fix: make min <= max."
                 )
             room = gen.max_new_tokens - lc.answer_budget
-            if lc.thinking_budget_max > room:
+            need = lc.answer_budget + lc.thinking_budget_max
+            if lc.thinking_budget_max > room >= lc.thinking_budget_min:
                 raise ValueError(
                     f"length_control.thinking_budget_max = {lc.thinking_budget_max} puts the interruption "
-                    f"window outside the generation budget; allowed range [1, {room}] "
-                    f"(generation.max_new_tokens {gen.max_new_tokens} - length_control.answer_budget "
-                    f"{lc.answer_budget}). Fix: lower the window or raise generation.max_new_tokens."
+                    f"window outside the generation budget; allowed range "
+                    f"[{lc.thinking_budget_min}, {room}] (length_control.thinking_budget_min "
+                    f"{lc.thinking_budget_min} .. generation.max_new_tokens {gen.max_new_tokens} - "
+                    f"length_control.answer_budget {lc.answer_budget}). Fix: lower the window or "
+                    f"raise generation.max_new_tokens to at least {need}."
                 )
+            if lc.thinking_budget_max > room and need <= _MAX_NEW_TOKENS:
+                raise ValueError(  # not even the window's low end fits: the budget must rise
+                    f"generation.max_new_tokens = {gen.max_new_tokens} leaves no room for the "
+                    f"interruption window: it must be at least length_control.answer_budget "
+                    f"{lc.answer_budget} + length_control.thinking_budget_max "
+                    f"{lc.thinking_budget_max} = {need}; allowed range [{need}, {_MAX_NEW_TOKENS}]. "
+                    f"Fix: raise generation.max_new_tokens to at least {need}, lower "
+                    "length_control.answer_budget and the window (thinking_budget_min/max), or set "
+                    "length_control.enabled=false."
+                )
+            if lc.thinking_budget_max > room:
+                raise ValueError(
+                    f"length_control.answer_budget {lc.answer_budget} + "
+                    f"length_control.thinking_budget_max {lc.thinking_budget_max} = {need} is "
+                    f"above the largest generation.max_new_tokens, {_MAX_NEW_TOKENS}. Fix: lower "
+                    f"them to {_MAX_NEW_TOKENS} or less in all."
+                )
+        if (
+            self.model.name_or_path == _BUILTIN_TINY_WARM
+            and self.data.task != "arithmetic"
+            and not self.data.source.startswith("synthetic:arithmetic")
+        ):  # the same rule as tasks/common.py::_warm_tiny_model, checked before anything is written
+            raise ValueError(
+                f"model.name_or_path = {_BUILTIN_TINY_WARM!r} is warm-started on arithmetic, but "
+                f"data.source = {self.data.source!r} with data.task = {self.data.task!r}. Fix: use "
+                f"synthetic:arithmetic or a file with data.task=arithmetic, or {_BUILTIN_TINY!r}."
+            )
         loss = self.algorithm.loss
         if isinstance(loss, DAPOLoss) and loss.eps_high < loss.eps_low:
             raise ValueError(
@@ -480,6 +520,11 @@ class RunConfig(_Section):
                 f"allowed range [{loss.eps_low}, 10]. Fix: DAPO's clip-higher needs eps_high >= eps_low."
             )
         return self
+
+
+# The built-in models of tasks/common.py (named here too: config must not import the tasks).
+_BUILTIN_TINY = "builtin:tiny"
+_BUILTIN_TINY_WARM = "builtin:tiny-warm"
 
 
 def _tiny_cpu() -> dict[str, Any]:

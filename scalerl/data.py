@@ -7,14 +7,24 @@
 Every row carries the verifier's name in `task`, so scoring needs nothing but the row. The held-out
 split is a seeded shuffle of the whole set; the same seed gives the same split. Bad files get one
 `DataError` naming the file, the problem and the fix (missing columns, empty file, empty or
-non-UTF-8 prompts, duplicate ids, fewer rows than the held-out split needs).
+non-UTF-8 prompts, null or duplicate ids, answers that no completion can match: a NUL byte, an
+unclosed `\\boxed{`, a non-integer answer for data.task=arithmetic; fewer rows than the held-out
+split needs).
+
+Answers are stored as text. A file's numeric answer cells are converted to the canonical string
+(docs/ROLLOUT_SCHEMA.md, "Dataset files"): an int -> its digits; a float with an integral value
+-> that integer (pandas writes an int column holding a null as floats: 142.0 -> "142"); another
+float -> its shortest repr ("0.5"); NaN -> missing. With data.task=arithmetic every answer must
+be an integer (text "142.0" also becomes "142"; 142.5 is refused).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +133,50 @@ def _text(value: Any, path: Path, i: int, column: str) -> Any:
     return value
 
 
+def _is_null(value: Any) -> bool:
+    """None, or a float NaN (what pandas writes for a missing value in a numeric column)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _answer_text(value: Any, where: str, column: str) -> str:
+    """A file's answer cell as the canonical answer string (docs/ROLLOUT_SCHEMA.md, "Dataset
+    files"): text as is; an int as its decimal digits; a float or decimal with an integral value
+    as that integer (142.0 -> "142"); another finite float as its shortest repr (0.5 -> "0.5");
+    a JSON object or list (a Parquet struct / list) as JSON text. Booleans, infinities and other
+    types are refused."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise DataError(
+            f"{where} has a boolean '{column}' ({value}). Fix: write the reference answer as "
+            "text or a number."
+        )
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float | Decimal):
+        if not math.isfinite(value):
+            raise DataError(
+                f"{where} has '{column}' = {value}, not a finite number. Fix: give the reference "
+                "answer (or drop the row)."
+            )
+        if value == int(value):
+            return str(int(value))
+        return repr(value) if isinstance(value, float) else str(value)
+    if isinstance(value, dict | list):
+        try:
+            return json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            pass
+    raise DataError(
+        f"{where} has a '{column}' of type {type(value).__name__}. Fix: write the reference "
+        "answer as text or a number."
+    )
+
+
 def _from_file(cfg: DataConfig) -> list[dict[str, str]]:
+    from scalerl.rewards.base import has_unclosed_box
+    from scalerl.rewards.synthetic import arithmetic_reference
+
     path = Path(cfg.source)
     rows = _read_file(path)
     if not rows:
@@ -138,6 +191,7 @@ def _from_file(cfg: DataConfig) -> list[dict[str, str]]:
             "Fix: rename the columns or set data.prompt_column / data.answer_column / data.id_column."
         )
     task = "math" if cfg.task == "auto" else cfg.task
+    col = cfg.answer_column
     out: list[dict[str, str]] = []
     for i, row in enumerate(rows):
         prompt = _text(row.get(cfg.prompt_column), path, i, cfg.prompt_column)
@@ -145,15 +199,45 @@ def _from_file(cfg: DataConfig) -> list[dict[str, str]]:
             raise DataError(
                 f"dataset file {path}: row {i} has an empty or non-text '{cfg.prompt_column}'. Fix: drop or fill that row."
             )
-        answer = _text(row.get(cfg.answer_column), path, i, cfg.answer_column)
-        if answer is None or str(answer).strip() == "":
+        if cfg.id_column:
+            raw_id = _text(row.get(cfg.id_column), path, i, cfg.id_column)
+            if _is_null(raw_id) or str(raw_id).strip() == "":
+                raise DataError(
+                    f"dataset file {path}: prompt id is empty or null in row {i} (column "
+                    f"'{cfg.id_column}'). Fix: give every row a unique, non-empty id in "
+                    f"'{cfg.id_column}', or unset data.id_column to number the rows instead."
+                )
+            pid = str(raw_id)
+        else:
+            pid = f"p{i:07d}"
+        where = f"dataset file {path}: row {i} (prompt id {pid!r})"
+        value = _text(row.get(col), path, i, col)
+        if _is_null(value) or (isinstance(value, str) and value.strip() == ""):
             raise DataError(
-                f"dataset file {path}: row {i} has no '{cfg.answer_column}'. Fix: every prompt needs a reference answer."
+                f"dataset file {path}: row {i} has no '{col}'. Fix: every prompt needs a reference answer."
             )
-        pid = (
-            str(_text(row[cfg.id_column], path, i, cfg.id_column)) if cfg.id_column else f"p{i:07d}"
-        )
-        out.append({"prompt_id": pid, "prompt": prompt, "answer": str(answer), "task": task})
+        answer = _answer_text(value, where, col)
+        if "\x00" in answer:
+            raise DataError(
+                f"{where} has a NUL byte (\\x00) in '{col}', which no completion can match. "
+                "Fix: remove the NUL characters from that answer (or drop the row)."
+            )
+        if has_unclosed_box(answer):
+            raise DataError(
+                f"{where} has an unclosed \\boxed{{ in '{col}' (a '{{' without its '}}'), which "
+                "no completion can match. Fix: close the braces or give the bare answer "
+                "(e.g. 42 rather than \\boxed{42})."
+            )
+        if task == "arithmetic":
+            try:
+                answer = str(arithmetic_reference(answer))
+            except ValueError:
+                raise DataError(
+                    f"{where} has '{col}' = {answer[:40]!r}, not an integer, but data.task = "
+                    "arithmetic checks exact integers. Fix: give the integer answer, or set "
+                    "data.task=math to compare answers with math-verify."
+                ) from None
+        out.append({"prompt_id": pid, "prompt": prompt, "answer": answer, "task": task})
     seen: set[str] = set()
     dupes = sorted(
         {r["prompt_id"] for r in out if r["prompt_id"] in seen or seen.add(r["prompt_id"])}

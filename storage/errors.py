@@ -57,6 +57,10 @@ class BucketNotFoundError(StoreError, LookupError):
     """The bucket named in an s3:// URL does not exist on the endpoint."""
 
 
+class StorageFullError(StoreError, OSError):
+    """The storage has no space (or quota) left for a write."""
+
+
 class CorruptShardError(StoreError):
     """A committed data file is missing, truncated or not valid Parquet."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import functools
 import os
 import time
@@ -27,11 +28,12 @@ from typing import Any, TypeVar
 from storage.errors import (
     BucketNotFoundError,
     StorageCredentialsError,
+    StorageFullError,
     StoragePermissionError,
     StorageUnreachableError,
     StoreError,
 )
-from storage.paths import Location
+from storage.paths import Location, s3_access_denied
 
 TMP_PREFIX = ".tmp-"
 FAULT_ENV = "SCALERL_STORAGE_FAULT"
@@ -152,9 +154,17 @@ def _translate(loc: Location, err: BaseException) -> StoreError | None:
             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass storage_options key/secret."
         )
     if loc.protocol == "s3" and isinstance(err, PermissionError):
-        return StorageCredentialsError(
-            f"access to {where} was denied (credentials rejected or lacking permission). "
-            "Fix: check the access key and that it may list, read and write this bucket."
+        # storage.paths' S3 filesystem names the object for the requests it makes; this is the
+        # fallback for a 403 raised elsewhere: the root's URL, the code s3fs kept, the S3 fix.
+        response = getattr(err.__cause__, "response", None) or {}
+        code = str((response.get("Error") or {}).get("Code") or "")
+        return s3_access_denied(loc.url_of(loc.root), loc.endpoint, loc.root, code)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFullError(
+            f"no space left on the storage of {loc.url_of(loc.root)} (writing "
+            f"{getattr(err, 'filename', None) or 'a file'}). Fix: free space there or raise "
+            "the quota (or move the run to a larger disk), then continue the run with "
+            "`scalerl resume RUN_ID`: what was committed is intact."
         )
     if loc.is_local and isinstance(err, PermissionError):
         return StoragePermissionError(

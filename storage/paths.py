@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
-from storage.errors import InvalidRunIdError, InvalidStorageUrlError, StoragePermissionError
+from storage.errors import (
+    InvalidRunIdError,
+    InvalidStorageUrlError,
+    StorageCredentialsError,
+    StoragePermissionError,
+)
 
 MAX_NAME_LEN = 128
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -98,6 +104,123 @@ def _s3_endpoint(options: dict) -> str:
     return endpoint or "the default AWS S3 endpoint"
 
 
+# S3 error codes that mean "these credentials are not accepted at all" (s3fs raises all of them,
+# and AccessDenied, as PermissionError); any other 403 means "accepted, but not allowed here".
+_REJECTED_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "NotSignedUp",
+    "AccountProblem",
+    "RequestTimeTooSkewed",
+}
+_WRITE_CALLS = {
+    "put_object",
+    "delete_object",
+    "delete_objects",
+    "copy_object",
+    "create_multipart_upload",
+    "upload_part",
+    "upload_part_copy",
+    "complete_multipart_upload",
+    "abort_multipart_upload",
+}
+
+
+def s3_access_denied(
+    url: str, endpoint: str, root: str, code: str = "", operation: str = ""
+) -> StorageCredentialsError:
+    """The one-line error for an S3 request that was refused (403): the URL asked for, the
+    endpoint, the provider's error code and operation, and the S3 fix (never a secret)."""
+    where = f"{url} (endpoint {endpoint})"
+    on = f" on {operation}" if operation else ""
+    bucket, _, prefix = root.partition("/")
+    scope = f"{bucket}/{prefix}/*" if prefix else f"{bucket}/*"
+    allowed = (
+        f"a key allowed to read and write s3://{root}/ (s3:ListBucket on bucket {bucket}; "
+        f"s3:GetObject, s3:PutObject and s3:DeleteObject on {scope})"
+    )
+    keys = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN, or AWS_PROFILE)"
+    if code == "RequestTimeTooSkewed":
+        return StorageCredentialsError(
+            f"the request to {where} was refused ({code}{on}). Fix: set this machine's clock "
+            "right (S3 refuses requests signed more than 15 minutes off)."
+        )
+    if code in _REJECTED_CODES:
+        return StorageCredentialsError(
+            f"the credentials for {where} were rejected ({code}{on}). Fix: check {keys}: the "
+            "key must exist at this endpoint and the secret must be its own."
+        )
+    if not code or code.isdigit():  # a HEAD request: S3 sends no body, so no reason
+        return StorageCredentialsError(
+            f"access to {where} was refused (HTTP {code or 403}{on}: the key is unknown, its "
+            f"secret wrong, or it lacks permission). Fix: check {keys}, and use {allowed}."
+        )
+    verb = "write to" if operation in _WRITE_CALLS else "read"
+    return StorageCredentialsError(
+        f"access to {where} was denied ({code}{on}): this key may not {verb} it. Fix: use "
+        f"{allowed}, or pick a --storage root it may write; a read-only key can list and read "
+        "runs but not start or resume one."
+    )
+
+
+def _s3_class() -> type:
+    """S3FileSystem whose refused requests (403) raise s3_access_denied, naming the object's
+    URL, instead of s3fs' bare PermissionError('Access Denied'/'Forbidden'). Built on first use
+    (s3fs is imported only for s3:// roots) and reachable as storage.paths._GuardedS3FileSystem,
+    so instances pickle by reference."""
+    import s3fs
+    from fsspec.asyn import sync_wrapper
+
+    class _GuardedS3FileSystem(s3fs.S3FileSystem):
+        def __init__(self, *args: Any, scalerl_root: str | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.scalerl_root = scalerl_root  # bucket/prefix of the run store (kept by pickle)
+
+        async def _call_s3(self, method, *akwarglist, **kwargs):
+            try:
+                return await super()._call_s3(method, *akwarglist, **kwargs)
+            except StorageCredentialsError:
+                raise
+            except PermissionError as err:
+                cause = getattr(err.__cause__, "response", None) or {}
+                code = str((cause.get("Error") or {}).get("Code") or "")
+                bucket, key = kwargs.get("Bucket") or "", kwargs.get("Key") or kwargs.get("Prefix")
+                root = self.scalerl_root or bucket
+                if key:
+                    url = f"s3://{bucket}/{key}"
+                else:  # a bucket-level request (HeadBucket): name the store's root
+                    url = f"s3://{root if root.split('/')[0] == bucket else bucket}"
+                raise s3_access_denied(
+                    url, _s3_endpoint(self.storage_options), root, code, str(method)
+                ) from None
+
+        call_s3 = sync_wrapper(_call_s3)  # the base class's wraps its own _call_s3
+
+    _GuardedS3FileSystem.__module__ = __name__
+    _GuardedS3FileSystem.__qualname__ = "_GuardedS3FileSystem"
+    return _GuardedS3FileSystem
+
+
+_S3_CLASS_LOCK = threading.Lock()
+
+
+def _guarded_s3_class() -> type:
+    with _S3_CLASS_LOCK:  # one class object: pickle checks that the name resolves to it
+        cls = globals().get("_GuardedS3FileSystem")
+        if cls is None:
+            cls = globals()["_GuardedS3FileSystem"] = _s3_class()
+        return cls
+
+
+def __getattr__(name: str) -> Any:
+    if name == "_GuardedS3FileSystem":
+        return _guarded_s3_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def open_location(url: str, storage_options: dict | None = None) -> Location:
     """Parse a root URL and open its filesystem (no network traffic yet)."""
     if not isinstance(url, str) or not url.strip():
@@ -131,9 +254,10 @@ def open_location(url: str, storage_options: dict | None = None) -> Location:
                 f"storage URL {url!r} contains '.' or '..'. Fix: give a plain prefix."
             )
         merged = _merge(_S3_DEFAULTS, options)
-        fs = fsspec.filesystem("s3", **merged)
-        fs.retries = _S3_RETRIES
         root = f"{bucket}/{prefix}" if prefix else bucket
+        # fsspec.filesystem("s3"), but a refused request names the URL it asked for
+        fs = _guarded_s3_class()(scalerl_root=root, **merged)
+        fs.retries = _S3_RETRIES
         return Location(fs, root, "s3", _s3_endpoint(merged))
     if scheme == "memory":
         fs = fsspec.filesystem("memory", **options)

@@ -67,4 +67,5 @@ def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
         "reason": summary.stop_reason,
         "nan_steps": summary.nan_steps,
         "ledger_entries": summary.ledger_entries,
+        "stalled": summary.stalled,
     }

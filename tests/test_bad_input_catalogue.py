@@ -68,6 +68,13 @@ REQUIRED = {
     "storage-no-permission",
     "storage-read-only",
     "storage-foreign-commit-file",
+    "config-budget-below-window",
+    "config-tiny-warm-other-data",
+    "config-tiny-warm-run-writes-nothing",
+    "data-null-prompt-id",
+    "data-float-answer-not-integer",
+    "data-nul-in-answer",
+    "data-unclosed-boxed-answer",
 }
 
 
@@ -200,6 +207,28 @@ def build_inputs(tmp: Path) -> None:
         "".join(json.dumps({"prompt": f"{i} + 1 =", "answer": str(i + 1)}) + "\n" for i in range(3))
     )
     (inp / "prompts.csv").write_text("prompt,answer\n1 + 1 =,2\n")
+    (inp / "null_ids.jsonl").write_text(
+        "".join(
+            json.dumps({"id": i, "prompt": f"{n} + 1 =", "answer": "1"}) + "\n"
+            for n, i in enumerate(["a", None, None])
+        )
+    )
+    pq.write_table(  # what pandas writes for numbers: float64 answers
+        pa.table({"prompt": ["1 + 1 =", "285 / 2 ="], "answer": pa.array([2.0, 142.5])}),
+        inp / "float_answers.parquet",
+    )
+    (inp / "nul_answer.jsonl").write_text(
+        json.dumps({"prompt": "1 + 1 =", "answer": "2"})
+        + "\n"
+        + json.dumps({"prompt": "2 + 2 =", "answer": "4\x00"})
+        + "\n"
+    )
+    (inp / "unclosed_boxed.jsonl").write_text(
+        json.dumps({"prompt": "1 + 1 =", "answer": "2"})
+        + "\n"
+        + json.dumps({"prompt": "1 / 2 =", "answer": "\\boxed{\\frac{1}{2}"})
+        + "\n"
+    )
     # -- models --
     BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=1).save_pretrained(
         inp / "bert"

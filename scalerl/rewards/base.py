@@ -98,6 +98,22 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def has_unclosed_box(text: str) -> bool:
+    """Whether some ``\\boxed{`` (or ``\\fbox{``) in ``text`` never closes its brace: such a
+    reference answer can never be matched (data.py refuses it at load)."""
+    starts = [m.end() - 1 for m in _BOX_RE.finditer(text)]  # index of each "{"
+    if not starts:
+        return False
+    closed: set[int] = set()
+    stack: list[int] = []
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            closed.add(stack.pop())
+    return any(start not in closed for start in starts)
+
+
 def extract_final_answer(completion: str, *, fallback: str = "number") -> str | None:
     """The completion's final answer by the module's rule (boxed > "Answer:" > last number).
 

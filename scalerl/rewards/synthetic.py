@@ -13,7 +13,11 @@ Prompts are short ASCII text meant for a tiny character-level model:
 Verifiers (exact):
 
 - ``ArithmeticScorer``: the final answer (see ``base.extract_final_answer``) must be
-  an integer literal (``-?digits``) equal to the reference. ``"2082.0"`` fails.
+  an integer literal (``-?digits``) equal to the reference. ``"2082.0"`` fails. The
+  *reference* (``row["answer"]``) may be an int, or a float or decimal text with an
+  integral value (``2082.0``, ``"2082.0"``: what pandas writes for an integer column that
+  once held a null), read as that integer (``arithmetic_reference``); any other reference
+  raises ValueError naming it and the fix (scalerl/data.py refuses such rows at load).
 - ``CountdownScorer``: the final answer is taken by the same rule but with "last
   non-empty line" as the fallback; a trailing ``= <target>`` (or leading
   ``<target> =``) is dropped. What remains must be an expression of integer literals,
@@ -34,6 +38,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
 
@@ -130,7 +135,7 @@ class ArithmeticScorer:
         found = found.strip()
         if not _INT_RE.fullmatch(found):
             return wrong(f"final answer is not an integer: {found[:40]!r}")
-        expected = int(str(row["answer"]).strip())
+        expected = arithmetic_reference(row["answer"])
         got = int(found)
         if got == expected:
             return correct()
@@ -179,6 +184,38 @@ class CountdownScorer:
 def countdown_answer(answer: str) -> tuple[int, list[int]]:
     """(target, numbers) from a countdown row's answer JSON."""
     return _countdown_answer(answer)
+
+
+def arithmetic_reference(answer: Any) -> int:
+    """The integer an arithmetic row's reference answer denotes: an int, or a float / decimal
+    text with an integral value (142, 142.0, "142", " 142.0 ", "1.42e2"); ValueError otherwise
+    (142.5, "abc", nan, a bool)."""
+    if isinstance(answer, bool):
+        value = None
+    elif isinstance(answer, int):
+        return answer
+    elif isinstance(answer, float | Decimal):
+        value = Decimal(answer)
+    else:
+        text = str(answer).strip()
+        if _INT_RE.fullmatch(text):
+            return int(text)
+        try:
+            value = Decimal(text) if len(text) <= 80 else None
+        except InvalidOperation:
+            value = None
+    # adjusted() < 64: at most 64 digits, as for a completion's answer (no 1e999999 blow-up)
+    if (
+        value is not None
+        and value.is_finite()
+        and value.adjusted() < 64
+        and value == value.to_integral_value()
+    ):
+        return int(value)
+    raise ValueError(
+        f"arithmetic row answer {str(answer)[:80]!r} is not an integer. Fix: give the exact "
+        "integer value as the answer (e.g. 142; 142.0 is read as 142)."
+    )
 
 
 # ----------------------------------------------------------------------------- helpers

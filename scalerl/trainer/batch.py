@@ -335,7 +335,10 @@ class BatchAssembler:
 
 
 def rollout_stats(table: pa.Table) -> dict[str, float]:
-    """Batch-level rollout metrics: pass rate, rewards, lengths, truncation and interruption."""
+    """Batch-level rollout metrics: pass rate, rewards, lengths, truncation and interruption,
+    and completions whose scorer failed (an error, a timeout or a crash, not a wrong answer)."""
+    from scalerl.stall import count_scorer_failures
+
     n = max(table.num_rows, 1)
 
     def mean(col: str) -> float:
@@ -355,4 +358,5 @@ def rollout_stats(table: pa.Table) -> dict[str, float]:
         "answer_tokens_mean": mean("answer_tokens"),
         "truncation_rate": float(pc.sum(pc.equal(reasons, "length")).as_py() or 0) / n,
         "interruption_rate": float(pc.sum(pc.equal(reasons, "interrupted")).as_py() or 0) / n,
+        "reward_scorer_errors": count_scorer_failures(table),
     }

@@ -42,6 +42,7 @@ import torch
 from scalerl.config import RunConfig
 from scalerl.faults import kill_point
 from scalerl.models import load_policy, torch_dtype
+from scalerl.stall import StallGuard
 from scalerl.trainer import distributed
 from scalerl.trainer.batch import Batch, BatchAssembler, ShardRejected, ShardSource, rollout_stats
 from scalerl.trainer.checkpoint import (
@@ -94,9 +95,10 @@ class TrainerOptions:
 @dataclass(frozen=True)
 class TrainSummary:
     version: int
-    stop_reason: str  # "max_steps" | "budget" | "stopped" | "idle"
+    stop_reason: str  # "max_steps" | "budget" | "stopped" | "idle" | "stalled"
     nan_steps: int
     ledger_entries: int
+    stalled: str | None = None  # why, when stop_reason is "stalled" (scalerl/stall.py)
 
 
 class Trainer:
@@ -130,6 +132,8 @@ class Trainer:
         self.saved: tuple | None = None  # _progress() at the last checkpoint
         self.counters: Counter[str] = Counter()  # compute spent, for schedule.compute_budget
         self.carry: Counter[str] = Counter()  # counts of batches that made no step
+        self.stall = StallGuard(config.trainer.stall_batches)
+        self.stall_message: str | None = None
         self.max_steps = self.opts.max_steps or config.schedule.max_steps
 
     def train(self) -> TrainSummary:
@@ -148,7 +152,13 @@ class Trainer:
             kill_point("trainer.after_step")
             self.record(batch, out)  # ledger entry for every consumed batch
             if out.empty:  # every group had zero variance: nothing to learn, no new version
+                self.stall_message = self.stall.no_step(batch.table)
+                if self.stall_message is not None:
+                    stop_reason = "stalled"
+                    log.error("the run stalls: %s", self.stall_message)
+                    break
                 continue
+            self.stall.stepped()
             if out.skipped:
                 self.count_nan_step(out)  # raises NonFiniteLossError past max_nan_steps
                 continue
@@ -160,7 +170,9 @@ class Trainer:
                 self.checkpoint()
         if self.saved != self._progress():
             self.checkpoint()  # at every clean stop that has something new to keep
-        return TrainSummary(self.version, stop_reason, self.nan_steps, len(self.ledger))
+        return TrainSummary(
+            self.version, stop_reason, self.nan_steps, len(self.ledger), self.stall_message
+        )
 
     # -- start and resume ----------------------------------------------------------------------
 
@@ -168,8 +180,9 @@ class Trainer:
         self._tmp = tempfile.TemporaryDirectory(prefix="scalerl-trainer-")
         step = self.checkpoints.latest_step()
         local = None
-        if step is not None:
+        if step is not None:  # None: every checkpoint left was damaged (quarantined by the store)
             local = self.checkpoints.load(step, Path(self._tmp.name) / f"resume-{step}")
+        if local is not None:
             path = str(model_dir(local))
         else:
             path = self.opts.model_path or self.cfg.model.name_or_path

@@ -124,7 +124,7 @@ def test_dump_round_trips(tmp_path):
         (
             ["length_control.thinking_budget_max=13000"],
             "length_control.thinking_budget_max = 13000 puts the interruption window outside the generation "
-            "budget; allowed range [1, 12288]",
+            "budget; allowed range [10000, 12288]",
         ),
         (
             ["length_control.thinking_budget_min=12001"],
@@ -145,6 +145,97 @@ def test_bad_values_get_the_documented_message(overrides, expected):
     with pytest.raises(ConfigError) as info:
         load_config(overrides=overrides)
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("preset", "max_new_tokens", "answer_budget", "window_max"),
+    [("tiny-cpu", 1, 4, 8), (None, 1, 2_048, 12_000), ("tiny-cpu", 9, 4, 8)],
+)
+def test_a_budget_too_small_for_the_window_says_how_far_to_raise_it(
+    preset, max_new_tokens, answer_budget, window_max
+):
+    """Not 'allowed range [1, -3]': the field that must rise, and to at least what."""
+    need = answer_budget + window_max
+    with pytest.raises(ConfigError) as info:
+        load_config(preset=preset, overrides=[f"generation.max_new_tokens={max_new_tokens}"])
+    assert str(info.value) == (
+        "invalid run configuration:\n  "
+        f"generation.max_new_tokens = {max_new_tokens} leaves no room for the interruption "
+        f"window: it must be at least length_control.answer_budget {answer_budget} + "
+        f"length_control.thinking_budget_max {window_max} = {need}; allowed range "
+        f"[{need}, 1048576]. Fix: raise generation.max_new_tokens to at least {need}, lower "
+        "length_control.answer_budget and the window (thinking_budget_min/max), or set "
+        "length_control.enabled=false."
+    )
+    fixed = load_config(preset=preset, overrides=[f"generation.max_new_tokens={need}"])
+    assert fixed.generation.max_new_tokens == need
+
+
+def test_a_window_that_can_shrink_into_the_budget_gives_a_non_empty_range():
+    # tiny-cpu: window [6, 8], answer budget 4; 10 tokens leave 10 - 4 = 6 for thinking.
+    with pytest.raises(ConfigError) as info:
+        load_config(preset="tiny-cpu", overrides=["generation.max_new_tokens=10"])
+    assert "length_control.thinking_budget_max = 8 puts the interruption window" in str(info.value)
+    assert "allowed range [6, 6]" in str(info.value)
+    assert "raise generation.max_new_tokens to at least 12." in str(info.value)
+    load_config(
+        preset="tiny-cpu",
+        overrides=["generation.max_new_tokens=10", "length_control.thinking_budget_max=6"],
+    )
+
+
+def test_budgets_above_the_largest_generation_budget_say_to_lower_them():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["length_control.answer_budget=1048576"])
+    assert str(info.value).endswith(
+        "length_control.answer_budget 1048576 + length_control.thinking_budget_max 12000 = "
+        "1060576 is above the largest generation.max_new_tokens, 1048576. Fix: lower them to "
+        "1048576 or less in all."
+    )
+
+
+TINY_WARM_REFUSED = (
+    "model.name_or_path = 'builtin:tiny-warm' is warm-started on arithmetic, but data.source = "
+    "{source!r} with data.task = {task!r}. Fix: use synthetic:arithmetic or a file with "
+    "data.task=arithmetic, or 'builtin:tiny'."
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "task"),
+    [
+        ("synthetic:countdown", "auto"),
+        ("prompts.jsonl", "auto"),
+        ("prompts.parquet", "math"),
+        ("prompts.jsonl", "countdown"),
+    ],
+)
+def test_tiny_warm_with_other_data_is_refused_by_the_config(source, task):
+    """The rule of tasks/common.py::_warm_tiny_model, checked when the config is validated (so
+    `config validate`, `run` and the Prefect form refuse it before run.json is written)."""
+    overrides = [f"data.source={source}", f"data.task={task}"]
+    with pytest.raises(ConfigError) as info:
+        load_config(preset="tiny-cpu", overrides=overrides)
+    assert str(info.value) == "invalid run configuration:\n  " + TINY_WARM_REFUSED.format(
+        source=source, task=task
+    )
+    data = load_config(preset="tiny-cpu").model_dump(mode="json")
+    data["data"] |= {"source": source, "task": task}
+    with pytest.raises(ValueError, match="is warm-started on arithmetic"):
+        RunConfig.model_validate(data)  # what the Prefect form's parameters go through
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.source=synthetic:arithmetic"],
+        ["data.source=synthetic:arithmetic-easy"],
+        ["data.source=prompts.jsonl", "data.task=arithmetic"],
+        ["data.source=synthetic:countdown", "model.name_or_path=builtin:tiny"],
+    ],
+)
+def test_tiny_warm_with_arithmetic_data_or_tiny_with_anything_is_valid(overrides):
+    load_config(preset="tiny-cpu", overrides=overrides)
 
 
 def test_bad_files_and_presets(tmp_path):

@@ -239,6 +239,45 @@ def test_arithmetic_scorer(completion, passed):
     assert ArithmeticScorer().score(row, completion).passed is passed
 
 
+@pytest.mark.parametrize("answer", [142, 142.0, "142", "142.0", " 142.00 ", "1.42e2"])
+def test_arithmetic_reference_may_be_an_integral_float(answer):
+    """A Parquet file whose answers pandas wrote as floats (142.0) used to score every
+    completion 0 ("invalid literal for int()"); an integral reference now reads as 142."""
+    row = {"prompt": "100+42=", "answer": answer, "task": "arithmetic"}
+    assert ArithmeticScorer().score(row, "142") == Reward(1.0, True, "correct")
+    assert ArithmeticScorer().score(row, "143") == Reward(
+        0.0, False, "wrong answer: got 143, expected 142"
+    )
+    assert ArithmeticScorer().score(row, "142.0").passed is False  # completions stay exact
+
+
+def test_arithmetic_integral_float_reference_scores_through_the_pool(pool):
+    rows = [{"prompt": "100+42=", "answer": "142.0", "task": "arithmetic"}] * 2
+    got = score_many(rows, ["142", "141"], pool=pool)
+    assert [r.passed for r in got] == [True, False]
+    assert got[1].reason == "wrong answer: got 141, expected 142"
+
+
+@pytest.mark.parametrize("answer", [142.5, "142.5", "abc", float("nan"), True, "1e999999"])
+def test_arithmetic_reference_that_is_not_an_integer_is_named(answer):
+    row = {"prompt": "q", "answer": answer, "task": "arithmetic"}
+    with pytest.raises(ValueError) as info:
+        ArithmeticScorer().score(row, "142")
+    assert str(info.value) == (
+        f"arithmetic row answer {str(answer)!r} is not an integer. Fix: give the exact integer "
+        "value as the answer (e.g. 142; 142.0 is read as 142)."
+    )
+
+
+def test_a_scorer_exception_is_a_zero_reward_with_its_reason(pool):
+    """What a verifier that raises becomes in score_many: reward 0, reason 'error: <type>: ...'
+    (the reward_reason column of the scored shard)."""
+    row = {"prompt": "q", "answer": "142.5", "task": "arithmetic"}
+    (got,) = score_many([row], ["142"], pool=pool)
+    assert (got.value, got.passed) == (0.0, False)
+    assert got.reason.startswith("error: ValueError: arithmetic row answer '142.5' is not an")
+
+
 # ----------------------------------------------------------------------- countdown
 def _solvable(numbers, target):
     """Brute force over every expression tree using each number exactly once."""
