@@ -43,7 +43,7 @@ from scalerl.config import load_config
 from flows.run import scalerl_run
 if __name__ == "__main__":
     cfg = load_config(preset="tiny-cpu", overrides=sys.argv[1:])
-    scalerl_run(cfg, run_id=cfg.storage.run_id)
+    scalerl_run(cfg)
 """
 
 

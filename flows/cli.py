@@ -45,6 +45,7 @@ from flows.cli_common import (
 from flows.cli_curve import curve_app
 from flows.cli_doctor import doctor
 from flows.cli_rollouts import rollouts_app
+from flows.cli_signals import graceful_stop
 
 app = typer.Typer(
     name="scalerl",
@@ -117,13 +118,40 @@ def config_docs(
 
 @runs_app.command("ls")
 def runs_ls(storage: StorageOpt = "./runs", endpoint_url: EndpointOpt = None) -> None:
-    """List the runs under a run store root."""
+    """List the runs under a run store root: id, state, trainer step, latest held-out pass rate
+    (with the version it was measured at), when it started, and the store."""
+    import datetime as dt
+
+    from scalerl.stats import eval_points
+
     with _guard():
-        runs = _store(storage, endpoint_url).list_runs()
+        store = _store(storage, endpoint_url)
+        runs = store.list_runs()
+        rows = []
+        for run_id in runs:
+            run = store.run(run_id)
+            status = run.read_status() or {}
+            _, rate, versions = eval_points(run.read_metrics("eval"))
+            started = run.created_at()
+            rows.append(
+                (
+                    run_id,
+                    status.get("state", "-"),
+                    str(run.latest_weights_version() or 0),
+                    f"{rate[-1]:.3f} (v{versions[-1]})" if rate else "-",
+                    dt.datetime.fromtimestamp(started, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+                    if started
+                    else "-",
+                )
+            )
     if not runs:
         typer.echo(f"no runs under {storage}")
-    for run_id in runs:
-        typer.echo(run_id)
+        return
+    header = ("RUN", "STATE", "STEP", "PASS RATE", "STARTED")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    typer.echo(f"storage: {storage}")
+    for row in [header, *rows]:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 RunIdOpt = Annotated[
@@ -132,6 +160,13 @@ RunIdOpt = Annotated[
 
 
 def _print_summary(summary: dict, storage_url: str) -> None:
+    if summary.get("state") == "stopped":
+        typer.echo(
+            f"run {summary['run_id']} stopped at step {summary.get('step')} "
+            f"({summary.get('stopped')}); continue it with `scalerl resume {summary['run_id']}"
+            f"{'' if storage_url == './runs' else ' --storage ' + storage_url}`"
+        )
+        raise typer.Exit(code=130 if "SIGINT" in str(summary.get("stopped")) else 143)
     typer.echo(f"run {summary['run_id']}: step {summary.get('step')} ({summary.get('reason')})")
     fit = summary.get("fit")
     if fit:
@@ -170,11 +205,11 @@ def run_cmd(
     cfg = _load(file, preset, [*(overrides or []), *extra])
     from flows.cli_progress import run_progress
     from flows.run import scalerl_run
-    from tasks.common import new_run_id
+    from tasks.common import new_run_id, with_run_id
 
-    run_id = run_id or cfg.storage.run_id or new_run_id()
-    with _guard(), run_progress(cfg, run_id):
-        summary = scalerl_run(cfg, run_id=run_id)
+    cfg = with_run_id(cfg, run_id or cfg.storage.run_id or new_run_id())
+    with _guard(), graceful_stop(), run_progress(cfg, cfg.storage.run_id):
+        summary = scalerl_run(cfg)
     _print_summary(summary, cfg.storage.url)
 
 
@@ -187,13 +222,16 @@ def resume_cmd(
 
     A finished run is left as it is (one line, exit 0). A run read from another place than the
     one it was started at (moved, or another mount/endpoint) gets its run.json storage section
-    pointed at the new place; the rest of the snapshot is never changed."""
+    pointed at the new place; the rest of the snapshot is never changed. Runs the flow of the
+    scalerl-resume deployment (flows/resume.py), as a flow run of that deployment when
+    PREFECT_API_URL names a server that has it."""
     from flows.cli_progress import run_progress
-    from flows.run import scalerl_run
+    from flows.resume import resume_here
+    from tasks.common import resume_config
 
     with _guard():
-        run = _open_run(storage, endpoint_url, run_id)  # a clear error for an unknown id
-        status = run.read_status() or {}
+        _open_run(storage, endpoint_url, run_id)  # a clear error for an unknown id
+        cfg, status = resume_config(run_id, storage, endpoint_url)
         if status.get("state") == "finished":
             typer.echo(
                 f"run {run_id} already finished at step {status.get('step')} "
@@ -201,29 +239,9 @@ def resume_cmd(
                 "written. To train further, start a new run (`scalerl run`)."
             )
             return
-        cfg = _resume_config(run, storage, endpoint_url)
-        with run_progress(cfg, run_id):
-            summary = scalerl_run(cfg, run_id=run_id)
+        with graceful_stop(), run_progress(cfg, run_id):
+            summary = resume_here(run_id, storage, endpoint_url)
     _print_summary(summary, storage)
-
-
-def _resume_config(run, storage: str, endpoint_url: str | None):
-    """The run's own config snapshot, as the flow must see it to accept it as the same run.
-
-    prepare_run refuses a config that differs from run.json, so the snapshot is used verbatim
-    when the run is read from where it was started; when it was moved (another storage URL or
-    endpoint), only run.json's storage section is rewritten to the new place."""
-    from scalerl.config import validate_config
-
-    saved = run.read_config()
-    where = saved.get("storage") or {}
-    if where.get("url") == storage and where.get("endpoint_url") == endpoint_url:
-        return validate_config(saved)
-    moved = validate_config(
-        {**saved, "storage": {**where, "url": storage, "endpoint_url": endpoint_url}}
-    )
-    run.write_config(moved.model_dump(mode="json"), overwrite=True)
-    return moved
 
 
 @app.command(

@@ -43,7 +43,7 @@ def scalerl_compare(
     for recipe in recipes:
         for seed in seeds:
             run_id = f"{compare_id}-{recipe}-s{seed}"
-            result = scalerl_run(recipe_config(config, recipe, seed=seed, run_id=run_id), run_id)
+            result = scalerl_run(recipe_config(config, recipe, seed=seed, run_id=run_id))
             runs[recipe].append(run_id)
             fits[run_id] = result.get("fit")
     return summarize_comparison(config, runs, out_dir or f"compare/{compare_id}", fits)

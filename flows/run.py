@@ -12,13 +12,16 @@ runs the stages for the whole run and the loop only supervises), evaluates every
 versions, and keeps the progress and metrics artifacts current. It ends when the trainer ends (max steps, compute budget,
 or no more prompts), then marks the run finished, which stops the generators.
 
-Resume: call it again with the same run_id (`scalerl resume RUN_ID`, or Prefect's retry of the
-flow run). Every stage skips what is committed, the trainer restarts from its last checkpoint,
+Resume: call it again with the same config.storage.run_id (`scalerl resume RUN_ID`, the
+scalerl-resume deployment, or Prefect's Retry of the flow run, which finds the run its first
+attempt started from the flow run's tag even when no run id was given). Every stage skips what is committed, the trainer restarts from its last checkpoint,
 and the curriculum continues from its committed state.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from concurrent import futures
 
@@ -27,11 +30,27 @@ from prefect.utilities.annotations import quote
 
 from scalerl.config import RunConfig
 from scalerl.faults import kill_point
-from tasks.common import open_run
+from scalerl.stall import RunStalledError
+from storage.lease import LeaseLostError
+from tasks.common import open_run, with_run_id
 from tasks.evaluate import evaluate_policy
-from tasks.isolated import in_process, start_server, wait_for_activity
+from tasks.flow_runs import (
+    claimed_run_id,
+    crash_leftovers,
+    current_flow_run_id,
+    label_flow_run,
+    record_flow_run,
+)
+from tasks.isolated import (
+    in_process,
+    reopen_children,
+    start_server,
+    stop_children,
+    wait_for_activity,
+)
 from tasks.prepare import prepare_run
 from tasks.report import (
+    latest_pass_rate,
     publish_metrics_table,
     publish_run_report,
     render_plots,
@@ -49,10 +68,12 @@ from tasks.stages import (
     pending_keys,
 )
 from tasks.train import train_policy
+from tasks.writer import hold_run
 
 POLL_MIN_S, POLL_MAX_S = 0.05, 1.0  # idle polling backs off from MIN to MAX, reset on work
 TABLE_EVERY_S = 15.0  # the metrics table artifact reads every trainer part file: not per shard
 PROGRESS_EVERY_S = 1.0  # progress artifact updates are API calls: at most this often
+PLOTS_EVERY_S = 30.0  # in-run plot artifacts: after a new evaluation, at most this often
 STREAM_SUPERVISE_S = 0.5  # stage_tasks = stream: the loop only supervises, off the critical path
 
 
@@ -83,26 +104,29 @@ def due_versions(run, every: int, done) -> list[int]:
     return [v for v in range(0, latest + 1, every) if v not in done and run.has_weights(v)]
 
 
-def evaluate_due(config: RunConfig, run_id: str, done: dict, *, wait: bool = False) -> None:
+def evaluate_due(config: RunConfig, run_id: str, done: dict, *, wait: bool = False) -> int:
     """Evaluate every published version that is a multiple of evaluation.every_steps.
 
     Evaluations run beside the loop (submitted to the flow's task runner) so the stages keep
     feeding the trainer meanwhile, one at a time (they share one engine); `done` maps version
     -> its future (None once finished and checked). A failed evaluation raises here, on the
-    loop's next look; `wait` blocks until every due version is evaluated."""
+    loop's next look; `wait` blocks until every due version is evaluated. Returns how many
+    evaluations finished since the last call."""
     due = due_versions(open_run(config, run_id), config.evaluation.every_steps, done)
+    finished = 0
     while True:
         for version, future in list(done.items()):
             if future is not None and future.wrapped_future.done():
                 future.result()  # raises the evaluation's error
                 done[version] = None  # checked
+                finished += 1
         running = [f for f in done.values() if f is not None]
         if due and not running:  # one at a time: evaluations share one engine
             version = due.pop(0)
             done[version] = evaluate_policy.submit(quote(config), run_id, version)
             continue
         if not wait or (not due and not running):
-            return
+            return finished
         if running:
             running[0].wait()
 
@@ -122,13 +146,36 @@ def stop_generators_if_done(run, generators) -> None:
         )
 
 
-def _supervise(config, run_id, run, progress, generators, trainer, evaluated, stream) -> dict:
+_stop_reason: list[str] = []  # request_stop() appends; the loop of a running flow reads it
+# Set by flows/cli_signals.graceful_stop: the CLI's SIGTERM handler, which the flow puts back
+# after Prefect's engine replaced it with its own (which would end the run abruptly).
+stop_signal_handler = None
+
+
+def request_stop(reason: str) -> None:
+    """Ask the run flow of this process to stop (e.g. on SIGINT/SIGTERM): its loop sets the
+    status to stopping, the trainer checkpoints and ends, the generators end, and the flow
+    returns with state "stopped" (resumable). Safe to call from a signal handler."""
+    _stop_reason.append(reason)
+
+
+def _supervise(
+    config, run_id, run, progress, generators, trainer, evaluated, stream, writer
+) -> dict:
     """The loop of scalerl_run while the trainer runs; returns the trainer's summary. `stream`:
     the advance-stream task's future (pipeline.stage_tasks = stream), else None and the loop
-    moves the shards through the stages itself."""
+    moves the shards through the stages itself. Stops early when request_stop() was called
+    (the summary then carries "stopped": the reason) and fails if the run was taken over."""
+    _stop_reason.clear()
+    stopped = None
     poll, shown_step, table_at, shown_at = POLL_MIN_S, -1, time.monotonic(), 0.0
+    plots, plots_at, plots_due, held_out = None, 0.0, False, None
     while not trainer.wrapped_future.done():  # (.state would be an API call per loop)
         kill_point("flow.loop")
+        writer.check()  # LeaseLostError: another writer took the run over; stop writing
+        if _stop_reason and stopped is None:
+            stopped = _stop_reason[0]
+            run.write_status({"state": "stopping", "reason": stopped})  # the trainer ends
         if stream is None:
             moved = advance_shards(config, run_id)
         else:
@@ -138,13 +185,20 @@ def _supervise(config, run_id, run, progress, generators, trainer, evaluated, st
         stop_generators_if_done(run, generators)
         step = run.latest_weights_version() or 0
         if step != shown_step and time.monotonic() - shown_at >= PROGRESS_EVERY_S:
-            evaluate_due(config, run_id, evaluated)
+            if evaluate_due(config, run_id, evaluated):
+                plots_due, held_out = True, latest_pass_rate(run)
             quarantined = len(run.quarantined_keys())
-            set_progress(progress, step, config.schedule.max_steps, quarantined, run_id)
+            set_progress(progress, step, config.schedule.max_steps, quarantined, run_id, held_out)
             shown_step, shown_at = step, time.monotonic()
         if moved and time.monotonic() - table_at >= TABLE_EVERY_S:
             publish_metrics_table(config, run_id)
             table_at = time.monotonic()
+        # Pictures in the UI while the run goes: after a new evaluation, beside the loop, one
+        # rendering at a time and at most every PLOTS_EVERY_S (matplotlib costs the flow CPU).
+        idle = plots is None or plots.wrapped_future.done()
+        if plots_due and idle and time.monotonic() - plots_at >= PLOTS_EVERY_S:
+            plots = render_plots.submit(quote(config), run_id, None)
+            plots_due, plots_at = False, time.monotonic()
         if stream is not None:  # nothing on the critical path here: look twice a second
             futures.wait(  # (a stream that returned because the run failed is not waited on)
                 [f for f in (trainer.wrapped_future, stream.wrapped_future) if not f.done()],
@@ -158,6 +212,8 @@ def _supervise(config, run_id, run, progress, generators, trainer, evaluated, st
         poll = POLL_MIN_S if moved else min(2 * poll, POLL_MAX_S)
         if not moved:
             wait_for_activity(poll)
+    if plots is not None:
+        plots.wait()  # the final rendering must come last
     try:
         summary = trainer.result()
     finally:
@@ -173,16 +229,37 @@ def _supervise(config, run_id, run, progress, generators, trainer, evaluated, st
             stream.wait()
     if stream is not None:
         stream.result()  # its failure fails the run (after the trainer's, which comes first)
-    return summary
+    return {**summary, "stopped": stopped} if stopped else summary
 
 
 @flow(name="scalerl-run", log_prints=True)
-def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
-    """Run (or resume) the whole ScaleRL pipeline for `config`; returns the run summary."""
+def scalerl_run(config: RunConfig) -> dict:
+    """Run (or resume) the whole ScaleRL pipeline for `config`; returns the run summary.
+
+    The run id is config.storage.run_id; when unset, a Retry of this flow run resumes the run
+    its first attempt started (found by the flow run's tag), else a new id is made."""
     logger = get_run_logger()
+    if stop_signal_handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_signal_handler)  # a clean stop, as for Ctrl-C
+    reopen_children()
     if not in_process(config):
         start_server()  # generator and trainer processes fork from it; imports overlap prepare
-    run_id = prepare_run(config, run_id)
+    run_id = claimed_run_id(config.storage.run_id)
+    config = with_run_id(config, run_id)
+    label_flow_run(run_id)  # before anything is written: a crash from here on is retryable
+    run_id = prepare_run(config, run_id)  # refuses another config under an existing run id
+    writer = hold_run(open_run(config, run_id), current_flow_run_id())  # one writer per run
+    try:
+        return _run_held(config, run_id, writer, logger)
+    finally:
+        writer.release()
+
+
+def _run_held(config: RunConfig, run_id: str, writer, logger) -> dict:
+    """The run, once this flow run is its one writer."""
+    crash_leftovers(run_id)  # task runs an earlier, killed attempt left "Running" in the UI
+    run = open_run(config, run_id)
+    record_flow_run(run)
     progress = start_progress(run_id, config.schedule.max_steps)
     if in_process(config):
         # transformers' first import is not thread-safe (its lazy module: two threads that
@@ -199,16 +276,43 @@ def scalerl_run(config: RunConfig, run_id: str | None = None) -> dict:
     if config.pipeline.stage_tasks == "stream":
         open_stream(run_id)
         stream = advance_stream.submit(quote(config), run_id)
-    run, evaluated = open_run(config, run_id), {}
+    evaluated = {}
     try:
-        summary = _supervise(config, run_id, run, progress, generators, trainer, evaluated, stream)
+        summary = _supervise(
+            config, run_id, run, progress, generators, trainer, evaluated, stream, writer
+        )
     except BaseException as exc:
         # The generators and the trainer run until the run's status leaves "running": without
         # this, a failing flow would wait on them forever. Resuming sets it back to running.
-        if (run.read_status() or {}).get("state") == "running":
-            run.write_status({"state": "failed", "reason": f"the run flow failed: {exc!r}"[:500]})
-        end_stream(run_id)
+        # (Not when the run was taken over: it belongs to its new writer.) When the status
+        # cannot be written (e.g. the disk is full), the children cannot learn of the failure
+        # from the store: they are stopped directly, so nothing waits on them forever.
+        try:
+            if (run.read_status() or {}).get("state") == "running":
+                run.write_status(
+                    {"state": "failed", "reason": f"the run flow failed: {exc!r}"[:500]}
+                )
+        except LeaseLostError:
+            pass
+        except Exception as status_error:  # noqa: BLE001 - the original error is the one to show
+            logger.error("could not record the failure in the store (%s)", status_error)
+            stop_children()
+        finally:
+            end_stream(run_id)
         raise
+    if summary.get("stalled"):  # it cannot learn: say why, and do not evaluate or fit
+        run.write_status(
+            {"state": "stalled", "reason": summary["stalled"], "step": summary.get("step")}
+        )
+        raise RunStalledError(f"run {run_id} stalled: {summary['stalled']}")
+    if summary.get("stopped"):  # a stop was asked for (a signal): no final evaluation or fit
+        run.write_status(
+            {"state": "stopped", "reason": summary["stopped"], "step": summary.get("step")}
+        )
+        logger.info(
+            "run %s stopped at step %s: %s", run_id, summary.get("step"), summary["stopped"]
+        )
+        return {"run_id": run_id, **summary, "state": "stopped", "fit": None, "plots": {}}
     evaluate_due(config, run_id, evaluated, wait=True)  # versions published meanwhile
     final = run.latest_weights_version() or 0
     if final not in evaluated:

@@ -44,6 +44,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -191,6 +192,12 @@ def run_isolated(
         "env": dict(os.environ),
     }
     ctx = _context()
+    if _CLOSED.is_set():
+        raise IsolatedTaskError(
+            f"not starting the {what} process: the run flow is stopping its processes (it "
+            "could not record its failure in the store). Fix: see the flow's error; resume "
+            "the run once it is fixed."
+        )
     reader, writer = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(spec, writer), name=f"scalerl {what}", daemon=False)
     tail: deque[str] = deque(maxlen=20)
@@ -198,6 +205,7 @@ def run_isolated(
     try:
         with _without_main():
             proc.start()
+        _LIVE.add(proc)
         writer.close()  # the child holds the only writer: EOF means it has ended
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
@@ -223,6 +231,7 @@ def run_isolated(
                 outcome = payload[0]
         proc.join()
     finally:
+        _LIVE.discard(proc)
         reader.close()
         if proc.is_alive():  # the supervising task was interrupted
             proc.kill()
@@ -237,6 +246,32 @@ def run_isolated(
         f"result; its last log lines:\n{last}\nFix: see the error above; the task is retried, "
         "and a resumed run continues from what is committed."
     )
+
+
+_LIVE: set = set()  # child processes that a task of this process supervises now
+_CLOSED = threading.Event()  # stop_children() was called: start no more
+
+
+def stop_children(grace_s: float = 10.0) -> int:
+    """End every child process this flow process supervises, and start no more until
+    reopen_children(): for a failing flow whose children cannot learn of the failure through
+    the store (e.g. the disk is full, so the status cannot be written), so that no supervising
+    task waits forever. SIGTERM first, SIGKILL after `grace_s`. Returns how many were running."""
+    _CLOSED.set()
+    procs = [p for p in list(_LIVE) if p.is_alive()]
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+    return len(procs)
+
+
+def reopen_children() -> None:
+    """A new run flow in this process may start children again."""
+    _CLOSED.clear()
 
 
 def _resolve(target: str):
@@ -271,19 +306,13 @@ class _PipeHandler(logging.Handler):
 
 
 def _alive(pid: int) -> bool:
-    """True while process `pid` runs. A killed process that its own parent has not reaped yet
-    (a zombie) still answers kill(pid, 0); it counts as dead here. Seen: a SIGKILLed `scalerl
-    run` whose caller waited for its output pipe, which these children held open, before
-    reaping it: neither side ever moved."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # Linux: the state is the field after the parenthesised command name
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+    """storage.lease.pid_alive: a killed process that its own parent has not reaped yet (a
+    zombie) still answers kill(pid, 0) and counts as dead. Seen: a SIGKILLed `scalerl run` whose
+    caller waited for its output pipe, which these children held open, before reaping it:
+    neither side ever moved."""
+    from storage.lease import pid_alive
+
+    return pid_alive(pid)
 
 
 def _watch_parent(parent: int) -> None:
@@ -303,6 +332,9 @@ def _child(spec: dict, conn) -> None:
     with contextlib.suppress(OSError):  # Linux: the name ps, top and bench/soak.py show
         Path("/proc/self/comm").write_text(spec["name"][:15])
     _watch_parent(spec["parent"])
+    # Ctrl-C reaches the whole process group: the flow process stops its children through the
+    # run's status (a clean stop checkpoints the trainer), so they must not die of it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if spec.get("nice"):
         os.nice(int(spec["nice"]))
     global _CHILD_HANDLER

@@ -35,6 +35,7 @@ TABLE_COLUMNS = (
     "completion_len_mean",
     "truncation_rate",
     "interruption_rate",
+    "reward_scorer_errors",
     "shards_rejected",
     "lr",
     "grad_norm",
@@ -56,10 +57,16 @@ def start_progress(run_id: str, max_steps: int):
 
 
 def set_progress(
-    artifact_id, step: int, max_steps: int, quarantined: int | None = None, run_id: str = ""
+    artifact_id,
+    step: int,
+    max_steps: int,
+    quarantined: int | None = None,
+    run_id: str = "",
+    pass_rate: tuple[int, float] | None = None,
 ) -> None:
     """Move the progress bar; with `quarantined`, its description also counts quarantined
-    shards (e.g. len(run.quarantined_keys()))."""
+    shards (e.g. len(run.quarantined_keys())); with `pass_rate` (version, rate), it shows the
+    latest held-out pass rate."""
     if artifact_id is None:
         return
     description = None
@@ -68,11 +75,21 @@ def set_progress(
             f"Trainer steps done of {max_steps} planned (run {run_id}); "
             f"{quarantined} shard(s) quarantined"
         )
+        if pass_rate is not None:
+            description += f"; held-out pass rate {pass_rate[1]:.3f} at version {pass_rate[0]}"
     update_progress_artifact(
         artifact_id,
         progress=min(100.0, 100.0 * step / max(1, max_steps)),
         description=description,
     )
+
+
+def latest_pass_rate(run) -> tuple[int, float] | None:
+    """(version, held-out pass rate) of the newest evaluation, or None before the first."""
+    from scalerl.stats import eval_points
+
+    _, rate, steps = eval_points(run.read_metrics("eval"))
+    return (steps[-1], rate[-1]) if steps else None
 
 
 @task(name="publish-metrics-table", retries=2, retry_delay_seconds=[2, 10], cache_policy=None)
@@ -211,40 +228,55 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _sigmoid_of(fit: dict | None, compute: list[float], rate: list[float]):
+    """The SigmoidFit to draw: the run's fit when given; while the run goes, a quick one (no
+    bootstrap) once there are enough points after version 0; else None (points only)."""
+    from scalerl.scaling import MIN_POINTS, SigmoidFit, fit_sigmoid
+
+    if fit:
+        return SigmoidFit(
+            fit["A"],
+            fit["B"],
+            fit["C_mid"],
+            fit["R0"],
+            fit["residual"],
+            fit["n_points"],
+            (fit["A_low"], fit["A_high"]),
+        )
+    if len(compute) > MIN_POINTS and compute[0] == 0.0:
+        try:
+            return fit_sigmoid(compute[1:], rate[1:], R0=rate[0], exclude_fraction=0.0, bootstrap=0)
+        except ValueError:  # a degenerate curve (e.g. flat): draw the points alone
+            return None
+    return None
+
+
 @task(name="render-plots", retries=1, retry_delay_seconds=[5], cache_policy=None)
 def render_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, str]:
-    """PNG figures into the run's plots/: pass rate vs compute with the fitted sigmoid, completion
-    lengths with the interruption window, staleness of trained samples. Returns name -> URL."""
+    """PNG figures into the run's plots/ and, as pictures, into the run's `plots` artifact in the
+    Prefect UI: pass rate vs compute with the fitted sigmoid and its extrapolation, completion
+    lengths with the interruption window, staleness of trained samples. Also the `evaluations`
+    table artifact. Called while the run goes (fit None: a quick fit once enough points exist)
+    and at its end. Returns name -> URL of the stored PNGs."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from scalerl import plots
-    from scalerl.scaling import SigmoidFit
     from scalerl.stats import eval_points, staleness_histogram
 
-    run, urls = open_run(config, run_id), {}
-    compute, rate, _ = eval_points(run.read_metrics("eval"))
+    run, pngs = open_run(config, run_id), {}
+    evals = run.read_metrics("eval")
+    compute, rate, steps = eval_points(evals)
     if compute:
-        sigmoid = None
-        if fit:
-            sigmoid = SigmoidFit(
-                fit["A"],
-                fit["B"],
-                fit["C_mid"],
-                fit["R0"],
-                fit["residual"],
-                fit["n_points"],
-                (fit["A_low"], fit["A_high"]),
-            )
         figure = plots.curve_figure(
             compute,
             rate,
-            sigmoid,
+            _sigmoid_of(fit, compute, rate),
             target_compute=2 * max(compute),
             compute_unit=config.schedule.compute_unit,
             title=f"{run_id}: held-out pass rate vs compute",
         )
-        urls["curve"] = run.save_plot("curve", _png(figure))
+        pngs["curve"] = _png(figure)
     shards = run.list_shards("raw")[-20:]
     tables = [read_or_quarantine(run, "raw", s.key, "render-plots")[0] for s in shards]
     tables = [t.select(["completion_token_ids", "finish_reason"]) for t in tables if t is not None]
@@ -258,7 +290,7 @@ def render_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, 
             max_tokens=config.generation.max_new_tokens,
             title=f"{run_id}: completion lengths (last {len(tables)} shards)",
         )
-        urls["lengths"] = run.save_plot("lengths", _png(figure))
+        pngs["lengths"] = _png(figure)
     histogram = staleness_histogram(run.read_metrics("trainer"))
     if histogram:
         figure = plots.staleness_figure(
@@ -266,8 +298,64 @@ def render_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, 
             k=config.pipeline.max_off_policy_steps,
             title=f"{run_id}: staleness of trained samples",
         )
-        urls["staleness"] = run.save_plot("staleness", _png(figure))
+        pngs["staleness"] = _png(figure)
+    urls = {name: run.save_plot(name, png) for name, png in pngs.items()}
+    if pngs:
+        create_markdown_artifact(
+            plots_markdown(run_id, pngs, urls, final=fit is not None),
+            key=artifact_key(run_id, "plots"),
+            description=f"Plots of run {run_id}: pass-rate curve, completion lengths, staleness",
+        )
+    if compute:
+        publish_evaluations_table(run_id, compute, rate, steps, config.schedule.compute_unit)
     return urls
+
+
+PLOT_CAPTIONS = {
+    "curve": "Held-out pass rate against compute: evaluations (points), the fitted sigmoid "
+    "(solid) and its extrapolation (dashed)",
+    "lengths": "Completion lengths of the latest shards by finish reason, with the "
+    "interruption window",
+    "staleness": "Staleness of trained samples (trainer step minus the oldest policy version "
+    "of their tokens), against the bound k",
+}
+
+
+def plots_markdown(
+    run_id: str, pngs: dict[str, bytes], urls: dict[str, str], *, final: bool
+) -> str:
+    """Markdown with each PNG inline as a data: URI (the UI has no access to the run store, so a
+    path would show nothing), its caption, and where the file is kept."""
+    import base64
+
+    when = "at the end of the run" if final else "while the run goes (updated as it evaluates)"
+    lines = [f"# Plots of run `{run_id}`", "", f"Drawn {when}.", ""]
+    for name, png in pngs.items():
+        data = base64.b64encode(png).decode("ascii")
+        lines += [
+            f"## {name}",
+            "",
+            f"![{PLOT_CAPTIONS.get(name, name)}](data:image/png;base64,{data})",
+            "",
+            f"{PLOT_CAPTIONS.get(name, name)}. File: `{urls.get(name, '')}`",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def publish_evaluations_table(
+    run_id: str, compute: list[float], rate: list[float], steps: list[int], unit: str
+) -> None:
+    """Table artifact: one row per evaluated policy version (version, compute, pass rate)."""
+    rows = [
+        {"version": step, f"compute ({unit})": c, "held-out pass rate": round(r, 4)}
+        for step, c, r in zip(steps, compute, rate, strict=True)
+    ]
+    create_table_artifact(
+        rows,
+        key=artifact_key(run_id, "evaluations"),
+        description=f"Every held-out evaluation of run {run_id} (mean pass rate per version)",
+    )
 
 
 @task(name="publish-run-report", retries=2, retry_delay_seconds=[2, 10], cache_policy=None)

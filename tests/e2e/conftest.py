@@ -21,15 +21,20 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    """Yields the environment (dict) that points Prefect clients at the server."""
+    """Yields the environment (dict) that points Prefect clients at the server; its UI is at
+    env["PREFECT_UI_URL"]."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_UI_URL": f"http://127.0.0.1:{port}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
+        # The UI is served (tests/e2e/test_ui_recovery.py opens it in Chromium); on a port other
+        # than 4200 it must be told where the API is.
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_LOGGING_LEVEL": "WARNING",
     }
     log = open(home / "server.log", "w")  # noqa: SIM115 - closed at teardown

@@ -62,7 +62,7 @@ if __name__ == "__main__":
     root, run_id = sys.argv[1], sys.argv[2]
     cfg = load_config(preset="tiny-cpu", overrides=[
         f"storage.url={root}", f"storage.run_id={run_id}", *sys.argv[3:]])
-    scalerl_run(cfg, run_id=run_id)
+    scalerl_run(cfg)
 """
 
 
@@ -114,6 +114,16 @@ def _progress(run) -> tuple[int, int]:
         return run.count_shards("raw"), run.latest_weights_version() or 0
     except Exception:
         return 0, 0
+
+
+def _await_lease(run, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until process `proc` holds the run's lease (storage/lease.py)."""
+    deadline = time.monotonic() + timeout
+    while (run.lease_holder() or {}).get("pid") != proc.pid or (run.lease_holder() or {}).get(
+        "released"
+    ):
+        assert proc.poll() is None and time.monotonic() < deadline, "it never took the lease"
+        time.sleep(0.1)
 
 
 def _committed(run) -> dict[tuple[str, str], float]:
@@ -179,6 +189,14 @@ def chaos_run(prefect_server, tmp_path_factory):
     log = tmp / "final.log"
     proc = _start(prefect_server, root, run_id, log, None)
     started = time.monotonic()
+    # A second resume of the same run while the first holds its lease: refused, one writer
+    _await_lease(run, proc)
+    twin_log = tmp / "final-twin.log"
+    twin = _start(prefect_server, root, run_id, twin_log, None)
+    twin_rc = _wait(twin, twin_log, 300)
+    _reap(twin)
+    assert twin_rc not in (0, -signal.SIGKILL), twin_log.read_text()[-4000:]
+    assert f"is being written by pid {proc.pid}" in twin_log.read_text()
     rc = _wait(proc, log, 300)
     _reap(proc)
     assert rc == 0, log.read_text()[-4000:]

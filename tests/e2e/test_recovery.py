@@ -25,7 +25,7 @@ if __name__ == "__main__":
     cfg = load_config(preset="tiny-cpu", overrides=[
         f"storage.url={root}", f"storage.run_id={run_id}", "schedule.max_steps=6",
         "trainer.checkpoint_every=2", "evaluation.every_steps=100", "data.num_eval_prompts=8"])
-    scalerl_run(cfg, run_id=run_id)
+    scalerl_run(cfg)
 """
 
 

@@ -211,7 +211,7 @@ if __name__ == "__main__":
         f"storage.url={url}", f"storage.endpoint_url={endpoint}", f"storage.run_id={run_id}",
         "schedule.max_steps=4", "trainer.checkpoint_every=2", "evaluation.every_steps=100",
         "data.num_eval_prompts=8"])
-    scalerl_run(cfg, run_id=run_id)
+    scalerl_run(cfg)
 """
 
 

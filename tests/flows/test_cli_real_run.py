@@ -10,6 +10,7 @@ the commands' own earlier output.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import re
 import socket
@@ -161,7 +162,16 @@ def test_runs_ls_shows_the_run(real_run):
         for p in fs.ls(root, detail=False)
         if fs.exists(f"{p}/.scalerl-run.json")
     )
-    assert ok(invoke("runs", "ls", *real_run.args)).splitlines() == with_marker == [REAL_RUN_ID]
+    lines = ok(invoke("runs", "ls", *real_run.args)).splitlines()
+    assert lines[0] == f"storage: {real_run.storage}"
+    assert lines[1].split() == ["RUN", "STATE", "STEP", "PASS", "RATE", "STARTED"]
+    assert [line.split()[0] for line in lines[2:]] == with_marker == [REAL_RUN_ID]
+    # the row: state and step from status.json / the weights, the pass rate of the newest
+    # evaluation as counted from its eval shard, the start from the run's marker
+    versions, _, rate = eval_curve(real_run)
+    stamp = json.loads(fs.cat_file(f"{root}/{REAL_RUN_ID}/.scalerl-run.json"))["created_at"]
+    day = dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%d")
+    assert lines[2].split()[1:6] == ["finished", "6", f"{rate[-1]:.3f}", f"(v{versions[-1]})", day]
 
 
 def test_runs_verify_is_ok(real_run):

@@ -43,6 +43,7 @@ def corrupted_run(tmp_path_factory, prefect_harness):
         preset="tiny-cpu",
         overrides=[
             f"storage.url={root}",
+            f"storage.run_id={RUN_ID}",
             "schedule.max_steps=3",
             "evaluation.every_steps=100",
             "data.num_eval_prompts=8",
@@ -58,7 +59,7 @@ def corrupted_run(tmp_path_factory, prefect_harness):
     (filtered,) = run.list_shards("filtered")
     _flip_bytes(info.url)
     _flip_bytes(filtered.url)
-    summary = scalerl_run(cfg, run_id=RUN_ID)
+    summary = scalerl_run(cfg)
     return run, info, summary
 
 

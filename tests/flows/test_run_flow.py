@@ -7,6 +7,7 @@ import pytest
 
 from scalerl.config import load_config
 from storage import open_store
+from tasks.common import with_run_id
 
 pytestmark = pytest.mark.slow
 
@@ -188,10 +189,12 @@ def test_a_run_deleted_and_started_again_under_the_same_id_runs_its_stages(
     for tasks in ("per_stage", "per_shard"):
         shutil.rmtree(root, ignore_errors=True)
         summary = scalerl_run(
-            cfg.model_copy(
-                update={"pipeline": cfg.pipeline.model_copy(update={"stage_tasks": tasks})}
-            ),
-            run_id="same-id",
+            with_run_id(
+                cfg.model_copy(
+                    update={"pipeline": cfg.pipeline.model_copy(update={"stage_tasks": tasks})}
+                ),
+                "same-id",
+            )
         )
         assert summary["step"] == 1
         run = open_store(str(root)).run("same-id")

@@ -6,6 +6,7 @@ is committed, scored, and the parent's engine still generates afterwards."""
 import contextlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,5 +92,10 @@ def test_kill_tree_takes_the_grandchildren_a_plain_kill_would_orphan():
     assert psutil.pid_exists(grandchild)
     kill_tree(proc)
     assert proc.returncode is not None  # killed and reaped
-    with contextlib.suppress(psutil.NoSuchProcess):  # gone, or dead and waiting for init
-        assert psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    # gone, or dead and waiting for init to reap it; a loaded machine may show it running for
+    # a moment after the SIGKILL was sent (seen under a parallel test load)
+    deadline = time.monotonic() + 10
+    with contextlib.suppress(psutil.NoSuchProcess):
+        while psutil.Process(grandchild).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the grandchild outlived kill_tree"
+            time.sleep(0.05)
