@@ -180,13 +180,13 @@ def acquire(loc, root: str, run_id: str, holder: dict | None = None) -> Lease:
         if found is not None:
             reason = free_reason(found[1], flow_run_id=holder.get("flow_run_id"))
             if reason is None:
-                doc, left = found[1], float(found[1].get("expires_at", 0)) - time.time()
+                doc = found[1]
                 raise LeaseHeldError(
                     f"run {run_id} is being written by {_who(doc)}, heartbeat "
                     f"{time.time() - float(doc.get('heartbeat_at', 0)):.0f} s ago: two writers "
                     "would train every step twice. Fix: wait for that run to end (or stop it); "
-                    f"a writer that stopped heartbeating is taken over {max(0.0, left):.0f} s "
-                    "after its last heartbeat."
+                    f"a writer that stopped heartbeating is taken over {TTL_S:.0f} s after its "
+                    "last heartbeat."
                 )
         now = time.time()
         doc = {

@@ -8,8 +8,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 from transformers.utils import logging as _hf_logging  # noqa: E402
 
 import tasks.evaluate  # noqa: F401
+import tasks.report  # noqa: F401
 import tasks.rollouts  # noqa: F401
 import tasks.train  # noqa: F401
+from scalerl import plots  # noqa: F401  (matplotlib: the plots child draws without importing it)
 from scalerl.engines import hf  # noqa: F401
 from scalerl.trainer import loop  # noqa: F401
 

@@ -21,6 +21,7 @@ from prefect.artifacts import (
 
 from scalerl.config import RunConfig
 from tasks.common import open_run
+from tasks.isolated import run_isolated
 from tasks.stages import read_or_quarantine
 
 TRAINER_METRICS = "trainer"
@@ -257,7 +258,41 @@ def render_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, 
     Prefect UI: pass rate vs compute with the fitted sigmoid and its extrapolation, completion
     lengths with the interruption window, staleness of trained samples. Also the `evaluations`
     table artifact. Called while the run goes (fit None: a quick fit once enough points exist)
-    and at its end. Returns name -> URL of the stored PNGs."""
+    and at its end. The drawing runs in a child process (tasks/isolated.py, at
+    evaluation.nice) so that the flow process never loads matplotlib; the artifacts are made
+    here. Returns name -> URL of the stored PNGs."""
+    import base64
+
+    from scalerl.stats import eval_points
+
+    encoded = run_isolated(  # (the child's result travels as JSON: base64 text)
+        "tasks.report:draw_plots",
+        config,
+        "plots",
+        nice=config.evaluation.nice,
+        run_id=run_id,
+        fit=fit,
+    )
+    pngs = {name: base64.b64decode(data) for name, data in encoded.items()}
+    run = open_run(config, run_id)
+    urls = {name: run.save_plot(name, png) for name, png in pngs.items()}
+    if pngs:
+        create_markdown_artifact(
+            plots_markdown(run_id, pngs, urls, final=fit is not None),
+            key=artifact_key(run_id, "plots"),
+            description=f"Plots of run {run_id}: pass-rate curve, completion lengths, staleness",
+        )
+    compute, rate, steps = eval_points(run.read_metrics("eval"))
+    if compute:
+        publish_evaluations_table(run_id, compute, rate, steps, config.schedule.compute_unit)
+    return urls
+
+
+def draw_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, str]:
+    """name -> base64 of the PNG of each of the run's figures, drawn from the store (see
+    render_plots)."""
+    import base64
+
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -265,8 +300,7 @@ def render_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, 
     from scalerl.stats import eval_points, staleness_histogram
 
     run, pngs = open_run(config, run_id), {}
-    evals = run.read_metrics("eval")
-    compute, rate, steps = eval_points(evals)
+    compute, rate, _ = eval_points(run.read_metrics("eval"))
     if compute:
         figure = plots.curve_figure(
             compute,
@@ -299,16 +333,7 @@ def render_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, 
             title=f"{run_id}: staleness of trained samples",
         )
         pngs["staleness"] = _png(figure)
-    urls = {name: run.save_plot(name, png) for name, png in pngs.items()}
-    if pngs:
-        create_markdown_artifact(
-            plots_markdown(run_id, pngs, urls, final=fit is not None),
-            key=artifact_key(run_id, "plots"),
-            description=f"Plots of run {run_id}: pass-rate curve, completion lengths, staleness",
-        )
-    if compute:
-        publish_evaluations_table(run_id, compute, rate, steps, config.schedule.compute_unit)
-    return urls
+    return {name: base64.b64encode(png).decode("ascii") for name, png in pngs.items()}
 
 
 PLOT_CAPTIONS = {

@@ -5,13 +5,13 @@ is damaged, and once there is space `scalerl resume` finishes the run and it ver
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from storage import open_store
 from tasks.verify import verify_run
+from tests.e2e.conftest import process_group_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -47,17 +47,6 @@ def _scalerl(*args):
     return proc, out, err
 
 
-def _group_gone(pgid: int, timeout=20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_a_full_disk_stops_the_run_with_one_line_and_resume_finishes_it(small_disk):
     root = small_disk / "runs"
     # 40 steps publish 40 weight versions of 1.5 MB: more than 20 MB
@@ -73,7 +62,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_resume_finishes_it(small_di
         "Fix: free space there or raise the quota (or move the run to a larger disk), then "
         "continue the run with `scalerl resume RUN_ID`: what was committed is intact."
     )
-    assert _group_gone(proc.pid), "processes of the run outlived it"
+    assert process_group_gone(proc.pid), "processes of the run outlived it"
     run = open_store(str(root)).run("full")
     stopped_at = run.latest_weights_version()
     assert 0 < stopped_at < 40

@@ -15,6 +15,7 @@ import pytest
 
 from storage import open_store
 from tasks.verify import verify_run
+from tests.e2e.conftest import process_group_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -60,17 +61,6 @@ def _wait_for_step(run_dir: Path, step: int, proc, timeout=300) -> None:
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
-def _group_gone(pgid: int, timeout=20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    return False
-
-
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory):
     """A run stopped by Ctrl-C (SIGINT to its process group) after step 4."""
@@ -97,7 +87,7 @@ def test_ctrl_c_stops_the_run_cleanly_within_seconds(stopped):
     assert run.latest_checkpoint_step() == status["step"] == run.latest_weights_version()
     assert f"run ctrl-c stopped at step {status['step']}" in out
     assert "scalerl resume ctrl-c" in out
-    assert _group_gone(proc.pid), "processes of the stopped run are still alive"
+    assert process_group_gone(proc.pid), "processes of the stopped run are still alive"
 
 
 def test_two_resumes_at_once_one_trains_the_other_is_refused(stopped):
@@ -131,7 +121,7 @@ def test_sigterm_stops_the_run_cleanly(tmp_path, how):
     assert proc.returncode == 143, err[-3000:]
     status = open_store(str(root)).run("term").read_status()
     assert status["state"] == "stopped" and status["reason"] == "stopped by SIGTERM"
-    assert _group_gone(proc.pid)
+    assert process_group_gone(proc.pid)
 
 
 def test_a_run_that_cannot_learn_stops_as_stalled_with_the_reason(tmp_path):
@@ -154,4 +144,4 @@ def test_a_run_that_cannot_learn_stops_as_stalled_with_the_reason(tmp_path):
     )
     status = open_store(str(root)).run("stall").read_status()
     assert status["state"] == "stalled" and status["reason"] in line
-    assert _group_gone(proc.pid)
+    assert process_group_gone(proc.pid)
