@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -379,7 +378,7 @@ class ManifestDirs:
             copied, missing = [], []
             for entry in manifest["files"]:
                 src, dst = f"{self.path(n)}/{entry['path']}", f"{qdir}/files/{entry['path']}"
-                (copied if self._copy(src, dst) else missing).append(entry["path"])
+                (copied if fsio.copy_file(self._loc, src, dst) else missing).append(entry["path"])
             fsio.write_atomic(self._loc, f"{qdir}/{MANIFEST}", raw)
             fsio.fault_point(f"{self._what}.quarantine.copied")
             doc = {
@@ -423,26 +422,6 @@ class ManifestDirs:
 
     def _qdir_path(self, n: int, qid: str) -> str:
         return f"{self._qbase}/{self._prefix}{n}/{qid}"
-
-    def _copy(self, src: str, dst: str) -> bool:
-        """Copy src to dst (whole or not at all on local disk); False if src is missing."""
-        if not self._loc.is_local:
-            try:
-                self._loc.fs.copy(src, dst)
-            except FileNotFoundError:
-                return False
-            return True
-        if not os.path.isfile(src):
-            return False
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = fsio.tmp_name(dst)
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        return True
 
     def _read_reason(self, path: str) -> dict | None:
         try:

@@ -20,6 +20,7 @@ import datetime as dt
 import errno
 import functools
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -92,6 +93,27 @@ def create_exclusive(loc: Location, path: str, data: bytes) -> bool:
                 f.write(data)
     except FileExistsError:
         return False
+    finally:
+        _unlink_quiet(tmp)
+    return True
+
+
+def copy_file(loc: Location, src: str, dst: str) -> bool:
+    """Copy src to dst (whole or not at all on local disk); False if src is missing. Used by
+    the quarantines of shards and checkpoints: nothing is deleted before its copy exists."""
+    if not loc.is_local:
+        try:
+            loc.fs.copy(src, dst)
+        except FileNotFoundError:
+            return False
+        return True
+    if not os.path.isfile(src):
+        return False
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = tmp_name(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
     finally:
         _unlink_quiet(tmp)
     return True

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import threading
 import time
 import uuid
@@ -419,8 +418,10 @@ class Shards:
         if doc is None:
             data_copied = False
             if data_rel is not None:
-                data_copied = self._copy(
-                    f"{self._stage_dir(stage)}/{data_rel}", f"{qdir}/{key}.{attempt}.parquet"
+                data_copied = fsio.copy_file(
+                    self._loc,
+                    f"{self._stage_dir(stage)}/{data_rel}",
+                    f"{qdir}/{key}.{attempt}.parquet",
                 )
             fsio.fault_point("quarantine.data_copied")
             fsio.write_atomic(self._loc, f"{qdir}/commit.json", raw)
@@ -458,26 +459,6 @@ class Shards:
             return None
         match = _DATA_RE.fullmatch(rel)
         return rel if match and match.group(1) == key else None
-
-    def _copy(self, src: str, dst: str) -> bool:
-        """Copy src to dst (whole or not at all on local disk); False if src is missing."""
-        if not self._loc.is_local:
-            try:
-                self._loc.fs.copy(src, dst)
-            except FileNotFoundError:
-                return False
-            return True
-        if not os.path.isfile(src):
-            return False
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = fsio.tmp_name(dst)
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        return True
 
     def _remove_original(self, stage: str, doc: dict) -> None:
         """Delete the original data file of a quarantined shard once its copy exists (and
