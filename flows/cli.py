@@ -3,6 +3,7 @@
     scalerl --help
     scalerl config show --preset tiny-cpu --set generation.samples_per_prompt=4
     scalerl config validate my_run.yaml
+    scalerl plan my_run.yaml                         # processes, devices, memory per device
     scalerl runs ls --storage s3://bucket/prefix
     scalerl rollouts ls RUN                          # committed shards per stage
     scalerl rollouts show RUN --prompt p17 --step 40 # a prompt and its completions
@@ -211,6 +212,26 @@ def run_cmd(
     with _guard(), graceful_stop(), run_progress(cfg, cfg.storage.run_id):
         summary = scalerl_run(cfg)
     _print_summary(summary, cfg.storage.url)
+
+
+@app.command("plan")
+def plan_cmd(
+    file: ConfigFile = None,
+    preset: PresetOpt = None,
+    overrides: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Print where each process of the run goes: its node, CUDA_VISIBLE_DEVICES, trainer ranks,
+    and its memory per device by arithmetic from the model's shape (scalerl/placement.py).
+    Nothing is started or written; accelerator auto plans for a GPU if one is visible here."""
+    cfg = _load(file, preset, overrides, check=False)
+    from scalerl.placement import make_plan, model_shape, resolve_accelerator
+
+    with _guard():
+        acc = resolve_accelerator(cfg)
+        shape = model_shape(cfg.model.name_or_path, cfg.model.revision)
+        plan = make_plan(cfg, shape, accelerator=acc)
+    typer.echo(plan.dumps() if as_json else plan.render())
 
 
 @app.command("resume")

@@ -56,7 +56,8 @@ class ModelConfig(_Section):
         None, description="Hub revision (branch, tag or commit) when name_or_path is a hub id."
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass to save trainer memory."
+        True,
+        description="Recompute activations in the backward pass to save trainer memory (on in the paper preset: 32k-token micro-batches at 8B need far more than 80 GB of activations otherwise).",
     )
 
 
@@ -130,13 +131,19 @@ class GenerationConfig(_Section):
         description="Completion budget, thinking plus answer (paper: 12,288 + 2,048).",
     )
     num_generators: int = Field(
-        1, ge=1, le=1_024, description="Generator workers launched by the run flow."
+        4,
+        ge=1,
+        le=1_024,
+        description="Generator workers launched by the run flow, each with its own engine (placement: tensor_parallel devices each).",
     )
     max_batch_size: int = Field(
         256, ge=1, le=65_536, description="Sequences decoded concurrently by one engine."
     )
     gpu_memory_utilization: float = Field(
-        0.85, gt=0.0, le=1.0, description="Share of accelerator memory vLLM may take."
+        0.7,
+        gt=0.0,
+        le=1.0,
+        description="Share of accelerator memory vLLM may take (0.7 leaves evaluation's 0.25 beside it; `scalerl plan` shows what it holds).",
     )
     seed: int = Field(
         0, ge=0, description="Base sampling seed; every sample's seed is derived from it."
@@ -356,7 +363,7 @@ class EvaluationConfig(_Section):
         1.0, gt=0.0, le=10.0, description="Sampling temperature for evaluation."
     )
     gpu_memory_utilization: float = Field(
-        0.1,
+        0.25,
         gt=0.0,
         le=1.0,
         description="vLLM runs only: share of accelerator memory of the evaluation engine, which runs in its own process beside the generator's (vLLM allows one engine per process); generation + evaluation shares must stay <= 0.95.",
@@ -366,6 +373,43 @@ class EvaluationConfig(_Section):
         ge=0,
         le=19,
         description="CPU scheduling niceness added to each evaluation process (Unix): evaluations are not on the training path, so where CPU is short they yield it to the generators and the trainer and catch up when it is free (the run waits for every due evaluation before its fit). 0: the same priority. Not applied with pipeline.isolation = thread, where an evaluation is a thread of the flow process.",
+    )
+
+
+class PlacementConfig(_Section):
+    """Which processes run where: scalerl/placement.py plans it (`scalerl plan CONFIG`)."""
+
+    accelerator: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="cuda: each process gets its own CUDA_VISIBLE_DEVICES and memory is checked by arithmetic; cpu: the same processes without devices (trainer ranks over gloo); auto: cuda where a GPU is visible.",
+    )
+    nodes: int = Field(1, ge=1, le=4_096, description="Machines the run uses.")
+    devices_per_node: int = Field(
+        8, ge=1, le=64, description="Accelerators per machine (ignored on cpu)."
+    )
+    device_memory_gib: float = Field(
+        80.0, gt=0.0, le=4_096.0, description="Memory of one accelerator (H100: 80, H200: 141)."
+    )
+    trainer_ranks: int = Field(
+        4,
+        ge=1,
+        le=65_536,
+        description="Trainer processes: 1 runs in a forked child; more run under torchrun (FSDP2; NCCL on cuda, gloo on cpu). The default, 4 trainer + 4 generator GPUs, is one 8-GPU node: 8B's fp32 weights, gradients and AdamW moments take 122 GiB, more than one 80 GiB GPU.",
+    )
+    trainer_devices: list[int] | None = Field(
+        None,
+        description="Device of each trainer rank, as node x devices_per_node + local index; default: the first trainer_ranks devices.",
+    )
+    tensor_parallel: int = Field(
+        1, ge=1, le=64, description="Devices of one generator engine (vLLM tensor parallelism)."
+    )
+    generator_devices: list[int] | None = Field(
+        None,
+        description="Devices of the generators, tensor_parallel per generator in order (gen0 first); default: the devices after the trainer's and the evaluation's.",
+    )
+    evaluation_devices: list[int] | None = Field(
+        None,
+        description="None: the evaluation engine runs beside gen0 on its devices with evaluation.gpu_memory_utilization of their memory; a list of tensor_parallel devices: on its own devices.",
     )
 
 
@@ -438,6 +482,10 @@ class RunConfig(_Section):
     )
     storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Object storage of the run."
+    )
+    placement: PlacementConfig = Field(
+        default_factory=PlacementConfig,
+        description="Processes, nodes and devices (scalerl plan CONFIG prints the plan).",
     )
     schedule: ScheduleConfig = Field(
         default_factory=ScheduleConfig, description="When the run ends."
@@ -513,6 +561,9 @@ class RunConfig(_Section):
                 f"data.source = {self.data.source!r} with data.task = {self.data.task!r}. Fix: use "
                 f"synthetic:arithmetic or a file with data.task=arithmetic, or {_BUILTIN_TINY!r}."
             )
+        from scalerl.placement import check_layout  # devices only: no model, no torch
+
+        check_layout(self)
         loss = self.algorithm.loss
         if isinstance(loss, DAPOLoss) and loss.eps_high < loss.eps_low:
             raise ValueError(
@@ -535,7 +586,12 @@ def _tiny_cpu() -> dict[str, Any]:
     # 128 held-out prompts: with 64, consecutive evaluations differed by up to 0.08 (prompt
     # sampling noise), as much as the half-run check's 0.05 tolerance.
     return {
-        "model": {"name_or_path": "builtin:tiny-warm", "dtype": "float32"},
+        # a 2-layer model keeps its activations: recomputing them only costs time
+        "model": {
+            "name_or_path": "builtin:tiny-warm",
+            "dtype": "float32",
+            "gradient_checkpointing": False,
+        },
         "data": {
             "source": "synthetic:arithmetic-easy",
             "num_train_prompts": 2_048,
@@ -551,6 +607,7 @@ def _tiny_cpu() -> dict[str, Any]:
             # 1,134 samples/s with 128 rows, 879 with 64 (fewer, wider forward calls)
             "max_batch_size": 128,
             "gpu_memory_utilization": 0.3,
+            "num_generators": 1,
         },
         "length_control": {
             "thinking_budget_min": 6,
@@ -577,6 +634,7 @@ def _tiny_cpu() -> dict[str, Any]:
         },
         "evaluation": {"every_steps": 20, "samples_per_prompt": 8},
         "schedule": {"max_steps": 500, "compute_unit": "samples"},
+        "placement": {"accelerator": "cpu", "trainer_ranks": 1},
     }
 
 
