@@ -398,7 +398,7 @@ def make_plan(cfg, shape: ModelShape | None = None, *, accelerator: str | None =
     placement the memory cannot hold."""
     lay = layout(cfg, accelerator)
     pl, gen = cfg.placement, cfg.generation
-    per_node, tp = pl.devices_per_node, pl.tensor_parallel
+    per_node = pl.devices_per_node
     procs: list[PlannedProcess] = []
     warnings: list[str] = []
     if lay.accelerator == "cpu":

@@ -7,6 +7,7 @@ endpoint (not secret) comes from the config.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import secrets
 import shutil
 import tempfile
@@ -37,6 +38,42 @@ def with_run_id(config: RunConfig, run_id: str) -> RunConfig:
     return config.model_copy(
         update={"storage": config.storage.model_copy(update={"run_id": run_id})}
     )
+
+
+@functools.cache
+def _detected_accelerator() -> str:
+    from scalerl.placement import detect_accelerator
+
+    return detect_accelerator()
+
+
+def accelerator(config: RunConfig) -> str:
+    """'cuda' or 'cpu' for this run on this machine (placement.accelerator; auto asks once)."""
+    acc = config.placement.accelerator
+    return _detected_accelerator() if acc == "auto" else acc
+
+
+def process_env(config: RunConfig, name: str) -> dict[str, str]:
+    """The environment a process of the run starts with: its CUDA_VISIBLE_DEVICES from the
+    placement plan (scalerl/placement.py) on cuda; nothing on cpu, nor for a process the plan
+    does not name (an extra generator added from another machine places itself). A process
+    planned on another node cannot be started from this one: PlacementError says so."""
+    acc = accelerator(config)
+    if acc == "cpu":
+        return {}
+    from scalerl.placement import PlacementError, make_plan
+
+    plan = make_plan(config, accelerator=acc)
+    found = [p for p in plan.processes if p.name == name]
+    if not found:
+        return {}
+    if found[0].node != 0:
+        raise PlacementError(
+            f"{name} is placed on node {found[0].node}, and this flow starts processes on node 0 "
+            "only. Fix: start it on its node (a generator: the scalerl-generate deployment), or "
+            "place it on node 0."
+        )
+    return dict(found[0].env)
 
 
 def new_run_id() -> str:

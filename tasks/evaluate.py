@@ -90,11 +90,15 @@ def generate_eval_shard_in_child(config: RunConfig, run_id: str, version: int) -
     process and the generator's lives in this one. The child gets the config on stdin (it holds
     no credentials; those stay in the inherited environment) and its own engine, sized by
     evaluation.gpu_memory_utilization; the engine's memory goes back when the child exits."""
+    import os
     import subprocess
     import sys
 
+    from tasks.common import process_env
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "tasks.eval_child", run_id, str(version)],
+        env={**os.environ, **process_env(config, "eval")},  # its planned devices
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

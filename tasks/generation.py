@@ -29,12 +29,27 @@ def make_engine(config: RunConfig, path, version: int):
             version=version,
         )
     from scalerl.engines.vllm_engine import VLLMEngine
+    from tasks.common import accelerator
 
+    max_seqs, extra = gen.max_batch_size, {}
+    if accelerator(config) == "cuda":  # pragma: no cover - gpu
+        # the placement plan's max_num_seqs: no more sequences than the KV cache holds at full
+        # length (scalerl/placement.py), over tensor_parallel devices
+        from scalerl.placement import make_plan, model_shape
+
+        plan = make_plan(config, model_shape(str(path)), accelerator="cuda")
+        max_seqs = plan.max_num_seqs
+        for warning in plan.warnings:
+            import logging
+
+            logging.getLogger(__name__).warning("placement: %s", warning)
+        extra["tensor_parallel_size"] = config.placement.tensor_parallel
     return VLLMEngine(
         str(path),
         dtype=config.model.dtype,
         gpu_memory_utilization=gen.gpu_memory_utilization,
-        max_batch_size=gen.max_batch_size,
+        max_batch_size=max_seqs,
+        **extra,
         fp32_head=fp32,
         seed=gen.seed,
         version=version,

@@ -169,13 +169,15 @@ def run_isolated(
     *,
     nice: int = 0,
     timeout_s: float | None = None,
+    env: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> dict:
     """target(config, **kwargs) in a child process (or in-process, see in_process). `nice`: added
     to the child's CPU niceness (lower priority), e.g. evaluation.nice; ignored in-process.
     `timeout_s`: the child is killed and TimeoutError raised when it has not returned by then
     (a Prefect task timeout cannot interrupt a task running on a worker thread; this can);
-    ignored in-process."""
+    ignored in-process. `env`: variables set in the child only (its CUDA_VISIBLE_DEVICES from
+    the run's placement, tasks/common.py process_env); ignored in-process."""
     if in_process(config):
         return _resolve(target)(config, **kwargs)
     logger = task_logger()
@@ -189,7 +191,7 @@ def run_isolated(
         "name": "scalerl-" + what.split()[-1],  # ps/top show it: scalerl-gen0, scalerl-trainer
         # the fork server's environment is the flow process's when the server started; the
         # child gets the caller's as it is now (tests and chaos runs set variables per run)
-        "env": dict(os.environ),
+        "env": {**os.environ, **(env or {})},
     }
     ctx = _context()
     if _CLOSED.is_set():

@@ -110,13 +110,16 @@ class LeadGate:
 def generate_rollouts(
     config: RunConfig, run_id: str, generator_id: str = "gen0", max_shards: int | None = None
 ) -> dict:
-    """The generator in its own process (tasks/isolated.py), supervised by this task."""
+    """The generator in its own process (tasks/isolated.py), supervised by this task, with its
+    planned CUDA_VISIBLE_DEVICES (scalerl/placement.py)."""
+    from tasks.common import process_env
     from tasks.isolated import run_isolated
 
     return run_isolated(
         "tasks.rollouts:generator_body",
         config,
         f"generator {generator_id}",
+        env=process_env(config, generator_id),
         run_id=run_id,
         generator_id=generator_id,
         max_shards=max_shards,

@@ -9,6 +9,7 @@ continues from the newest checkpoint with the same ledger of consumed shards.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -22,14 +23,23 @@ TRAIN_STAGE = "filtered"
 
 @task(name="train-policy", retries=1, retry_delay_seconds=[10], cache_policy=None)
 def train_policy(config: RunConfig, run_id: str) -> dict:
-    """The trainer in its own process (tasks/isolated.py), supervised by this task."""
+    """The trainer in its own process (tasks/isolated.py), or as placement.trainer_ranks ranks
+    under torchrun (tasks/torchrun.py), supervised by this task; on its planned devices."""
+    from tasks.common import process_env
+
+    env = process_env(config, "trainer@node0")
+    if config.placement.trainer_ranks > 1:
+        from tasks.torchrun import run_torchrun
+
+        return run_torchrun(config, run_id, env=env)
     from tasks.isolated import run_isolated
 
-    return run_isolated("tasks.train:trainer_body", config, "trainer", run_id=run_id)
+    return run_isolated("tasks.train:trainer_body", config, "trainer", env=env, run_id=run_id)
 
 
 def trainer_body(config: RunConfig, run_id: str) -> dict:
-    """What train_policy runs: the trainer until max steps, the budget or a stop."""
+    """What train_policy runs (in every rank under torchrun): the trainer until max steps, the
+    budget or a stop."""
     run = open_run(config, run_id)
     with tempfile.TemporaryDirectory(prefix=f"scalerl-{run_id}-w-") as local:
         # the policy prepare_run published as version 0, for a start without a checkpoint
@@ -45,7 +55,11 @@ def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
     def should_stop() -> bool:
         return (run.read_status() or {}).get("state", "running") != "running"
 
-    io = TrainerIO.over(run, stage=TRAIN_STAGE, weights_dtype=config.model.dtype)
+    from tasks.common import accelerator
+
+    ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun
+    rank = int(os.environ["RANK"]) if ranked else None
+    io = TrainerIO.over(run, stage=TRAIN_STAGE, weights_dtype=config.model.dtype, rank=rank)
     trainer = Trainer(
         config,
         run_id=run_id,
@@ -54,6 +68,9 @@ def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
         checkpoints=io.checkpoints,
         metrics=io.metrics,
         options=TrainerOptions(
+            # one rank on cuda: its CUDA_VISIBLE_DEVICES holds its one device (ranks under
+            # torchrun pin cuda:LOCAL_RANK themselves)
+            device="cuda:0" if accelerator(config) == "cuda" and not ranked else "cpu",
             model_path=str(base),
             should_stop=should_stop,
             poll_interval_s=0.01,  # a shard waiting on a sleeping trainer is pipeline latency

@@ -63,8 +63,11 @@ class RunShardSource:
     this stage's quarantined shards count as read in the marker (their raw inputs still count
     as committed for the generators)."""
 
-    def __init__(self, run: Run, stage: str) -> None:
-        self.run, self.stage = run, stage
+    def __init__(self, run: Run, stage: str, *, rank: int | None = None) -> None:
+        """rank: the trainer rank under torchrun (None: a single process). Only rank 0 writes
+        the marker; no rank quarantines a shard while reading it: the trainer has every rank
+        read it first, then rank 0 calls quarantine() (scalerl/trainer/loop.py ingest)."""
+        self.run, self.stage, self.rank = run, stage, rank
         self._position: dict[str, int] = {}
         self._read_upto = 0
         self._next_step: int | None = None
@@ -79,7 +82,8 @@ class RunShardSource:
         try:
             table = self.run.read_shard(self.stage, key)
         except _REJECTED as e:
-            self._quarantine(key, e)
+            if self.rank is None:
+                self.quarantine(key, e)
             raise ShardRejected(f"{type(e).__name__}: {e}") from e
         finally:
             upto = self._position.get(key, -1) + 1
@@ -94,12 +98,14 @@ class RunShardSource:
         self._write_marker()
 
     def _write_marker(self) -> None:
+        if self.rank not in (None, 0):
+            return
         doc = {"stage": self.stage, "shards_read": self._read_upto}
         if self._next_step is not None:
             doc["next_step"] = self._next_step
         self.run.write_marker(INTAKE_MARKER, doc)
 
-    def _quarantine(self, key: str, error: Exception) -> None:
+    def quarantine(self, key: str, error: Exception | str) -> None:
         import logging
 
         from storage.errors import StorageUnreachableError, StoreError
@@ -237,11 +243,17 @@ class TrainerIO:
 
     @classmethod
     def over(
-        cls, run: Run, *, stage: str = "filtered", weights_dtype: str = "bfloat16"
+        cls,
+        run: Run,
+        *,
+        stage: str = "filtered",
+        weights_dtype: str = "bfloat16",
+        rank: int | None = None,
     ) -> TrainerIO:
-        """All four trainer collaborators over one run (shards read from `stage`)."""
+        """All four trainer collaborators over one run (shards read from `stage`); rank: the
+        trainer rank under torchrun (only rank 0 writes), None for a single process."""
         return cls(
-            RunShardSource(run, stage),
+            RunShardSource(run, stage, rank=rank),
             RunWeightPublisher(run, weights_dtype),
             RunCheckpointStore(run),
             RunMetricsSink(run),

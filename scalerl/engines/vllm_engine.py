@@ -34,9 +34,15 @@ How it works (vLLM 0.32):
   second in-process engine, or closing one, tears down.
 - On the CPU (CI) use dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3 and
   VLLM_CPU_KVCACHE_SPACE=1 (set by default here); vLLM's torch.compile'd sampler helpers
-  run eagerly there (compiling them costs ~20 s for nothing on a tiny model), and requests
-  carry no per-sample seed (a seeded request whose prefill is chunked crashes vLLM 0.32's
-  CPU runner), so CPU samples are reproducible only through the engine's global seed.
+  run eagerly there (compiling them costs ~20 s for nothing on a tiny model).
+- Requests carry no per-sample seed, on any device: a seeded request whose prefill is chunked
+  crashes vLLM 0.32's CPU runner, and on CUDA seeded requests put every decode step on vLLM's
+  per-request sampling loop. Samples are reproducible through the engine's global seed.
+- Priority scheduling: a continuation after a length-control decision is queued before new
+  sequences, so its prefix is still cached when it runs (re-queued behind new sequences on a
+  full KV cache it would be evicted and re-prefilled, ~14k tokens at the paper's lengths).
+  On CUDA the run's placement plan sizes max_num_seqs to what the KV cache holds
+  (scalerl/placement.py) and passes tensor_parallel_size (tasks/generation.py make_engine).
 """
 
 from __future__ import annotations
@@ -146,6 +152,7 @@ class VLLMEngine:
             seed=seed,
             logprobs_mode="processed_logprobs",
             async_scheduling=False,  # exact version tags: a step's tokens come from that step
+            scheduling_policy="priority",  # continuations first (_submit)
             hf_overrides=overrides,
             disable_log_stats=True,
             **engine_kwargs,
@@ -197,10 +204,11 @@ class VLLMEngine:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=seq.length.max_tokens_before_decision(),
-            # A continuation gets a fresh stream, not a replay of the first segment's noise.
-            # No per-request seed on the CPU: vLLM 0.32 crashes there ("CPU Generator does
-            # not use offset") when a seeded request's prefill is chunked over steps.
-            seed=None if self._on_cpu else (seq.seed + 7919 * n) % (1 << 63),
+            # No per-request seed anywhere: on CUDA a seeded request sends vLLM 0.32 to its
+            # per-request sampling loop on every decode step, and on the CPU it crashes when a
+            # seeded request's prefill is chunked ("CPU Generator does not use offset").
+            # Samples are reproducible through the engine's global seed.
+            seed=None,
             logprobs=0,
             stop_token_ids=sorted(seq.length.policy.eos_ids),
             ignore_eos=sampling.ignore_eos,
@@ -209,7 +217,9 @@ class VLLMEngine:
         )
         request_id = f"{seq.group.request.prompt_id}/{seq.sample_index}/{next(self._ids)}"
         prompt = {"prompt_token_ids": seq.prompt_ids + seq.token_ids, "cache_salt": salt}
-        self.engine.add_request(request_id, prompt, params)
+        # priority scheduling: a continuation (after a length-control decision) goes before
+        # new sequences, so its prefix is still in the prefix cache when it is scheduled
+        self.engine.add_request(request_id, prompt, params, priority=0 if n else 1)
         return request_id
 
     def generate(

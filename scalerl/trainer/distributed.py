@@ -1,7 +1,7 @@
 """Multi-GPU training with FSDP2 (torch.distributed.fsdp.fully_shard) under torchrun.
 
-    torchrun --nproc_per_node 8 -m tasks.trainer_io --config run.yaml   # or any entry point that
-                                                                         # builds a Trainer
+    placement.trainer_ranks = N > 1: the train-policy task runs
+    python -m torch.distributed.run --nproc-per-node N -m tasks.trainer_rank SPEC  (tasks/torchrun.py)
 
 The Trainer calls DataParallel.from_env(): with WORLD_SIZE > 1 (torchrun sets it) it joins the
 process group (NCCL on CUDA, gloo otherwise), pins cuda:LOCAL_RANK, and from then on:
@@ -11,7 +11,11 @@ process group (NCCL on CUDA, gloo otherwise), pins cuda:LOCAL_RANK, and from the
   casts parameters to model.dtype (bf16) for compute and reduces gradients in float32. The
   FP32 head still upcasts hidden states and the (gathered) head weight to float32.
 - Data: every rank reads the same shards and builds the same batch (the assembler is
-  deterministic), computes the full-batch token weights, then trains only its share of the
+  deterministic): rank 0 lists the ready shards and broadcasts the list (from_main), so ranks
+  never see different sets of a store that changes under them; a shard any rank rejects is
+  rejected by all, and only rank 0 moves it to quarantine, after every rank has read it. What
+  depends on the store or the clock (a stop, the idle timeout, which checkpoint to resume, whether
+  v0 is published) is rank 0's decision, broadcast. Then every rank computes the full-batch token weights, then trains only its share of the
   rows (longest first, dealt round-robin for balance). The loss is a weighted SUM whose weights
   already sum to 1 over the whole batch, so gradients must be summed across ranks: each rank
   scales its loss by world_size before backward, which undoes FSDP's mean (this works on every
@@ -115,6 +119,18 @@ class DataParallel:
             else:
                 out[k] = float(t[i]) / total_w
         return out
+
+    def from_main(self, value):
+        """Rank 0's `value` on every rank (a collective): what only rank 0 may decide, because
+        it depends on the store or the clock (which shards are ready, a stop, a checkpoint)."""
+        box = [value if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+    def any_true(self, flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def all_true(self, flag: bool) -> bool:
         t = torch.tensor([1 if flag else 0], device=self.device)

@@ -44,7 +44,14 @@ from scalerl.faults import kill_point
 from scalerl.models import load_policy, torch_dtype
 from scalerl.stall import StallGuard
 from scalerl.trainer import distributed
-from scalerl.trainer.batch import Batch, BatchAssembler, ShardRejected, ShardSource, rollout_stats
+from scalerl.trainer.batch import (
+    Batch,
+    BatchAssembler,
+    ShardRejected,
+    ShardSource,
+    check_shard,
+    rollout_stats,
+)
 from scalerl.trainer.checkpoint import (
     CheckpointStore,
     TrainerState,
@@ -99,6 +106,12 @@ class TrainSummary:
     nan_steps: int
     ledger_entries: int
     stalled: str | None = None  # why, when stop_reason is "stalled" (scalerl/stall.py)
+
+
+def _checkpoint_step(local: Path) -> int:
+    import json
+
+    return int(json.loads((local / "trainer_state.json").read_text())["step"])
 
 
 class Trainer:
@@ -178,10 +191,7 @@ class Trainer:
 
     def start(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="scalerl-trainer-")
-        step = self.checkpoints.latest_step()
-        local = None
-        if step is not None:  # None: every checkpoint left was damaged (quarantined by the store)
-            local = self.checkpoints.load(step, Path(self._tmp.name) / f"resume-{step}")
+        local = self._checkpoint_to_resume()
         if local is not None:
             path = str(model_dir(local))
         else:
@@ -202,10 +212,32 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer.warmup_steps)
         if local is not None:
             self._resume(local)
-        elif self.publisher.latest_version() is None:
+        elif self._main_says(lambda: self.publisher.latest_version() is None):
             state = self._full_state()  # a collective under FSDP: every rank gathers
             if self.is_main:
                 self.publisher.publish(0, self.model, self.tokenizer, state)
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The newest intact checkpoint, downloaded; None to start fresh. Under torchrun rank 0
+        chooses (the store quarantines a damaged one while it looks), then the others load the
+        step it chose."""
+
+        def load(step: int | None) -> Path | None:
+            if step is None:  # None: every checkpoint left was damaged (quarantined)
+                return None
+            return self.checkpoints.load(step, Path(self._tmp.name) / f"resume-{step}")
+
+        if self.dp is None:
+            return load(self.checkpoints.latest_step())
+        local = load(self.checkpoints.latest_step()) if self.is_main else None
+        step = self.dp.from_main(None if local is None else _checkpoint_step(local))
+        return local if self.is_main else load(step)
+
+    def _main_says(self, decide: Callable[[], bool]) -> bool:
+        """decide() on rank 0, the same answer on every rank (one process: just decide())."""
+        if self.dp is None:
+            return bool(decide())
+        return bool(self.dp.from_main(bool(decide()) if self.is_main else None))
 
     def _resume(self, local: Path) -> None:
         hook = self.dp.optimizer_loader(self.policy, self.optimizer) if self.dp else None
@@ -251,8 +283,11 @@ class Trainer:
                     note(self.version + 1)  # unread shards now go to the next step or later
                 return batch, time.monotonic() - t0
             idle = self.opts.idle_timeout_s
-            if self.stop_requested() or (
-                idle is not None and time.monotonic() - last_progress > idle
+            quiet = time.monotonic() - last_progress
+            if self._main_says(
+                lambda idle=idle, quiet=quiet: (
+                    self.stop_requested() or (idle is not None and quiet > idle)
+                )
             ):
                 return None, time.monotonic() - t0
             if time.monotonic() - logged >= 30.0:  # polls are fast; say so once per 30 s
@@ -270,18 +305,38 @@ class Trainer:
     def ingest(self) -> bool:
         """Read new ready shards (commit order) until a batch is possible; True if any was read."""
         new = False
-        for key in self.source.list_ready():
+        keys = self.source.list_ready() if self.is_main else None
+        if self.dp is not None:  # every rank reads the same shards, in the same order
+            keys = self.dp.from_main(keys)
+        for key in keys:
             if self.assembler.usable_groups(self.version) >= self.assembler.P:
                 break
             if self.assembler.is_read(key):
                 continue
             new = True
+            table, rejected = None, None
             try:
-                self.assembler.add(key, self.source.read(key))
+                table = self.source.read(key)
+                check_shard(table, self.assembler.run_id, key)  # rows of another run: rejected
             except ShardRejected as e:
+                rejected = str(e)
+            if self.dp is not None:
+                # rejected on one rank = rejected on all; and only now, after every rank has
+                # read it, may rank 0 move it to quarantine
+                why = self.dp.from_main(rejected)
+                if self.dp.any_true(rejected is not None) and why is None:
+                    why = rejected or "rejected by another trainer rank"
+                rejected = why
+                if rejected is not None and self.is_main:
+                    quarantine = getattr(self.source, "quarantine", None)  # optional
+                    if quarantine is not None:
+                        quarantine(key, rejected)
+            if rejected is None:
+                self.assembler.add(key, table)
+            else:
                 if not self.assembler.is_read(key):
-                    self.assembler.reject(key, str(e))
-                log.warning("skipping shard %s: %s", key, e)
+                    self.assembler.reject(key, rejected)
+                log.warning("skipping shard %s: %s", key, rejected)
         return new
 
     def _progress(self) -> tuple[int, int, int]:

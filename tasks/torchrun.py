@@ -1,0 +1,166 @@
+"""The trainer under torchrun: placement.trainer_ranks processes, FSDP2 over NCCL (cuda) or gloo (cpu).
+
+    result = run_torchrun(config, run_id)      # what the train-policy task calls when ranks > 1
+
+The train-policy task starts PyTorch's own launcher, not a hand-rolled one:
+
+    python -m torch.distributed.run --standalone --nproc-per-node N --max-restarts 0 \\
+        -m tasks.trainer_rank SPEC.json
+
+with CUDA_VISIBLE_DEVICES set to the trainer's devices on this node (scalerl/placement.py), so
+LOCAL_RANK r pins the r-th of them; on cpu the ranks join a gloo group. Supervision is the same
+contract as tasks/isolated.py's children:
+
+- Every line the ranks print goes to the task run's log (rank 0 logs INFO, the others WARNING
+  and up; torchrun's own lines too).
+- Rank 0 writes the trainer's summary to SPEC.result.json; a rank that fails writes its error
+  (type, message) to SPEC.error-RANK.json. The task returns the summary, or raises the first
+  failed rank's exception class with its message (a bad input reads the same as with one rank),
+  or IsolatedTaskError with torchrun's exit status and the last lines.
+- One rank dying takes the others down (torchrun with --max-restarts 0 stops the whole group
+  and exits non-zero); Prefect's task retry then starts a new group, which resumes from the
+  newest checkpoint like a single-process trainer.
+- The launcher runs in its own session (Ctrl-C reaches the flow, which stops the trainer through
+  the run's status, so its last checkpoint is written); an interrupted task kills the whole
+  session; every rank exits by itself when the flow process or its torchrun agent is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from scalerl.config import RunConfig
+from tasks.isolated import (
+    _CLOSED,
+    _LIVE,
+    PARENT_ENV,
+    IsolatedTaskError,
+    _rebuild,
+    task_logger,
+)
+
+
+class _Launched:
+    """A torchrun process group as tasks/isolated.py's stop_children sees a child."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+
+
+def torchrun_command(config: RunConfig, spec: Path) -> list[str]:
+    ranks = config.placement.trainer_ranks
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        "--max-restarts=0",
+        "--monitor-interval=0.5",
+        "-m",
+        "tasks.trainer_rank",
+        str(spec),
+    ]
+
+
+def run_torchrun(config: RunConfig, run_id: str, env: dict[str, str] | None = None) -> dict:
+    """The trainer as placement.trainer_ranks ranks under torchrun, supervised by this task."""
+    logger = task_logger()
+    if _CLOSED.is_set():
+        raise IsolatedTaskError(
+            "not starting the trainer ranks: the run flow is stopping its processes. Fix: see "
+            "the flow's error; resume the run once it is fixed."
+        )
+    with tempfile.TemporaryDirectory(prefix=f"scalerl-{run_id}-torchrun-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(
+            json.dumps(
+                {
+                    "config": config.model_dump(mode="json"),
+                    "run_id": run_id,
+                    "torch_threads": config.pipeline.torch_threads,
+                }
+            )
+        )
+        child_env = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
+        child_env.setdefault("OMP_NUM_THREADS", str(config.pipeline.torch_threads or 1))
+        child_env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm lines in the log
+        proc = subprocess.Popen(
+            torchrun_command(config, spec),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=child_env,
+            start_new_session=True,
+        )
+        launched = _Launched(proc)
+        _LIVE.add(launched)
+        tail: deque[str] = deque(maxlen=20)
+        try:
+            _relay(proc, logger, tail)
+            code = proc.wait()
+        finally:
+            _LIVE.discard(launched)
+            if proc.poll() is None:  # the supervising task was interrupted
+                launched.kill()
+                proc.wait()
+        result = Path(f"{spec}.result.json")
+        if code == 0 and result.exists():
+            return json.loads(result.read_text())
+        errors = sorted(Path(tmp).glob("spec.json.error-*.json"), key=lambda p: p.stat().st_mtime)
+        if errors:
+            raise _rebuild(json.loads(errors[0].read_text()))
+    last = "\n".join(tail) or "(no output)"
+    raise IsolatedTaskError(
+        f"the trainer's torchrun group ({config.placement.trainer_ranks} ranks) ended with exit "
+        f"status {code} before reporting a result; its last lines:\n{last}\nFix: see the error "
+        "above; the task is retried, and the trainer resumes from its newest checkpoint."
+    )
+
+
+def _relay(proc: subprocess.Popen, logger, tail: deque) -> None:
+    """Every line of the group's output to the task's log (from a thread: the task's own thread
+    keeps the process handle, and a rank that floods its output cannot block the others)."""
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line:
+                logger.info(line)
+                tail.append(line)
+
+    reader = threading.Thread(target=pump, name="torchrun-log", daemon=True)
+    reader.start()
+    while reader.is_alive():
+        reader.join(0.5)
+    # the output pipe closes when the last process holding it exits
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)

@@ -1,0 +1,79 @@
+"""One trainer rank under torchrun (tasks/torchrun.py starts it): python -m tasks.trainer_rank SPEC.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; the Trainer joins the process group from them
+(scalerl/trainer/distributed.py) and every rank runs tasks.train:trainer_body. Rank 0 writes
+the summary to SPEC.result.json; a failing rank writes SPEC.error-RANK.json and exits 1 (torchrun
+then stops the others). Log lines go to stderr with a rank prefix, which the task relays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def _watch(pids: list[int]) -> None:
+    """Exit when the flow process or this rank's torchrun agent is gone: nobody supervises the
+    rank then (a SIGKILLed agent cannot stop its workers)."""
+    from storage.lease import pid_alive
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if not all(pid_alive(p) for p in pids) or os.getppid() != pids[-1]:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def main(spec_path: str) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    spec = json.loads(Path(spec_path).read_text())
+    flow = int(os.environ.get("SCALERL_ISOLATED_PARENT", "0"))
+    _watch([p for p in (flow, os.getppid()) if p])
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank {rank}] %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    import torch
+
+    if spec.get("torch_threads"):
+        torch.set_num_threads(int(spec["torch_threads"]))
+    from scalerl.config import RunConfig
+    from tasks.train import trainer_body
+
+    try:
+        config = RunConfig.model_validate(spec["config"])
+        summary = trainer_body(config, spec["run_id"])
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the task
+        logging.getLogger("scalerl.task").exception("trainer rank %d failed", rank)
+        kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        Path(f"{spec_path}.error-{rank}.json").write_text(
+            json.dumps({"type": kind, "message": str(exc)})
+        )
+        return 1
+    if rank == 0:
+        tmp = Path(f"{spec_path}.result.json.tmp")
+        tmp.write_text(json.dumps(summary, default=str))
+        tmp.replace(f"{spec_path}.result.json")
+    _shutdown()
+    return 0
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
