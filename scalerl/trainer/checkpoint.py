@@ -11,6 +11,9 @@ Layout of a checkpoint directory:
 
     model/               save_pretrained: safetensors + config.json + tokenizer (exact float32)
     optimizer.pt         AdamW state_dict (moments, step counts)
+    dcp/                 instead of model/'s weights and optimizer.pt when the trainer ran as
+                         several ranks: torch.distributed.checkpoint shards of model and AdamW
+                         state, one file per rank plus .metadata; loadable at any world size
     scheduler.pt         LR scheduler state_dict
     rng.pt / rng.json    torch (CPU + every CUDA device) / python + numpy generator states
     trainer_state.json   step, skipped-NaN count, curriculum version, compute counters and the
@@ -111,15 +114,22 @@ def write_checkpoint(
     state: TrainerState,
     model_state_dict: dict | None = None,
     optimizer_state_dict: dict | None = None,
+    sharded: bool = False,
 ) -> Path:
     """Write a complete checkpoint into local_dir (created). The *_state_dict arguments let a
-    sharded (FSDP) trainer pass full, gathered states; by default they are taken from the
-    objects."""
+    caller pass full states; by default they are taken from the objects. sharded: the ranks
+    have already written model and optimizer as torch.distributed.checkpoint shards into
+    local_dir/dcp (scalerl/trainer/distributed.py), so model/ gets only config and tokenizer
+    and there is no optimizer.pt."""
     out = Path(local_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / MODEL_DIR, state_dict=model_state_dict, safe_serialization=True)
+    if sharded:
+        model.config.save_pretrained(out / MODEL_DIR)
+    else:
+        model.save_pretrained(out / MODEL_DIR, state_dict=model_state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out / MODEL_DIR)
-    torch.save(optimizer_state_dict or optimizer.state_dict(), out / "optimizer.pt")
+    if not sharded:
+        torch.save(optimizer_state_dict or optimizer.state_dict(), out / "optimizer.pt")
     torch.save(scheduler.state_dict(), out / "scheduler.pt")
     tensors, plain = rng_state()
     torch.save(tensors, out / "rng.pt")
@@ -153,7 +163,7 @@ def read_trainer_state(local_dir: str | Path) -> TrainerState:
 def restore_training_state(
     local_dir: str | Path,
     *,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler,
     optimizer_state_dict_hook=None,
 ) -> TrainerState:
@@ -165,11 +175,12 @@ def restore_training_state(
     """
     d = Path(local_dir)
     state = read_trainer_state(d)
-    optim_sd = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
-    if optimizer_state_dict_hook is not None:
-        optimizer_state_dict_hook(optim_sd)
-    else:
-        optimizer.load_state_dict(optim_sd)
+    if optimizer is not None:  # None: loaded from the sharded dcp/ files already
+        optim_sd = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
+        if optimizer_state_dict_hook is not None:
+            optimizer_state_dict_hook(optim_sd)
+        else:
+            optimizer.load_state_dict(optim_sd)
     scheduler.load_state_dict(torch.load(d / "scheduler.pt", weights_only=True))
     set_rng_state(
         torch.load(d / "rng.pt", weights_only=True), json.loads((d / "rng.json").read_text())

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -137,26 +138,84 @@ class DataParallel:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
-    # -- full states for rank 0's writers -----------------------------------------------------
+    # -- memory at scale: meta-device build, per-rank weight loading -------------------------
 
-    def full_model_state(self, policy: nn.Module) -> dict:
-        """The unsharded HF model state dict on CPU (rank 0; empty elsewhere). Collective."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def empty_model(self, path: str):
+        """The model built on the meta device from `path`'s config (no memory for weights on
+        any rank; fully_shard then materialize() allocate each rank's shards only) and its
+        tokenizer."""
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(policy.model, options=opts)
+        from scalerl.models import load_tokenizer
 
-    def full_optimizer_state(self, policy: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return model, load_tokenizer(path)
+
+    def materialize(self, policy: nn.Module) -> None:
+        """After fully_shard on the meta model: allocate this rank's shards on its device
+        (values are loaded next) and recompute the non-persistent buffers (RoPE frequencies),
+        which no checkpoint holds."""
+        policy.to_empty(device=self.device)
+        init_buffers(policy.model, self.device)
+
+    def load_hf_weights(self, policy: nn.Module, path: str | Path) -> None:
+        """Each rank reads only its slices of the safetensors at `path`
+        (torch.distributed.checkpoint's HuggingFaceStorageReader), cast to float32."""
+        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
-            get_optimizer_state_dict,
+            get_model_state_dict,
+            set_model_state_dict,
         )
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(policy, optimizer, options=opts)
+        state = get_model_state_dict(policy.model)
+        if getattr(policy.model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # saved once, as the embedding
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
+        set_model_state_dict(policy.model, state, options=StateDictOptions(strict=False))
+
+    # -- sharded checkpoints (torch.distributed.checkpoint) ----------------------------------
+
+    def shared_dir(self, prefix: str) -> Path:
+        """A temporary directory made by rank 0 whose path every rank gets (ranks of one node
+        share its file system; tasks/torchrun.py starts them on one node)."""
+        import tempfile
+
+        made = tempfile.mkdtemp(prefix=prefix) if self.rank == 0 else None
+        return Path(self.from_main(made))
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # -- published weights: gathered one tensor at a time -------------------------------------
+
+    def full_model_state(self, policy: nn.Module, dtype: torch.dtype | None = None) -> dict:
+        """The unsharded HF model state on CPU on rank 0 (empty elsewhere), one parameter
+        all-gathered at a time and cast to `dtype` (the generators' dtype) on the way, so no
+        rank ever holds the whole model in float32. Collective: every rank iterates the same
+        keys in the same order."""
+        from torch.distributed.tensor import DTensor
+
+        out: dict = {}
+        seen: dict[int, str] = {}
+        for name, value in policy.model.state_dict().items():
+            if id(value) in seen:  # tied weights: gathered once
+                if self.rank == 0:
+                    out[name] = out[seen[id(value)]]
+                continue
+            seen[id(value)] = name
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            if self.rank == 0:
+                full = full.detach()
+                out[name] = (full.to(dtype) if dtype and full.is_floating_point() else full).cpu()
+            del full
+        return out
 
     def optimizer_loader(self, policy: nn.Module, optimizer: torch.optim.Optimizer):
-        """A hook for restore_training_state: load a full optimizer state into the shards."""
+        """A hook for restore_training_state: load a full optimizer state into the shards (a
+        checkpoint written by a single-process trainer, resumed with several ranks)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_optimizer_state_dict,
@@ -167,3 +226,49 @@ class DataParallel:
             set_optimizer_state_dict(policy, optimizer, optim_state_dict=full, options=opts)
 
         return load
+
+
+def init_buffers(model: nn.Module, device) -> None:
+    """Recompute every non-persistent buffer of a model materialized from the meta device:
+    transformers' rotary embeddings build theirs from the config (type(m)(m.config))."""
+    for name, module in model.named_modules():
+        missing = getattr(module, "_non_persistent_buffers_set", set())
+        if not missing:
+            continue
+        try:
+            fresh = type(module)(module.config)
+        except Exception as e:  # noqa: BLE001 - one message naming the module
+            raise RuntimeError(
+                f"cannot rebuild the buffers {sorted(missing)} of {name or 'the model'} "
+                f"({type(module).__name__}) after building it on the meta device: {e}. Fix: "
+                "run this architecture with placement.trainer_ranks=1."
+            ) from e
+        for buf in missing:
+            setattr(module, buf, getattr(fresh, buf).to(device))
+
+
+DCP_DIR = "dcp"  # inside a checkpoint directory: torch.distributed.checkpoint files
+
+
+def save_sharded_state(policy: nn.Module, optimizer: torch.optim.Optimizer, out: Path) -> None:
+    """Model and AdamW state as torch.distributed.checkpoint shards: each rank writes its own
+    part (no gather of the full optimizer state anywhere); a collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out))
+
+
+def load_sharded_state(policy: nn.Module, optimizer: torch.optim.Optimizer, src: Path) -> None:
+    """The inverse of save_sharded_state, at any world size (DCP reshards on load), also in
+    a single process without a process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(src))
+    set_state_dict(
+        policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )

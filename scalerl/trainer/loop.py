@@ -192,12 +192,19 @@ class Trainer:
     def start(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="scalerl-trainer-")
         local = self._checkpoint_to_resume()
+        sharded_checkpoint = local is not None and (local / distributed.DCP_DIR).is_dir()
         if local is not None:
             path = str(model_dir(local))
         else:
             path = self.opts.model_path or self.cfg.model.name_or_path
             self._seed()
-        self.model, self.tokenizer = load_policy(path, dtype="float32", device=self.device)
+        on_meta = self.dp is not None and Path(path).is_dir()
+        if on_meta:  # no rank holds the whole model: shards are allocated after fully_shard
+            self.model, self.tokenizer = self.dp.empty_model(path)
+        elif sharded_checkpoint:  # one process resuming a sharded checkpoint: DCP fills it
+            self.model, self.tokenizer = _model_from_config(path, self.device)
+        else:
+            self.model, self.tokenizer = load_policy(path, dtype="float32", device=self.device)
         if self.cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.train()
@@ -208,6 +215,10 @@ class Trainer:
         )
         if self.dp is not None:
             self.policy = self.dp.shard(self.policy, torch_dtype(self.cfg.model.dtype))
+            if on_meta:
+                self.dp.materialize(self.policy)
+                if not sharded_checkpoint:  # weights v0 or a single-process checkpoint's
+                    self.dp.load_hf_weights(self.policy, path)
         self.optimizer = build_optimizer(self.policy.parameters(), self.cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer.warmup_steps)
         if local is not None:
@@ -240,10 +251,15 @@ class Trainer:
         return bool(self.dp.from_main(bool(decide()) if self.is_main else None))
 
     def _resume(self, local: Path) -> None:
-        hook = self.dp.optimizer_loader(self.policy, self.optimizer) if self.dp else None
+        if (local / distributed.DCP_DIR).is_dir():  # written by ranks: model + AdamW shards
+            distributed.load_sharded_state(self.policy, self.optimizer, local / distributed.DCP_DIR)
+            optimizer, hook = None, None
+        else:
+            optimizer = self.optimizer
+            hook = self.dp.optimizer_loader(self.policy, self.optimizer) if self.dp else None
         state = restore_training_state(
             local,
-            optimizer=self.optimizer,
+            optimizer=optimizer,
             scheduler=self.scheduler,
             optimizer_state_dict_hook=hook,
         )
@@ -411,7 +427,9 @@ class Trainer:
             self.publisher.publish(self.version, self.model, self.tokenizer, state)
 
     def _full_state(self) -> dict | None:
-        return self.dp.full_model_state(self.policy) if self.dp is not None else None
+        if self.dp is None:
+            return None
+        return self.dp.full_model_state(self.policy, torch_dtype(self.cfg.model.dtype))
 
     def log_metrics(self, batch: Batch, out: StepOutput, waited: float) -> None:
         m, intake, k = out.metrics, batch.intake, self.cfg.pipeline.max_off_policy_steps
@@ -444,11 +462,31 @@ class Trainer:
             self.sink.append([row])
 
     def checkpoint(self) -> None:
-        full_model = self._full_state()
-        full_optim = self.dp.full_optimizer_state(self.policy, self.optimizer) if self.dp else None
-        self.saved = self._progress()  # on every rank: the gathers above are collectives
-        if not self.is_main:
-            return
+        """Under torchrun every rank writes its shards of model and AdamW state
+        (torch.distributed.checkpoint) into a directory of its node, rank 0 adds the rest and
+        commits it; a single process writes full states."""
+        shared = self.dp.shared_dir("scalerl-ckpt-") if self.dp is not None else None
+        try:
+            local = None
+            if shared is not None:
+                local = shared / f"step-{self.version}"
+                distributed.save_sharded_state(
+                    self.policy, self.optimizer, local / distributed.DCP_DIR
+                )
+            self.saved = self._progress()  # on every rank
+            if self.is_main:
+                self._write_checkpoint(local)
+        finally:
+            if shared is not None:
+                self.dp.barrier()  # nobody removes the directory while rank 0 commits it
+                if self.is_main:
+                    import shutil
+
+                    shutil.rmtree(shared, ignore_errors=True)
+        if self.is_main:
+            log.info("checkpoint %d saved", self.version)
+
+    def _write_checkpoint(self, sharded: Path | None) -> None:
         state = TrainerState(
             step=self.version,
             nan_steps=self.nan_steps,
@@ -459,14 +497,23 @@ class Trainer:
         )
         with tempfile.TemporaryDirectory(prefix="scalerl-ckpt-") as tmp:
             local = write_checkpoint(
-                Path(tmp) / f"step-{self.version}",
+                sharded or Path(tmp) / f"step-{self.version}",
                 model=self.model,
                 tokenizer=self.tokenizer,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
                 state=state,
-                model_state_dict=full_model,
-                optimizer_state_dict=full_optim,
+                sharded=sharded is not None,
             )
             self.checkpoints.save(self.version, local)
-        log.info("checkpoint %d saved", self.version)
+
+
+def _model_from_config(path: str, device: str):
+    """The architecture of `path` with freshly initialised weights (a sharded checkpoint then
+    overwrites them) and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from scalerl.models import load_tokenizer
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    return model.to(device), load_tokenizer(path)

@@ -1,10 +1,14 @@
 """FSDP2 under torchrun (distributed.py): 2 ranks train like one process on the same shards.
+The ranks build the model on the meta device, load their slices of the weights, checkpoint with
+torch.distributed.checkpoint (no optimizer.pt: no full gather), resume from it, and one process
+resumes the 2-rank checkpoint (another world size) exactly where the single process is.
 
 The CPU variant (gloo) runs in CI; the CUDA variant (NCCL, bf16-capable) needs 2 GPUs."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +30,9 @@ sys.path.insert(0, sys.argv[3])
 import conftest as kit  # the shared builders of this test directory
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
+plan = [int(x) for x in sys.argv[4].split(",")]  # max_steps of each Trainer, one after another
 tables = {f"s{n}": kit.shard_table("r1", f"s{n}", [(f"a{n}", [0]), (f"b{n}", [0]), (f"c{n}", [0])], G=4, seed=n)
-          for n in range(4)}
+          for n in range(5)}
 
 class DirCheckpoints(kit.MemoryCheckpoints):
     # Every rank sees rank 0's checkpoints, as with a shared run store.
@@ -35,10 +40,10 @@ class DirCheckpoints(kit.MemoryCheckpoints):
         steps = [int(p.name.split("-")[1]) for p in self.root.glob("step-*")]
         return max(steps) if steps else None
 
-root = out.parent / (out.stem + "-ckpt")
+root = Path(sys.argv[5]) if len(sys.argv) > 5 else out.parent / (out.stem + "-ckpt")
 root.mkdir(exist_ok=True)
 pub, met, ck = kit.MemoryPublisher(), kit.MemoryMetrics(), DirCheckpoints(root)
-for max_steps in (3, 4):  # 3 steps, then a new Trainer resumes from checkpoint 3 for step 4
+for max_steps in plan:  # e.g. 3 steps, then a new Trainer resumes from checkpoint 3 for step 4
     cfg = kit.tiny_config(Path(model_dir), generation={"prompts_per_batch": 3},
                           schedule={"max_steps": max_steps}, trainer={"micro_batch_tokens": 48},
                           pipeline={"max_off_policy_steps": 8})
@@ -50,7 +55,9 @@ for max_steps in (3, 4):  # 3 steps, then a new Trainer resumes from checkpoint 
         dist.barrier()  # checkpoint 3 is on disk before any rank looks for it
 if trainer.is_main:
     torch.save({"weights": pub.versions[summary.version], "losses": [r["loss"] for r in met.rows],
-                "ckpts": sorted(p.name for p in root.glob("step-*"))}, out)
+                "ckpts": sorted(p.name for p in root.glob("step-*")),
+                "sharded": sorted(p.name for p in root.glob("step-*") if (p / "dcp").is_dir()),
+                "optimizer_pt": sorted(p.parent.name for p in root.glob("step-*/optimizer.pt"))}, out)
 """
 
 
@@ -64,19 +71,27 @@ def _single_vs_sharded(model_dir, tmp_path, env) -> None:
     script.write_text(SCRIPT)
     here = str(Path(__file__).parent)
     single, sharded = tmp_path / "single.pt", tmp_path / "sharded.pt"
-    _run([sys.executable, str(script), str(model_dir), str(single), here], env)
+    _run([sys.executable, str(script), str(model_dir), str(single), here, "3,4,5"], env)
     _run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         str(script), str(model_dir), str(sharded), here],
+         str(script), str(model_dir), str(sharded), here, "3,4"],
         env,
     )  # fmt: skip
     a, b = torch.load(single), torch.load(sharded)
-    assert b["ckpts"] == a["ckpts"] == ["step-3", "step-4"]
-    assert len(a["losses"]) == 4  # step 4 ran after a resume (sharded optimizer state loaded)
-    assert a["losses"] == pytest.approx(b["losses"], rel=1e-4, abs=1e-5)
-    assert a["weights"].keys() == b["weights"].keys()
+    assert b["ckpts"] == b["sharded"] == ["step-3", "step-4"]  # ranks wrote DCP shards ...
+    assert b["optimizer_pt"] == [] and a["optimizer_pt"] == a["ckpts"]  # ... no full gather
+    assert len(a["losses"]) == 5  # steps 4 and 5 ran after resumes
+    assert a["losses"][:4] == pytest.approx(b["losses"], rel=1e-4, abs=1e-5)
+    # the 2-rank checkpoint resumed by ONE process (DCP reshards on load) trains step 5 as the
+    # single process did after its own checkpoint 4
+    cross, root = tmp_path / "cross.pt", tmp_path / "cross-ckpt"
+    shutil.copytree(tmp_path / "sharded-ckpt", root)
+    _run([sys.executable, str(script), str(model_dir), str(cross), here, "5", str(root)], env)
+    c = torch.load(cross)
+    assert c["losses"] == pytest.approx(a["losses"][4:], rel=1e-4, abs=1e-5)
+    assert a["weights"].keys() == c["weights"].keys()
     for name, w in a["weights"].items():
-        torch.testing.assert_close(b["weights"][name].cpu(), w.cpu(), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(c["weights"][name].cpu(), w.cpu(), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.slow
