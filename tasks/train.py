@@ -78,7 +78,14 @@ def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
         ),
     )
     summary = trainer.train()
-    task_logger().info("trainer stopped at version %d (%s)", summary.version, summary.stop_reason)
+    from tasks.trainer_rank import peak_rss_mib
+
+    task_logger().info(
+        "trainer stopped at version %d (%s); peak RSS %.0f MiB",
+        summary.version,
+        summary.stop_reason,
+        peak_rss_mib(),
+    )
     return {
         "step": summary.version,
         "reason": summary.stop_reason,

@@ -59,12 +59,33 @@ def main(spec_path: str) -> int:
             json.dumps({"type": kind, "message": str(exc)})
         )
         return 1
+    peaks = _peak_rss_per_rank()
+    print(f"[rank {rank}] peak RSS {peaks[rank]:.0f} MiB", file=sys.stderr, flush=True)
     if rank == 0:
+        summary["peak_rss_mib_per_rank"] = peaks
         tmp = Path(f"{spec_path}.result.json.tmp")
         tmp.write_text(json.dumps(summary, default=str))
         tmp.replace(f"{spec_path}.result.json")
     _shutdown()
     return 0
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_rss_per_rank() -> list[float]:
+    import torch.distributed as dist
+
+    mine = peak_rss_mib()
+    if not dist.is_initialized():
+        return [mine]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
 
 
 def _shutdown() -> None:
