@@ -411,6 +411,10 @@ class PlacementConfig(_Section):
         None,
         description="None: the evaluation engine runs beside gen0 on its devices with evaluation.gpu_memory_utilization of their memory; a list of tensor_parallel devices: on its own devices.",
     )
+    colocate: bool = Field(
+        False,
+        description="Let the trainer share devices with the generators (one-GPU machines): the generators then start again from device 0, and the trainer gets what generation + evaluation shares of memory leave. Otherwise a device given to two processes is refused.",
+    )
 
 
 class StorageConfig(_Section):

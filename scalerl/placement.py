@@ -14,7 +14,10 @@ One topology for GPU and CPU nodes (config section `placement`):
   that node, so LOCAL_RANK r is its r-th device. On accelerator cpu the same processes start
   without devices and the trainer ranks talk over gloo: CI runs the launcher GPUs use.
 - check_layout (run by RunConfig's validator: no model, no torch) refuses what no machine can
-  run: a device outside the inventory, one device given to two processes, an engine wider than
+  run: a device outside the inventory, one device given to two processes (unless
+  placement.colocate lets the trainer share the generators' devices, for one-GPU machines:
+  generators then start again from device 0 and the trainer gets what the engines' memory
+  shares leave), an engine wider than
   a machine, trainer ranks unevenly spread over machines, trainer ranks without processes.
 - make_plan adds memory, by arithmetic from the model's shape (model_shape: the config built on
   the meta device, so the parameter count is exact): per trainer rank the FSDP2-sharded fp32
@@ -129,13 +132,13 @@ def layout(cfg, accelerator: str | None = None) -> Layout:
                     f"placement.{field_name} names device {d}, but {inventory} (0-{total - 1}). "
                     f"Fix: use devices 0-{total - 1}, or raise placement.nodes."
                 )
-            if d in owner:
+            if d in owner and not (pl.colocate and "the trainer" in (owner[d], who)):
                 raise PlacementError(
                     f"placement: {_where(d, per_node)} is given to both {owner[d]} and {who}. "
                     "Fix: give each process its own devices (or leave the list out to have them "
                     "assigned)."
                 )
-            owner[d] = who
+            owner.setdefault(d, who)
         return tuple(devices)
 
     trainer_list = pl.trainer_devices
@@ -188,7 +191,11 @@ def layout(cfg, accelerator: str | None = None) -> Layout:
     else:
         groups = []
         for node in range(pl.nodes):
-            free = [d for d in range(node * per_node, (node + 1) * per_node) if d not in owner]
+            free = [
+                d
+                for d in range(node * per_node, (node + 1) * per_node)
+                if d not in owner or (pl.colocate and owner[d] == "the trainer")
+            ]
             for i in range(0, len(free) - tp + 1, tp):
                 if len(groups) < gens:
                     groups.append(tuple(free[i : i + tp]))
@@ -492,7 +499,19 @@ def _memory(cfg, lay: Layout, shape: ModelShape, procs, warnings) -> tuple[int, 
             f"{pl.device_memory_gib:g}. Fix: raise placement.trainer_ranks to at least "
             f"{math.ceil(16 * shape.params / device)}."
         )
-    if sum(trainer.values()) > device:
+    room = device
+    if pl.colocate:  # the trainer runs beside the engines on the same devices
+        share = gen.gpu_memory_utilization + (
+            ev.gpu_memory_utilization if pl.evaluation_devices is None else 0.0
+        )
+        room = max(0.0, (1.0 - share) * device)
+    if pl.colocate and sum(trainer.values()) > room:
+        warnings.append(
+            f"placement.colocate: the trainer's estimate, {sum(trainer.values()) / GIB:.1f} GiB "
+            f"per rank, is above the {room / GIB:.1f} GiB that generation and evaluation leave "
+            "on its devices: lower their gpu_memory_utilization or trainer.micro_batch_tokens"
+        )
+    elif sum(trainer.values()) > device:
         warnings.append(
             f"the trainer's estimate, {sum(trainer.values()) / GIB:.1f} GiB per rank, is above "
             f"the device's {pl.device_memory_gib:g} GiB: lower trainer.micro_batch_tokens "

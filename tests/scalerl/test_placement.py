@@ -192,3 +192,23 @@ def test_tensor_parallel_must_divide_heads():
     c = cfg("placement.tensor_parallel=4", "generation.num_generators=1")
     with pytest.raises(PlacementError, match="does not divide the model's 14 attention heads"):
         make_plan(c, model_shape("Qwen/Qwen2.5-0.5B"))
+
+
+def test_colocate_puts_everything_on_one_gpu():
+    c = cfg(
+        "placement.devices_per_node=1",
+        "placement.trainer_ranks=1",
+        "generation.num_generators=1",
+        "placement.colocate=true",
+        "generation.gpu_memory_utilization=0.35",
+        "evaluation.gpu_memory_utilization=0.1",
+    )
+    plan = make_plan(c, model_shape("Qwen/Qwen2.5-0.5B"))
+    assert {p.env["CUDA_VISIBLE_DEVICES"] for p in plan.processes} == {"0"}
+    assert not any("colocate" in w for w in plan.warnings)  # 0.5B trains in the 55% left
+    with pytest.raises(ConfigError, match="is given to both the trainer and generator gen0"):
+        cfg(
+            "placement.devices_per_node=1",
+            "placement.trainer_ranks=1",
+            "generation.num_generators=1",
+        )
