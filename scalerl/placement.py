@@ -205,8 +205,9 @@ def layout(cfg, accelerator: str | None = None) -> Layout:
                 f"{inventory} leave {len(groups) * tp} in whole engines beside the trainer's "
                 f"{len(trainer)}"
                 + (f" and the evaluation's {tp}" if evaluation else "")
-                + ". Fix: lower generation.num_generators or placement.trainer_ranks, or raise "
-                "placement.nodes."
+                + ". Fix: lower generation.num_generators or placement.trainer_ranks, raise "
+                "placement.nodes, or set placement.colocate=true (the trainer shares the "
+                "generators' devices)."
             )
         for i, g in enumerate(groups):
             take(list(g), f"generator gen{i}", "generator_devices")

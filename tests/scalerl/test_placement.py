@@ -206,7 +206,7 @@ def test_colocate_puts_everything_on_one_gpu():
     plan = make_plan(c, model_shape("Qwen/Qwen2.5-0.5B"))
     assert {p.env["CUDA_VISIBLE_DEVICES"] for p in plan.processes} == {"0"}
     assert not any("colocate" in w for w in plan.warnings)  # 0.5B trains in the 55% left
-    with pytest.raises(ConfigError, match="is given to both the trainer and generator gen0"):
+    with pytest.raises(ConfigError, match="or set placement.colocate=true"):
         cfg(
             "placement.devices_per_node=1",
             "placement.trainer_ranks=1",
