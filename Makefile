@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format
+.PHONY: install demo test lint format gpu-test gpu-bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,13 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# GPU machines: a Python with the CUDA builds of torch and vLLM (`pip install -e '.[gpu,dev]'` after
+# your CUDA torch); nothing here downloads a model. See README "GPU".
+GPU_PYTHON ?= python3
+
+gpu-test:
+	$(GPU_PYTHON) -m pytest -m gpu $(PYTEST_ARGS)
+
+gpu-bench:
+	$(GPU_PYTHON) bench/gpu_suite.py
