@@ -165,6 +165,9 @@ def _check_inputs(cfg) -> None:
         from scalerl.models import check_model  # torch + transformers: only when needed
 
         check_model(name)
+    from tasks.common import check_placement
+
+    check_placement(cfg)  # on cuda: processes, devices and memory (scalerl plan)
     run_id = cfg.storage.run_id
     if run_id is not None:
         path = loc.join(validate_name(run_id, "run id"))

@@ -76,6 +76,23 @@ def process_env(config: RunConfig, name: str) -> dict[str, str]:
     return dict(found[0].env)
 
 
+def check_placement(config: RunConfig) -> None:
+    """On cuda, before anything is written: the placement plan with the model's memory
+    (scalerl/placement.py), so a share that cannot hold the weights or a KV cache below one
+    sequence fails with one line instead of in a generator after the run started. Nothing on
+    cpu. A hub model whose config cannot be read here is left to the engines' own checks."""
+    if accelerator(config) == "cpu":
+        return
+    from scalerl.models import ModelLoadError
+    from scalerl.placement import make_plan, model_shape
+
+    try:
+        shape = model_shape(config.model.name_or_path, config.model.revision)
+    except ModelLoadError:
+        return
+    make_plan(config, shape, accelerator="cuda")
+
+
 def new_run_id() -> str:
     """Sortable and unique: 20261125-153012-a1b2."""
     return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"

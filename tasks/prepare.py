@@ -13,7 +13,7 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 
 from scalerl.config import RunConfig
-from tasks.common import materialize_base_model, new_run_id, open_run
+from tasks.common import check_placement, materialize_base_model, new_run_id, open_run
 
 
 def retry_unless_bad_input(_task, _task_run, state) -> bool:
@@ -48,6 +48,7 @@ def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
         from scalerl.models import check_model  # imports torch: not for the builtin models
 
         check_model(config.model.name_or_path)
+    check_placement(config)  # on cuda: the memory of the plan (a PlacementError, a ValueError)
     run_id = run_id or config.storage.run_id or new_run_id()
     run = open_run(config, run_id, create=True)
     run.write_config(config.model_dump(mode="json"))

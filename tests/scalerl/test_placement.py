@@ -212,3 +212,20 @@ def test_colocate_puts_everything_on_one_gpu():
             "placement.trainer_ranks=1",
             "generation.num_generators=1",
         )
+
+
+def test_a_run_on_cuda_is_refused_before_anything_is_written(tmp_path):
+    """tasks/common.py check_placement, which `scalerl run` and prepare_run call first."""
+    from tasks.common import check_placement
+
+    bad = cfg(
+        f"storage.url={tmp_path}",
+        "evaluation.gpu_memory_utilization=0.1",
+        "generation.gpu_memory_utilization=0.8",
+    )
+    with pytest.raises(PlacementError, match="cannot hold Qwen/Qwen3-8B's weights"):
+        check_placement(bad)
+    check_placement(cfg(f"storage.url={tmp_path}"))  # the paper preset's plan holds
+    cpu = load_config(preset="tiny-cpu", overrides=[f"storage.url={tmp_path}"])
+    check_placement(cpu)  # nothing to check on cpu
+    assert list(tmp_path.iterdir()) == []
