@@ -112,8 +112,16 @@ def test_in_flight_update_changes_later_tokens_without_restarting(engine, script
 
 
 @pytest.mark.slow
-def test_interruption_injects_phrase_and_counts_tokens(engine, scripted):
+def test_interruption_injects_phrase_and_counts_tokens(engine, scripted, monkeypatch):
     tok = engine.tokenizer
+    added = []  # (tokens already generated, priority) of every request vLLM gets
+    submit = engine.engine.add_request
+
+    def recording(request_id, prompt, params, **kw):
+        added.append((request_id.rsplit("/", 1)[0], len(prompt["prompt_token_ids"]), kw))
+        return submit(request_id, prompt, params, **kw)
+
+    monkeypatch.setattr(engine.engine, "add_request", recording)
     a, end, eos = (tok.convert_tokens_to_ids(t) for t in ("a", "</think>", tok.eos_token))
     engine.load_weights(1, scripted("a_then_eos", {end: eos, eos: eos}, a))
     policy = LengthPolicy.from_tokenizer(
@@ -132,6 +140,16 @@ def test_interruption_injects_phrase_and_counts_tokens(engine, scripted):
         assert c.sampled == [True] * b + [False] * len(phrase) + [True]
         assert all(lp > -1e-3 for lp in c.logprobs) and c.versions == [1] * len(c.token_ids)
     assert len(budgets) > 1
+    # priority scheduling: each sample's first segment at priority 1, its continuation after
+    # the interruption (a longer prompt: the cached prefix) at 0, so it runs before new ones
+    first: dict[str, int] = {}
+    for sample, n, kw in added:
+        if sample not in first:
+            first[sample] = n
+            assert kw.get("priority") == 1
+        else:
+            assert n > first[sample] and kw.get("priority") == 0
+    assert len(added) > len(first) > 0
 
 
 @pytest.mark.slow
