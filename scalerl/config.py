@@ -339,6 +339,10 @@ class TrainerConfig(_Section):
     max_nan_steps: int = Field(
         3, ge=0, description="Steps with a non-finite loss that are skipped before the run stops."
     )
+    publish_in_background: bool = Field(
+        True,
+        description="Publish each new weight version from a background thread while the next step trains: every version is still published, in order, and a checkpoint waits for the versions before it; the trainer waits only when a second version is ready before the first is committed (or a publish failed).",
+    )
     stall_batches: int = Field(
         200,
         ge=0,

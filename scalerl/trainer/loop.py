@@ -22,6 +22,11 @@ What happens when:
   bit-identically (on CPU with deterministic algorithms).
 - under torchrun (WORLD_SIZE > 1) the policy is sharded with FSDP2 (distributed.py); rank 0
   publishes, logs and checkpoints.
+- publishing (trainer.publish_in_background, default on): version v + 1 goes to a background
+  thread (BackgroundPublisher) as a CPU copy while the next step trains; versions stay in
+  order, a checkpoint first waits for every version before it (so checkpoint v implies weights
+  v), the trainer waits when a second version is ready before the first is committed, and a
+  failed publish is raised on the trainer's thread.
 """
 
 from __future__ import annotations
@@ -108,6 +113,57 @@ class TrainSummary:
     stalled: str | None = None  # why, when stop_reason is "stalled" (scalerl/stall.py)
 
 
+class BackgroundPublisher:
+    """Publishes weight versions in order on one thread, off the trainer's step: the trainer
+    hands over version v (a CPU copy of the state) and trains v + 1 meanwhile. At most one
+    version waits while another is being written, so the trainer blocks only when publishing
+    falls a whole step behind; a failed publish is raised on the trainer's next hand-over or
+    flush (the version is not visible: the store commits manifest-last)."""
+
+    def __init__(self, publisher: WeightPublisher) -> None:
+        import queue
+        import threading
+
+        self.publisher = publisher
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="weight-publisher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:  # after a failure nothing later may be committed
+                    self.publisher.publish(*item)
+            except BaseException as e:  # noqa: BLE001 - raised on the trainer's thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(
+                f"publishing weights failed: {type(self._error).__name__}: {self._error}. Fix: "
+                "see the error; the task is retried and resumes from the last checkpoint."
+            ) from self._error
+
+    def submit(self, version: int, model, tokenizer, state: dict) -> None:
+        self._raise()
+        self._queue.put((version, model, tokenizer, state))
+
+    def flush(self) -> None:
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._queue.join()
+        self._queue.put(None)
+        self._thread.join()
+
+
 def _checkpoint_step(local: Path) -> int:
     import json
 
@@ -148,10 +204,22 @@ class Trainer:
         self.stall = StallGuard(config.trainer.stall_batches)
         self.stall_message: str | None = None
         self.max_steps = self.opts.max_steps or config.schedule.max_steps
+        self._background: BackgroundPublisher | None = None
 
     def train(self) -> TrainSummary:
         """The trainer's whole life; reads as the table of contents of the pipeline's back end."""
         self.start()  # resume from the newest checkpoint, or load the policy and publish v0
+        if self.cfg.trainer.publish_in_background and self.is_main:
+            self._background = BackgroundPublisher(self.publisher)
+        try:
+            summary = self._loop()
+            self.flush_published()  # every version committed before the trainer reports
+            return summary
+        finally:
+            if self._background is not None:
+                self._background.close()
+
+    def _loop(self) -> TrainSummary:
         stop_reason = "max_steps"
         while self.version < self.max_steps:
             if self.budget_spent():
@@ -423,8 +491,20 @@ class Trainer:
 
     def publish(self) -> None:
         state = self._full_state()
-        if self.is_main:
+        if not self.is_main:
+            return
+        if self._background is None:
             self.publisher.publish(self.version, self.model, self.tokenizer, state)
+            return
+        if state is None:  # one process: a copy, since the next step changes the parameters
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        self._background.submit(self.version, self.model, self.tokenizer, state)
+
+    def flush_published(self) -> None:
+        """Wait until every version handed to the background publisher is committed; raise its
+        error if one failed."""
+        if self._background is not None:
+            self._background.flush()
 
     def _full_state(self) -> dict | None:
         if self.dp is None:
@@ -465,6 +545,7 @@ class Trainer:
         """Under torchrun every rank writes its shards of model and AdamW state
         (torch.distributed.checkpoint) into a directory of its node, rank 0 adds the rest and
         commits it; a single process writes full states."""
+        self.flush_published()  # checkpoint v is never committed before weights v
         shared = self.dp.shared_dir("scalerl-ckpt-") if self.dp is not None else None
         try:
             local = None

@@ -136,3 +136,87 @@ def test_nan_steps_are_skipped_then_stop_the_run_with_a_clear_error(kit, tiny_mo
     assert trainer.nan_steps == 2 and sorted(pub.versions) == [0] and met.rows == []
     assert ck.saved == [0]
     assert read_trainer_state(tmp_path / "ck" / "step-0").nan_steps == 2
+
+
+class _SlowPublisher:
+    """Records each publish with the trainer's step count at its start; sleeps in it."""
+
+    def __init__(self, kit, delay_s: float, fail_at: int | None = None) -> None:
+        self.inner, self.delay, self.fail_at = kit.MemoryPublisher(), delay_s, fail_at
+        self.order: list[int] = []
+        self.steps_when_done: dict[int, int] = {}
+        self.trainer = None
+
+    @property
+    def versions(self):
+        return self.inner.versions
+
+    def publish(self, version, model, tokenizer, state_dict=None) -> None:
+        import time
+
+        if version == self.fail_at:
+            raise OSError("disk gone")
+        time.sleep(self.delay if version else 0)
+        self.inner.publish(version, model, tokenizer, state_dict)
+        self.order.append(version)
+        if self.trainer is not None:
+            self.steps_when_done[version] = self.trainer.version
+
+    def latest_version(self):
+        return self.inner.latest_version()
+
+
+def _five_steps(kit):
+    return {
+        f"s{n}": kit.shard_table(RUN, f"s{n}", [(f"a{n}", [0]), (f"b{n}", [0])], G=4, seed=n)
+        for n in range(5)
+    }
+
+
+def test_background_publishing_keeps_order_overlaps_steps_and_checkpoints_wait(
+    kit, tiny_model_dir, tmp_path
+):
+    tables = _five_steps(kit)
+    trainer, (src, _, ck, met) = _trainer(
+        kit,
+        tiny_model_dir,
+        tmp_path,
+        tables,
+        trainer={"checkpoint_every": 2},
+        pipeline={"max_off_policy_steps": 8},  # the shards are all from version 0
+    )
+    slow = trainer.publisher = _SlowPublisher(kit, delay_s=0.3)
+    slow.trainer = trainer
+    saved_with = {}
+    save = ck.save
+
+    def save_after_publish(step, local_dir):
+        saved_with[step] = slow.latest_version()
+        save(step, local_dir)
+
+    ck.save = save_after_publish
+    assert trainer.train().version == 5
+    assert slow.order == [0, 1, 2, 3, 4, 5]  # every version, in order
+    # the trainer went on training while a version was being written: some version was
+    # committed only after the trainer had finished a later step
+    assert any(done > v for v, done in slow.steps_when_done.items() if v)
+    # a checkpoint is committed only once its own version is
+    assert saved_with and all(saved_with[s] >= s for s in saved_with)
+    # the published weights are those of their step, not of a later one: step 5's equal the
+    # trainer's final parameters, step 4's do not
+    final = {k: v.detach() for k, v in trainer.model.state_dict().items()}
+    name = next(iter(final))
+    assert torch.equal(slow.versions[5][name], final[name])
+    assert not torch.equal(slow.versions[4][name], final[name])
+
+
+def test_a_failed_background_publish_stops_the_trainer_and_nothing_later_is_published(
+    kit, tiny_model_dir, tmp_path
+):
+    trainer, _ = _trainer(
+        kit, tiny_model_dir, tmp_path, _five_steps(kit), pipeline={"max_off_policy_steps": 8}
+    )
+    slow = trainer.publisher = _SlowPublisher(kit, delay_s=0.0, fail_at=2)
+    with pytest.raises(RuntimeError, match="publishing weights failed: OSError: disk gone"):
+        trainer.train()
+    assert slow.order == [0, 1]
