@@ -76,16 +76,31 @@ def process_env(config: RunConfig, name: str) -> dict[str, str]:
     return dict(found[0].env)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size in MiB (getrusage; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def check_placement(config: RunConfig) -> None:
-    """On cuda, before anything is written: the placement plan with the model's memory
-    (scalerl/placement.py), so a share that cannot hold the weights or a KV cache below one
-    sequence fails with one line instead of in a generator after the run started. Nothing on
-    cpu. A hub model whose config cannot be read here is left to the engines' own checks."""
+    """On cuda, before anything is written: every process on node 0 (the only one this flow
+    starts processes on) and the placement plan with the model's memory (scalerl/placement.py),
+    so a share that cannot hold the weights or a KV cache below one sequence fails with one
+    line instead of in a generator after the run started. Nothing on cpu. A hub model whose
+    config cannot be read here is left to the engines' own checks."""
     if accelerator(config) == "cpu":
         return
     from scalerl.models import ModelLoadError
-    from scalerl.placement import make_plan, model_shape
+    from scalerl.placement import PlacementError, make_plan, model_shape
 
+    elsewhere = [p for p in make_plan(config, accelerator="cuda").processes if p.node != 0]
+    if elsewhere:  # process_env would refuse them only once the run has started
+        raise PlacementError(
+            f"{elsewhere[0].name} is placed on node {elsewhere[0].node}, and this flow starts "
+            "processes on node 0 only. Fix: place every process on node 0 (fewer generators "
+            "or trainer ranks, or placement.nodes=1)."
+        )
     try:
         shape = model_shape(config.model.name_or_path, config.model.revision)
     except ModelLoadError:

@@ -271,6 +271,28 @@ def stop_children(grace_s: float = 10.0) -> int:
     return len(procs)
 
 
+def supervise(child) -> None:
+    """Count `child` (anything with is_alive/terminate/kill/join, e.g. tasks/torchrun.py's
+    process group) among the processes stop_children() ends; IsolatedTaskError when the flow is
+    stopping them and no new one may start."""
+    if _CLOSED.is_set():
+        raise IsolatedTaskError(
+            "not starting another process: the run flow is stopping its processes (it could "
+            "not record its failure in the store). Fix: see the flow's error; resume the run "
+            "once it is fixed."
+        )
+    _LIVE.add(child)
+
+
+def unsupervise(child) -> None:
+    _LIVE.discard(child)
+
+
+def rebuild_error(error: dict) -> BaseException:
+    """The exception a child reported as {"type": "module.Class", "message": ...}."""
+    return _rebuild(error)
+
+
 def reopen_children() -> None:
     """A new run flow in this process may start children again."""
     _CLOSED.clear()
@@ -317,12 +339,15 @@ def _alive(pid: int) -> bool:
     return pid_alive(pid)
 
 
-def _watch_parent(parent: int) -> None:
+def watch_parents(*pids: int) -> None:
+    """Exit (status 70) as soon as any of `pids` is gone: nobody supervises this process then.
+    An isolated child watches its flow process; a trainer rank also its torchrun agent."""
+
     def watch() -> None:
         while True:
             time.sleep(1.0)
-            if not _alive(parent):
-                os._exit(70)  # the flow process is gone: nobody supervises this body
+            if not all(_alive(pid) for pid in pids):
+                os._exit(70)
 
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
@@ -333,7 +358,7 @@ def _child(spec: dict, conn) -> None:
     os.environ[PARENT_ENV] = str(spec["parent"])  # scalerl/faults.py kills it at a kill point
     with contextlib.suppress(OSError):  # Linux: the name ps, top and bench/soak.py show
         Path("/proc/self/comm").write_text(spec["name"][:15])
-    _watch_parent(spec["parent"])
+    watch_parents(spec["parent"])
     # Ctrl-C reaches the whole process group: the flow process stops its children through the
     # run's status (a clean stop checkpoints the trainer), so they must not die of it first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -35,18 +35,17 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import deque
 from pathlib import Path
 
 from scalerl.config import RunConfig
 from tasks.isolated import (
-    _CLOSED,
-    _LIVE,
     PARENT_ENV,
     IsolatedTaskError,
-    _rebuild,
+    rebuild_error,
+    supervise,
     task_logger,
+    unsupervise,
 )
 
 
@@ -91,11 +90,6 @@ def torchrun_command(config: RunConfig, spec: Path) -> list[str]:
 def run_torchrun(config: RunConfig, run_id: str, env: dict[str, str] | None = None) -> dict:
     """The trainer as placement.trainer_ranks ranks under torchrun, supervised by this task."""
     logger = task_logger()
-    if _CLOSED.is_set():
-        raise IsolatedTaskError(
-            "not starting the trainer ranks: the run flow is stopping its processes. Fix: see "
-            "the flow's error; resume the run once it is fixed."
-        )
     with tempfile.TemporaryDirectory(prefix=f"scalerl-{run_id}-torchrun-") as tmp:
         spec = Path(tmp) / "spec.json"
         spec.write_text(
@@ -120,13 +114,13 @@ def run_torchrun(config: RunConfig, run_id: str, env: dict[str, str] | None = No
             start_new_session=True,
         )
         launched = _Launched(proc)
-        _LIVE.add(launched)
         tail: deque[str] = deque(maxlen=20)
         try:
+            supervise(launched)  # stop_children() ends the group too
             _relay(proc, logger, tail)
             code = proc.wait()
         finally:
-            _LIVE.discard(launched)
+            unsupervise(launched)
             if proc.poll() is None:  # the supervising task was interrupted
                 launched.kill()
                 proc.wait()
@@ -135,7 +129,7 @@ def run_torchrun(config: RunConfig, run_id: str, env: dict[str, str] | None = No
             return json.loads(result.read_text())
         errors = sorted(Path(tmp).glob("spec.json.error-*.json"), key=lambda p: p.stat().st_mtime)
         if errors:
-            raise _rebuild(json.loads(errors[0].read_text()))
+            raise rebuild_error(json.loads(errors[0].read_text()))
     last = "\n".join(tail) or "(no output)"
     raise IsolatedTaskError(
         f"the trainer's torchrun group ({config.placement.trainer_ranks} ranks) ended with exit "
@@ -158,9 +152,5 @@ def _relay(proc: subprocess.Popen, logger, tail: deque) -> None:
 
     reader = threading.Thread(target=pump, name="torchrun-log", daemon=True)
     reader.start()
-    while reader.is_alive():
+    while reader.is_alive():  # until the last process holding the pipe has exited
         reader.join(0.5)
-    # the output pipe closes when the last process holding it exits
-    deadline = time.monotonic() + 30
-    while proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)

@@ -78,7 +78,7 @@ def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
         ),
     )
     summary = trainer.train()
-    from tasks.trainer_rank import peak_rss_mib
+    from tasks.common import peak_rss_mib
 
     task_logger().info(
         "trainer stopped at version %d (%s); peak RSS %.0f MiB",

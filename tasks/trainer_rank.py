@@ -12,30 +12,17 @@ import json
 import logging
 import os
 import sys
-import threading
-import time
 from pathlib import Path
-
-
-def _watch(pids: list[int]) -> None:
-    """Exit when the flow process or this rank's torchrun agent is gone: nobody supervises the
-    rank then (a SIGKILLed agent cannot stop its workers)."""
-    from storage.lease import pid_alive
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if not all(pid_alive(p) for p in pids) or os.getppid() != pids[-1]:
-                os._exit(70)
-
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def main(spec_path: str) -> int:
     rank = int(os.environ.get("RANK", "0"))
     spec = json.loads(Path(spec_path).read_text())
-    flow = int(os.environ.get("SCALERL_ISOLATED_PARENT", "0"))
-    _watch([p for p in (flow, os.getppid()) if p])
+    from tasks.isolated import PARENT_ENV, watch_parents
+
+    # the flow process and this rank's torchrun agent (a SIGKILLed agent cannot stop its workers)
+    flow = int(os.environ.get(PARENT_ENV, "0"))
+    watch_parents(*[p for p in (flow, os.getppid()) if p])
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[rank {rank}] %(message)s",
@@ -70,15 +57,10 @@ def main(spec_path: str) -> int:
     return 0
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set size (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _peak_rss_per_rank() -> list[float]:
     import torch.distributed as dist
+
+    from tasks.common import peak_rss_mib
 
     mine = peak_rss_mib()
     if not dist.is_initialized():

@@ -1,6 +1,8 @@
 """A real `prefect server start` (SQLite under a temporary PREFECT_HOME) for end-to-end tests."""
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -80,3 +82,40 @@ def process_group_gone(pgid: int, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+REPO = Path(__file__).resolve().parents[2]
+# A tiny-cpu run with the given overrides (argv), in a process of its own.
+RUN_SCRIPT = """
+import sys
+from scalerl.config import load_config
+from flows.run import scalerl_run
+if __name__ == "__main__":
+    scalerl_run(load_config(preset="tiny-cpu", overrides=sys.argv[1:]))
+"""
+
+
+def start_run(env: dict, overrides: list[str], log: Path) -> subprocess.Popen:
+    """RUN_SCRIPT in its own process group (start_new_session), output to `log`, Prefect
+    logging at INFO so the children's lines reach the log."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", RUN_SCRIPT, *overrides],
+            env={**env, "PREFECT_LOGGING_LEVEL": "INFO"},
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_run(proc: subprocess.Popen, log: Path, timeout: float) -> int:
+    """The run's exit code; the test fails with the log's end if it does not end in time. Its
+    process group is killed either way (generators, reward workers, torchrun ranks)."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run did not end in time:\n{log.read_text()[-4000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

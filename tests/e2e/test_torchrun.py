@@ -13,8 +13,6 @@ generators on CPU, the same launcher GPUs use with NCCL.
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +21,10 @@ import torch
 
 from storage import open_store
 from tasks.verify import verify_run
+from tests.e2e.conftest import start_run, wait_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-REPO = Path(__file__).resolve().parents[2]
 P, G = 4, 8
 BASE = [
     "placement.trainer_ranks=2",
@@ -35,39 +33,13 @@ BASE = [
     f"generation.samples_per_prompt={G}",
     "evaluation.every_steps=100",
     "data.num_eval_prompts=8",
+    "trainer.checkpoint_every=2",
 ]
-SCRIPT = """
-import sys
-from scalerl.config import load_config
-from flows.run import scalerl_run
-if __name__ == "__main__":
-    root, run_id = sys.argv[1], sys.argv[2]
-    cfg = load_config(preset="tiny-cpu", overrides=[
-        f"storage.url={root}", f"storage.run_id={run_id}", *sys.argv[3:]])
-    scalerl_run(cfg)
-"""
 
 
-def _start(env: dict, root: Path, run_id: str, log: Path, overrides: list[str]):
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, str(root), run_id, *BASE, *overrides],
-            env={**env, "PREFECT_LOGGING_LEVEL": "INFO"},  # the ranks' lines reach the log
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def _wait(proc, log: Path, timeout: float = 300) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the run did not end in time:\n{log.read_text()[-4000:]}")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+def _start(env: dict, root: Path, run_id: str, log: Path, steps: int):
+    overrides = [f"storage.url={root}", f"storage.run_id={run_id}", *BASE]
+    return start_run(env, [*overrides, f"schedule.max_steps={steps}"], log)
 
 
 def _replay_one_process(run, steps: int, tmp: Path) -> tuple[dict, list]:
@@ -133,14 +105,8 @@ def _published(run, version: int, tmp: Path) -> dict:
 def test_two_gloo_ranks_and_two_generators_train_like_one_process(prefect_server, tmp_path):
     root, run_id, steps = tmp_path / "runs", "torchrun-2", 5
     log = tmp_path / "run.log"
-    proc = _start(
-        prefect_server,
-        root,
-        run_id,
-        log,
-        [f"schedule.max_steps={steps}", "trainer.checkpoint_every=2"],
-    )
-    assert _wait(proc, log) == 0, log.read_text()[-4000:]
+    proc = _start(prefect_server, root, run_id, log, steps)
+    assert wait_run(proc, log, 300) == 0, log.read_text()[-4000:]
     text = log.read_text()
     assert "[rank 0] trainer stopped at version" in text, text[-4000:]
     run = open_store(str(root)).run(run_id)
@@ -188,13 +154,7 @@ def _rank_process(rank: int):
 def test_sigkill_of_one_rank_is_retried_and_resumed(prefect_server, tmp_path):
     root, run_id, steps = tmp_path / "runs", "torchrun-kill", 12
     log = tmp_path / "run.log"
-    proc = _start(
-        prefect_server,
-        root,
-        run_id,
-        log,
-        [f"schedule.max_steps={steps}", "trainer.checkpoint_every=2"],
-    )
+    proc = _start(prefect_server, root, run_id, log, steps)
     killed = None
     try:
         deadline = time.monotonic() + 240
@@ -209,7 +169,7 @@ def test_sigkill_of_one_rank_is_retried_and_resumed(prefect_server, tmp_path):
                         target.kill()
                         killed = max(rows.column("step").to_pylist())
         assert killed is not None, f"rank 1 was never seen mid-run:\n{log.read_text()[-4000:]}"
-        assert _wait(proc, log) == 0, log.read_text()[-4000:]
+        assert wait_run(proc, log, 300) == 0, log.read_text()[-4000:]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

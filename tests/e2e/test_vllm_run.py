@@ -4,30 +4,15 @@ verify is clean, the generator's engine was vLLM's (its start line is in the log
 evaluations are recorded, and every sampled token carries a finite vLLM logprob and a policy
 version, which the trainer's importance ratios need."""
 
-import contextlib
 import math
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from storage import open_store
 from tasks.verify import verify_run
+from tests.e2e.conftest import start_run, wait_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = """
-import sys
-from scalerl.config import load_config
-from flows.run import scalerl_run
-if __name__ == "__main__":
-    cfg = load_config(preset="tiny-cpu", overrides=sys.argv[1:])
-    scalerl_run(cfg)
-"""
 
 
 def test_a_whole_run_on_vllm_with_evaluations(prefect_server, tmp_path):
@@ -42,22 +27,7 @@ def test_a_whole_run_on_vllm_with_evaluations(prefect_server, tmp_path):
         "evaluation.every_steps=2",
         "data.num_eval_prompts=8",
     ]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, *overrides],
-            env={**prefect_server, "PREFECT_LOGGING_LEVEL": "INFO"},
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        rc = proc.wait(timeout=400)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the run did not end in time:\n{log.read_text()[-4000:]}")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    rc = wait_run(start_run(prefect_server, overrides, log), log, 400)
     text = log.read_text()
     assert rc == 0, text[-4000:]
     assert "(scalerl generator gen0" in text and "Initializing a V1 LLM engine" in text

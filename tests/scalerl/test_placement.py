@@ -229,3 +229,18 @@ def test_a_run_on_cuda_is_refused_before_anything_is_written(tmp_path):
     cpu = load_config(preset="tiny-cpu", overrides=[f"storage.url={tmp_path}"])
     check_placement(cpu)  # nothing to check on cpu
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_with_processes_on_another_node_is_refused_before_it_starts(tmp_path):
+    from tasks.common import check_placement
+
+    two_nodes = cfg(
+        f"storage.url={tmp_path}",
+        "placement.nodes=2",
+        "placement.trainer_ranks=8",
+        "generation.num_generators=2",
+    )
+    assert make_plan(two_nodes).process("gen0").node == 1
+    with pytest.raises(PlacementError, match="gen0 is placed on node 1, and this flow starts"):
+        check_placement(two_nodes)
+    assert list(tmp_path.iterdir()) == []
