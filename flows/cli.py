@@ -280,6 +280,63 @@ def compare_cmd(ctx: typer.Context) -> None:
         compare_main(list(ctx.args))
 
 
+@runs_app.command("prune")
+def runs_prune(
+    run_id: RunArg,
+    storage: StorageOpt = "./runs",
+    endpoint_url: EndpointOpt = None,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Delete (default: a dry run that only prints).")
+    ] = False,
+    keep_checkpoints: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-checkpoints",
+            min=1,
+            help="Newest checkpoints to keep (default: the run's weights.keep_checkpoints).",
+        ),
+    ] = None,
+    keep_evaluated: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-evaluated/--drop-evaluated",
+            help="Keep evaluated weight versions (default: the run's weights.keep_evaluated).",
+        ),
+    ] = None,
+) -> None:
+    """Free a run's storage: delete weight versions and checkpoints retention does not keep
+    (tasks/retention.py; no staleness window and no readers once no writer holds the run).
+    A dry run by default: prints what would go and the bytes freed. With --apply it takes the
+    run's writer lease first, so it refuses a run that is being written."""
+    from tasks.common import config_of_run
+    from tasks.retention import apply_plan, prune_plan
+
+    with _guard():
+        run = _open_run(storage, endpoint_url, run_id)
+        config = config_of_run(storage, run_id, endpoint_url)
+        changes = {}
+        if keep_checkpoints is not None:
+            changes["keep_checkpoints"] = keep_checkpoints
+        if keep_evaluated is not None:
+            changes["keep_evaluated"] = keep_evaluated
+        if changes:
+            config = config.model_copy(
+                update={"weights": config.weights.model_copy(update=changes)}
+            )
+        lease = run.acquire_lease({"tool": "scalerl runs prune"}) if apply else None
+        try:
+            plan = prune_plan(run, config, running=False)
+            typer.echo(plan.render())
+            if apply:
+                freed = apply_plan(run, plan, by="scalerl runs prune")
+                typer.echo(f"deleted: {freed:,} bytes freed")
+        finally:
+            if lease is not None:
+                lease.release()
+    if not apply:
+        typer.echo("dry run: nothing deleted. Fix: run again with --apply to delete.")
+
+
 @runs_app.command("verify")
 def runs_verify(
     run_id: RunArg, storage: StorageOpt = "./runs", endpoint_url: EndpointOpt = None

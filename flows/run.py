@@ -68,6 +68,7 @@ from tasks.stages import (
     pending_keys,
 )
 from tasks.train import train_policy
+from tasks.weights import drop_local_weights, published_version
 from tasks.writer import hold_run
 
 POLL_MIN_S, POLL_MAX_S = 0.05, 1.0  # idle polling backs off from MIN to MAX, reset on work
@@ -183,7 +184,7 @@ def _supervise(
             if stream.wrapped_future.done() and stream.state.is_failed():
                 stream.result()  # raises its error: the stages cannot go on, so neither can the run
         stop_generators_if_done(run, generators)
-        step = run.latest_weights_version() or 0
+        step = published_version(run, config) or 0
         if step != shown_step and time.monotonic() - shown_at >= PROGRESS_EVERY_S:
             if evaluate_due(config, run_id, evaluated):
                 plots_due, held_out = True, latest_pass_rate(run)
@@ -312,11 +313,13 @@ def _run_held(config: RunConfig, run_id: str, writer, logger) -> dict:
         logger.info(
             "run %s stopped at step %s: %s", run_id, summary.get("step"), summary["stopped"]
         )
+        drop_local_weights(config, run_id)
         return {"run_id": run_id, **summary, "state": "stopped", "fit": None, "plots": {}}
     evaluate_due(config, run_id, evaluated, wait=True)  # versions published meanwhile
     final = run.latest_weights_version() or 0
     if final not in evaluated:
         evaluate_policy(quote(config), run_id, final)
+    drop_local_weights(config, run_id)  # the store holds the final version (its checkpoint's)
     fit = fit_scaling_curve(config, run_id)
     run.write_status(
         {

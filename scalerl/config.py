@@ -96,9 +96,9 @@ class DataConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    engine: Literal["vllm", "transformers"] = Field(
+    engine: Literal["vllm", "vllm-async", "transformers"] = Field(
         "vllm",
-        description="Inference engine: vLLM for real runs, transformers as the CPU fallback.",
+        description="Inference engine: vLLM for real runs ('vllm': the step-driven in-process engine; 'vllm-async': vLLM's AsyncLLM, engine core in its own process with async scheduling, scalerl/engines/vllm_async.py), transformers as the CPU fallback.",
     )
     prompts_per_batch: int = Field(
         48, ge=1, le=100_000, description="Prompts in one trainer batch (paper: 48)."
@@ -351,6 +351,38 @@ class TrainerConfig(_Section):
     seed: int = Field(0, ge=0, description="Trainer seed (data order ties, dropout).")
 
 
+class WeightsConfig(_Section):
+    transport: Literal["store", "local", "nccl"] = Field(
+        "store",
+        description="How each new policy version reaches the generators and evaluations: 'store' (the run store: durable, works across machines and clouds; every generator downloads every version), 'local' (one node: the trainer writes each version once into a node-local directory, weights.local_dir, and engines reload from there: no upload, no download, no hash), 'nccl' (GPU only: vLLM's NCCL weight-transfer engine, trainer rank 0 to every engine). With local or nccl the store still receives a durable copy every weights.durable_every versions, at every evaluation version and at every checkpoint.",
+    )
+    local_dir: str | None = Field(
+        None,
+        description="transport 'local': the node-local directory versions are written to (one subdirectory per run). None: /dev/shm/scalerl when /dev/shm exists, else the system temp directory.",
+    )
+    durable_every: int = Field(
+        10,
+        ge=1,
+        description="transport 'local' or 'nccl': also publish every this many versions to the run store (version 0, evaluation versions and checkpoint versions always are).",
+    )
+    prune: bool = Field(
+        True,
+        description="Delete old weight versions and checkpoints from the run store while the run goes (off the trainer's step): weight versions older than latest - k - 1 that no generator or evaluation holds, except those weights.keep_evaluated keeps; checkpoints beyond weights.keep_checkpoints and weights.keep_checkpoint_every. False: keep everything (scalerl runs prune RUN frees it later).",
+    )
+    keep_evaluated: bool = Field(
+        True,
+        description="Keep every evaluated weight version (a multiple of evaluation.every_steps) in the store for good.",
+    )
+    keep_checkpoints: int = Field(
+        3, ge=1, le=10_000, description="Keep the newest this many checkpoints."
+    )
+    keep_checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        description="Also keep, for good, every checkpoint whose step is a multiple of this. None: only the newest weights.keep_checkpoints.",
+    )
+
+
 class EvaluationConfig(_Section):
     every_steps: int = Field(
         100,
@@ -463,6 +495,30 @@ class ScheduleConfig(_Section):
     )
 
 
+def _check_transport(cfg: RunConfig) -> None:
+    """Weight transports that cannot work with the rest of the config, named before a run."""
+    w, engine = cfg.weights, cfg.generation.engine
+    if w.transport == "local" and cfg.placement.nodes > 1:
+        raise ValueError(
+            f"weights.transport = 'local' writes each version to a directory of one node, but "
+            f"placement.nodes = {cfg.placement.nodes}. Fix: weights.transport=store (or nccl on "
+            "GPUs), or placement.nodes=1."
+        )
+    if w.transport == "local" and cfg.storage.url.startswith("memory://"):
+        raise ValueError(
+            "weights.transport = 'local' needs the roles to share a node's disk, but "
+            f"storage.url = {cfg.storage.url!r} lives in one process. Fix: "
+            "weights.transport=store, or a local or s3:// store."
+        )
+    if w.transport == "nccl" and (engine == "transformers" or cfg.placement.accelerator == "cpu"):
+        raise ValueError(
+            "weights.transport = 'nccl' sends weights GPU to GPU with vLLM's NCCL weight-transfer "
+            f"engine, but generation.engine = {engine!r} and placement.accelerator = "
+            f"{cfg.placement.accelerator!r}. Fix: on CPU use weights.transport=local (one node) "
+            "or store; nccl needs a vLLM engine on CUDA."
+        )
+
+
 class RunConfig(_Section):
     """A whole ScaleRL run. The flow's parameter, the YAML file and the CLI all validate against it."""
 
@@ -491,6 +547,10 @@ class RunConfig(_Section):
     storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Object storage of the run."
     )
+    weights: WeightsConfig = Field(
+        default_factory=WeightsConfig,
+        description="How weight versions travel, what is durable when, and retention.",
+    )
     placement: PlacementConfig = Field(
         default_factory=PlacementConfig,
         description="Processes, nodes and devices (scalerl plan CONFIG prints the plan).",
@@ -517,13 +577,14 @@ class RunConfig(_Section):
                 "Fix: change one of the three, or drop completions_per_batch."
             )
         shares = gen.gpu_memory_utilization + self.evaluation.gpu_memory_utilization
-        if gen.engine == "vllm" and shares > 0.95:
+        if gen.engine != "transformers" and shares > 0.95:
             raise ValueError(
                 f"generation.gpu_memory_utilization = {gen.gpu_memory_utilization} + "
                 f"evaluation.gpu_memory_utilization = {self.evaluation.gpu_memory_utilization} = "
                 f"{shares:.2f} is above 0.95: with vLLM the evaluation engine runs beside the "
                 "generator's on the same accelerator. Fix: lower one of the two."
             )
+        _check_transport(self)
         if lc.enabled:
             if lc.thinking_budget_min > lc.thinking_budget_max:
                 raise ValueError(

@@ -10,6 +10,9 @@ its commit, between a commit and the next bookkeeping write):
     scorer.before_commit     curriculum.before_commit      (tasks/stages.py)
     filter.before_commit
     trainer.after_step       trainer.after_publish         (scalerl/trainer/loop.py)
+    publisher.before_commit  (the background publisher thread: trained, saved, not yet
+                              visible; tasks/weights.py)
+    pruner.before_delete     (retention, on the same thread; tasks/retention.py)
     flow.loop                                              (flows/run.py)
 
 Stages run in the flow process; generators and the trainer run in child processes of it
@@ -33,6 +36,8 @@ POINTS = (
     "filter.before_commit",
     "trainer.after_step",
     "trainer.after_publish",
+    "publisher.before_commit",
+    "pruner.before_delete",
     "flow.loop",
 )
 

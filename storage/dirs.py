@@ -133,6 +133,39 @@ class ManifestDirs:
         self._advance(n)
         return True
 
+    def remove(self, n: int) -> int:
+        """Delete committed entry n for good (retention): its manifest first, so no reader
+        trusts a half-deleted entry, then its files. Returns the bytes its manifest listed (0
+        when it was not committed). The newest committed entry is never removed: the LATEST
+        pointer and every reader rely on it."""
+        manifest = self._manifest(n)
+        if manifest is None:
+            return 0
+        if n == self._pointer():
+            raise InvalidInputError(
+                f"{self._what} {self._prefix}{n} is the newest one ({self._loc.url_of(self._base)}/"
+                f"{LATEST} points at it) "
+                "and is never deleted. Fix: delete only older entries."
+            )
+        dest = self.path(n)
+        self._loc.fs.rm_file(f"{dest}/{MANIFEST}")
+        fsio.fault_point(f"{self._what}.prune_after_manifest")
+        with contextlib.suppress(FileNotFoundError):
+            self._loc.fs.rm(dest, recursive=True)
+        return sum(int(e.get("bytes", 0)) for e in manifest.get("files", []))
+
+    def entry_bytes(self, numbers: list[int]) -> dict[int, int]:
+        """Bytes each committed entry's manifest lists (one batched read; uncommitted left out)."""
+        paths = {f"{self.path(n)}/{MANIFEST}": n for n in numbers}
+        found = self._loc.fs.cat(list(paths), on_error="omit") if paths else {}
+        out = {}
+        for path, raw in found.items():
+            n = paths.get(path) or paths.get(path.split("://", 1)[-1])
+            if n is None:
+                n = int(self._re.fullmatch(path.split("/")[-2]).group(1))
+            out[n] = sum(int(e.get("bytes", 0)) for e in json.loads(raw).get("files", []))
+        return out
+
     def _advance(self, n: int) -> None:
         """Move the LATEST pointer forward to committed entry n (never back). It compares with
         the pointer as written, not latest_hint(): with no pointer yet that lists the entries,

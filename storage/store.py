@@ -39,6 +39,7 @@ up to SCALERL_STORAGE_RETRY_S, default 300 s); an endpoint that never answered f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -76,7 +77,11 @@ _PART_RE = re.compile(r"part-[0-9]{19}-[0-9a-f]{8}\.parquet")
 # checkpoint, a version evaluated again, or a second writer appends the key again, and
 # read_metrics keeps the last row written. Columns are tried in order, the first non-null
 # value per row is the key (eval rows carry version; rows without it fall back to step).
-METRICS_KEYS: dict[str, tuple[str, ...]] = {"trainer": ("step",), "eval": ("version", "step")}
+METRICS_KEYS: dict[str, tuple[str, ...]] = {
+    "trainer": ("step",),
+    "eval": ("version", "step"),
+    "weights": ("version",),  # the publish ledger (tasks/weights.py): one row per version
+}
 
 
 def open_store(url: str = "./runs", *, storage_options: dict | None = None) -> RunStore:
@@ -347,6 +352,40 @@ class Run:
         return self._read_doc(f"{self._root}/markers/{validate_name(name, 'marker name')}.json")
 
     @retrying
+    def read_markers(self, prefix: str) -> dict[str, dict]:
+        """Every marker whose name starts with `prefix`: name -> doc (one listing, one batched
+        read). Markers that are not JSON objects are left out."""
+        base = f"{self._root}/markers"
+        try:
+            infos = fsio.ls(self._loc, base)
+        except FileNotFoundError:
+            return {}
+        paths = [
+            info["name"]
+            for info in infos
+            if info["type"] == "file"
+            and (name := fsio.basename(info)).startswith(prefix)
+            and name.endswith(".json")
+        ]
+        found = self._loc.fs.cat(paths, on_error="omit") if paths else {}
+        out = {}
+        for path, raw in found.items():
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                out[path.rsplit("/", 1)[-1][: -len(".json")]] = doc
+        return out
+
+    @_writes
+    @retrying
+    def delete_marker(self, name: str) -> None:
+        path = f"{self._root}/markers/{validate_name(name, 'marker name')}.json"
+        with contextlib.suppress(FileNotFoundError):
+            self._loc.fs.rm_file(path)
+
+    @retrying
     def save_plot(self, name: str, png: bytes) -> str:
         """Write plots/{name}.png atomically (replacing an older rendering); returns its URL."""
         path = f"{self._root}/plots/{validate_name(name, 'plot name')}.png"
@@ -465,6 +504,11 @@ class Run:
 
     # -- weights and checkpoints -----------------------------------------------------------
 
+    @property
+    def is_local(self) -> bool:
+        """Whether the run lives on a local filesystem (not object storage)."""
+        return self._loc.is_local
+
     @_writes
     @retrying
     def publish_weights(
@@ -492,6 +536,27 @@ class Run:
     @retrying
     def weights_url(self, version: int) -> str:
         return self._weights.url(version)
+
+    @_writes
+    @retrying
+    def delete_weights(self, version: int) -> int:
+        """Delete weights `version` for good (retention; never the newest); returns the bytes
+        its manifest listed, 0 when it was not committed."""
+        return self._weights.remove(version)
+
+    @retrying
+    def weights_bytes(self, versions: list[int]) -> dict[int, int]:
+        return self._weights.entry_bytes(versions)
+
+    @_writes
+    @retrying
+    def delete_checkpoint(self, step: int) -> int:
+        """Delete checkpoint `step` for good (retention; never the newest); returns its bytes."""
+        return self._ckpts.remove(step)
+
+    @retrying
+    def checkpoint_bytes(self, steps: list[int]) -> dict[int, int]:
+        return self._ckpts.entry_bytes(steps)
 
     @_writes
     @retrying

@@ -215,11 +215,20 @@ def _warm_progress(spec, cached: Path):
 class WeightCache:
     """Local copies of published weight versions (engines and trainers load from disk)."""
 
-    def __init__(self, run: Run, root: Path | None = None) -> None:
+    def __init__(self, run: Run, root: Path | None = None, config: RunConfig | None = None) -> None:
+        """config: with weights.transport = local, versions still in the node-local directory
+        are read from there in place (tasks/weights.py), the others downloaded."""
         self.run = run
         self.root = Path(root or tempfile.mkdtemp(prefix=f"scalerl-{run.run_id}-w-"))
+        self.local = None
+        if config is not None and config.weights.transport == "local":
+            from tasks.weights import LocalDirs, local_root
+
+            self.local = LocalDirs(local_root(config, run.run_id))
 
     def path(self, version: int) -> Path:
+        if self.local is not None and self.local.has(version):
+            return self.local.path(version)
         local = self.root / f"v{version}"
         if not (local / "config.json").exists():
             self.run.download_weights(version, local)

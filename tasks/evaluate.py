@@ -15,6 +15,7 @@ from prefect import get_run_logger, task
 from scalerl.config import RunConfig
 from tasks.common import WeightCache, open_run
 from tasks.isolated import in_process, run_isolated
+from tasks.weights import ReaderLease
 
 EVAL = "eval"
 # an evaluation process still running after this is taken as hung: it is killed and the task
@@ -47,9 +48,14 @@ def generate_eval_shard(config: RunConfig, run_id: str, version: int) -> None:
     if run.has_shard(EVAL, key):
         return
     rows = {r["prompt_id"]: r for r in run.read_prompts("eval").to_pylist()}
-    with tempfile.TemporaryDirectory(prefix="scalerl-eval-w-") as local:
-        # The engine copies the weights into its live parameters; the local copy can go.
-        engine = shared_engine(config, WeightCache(run, Path(local)), version)
+    lease = ReaderLease(run, f"eval-{key}")  # retention keeps the version while it loads
+    lease.hold(version)
+    try:
+        with tempfile.TemporaryDirectory(prefix="scalerl-eval-w-") as local:
+            # The engine copies the weights into its live parameters; the local copy can go.
+            engine = shared_engine(config, WeightCache(run, Path(local), config), version)
+    finally:
+        lease.release()
     requests = [
         GroupRequest(pid, row["prompt"], config.evaluation.samples_per_prompt)
         for pid, row in rows.items()
@@ -130,7 +136,7 @@ def evaluate_policy(config: RunConfig, run_id: str, version: int) -> dict:
     run = open_run(config, run_id)
     key = eval_key(version)
     if not run.has_shard(EVAL, key):
-        if config.generation.engine == "vllm":
+        if config.generation.engine != "transformers":  # vllm, vllm-async
             generate_eval_shard_in_child(config, run_id, version)
         elif not in_process(config):
             # a fork of the fork server (torch and transformers already imported): the flow

@@ -28,7 +28,10 @@ def make_engine(config: RunConfig, path, version: int):
             fp32_head=fp32,
             version=version,
         )
-    from scalerl.engines.vllm_engine import VLLMEngine
+    if gen.engine == "vllm-async":
+        from scalerl.engines.vllm_async import AsyncVLLMEngine as VLLMEngine
+    else:
+        from scalerl.engines.vllm_engine import VLLMEngine
     from tasks.common import accelerator
 
     max_seqs, extra = gen.max_batch_size, {}
@@ -106,19 +109,46 @@ def sampling_settings(config: RunConfig, *, temperature: float | None = None, se
 class StoreWeights:
     """WeightSource over the run store: the newest committed version, downloaded once. The
     engine copies each version it is handed into its live parameters, so the local copies of
-    the versions before it are deleted then (WeightCache.keep_only)."""
+    the versions before it are deleted then (WeightCache.keep_only). With a lease, the version
+    is held before it is downloaded (tasks/weights.py ReaderLease); a version pruned meanwhile
+    (a reader that slept through k + 2 publishes) is skipped for the next newest."""
 
-    def __init__(self, cache: WeightCache, current: int) -> None:
-        self.cache, self.current = cache, current
+    def __init__(self, cache: WeightCache, current: int, lease=None) -> None:
+        self.cache, self.current, self.lease = cache, current, lease
 
     def poll(self):
+        from storage.errors import NotCommittedError
+
+        if self.lease is not None:
+            self.lease.heartbeat()
         latest = self.cache.run.latest_weights_version()
         if latest is None or latest <= self.current:
             return None
+        if self.lease is not None:
+            self.lease.hold(latest)
+        try:
+            path = self.cache.path(latest)
+        except NotCommittedError:  # pruned or republished meanwhile: look again next poll
+            if self.lease is not None:
+                self.lease.hold(self.current)
+            return None
         self.current = latest
-        path = self.cache.path(latest)
         self.cache.keep_only(latest)
         return latest, path
+
+
+def weight_source(config: RunConfig, cache: WeightCache, current: int, lease=None):
+    """The WeightSource of weights.transport (tasks/weights.py), throttled to suit where it
+    looks: the node-local pointer every 20 ms, the store every 0.2 s on a local disk and every
+    second on object storage (a request each)."""
+    from scalerl.engines.base import Throttled
+    from tasks.weights import LocalDirs, LocalWeights, local_root
+
+    if config.weights.transport == "local":
+        dirs = LocalDirs(local_root(config, cache.run.run_id))
+        return Throttled(LocalWeights(dirs, current, lease), interval_s=0.02)
+    interval = 0.2 if cache.run.is_local else 1.0
+    return Throttled(StoreWeights(cache, current, lease), interval_s=interval)
 
 
 def completion_records(

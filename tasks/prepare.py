@@ -55,8 +55,13 @@ def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
     for split, rows in (("train", prompts.train), ("eval", prompts.eval)):
         run.write_prompts(split, pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
     if run.latest_weights_version() is None:
+        from tasks.weights import record_version
+
         with tempfile.TemporaryDirectory(prefix="scalerl-v0-") as tmp:
-            run.publish_weights(0, materialize_base_model(config, Path(tmp) / "v0"))
+            base = materialize_base_model(config, Path(tmp) / "v0")
+            size = sum(f.stat().st_size for f in Path(base).rglob("*") if f.is_file())
+            record_version(run, 0, config.weights.transport, True, size)
+            run.publish_weights(0, base)
     if run.load_curriculum() is None:
         sampler = NoPositiveResampling(
             [r["prompt_id"] for r in prompts.train],

@@ -74,7 +74,11 @@ class LeadGate:
     `interval_s` while it refuses; when only the engine's weights are behind, it tells the
     throttled weight source to look at once."""
 
-    def __init__(self, run, config: RunConfig, engine, weights, interval_s: float = 0.02):
+    def __init__(self, run, config: RunConfig, engine, weights, interval_s: float | None = None):
+        # two store reads (marker + a LIST) per look: every 20 ms on a local disk, every
+        # 250 ms on object storage (at most 8 requests/s per held generator, not 100)
+        if interval_s is None:
+            interval_s = 0.02 if run.is_local else 0.25
         self.run, self.engine, self.weights, self.interval_s = run, engine, weights, interval_s
         self.k = config.pipeline.max_off_policy_steps
         self.generators = config.generation.num_generators
@@ -131,17 +135,17 @@ def generator_body(
 ) -> dict:
     """What generate_rollouts runs: the generator loop until the run stops (module docstring)."""
     from scalerl.curriculum import CurriculumExhausted, NoPositiveResampling
-    from scalerl.engines.base import Throttled
     from scalerl.generator import GeneratorSettings, generate_batches
     from storage import rollouts_from_records
     from tasks.generation import (
-        StoreWeights,
         completion_records,
         length_policy,
         make_engine,
         sampling_settings,
+        weight_source,
     )
     from tasks.isolated import notify_flow, task_logger
+    from tasks.weights import ReaderLease, published_version
 
     logger = task_logger()
     run = open_run(config, run_id)
@@ -153,12 +157,15 @@ def generator_body(
         seed=_seed(config.data.seed, generator_id, seq),
     )
     local = tempfile.TemporaryDirectory(prefix=f"scalerl-{run_id}-w-")  # removed at the end
-    cache = WeightCache(run, Path(local.name))
-    version = run.latest_weights_version()
+    cache = WeightCache(run, Path(local.name), config)
+    lease = ReaderLease(run, generator_id)  # retention keeps what this generator loads
+    version = published_version(run, config)
+    lease.hold(version)
     try:
         engine = make_engine(config, cache.path(version), version)
     except BaseException:
         local.cleanup()
+        lease.release()
         raise
     exhausted = False
 
@@ -190,7 +197,7 @@ def generator_body(
     )
     committed, tokens, logged, logged_at = 0, 0, 0, float("-inf")
     try:
-        weights = Throttled(StoreWeights(cache, version), interval_s=0.2)
+        weights = weight_source(config, cache, version, lease)
         for batch in generate_batches(
             engine,
             sample_prompts,
@@ -237,6 +244,7 @@ def generator_body(
     finally:
         engine.close()
         local.cleanup()
+        lease.release()
     if exhausted:
         logger.info("every prompt is retired: generator %s stops", generator_id)
     return {

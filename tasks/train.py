@@ -43,7 +43,7 @@ def trainer_body(config: RunConfig, run_id: str) -> dict:
     run = open_run(config, run_id)
     with tempfile.TemporaryDirectory(prefix=f"scalerl-{run_id}-w-") as local:
         # the policy prepare_run published as version 0, for a start without a checkpoint
-        base = WeightCache(run, Path(local)).path(0)
+        base = WeightCache(run, Path(local), config).path(0)
         return _train(config, run_id, run, base)
 
 
@@ -59,7 +59,7 @@ def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
 
     ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun
     rank = int(os.environ["RANK"]) if ranked else None
-    io = TrainerIO.over(run, stage=TRAIN_STAGE, weights_dtype=config.model.dtype, rank=rank)
+    io = TrainerIO.over(run, stage=TRAIN_STAGE, config=config, rank=rank)
     trainer = Trainer(
         config,
         run_id=run_id,

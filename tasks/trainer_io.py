@@ -1,7 +1,7 @@
 """The one place where the run store meets the trainer: its four Protocols over a storage Run.
 
     run = open_store(cfg.storage.url).run(run_id)
-    io = TrainerIO.over(run, stage="filtered", weights_dtype=cfg.model.dtype)
+    io = TrainerIO.over(run, stage="filtered", config=cfg)
     Trainer(cfg, run_id=run_id, source=io.source, publisher=io.publisher,
             checkpoints=io.checkpoints, metrics=io.metrics).train()
 
@@ -15,10 +15,12 @@
   propagates, so the task's retry policy handles it. Neither does a file that is not a commit
   record of this run inside the stage's commits/ directory: list_shards raises ForeignFileError
   (naming the file and the fix), and the trainer stops before reading anything.
-- RunWeightPublisher: save_pretrained into a temp dir (floating tensors cast to the generators'
-  dtype, model.dtype), then run.publish_weights(v, dir, overwrite=True): an identical re-publish
-  is a no-op, and a trainer resuming from a checkpoint older than the newest published version
-  replaces the dead process's copy (its own lineage is the one it trains from).
+- TransportPublisher (tasks/weights.py): save_pretrained (floating tensors cast to the
+  generators' dtype, model.dtype), then the configured transport: run.publish_weights(v, dir,
+  overwrite=True) for `store` (an identical re-publish is a no-op, and a trainer resuming from
+  a checkpoint older than the newest published version replaces the dead process's copy: its
+  own lineage is the one it trains from), a rename into the node-local directory for `local`
+  (plus the store at durable versions); then retention (tasks/retention.py).
 - RunCheckpointStore: run.save_checkpoint / latest_checkpoint_step / load_checkpoint; the
   store's manifest-last commit leaves the previous checkpoint usable after a crash mid-write.
   At resume a checkpoint whose files no longer match its manifest (missing, another size: one
@@ -32,13 +34,11 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
-from scalerl.models import torch_dtype
 from scalerl.trainer import ShardRejected
 from storage import Run
 from storage.errors import (
@@ -47,6 +47,7 @@ from storage.errors import (
     InvalidRolloutsError,
     SchemaVersionError,
 )
+from tasks.weights import TransportPublisher
 
 _REJECTED = (SchemaVersionError, ForeignFileError, CorruptShardError, InvalidRolloutsError)
 
@@ -124,30 +125,16 @@ class RunShardSource:
         return None if found is None else found[0]
 
 
-class RunWeightPublisher:
-    def __init__(self, run: Run, dtype: str = "bfloat16") -> None:
-        self.run, self.dtype = run, torch_dtype(dtype)
-
-    def publish(self, version: int, model, tokenizer, state_dict: dict | None = None) -> None:
-        state = state_dict if state_dict is not None else model.state_dict()
-        state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
-        with tempfile.TemporaryDirectory(prefix="scalerl-weights-") as tmp:
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            self.run.publish_weights(version, tmp, overwrite=True)
-
-    def latest_version(self) -> int | None:
-        return self.run.latest_weights_version()
-
-
 class RunCheckpointStore:
     """Checkpoints over a run. latest_step() and load() skip damaged checkpoints: each one is
     quarantined and the next older intact one is used (see the module docstring); load(step)
     may therefore return an older checkpoint than `step` (its trainer_state.json says which),
     or None when no intact one is left."""
 
-    def __init__(self, run: Run) -> None:
-        self.run = run
+    def __init__(self, run: Run, after_save=None) -> None:
+        """after_save: called after each committed checkpoint (retention: the older ones that
+        are no longer kept go now, not at the next publish)."""
+        self.run, self.after_save = run, after_save
 
     def latest_step(self) -> int | None:
         step = self.run.latest_checkpoint_step()
@@ -162,6 +149,8 @@ class RunCheckpointStore:
 
     def save(self, step: int, local_dir: Path) -> None:
         self.run.save_checkpoint(step, local_dir, overwrite=True)
+        if self.after_save is not None:
+            self.after_save()
 
     def load(self, step: int, local_dir: Path) -> Path | None:
         from storage.dirs import DamagedEntryError
@@ -237,7 +226,7 @@ class RunMetricsSink:
 @dataclass(frozen=True)
 class TrainerIO:
     source: RunShardSource
-    publisher: RunWeightPublisher
+    publisher: TransportPublisher
     checkpoints: RunCheckpointStore
     metrics: RunMetricsSink
 
@@ -247,14 +236,18 @@ class TrainerIO:
         run: Run,
         *,
         stage: str = "filtered",
-        weights_dtype: str = "bfloat16",
+        weights_dtype: str | None = None,
         rank: int | None = None,
+        config=None,
     ) -> TrainerIO:
         """All four trainer collaborators over one run (shards read from `stage`); rank: the
-        trainer rank under torchrun (only rank 0 writes), None for a single process."""
+        trainer rank under torchrun (only rank 0 writes), None for a single process. config:
+        the run's (weights transport and retention); None: transport store, nothing pruned."""
+        publisher = TransportPublisher(run, config, weights_dtype)
+        pruner = publisher.pruner
         return cls(
             RunShardSource(run, stage, rank=rank),
-            RunWeightPublisher(run, weights_dtype),
-            RunCheckpointStore(run),
+            publisher,
+            RunCheckpointStore(run, None if pruner is None else pruner.prune),
             RunMetricsSink(run),
         )

@@ -378,14 +378,34 @@ def _loss_problems(
     """Everything the run's record says exists still does, at its recorded size: weight
     versions, the weights it needs, every checkpoint's files, every committed shard's data
     file, every evaluated version's eval shard. One line per missing thing."""
+    from tasks.retention import pruned_numbers
+    from tasks.weights import LEDGER
+
     problems: list[str] = []
+    pruned = pruned_numbers(run, "weights")
+    ledger = run.read_metrics(LEDGER)
+    not_stored = set()  # published by a transport beside the store, on purpose not durable
+    if ledger.num_rows and "durable" in ledger.column_names:
+        not_stored = {
+            v
+            for v, durable in zip(
+                ledger.column("version").to_pylist(),
+                ledger.column("durable").to_pylist(),
+                strict=True,
+            )
+            if not durable
+        }
+    facts["weights_pruned"] = len(pruned)
+    facts["weights_not_stored"] = len(not_stored - set(versions))
     top = max([*versions, step or 0]) if versions or step else None
     if top is not None:
-        gone = sorted(set(range(top + 1)) - set(versions))
+        gone = sorted(set(range(top + 1)) - set(versions) - pruned - not_stored)
         problems += _capped(
             [
                 f"weights v{v} is missing (weights/v{v}/_MANIFEST.json not found): the trainer "
-                f"published versions 0..{top}, so weight versions are not continuous. Fix: "
+                f"published versions 0..{top}, so weight versions are not continuous (neither "
+                "retention, metrics pruned, nor the publish ledger, metrics weights with "
+                "durable false, accounts for it). Fix: "
                 f"restore weights/v{v}/ from a copy of the run"
                 for v in gone
             ],
@@ -401,6 +421,9 @@ def _loss_problems(
     if versions:
         needed.setdefault(versions[-1], []).append("the latest")
     for v in evaluated:
+        if v in pruned:
+            remarks.append(f"weights v{v} (evaluated) was deleted by retention (metrics pruned)")
+            continue
         needed.setdefault(v, []).append("evaluated")
     for v, damage in sorted(run.weights_damage(sorted(needed)).items()):
         if damage is None and top is not None and v <= top:

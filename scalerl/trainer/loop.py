@@ -80,6 +80,9 @@ class WeightPublisher(Protocol):
         """The newest published version, None before version 0."""
         ...
 
+    # optional: make_durable(version) -> None: the run store receives `version` now (called
+    # at every checkpoint) when the transport publishes beside it (tasks/weights.py)
+
 
 class MetricsSink(Protocol):
     def append(self, rows: list[dict]) -> None:
@@ -546,6 +549,8 @@ class Trainer:
         (torch.distributed.checkpoint) into a directory of its node, rank 0 adds the rest and
         commits it; a single process writes full states."""
         self.flush_published()  # checkpoint v is never committed before weights v
+        if self.is_main and hasattr(self.publisher, "make_durable"):
+            self.publisher.make_durable(self.version)  # a transport beside the store
         shared = self.dp.shared_dir("scalerl-ckpt-") if self.dp is not None else None
         try:
             local = None

@@ -135,8 +135,32 @@ def test_a_weights_version_missing_mid_run(copy):
     shutil.rmtree(base / "weights" / "v3")
     assert verify_run(run).problems == [
         f"weights v3 is missing (weights/v3/_MANIFEST.json not found): the trainer published "
-        f"versions 0..{STEPS}, so weight versions are not continuous. Fix: restore weights/v3/ "
-        "from a copy of the run"
+        f"versions 0..{STEPS}, so weight versions are not continuous (neither retention, "
+        "metrics pruned, nor the publish ledger, metrics weights with durable false, accounts "
+        "for it). Fix: restore weights/v3/ from a copy of the run"
+    ]
+
+
+def test_versions_pruned_by_retention_or_never_stored_are_not_losses(copy):
+    """Retention deletes v1 through the store API (recorded in metrics `pruned`); v3 was
+    published beside the store (transport local: the ledger row says durable false) and its
+    store copy is gone. Neither is a loss; v2 (evaluated, pruned too) is a remark, not a
+    problem. A version the ledger says was stored and that is gone still is one."""
+    from tasks.retention import PrunePlan, apply_plan
+
+    run, base = copy
+    assert apply_plan(run, PrunePlan(weights=[1, 2]), by="test") == 2 * WEIGHT_BYTES
+    assert not (base / "weights" / "v1").exists()
+    shutil.rmtree(base / "weights" / "v3")
+    run.append_metrics("weights", [{"version": 3, "transport": "local", "durable": False}])
+    report = verify_run(run)
+    assert report.ok, report.problems
+    assert report.facts["weights_pruned"] == 2 and report.facts["weights_not_stored"] == 1
+    assert any("v2 (evaluated) was deleted by retention" in r for r in report.remarks)
+
+    run.append_metrics("weights", [{"version": 3, "transport": "local", "durable": True}])
+    assert [p.split(":")[0] for p in verify_run(run).problems] == [
+        "weights v3 is missing (weights/v3/_MANIFEST.json not found)"
     ]
 
 

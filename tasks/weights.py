@@ -1,0 +1,343 @@
+"""Weight transports: how policy version v travels from the trainer to the generators and the
+evaluations (config `weights`), what is durable when, and who still reads which version.
+
+    publisher = TransportPublisher(run, config)      # the trainer's WeightPublisher
+    source = weight_source(run, config, cache, v)    # a generator's WeightSource
+    lease = ReaderLease(run, "gen0"); lease.hold(v)  # before loading v; the pruner keeps it
+
+Transports (weights.transport):
+- store: every version is published to the run store (weights/v{N}/, manifest-last, sha256 of
+  each file, all in the trainer's background publisher thread) and every generator downloads
+  it into a local cache. Durable; works across machines and clouds.
+- local: one node. The trainer saves version N once, into `{local_dir}/{run_id}/.tmp-v{N}-*`,
+  renames it to `v{N}` (atomic on one filesystem) and then rewrites the `LATEST` pointer file
+  (atomic replace): engines reload straight from that directory; nothing is copied or hashed.
+  Generators watch the pointer (one small local read per poll, no store request). The store
+  still receives version 0, every `weights.durable_every`-th version, every evaluation
+  version (a multiple of evaluation.every_steps) and the version of every checkpoint
+  (make_durable), so recovery, evaluation and verify work from the store alone.
+- nccl (GPU only): vLLM's NCCL weight-transfer engine; tasks/weights_nccl.py.
+
+The ledger: before a version becomes visible to anyone, the trainer appends its row to the
+run's `weights` metrics stream (version, transport, durable, bytes, host, time). A version a
+generator used but the store never received is therefore always identifiable, and verify
+tells "never stored by design" (durable false) from "lost". A crash between the row and the
+publish leaves a row for a version nobody saw; the resumed trainer publishes it again.
+
+Readers: a generator or an evaluation holds the version it loads (`ReaderLease`: marker
+`weights-reader-{id}` with the version and a heartbeat). Retention (tasks/retention.py) keeps
+every version at or above the oldest version a live reader holds; a reader whose heartbeat is
+older than READER_TTL_S (a dead process) no longer counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from scalerl.config import RunConfig
+from scalerl.faults import kill_point
+from scalerl.models import torch_dtype
+from storage import Run
+
+log = logging.getLogger(__name__)
+
+LEDGER = "weights"  # metrics stream: one row per published version
+READER_PREFIX = "weights-reader-"
+READER_TTL_S = 120.0  # a reader lease without a heartbeat for this long is dead
+READER_HEARTBEAT_S = 20.0
+LATEST = "LATEST"
+
+
+# -- which versions are durable ----------------------------------------------------------------
+
+
+def always_durable(config: RunConfig, version: int) -> bool:
+    """Versions the store receives whatever the transport: version 0 (the base, which a
+    trainer without a checkpoint starts from), every weights.durable_every-th, and every
+    evaluation version. Checkpoint versions are made durable by the checkpoint itself."""
+    w = config.weights
+    return (
+        w.transport == "store"
+        or version == 0
+        or version % w.durable_every == 0
+        or version % config.evaluation.every_steps == 0
+    )
+
+
+# -- the node-local directory ------------------------------------------------------------------
+
+
+def local_root(config: RunConfig, run_id: str) -> Path:
+    """`{weights.local_dir}/{run_id}`; by default under /dev/shm (memory, no disk write) when
+    it exists, else under the system temp directory."""
+    base = config.weights.local_dir
+    if base is None:
+        base = (
+            "/dev/shm/scalerl" if os.path.isdir("/dev/shm") else f"{tempfile.gettempdir()}/scalerl"
+        )
+    return Path(base) / run_id
+
+
+class LocalDirs:
+    """Versions in one node-local directory: v{N}/ (complete when it has its name: it is
+    renamed into place) and LATEST (the newest, replaced atomically)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, n: int) -> Path:
+        return self.root / f"v{n}"
+
+    def has(self, n: int) -> bool:
+        return (self.path(n) / "config.json").is_file()
+
+    def staging(self, n: int) -> Path:
+        """A fresh directory on the same filesystem to save version n into."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".tmp-v{n}-", dir=self.root))
+
+    def commit(self, n: int, staged: Path) -> Path:
+        """Rename `staged` to v{n} (a republished version replaces the old one: the old is
+        renamed aside first, then removed) and point LATEST at n if it is newer."""
+        dest = self.path(n)
+        if dest.exists():
+            aside = self.root / f".old-v{n}-{uuid.uuid4().hex[:8]}"
+            os.replace(dest, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(staged, dest)
+        latest = self.latest()
+        if latest is None or n >= latest or not self.has(latest):
+            tmp = self.root / f".tmp-{LATEST}-{uuid.uuid4().hex[:8]}"
+            tmp.write_text(json.dumps({"version": n}))
+            os.replace(tmp, self.root / LATEST)
+        return dest
+
+    def latest(self) -> int | None:
+        try:
+            return int(json.loads((self.root / LATEST).read_text())["version"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    def list(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            if p.name.startswith("v") and p.name[1:].isdigit() and p.is_dir():
+                out.append(int(p.name[1:]))
+        return sorted(out)
+
+    def remove(self, n: int) -> int:
+        """Delete version n (never the one LATEST names); returns the bytes freed."""
+        if n == self.latest():
+            return 0
+        path = self.path(n)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+        aside = self.root / f".old-v{n}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(path, aside)  # readers never see a half-deleted v{n}
+        except FileNotFoundError:
+            return 0
+        shutil.rmtree(aside, ignore_errors=True)
+        return size
+
+    def remove_all(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# -- the trainer's side ------------------------------------------------------------------------
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class TransportPublisher:
+    """The trainer's WeightPublisher (scalerl.trainer.loop) for weights.transport store and
+    local (module docstring). It runs on the trainer's background publisher thread, so the
+    save, the upload, the hashing and the pruning are all off the trainer's step."""
+
+    def __init__(self, run: Run, config: RunConfig | None = None, dtype: str | None = None) -> None:
+        self.run = run
+        self.config = config or RunConfig()
+        self.dtype = torch_dtype(dtype or self.config.model.dtype)
+        self.transport = self.config.weights.transport
+        self.local = (
+            LocalDirs(local_root(self.config, run.run_id)) if self.transport == "local" else None
+        )
+        self.pruner = None
+        if config is not None and self.config.weights.prune:
+            from tasks.retention import Pruner
+
+            self.pruner = Pruner(run, self.config, self.local)
+        self.timings: list[dict] = []  # per publish: seconds in save / store (bench)
+
+    def publish(self, version: int, model, tokenizer, state_dict: dict | None = None) -> None:
+        state = state_dict if state_dict is not None else model.state_dict()
+        state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
+        durable = always_durable(self.config, version)
+        t0 = time.perf_counter()
+        if self.local is not None:
+            staged = self.local.staging(version)
+            tmp = None
+        else:
+            tmp = tempfile.TemporaryDirectory(prefix="scalerl-weights-")
+            staged = Path(tmp.name)
+        try:
+            model.save_pretrained(staged, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(staged)
+            saved = time.perf_counter()
+            kill_point("publisher.before_commit")  # trained and saved, visible to no one
+            self._ledger(version, durable, _dir_bytes(staged))  # before anyone can see it
+            path = self.local.commit(version, staged) if self.local is not None else staged
+            if durable:
+                self.run.publish_weights(version, path, overwrite=True)
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+            elif staged.exists():
+                shutil.rmtree(staged, ignore_errors=True)
+        done = time.perf_counter()
+        self.timings.append({"version": version, "save_s": saved - t0, "store_s": done - saved})
+        if self.pruner is not None:
+            self.pruner.after_publish(version)
+
+    def make_durable(self, version: int) -> None:
+        """The store receives `version` now (a checkpoint's version; the final one) if it has
+        not yet: from the local directory, where the last versions are kept."""
+        if self.local is None or self.run.has_weights(version):
+            return
+        if not self.local.has(version):
+            log.warning(
+                "weights v%d is not in %s any more: the store does not receive it (its "
+                "checkpoint holds the same weights)",
+                version,
+                self.local.root,
+            )
+            return
+        self.run.publish_weights(version, self.local.path(version), overwrite=True)
+        self._ledger(version, True, _dir_bytes(self.local.path(version)))
+
+    def latest_version(self) -> int | None:
+        stored = self.run.latest_weights_version()
+        local = self.local.latest() if self.local is not None else None
+        found = [v for v in (stored, local) if v is not None]
+        return max(found) if found else None
+
+    def _ledger(self, version: int, durable: bool, size: int) -> None:
+        record_version(self.run, version, self.transport, durable, size)
+
+
+def record_version(run: Run, version: int, transport: str, durable: bool, size: int) -> None:
+    """The publish ledger's row for `version` (module docstring)."""
+    run.append_metrics(
+        LEDGER,
+        [
+            {
+                "version": version,
+                "transport": transport,
+                "durable": durable,
+                "bytes": size,
+                "host": socket.gethostname(),
+                "published_at": time.time(),
+            }
+        ],
+    )
+
+
+def published_version(run: Run, config: RunConfig) -> int | None:
+    """The newest version the generators can have: the store's for transport store; the
+    node-local pointer's (falling back to the store's) for local."""
+    stored = run.latest_weights_version()
+    if config.weights.transport != "local":
+        return stored
+    local = LocalDirs(local_root(config, run.run_id)).latest()
+    found = [v for v in (stored, local) if v is not None]
+    return max(found) if found else None
+
+
+# -- the readers' side -------------------------------------------------------------------------
+
+
+class ReaderLease:
+    """A generator's or an evaluation's hold on the version it loads (module docstring)."""
+
+    def __init__(self, run: Run, reader_id: str) -> None:
+        self.run, self.name = run, f"{READER_PREFIX}{reader_id}"
+        self.version: int | None = None
+        self._beat = float("-inf")
+
+    def hold(self, version: int) -> None:
+        """Hold `version` (written before the version is read, so the pruner keeps it)."""
+        self.version = version
+        self._write()
+
+    def heartbeat(self) -> None:
+        """Refresh the lease at most every READER_HEARTBEAT_S (call it often)."""
+        if self.version is not None and time.monotonic() - self._beat >= READER_HEARTBEAT_S:
+            self._write()
+
+    def _write(self) -> None:
+        self.run.write_marker(
+            self.name,
+            {
+                "version": self.version,
+                "heartbeat": time.time(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            },
+        )
+        self._beat = time.monotonic()
+
+    def release(self) -> None:
+        self.version = None
+        self.run.delete_marker(self.name)
+
+
+def held_versions(run: Run, now: float | None = None) -> dict[str, int]:
+    """reader -> version held, for the readers whose heartbeat is younger than READER_TTL_S."""
+    now = time.time() if now is None else now
+    out = {}
+    for name, doc in run.read_markers(READER_PREFIX).items():
+        version, beat = doc.get("version"), doc.get("heartbeat")
+        if (
+            isinstance(version, int)
+            and isinstance(beat, (int, float))
+            and now - beat < READER_TTL_S
+        ):
+            out[name[len(READER_PREFIX) :]] = version
+    return out
+
+
+class LocalWeights:
+    """WeightSource over the node-local directory (transport local): the pointer file is read
+    on each poll (no store request), and the engine reloads straight from v{N}/."""
+
+    def __init__(self, dirs: LocalDirs, current: int, lease: ReaderLease | None = None) -> None:
+        self.dirs, self.current, self.lease = dirs, current, lease
+
+    def poll(self):
+        if self.lease is not None:
+            self.lease.heartbeat()
+        latest = self.dirs.latest()
+        if latest is None or latest <= self.current or not self.dirs.has(latest):
+            return None
+        if self.lease is not None:
+            self.lease.hold(latest)
+        self.current = latest
+        return latest, self.dirs.path(latest)
+
+
+def drop_local_weights(config: RunConfig, run_id: str) -> None:
+    """Remove the run's node-local directory (transport local) at the end of a run: under
+    /dev/shm it is memory. The store holds the final version (its checkpoint made it durable)."""
+    if config.weights.transport == "local":
+        LocalDirs(local_root(config, run_id)).remove_all()
