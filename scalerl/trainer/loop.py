@@ -167,6 +167,19 @@ class BackgroundPublisher:
         self._thread.join()
 
 
+def cpu_copy(state: dict) -> dict:
+    """A CPU copy of a state dict that keeps its aliasing: tied tensors (an LM head sharing the
+    embedding) stay one tensor, so save_pretrained writes them once, as from the live model."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, t in state.items():
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in copies:
+            copies[key] = t.detach().to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
+
+
 def _checkpoint_step(local: Path) -> int:
     import json
 
@@ -500,7 +513,7 @@ class Trainer:
             self.publisher.publish(self.version, self.model, self.tokenizer, state)
             return
         if state is None:  # one process: a copy, since the next step changes the parameters
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            state = cpu_copy(self.model.state_dict())
         self._background.submit(self.version, self.model, self.tokenizer, state)
 
     def flush_published(self) -> None:

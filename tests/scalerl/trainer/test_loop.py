@@ -220,3 +220,29 @@ def test_a_failed_background_publish_stops_the_trainer_and_nothing_later_is_publ
     with pytest.raises(RuntimeError, match="publishing weights failed: OSError: disk gone"):
         trainer.train()
     assert slow.order == [0, 1]
+
+
+def test_the_background_copy_keeps_tied_weights_one_tensor(tmp_path):
+    """A tied LM head shares the embedding: the background publisher's CPU copy must keep
+    that, or save_pretrained writes the head a second time (Qwen3-0.6B: 311 MB more per
+    version in bf16). Same files as saving the live model."""
+    from safetensors import safe_open
+
+    from scalerl.models import build_tiny_model, load_policy
+
+    model, _ = load_policy(str(build_tiny_model(tmp_path / "m", hidden_size=32, heads=1)))
+    live = model.state_dict()
+    assert live["lm_head.weight"].data_ptr() == live["model.embed_tokens.weight"].data_ptr()
+    copy = loop_module.cpu_copy(live)
+    assert copy["lm_head.weight"] is copy["model.embed_tokens.weight"]
+    assert copy["lm_head.weight"].data_ptr() != live["lm_head.weight"].data_ptr()  # a copy
+    model.save_pretrained(tmp_path / "live")
+    model.save_pretrained(tmp_path / "copy", state_dict=copy)
+    keys = []
+    for name in ("live", "copy"):
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as f:
+            keys.append(sorted(f.keys()))
+    assert keys[0] == keys[1] and "lm_head.weight" not in keys[1]
+    assert (tmp_path / "copy" / "model.safetensors").stat().st_size == (
+        tmp_path / "live" / "model.safetensors"
+    ).stat().st_size
