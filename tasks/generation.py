@@ -47,6 +47,8 @@ def make_engine(config: RunConfig, path, version: int):
 
             logging.getLogger(__name__).warning("placement: %s", warning)
         extra["tensor_parallel_size"] = config.placement.tensor_parallel
+        if config.weights.transport == "nccl":  # tasks/weights_nccl.py
+            extra["weight_transfer_config"] = {"backend": "nccl"}
     return VLLMEngine(
         str(path),
         dtype=config.model.dtype,
@@ -137,13 +139,21 @@ class StoreWeights:
         return latest, path
 
 
-def weight_source(config: RunConfig, cache: WeightCache, current: int, lease=None):
+def weight_source(
+    config: RunConfig, cache: WeightCache, current: int, lease=None, engine=None, reader="gen0"
+):
     """The WeightSource of weights.transport (tasks/weights.py), throttled to suit where it
     looks: the node-local pointer every 20 ms, the store every 0.2 s on a local disk and every
-    second on object storage (a request each)."""
+    second on object storage (a request each); nccl: the control-plane marker
+    (tasks/weights_nccl.py), as often as the local pointer on a local disk."""
     from scalerl.engines.base import Throttled
     from tasks.weights import LocalDirs, LocalWeights, local_root
 
+    if config.weights.transport == "nccl":  # pragma: no cover - gpu
+        from tasks.weights_nccl import NcclWeights
+
+        source = NcclWeights(cache.run, engine, reader, lease, config.placement.tensor_parallel)
+        return Throttled(source, interval_s=0.02 if cache.run.is_local else 0.25)
     if config.weights.transport == "local":
         dirs = LocalDirs(local_root(config, cache.run.run_id))
         return Throttled(LocalWeights(dirs, current, lease), interval_s=0.02)

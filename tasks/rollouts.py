@@ -197,7 +197,7 @@ def generator_body(
     )
     committed, tokens, logged, logged_at = 0, 0, 0, float("-inf")
     try:
-        weights = weight_source(config, cache, version, lease)
+        weights = weight_source(config, cache, version, lease, engine, generator_id)
         for batch in generate_batches(
             engine,
             sample_prompts,

@@ -244,6 +244,10 @@ class TrainerIO:
         trainer rank under torchrun (only rank 0 writes), None for a single process. config:
         the run's (weights transport and retention); None: transport store, nothing pruned."""
         publisher = TransportPublisher(run, config, weights_dtype)
+        if config is not None and config.weights.transport == "nccl":  # pragma: no cover - gpu
+            from tasks.weights_nccl import NcclPublisher
+
+            publisher = NcclPublisher(run, config, weights_dtype)
         pruner = publisher.pruner
         return cls(
             RunShardSource(run, stage, rank=rank),

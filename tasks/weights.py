@@ -180,10 +180,20 @@ class TransportPublisher:
             self.pruner = Pruner(run, self.config, self.local)
         self.timings: list[dict] = []  # per publish: seconds in save / store (bench)
 
-    def publish(self, version: int, model, tokenizer, state_dict: dict | None = None) -> None:
+    def publish(
+        self,
+        version: int,
+        model,
+        tokenizer,
+        state_dict: dict | None = None,
+        *,
+        durable: bool | None = None,
+    ) -> None:
+        """durable: whether the store receives it (default: always_durable)."""
         state = state_dict if state_dict is not None else model.state_dict()
         state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
-        durable = always_durable(self.config, version)
+        if durable is None:
+            durable = always_durable(self.config, version)
         t0 = time.perf_counter()
         if self.local is not None:
             staged = self.local.staging(version)

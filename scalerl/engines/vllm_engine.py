@@ -179,6 +179,19 @@ class VLLMEngine:
         self.engine.set_weight_version(str(version))
         self.version = version
 
+    def weight_transfer(self, method: str, **kwargs) -> None:
+        """One of vLLM's weight-transfer worker calls (init_weight_transfer_engine,
+        start_weight_update, update_weights, finish_weight_update) on every worker, between
+        two steps (weights.transport = nccl: tasks/weights_nccl.py)."""
+        self.engine.collective_rpc(method, kwargs=kwargs)
+
+    def set_version(self, version: int) -> None:
+        """Tag the tokens of the next steps with `version` (weights loaded by other means)."""
+        if getattr(self.engine.model_config.hf_text_config, "tie_word_embeddings", False):
+            self.engine.collective_rpc(_refresh_tied_head)
+        self.engine.set_weight_version(str(version))
+        self.version = version
+
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:
             self.engine.engine_core.shutdown()
