@@ -44,7 +44,6 @@ from pathlib import Path
 
 from scalerl.config import RunConfig
 from scalerl.faults import kill_point
-from scalerl.models import torch_dtype
 from storage import Run
 
 log = logging.getLogger(__name__)
@@ -168,7 +167,7 @@ class TransportPublisher:
     def __init__(self, run: Run, config: RunConfig | None = None, dtype: str | None = None) -> None:
         self.run = run
         self.config = config or RunConfig()
-        self.dtype = torch_dtype(dtype or self.config.model.dtype)
+        self.dtype_name = dtype or self.config.model.dtype
         self.transport = self.config.weights.transport
         self.local = (
             LocalDirs(local_root(self.config, run.run_id)) if self.transport == "local" else None
@@ -179,6 +178,14 @@ class TransportPublisher:
 
             self.pruner = Pruner(run, self.config, self.local)
         self.timings: list[dict] = []  # per publish: seconds in save / store (bench)
+
+    @property
+    def dtype(self):
+        """The generators' dtype, as a torch dtype (torch is imported here, not by the flow
+        process, which imports this module)."""
+        from scalerl.models import torch_dtype
+
+        return torch_dtype(self.dtype_name)
 
     def publish(
         self,
@@ -191,7 +198,8 @@ class TransportPublisher:
     ) -> None:
         """durable: whether the store receives it (default: always_durable)."""
         state = state_dict if state_dict is not None else model.state_dict()
-        state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
+        dtype = self.dtype
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         if durable is None:
             durable = always_durable(self.config, version)
         t0 = time.perf_counter()

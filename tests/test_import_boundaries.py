@@ -13,7 +13,7 @@ FORBIDDEN = {
     "tasks": {"flows"},
 }
 # vLLM is imported lazily inside the vLLM engine only.
-ALLOWED = {("scalerl/engines/vllm_engine.py", "vllm")}
+ALLOWED = {("scalerl/engines/vllm_engine.py", "vllm"), ("scalerl/engines/vllm_async.py", "vllm")}
 
 
 def _imports(path: Path):

@@ -2,7 +2,8 @@
 and the evaluation, 3 trainer steps with evaluations at versions 0, 2 and 3. The run finishes,
 verify is clean, the generator's engine was vLLM's (its start line is in the log), both
 evaluations are recorded, and every sampled token carries a finite vLLM logprob and a policy
-version, which the trainer's importance ratios need."""
+version, which the trainer's importance ratios need. Weights travel by transport local: vLLM
+reloads each version in place from the node-local directory, which goes with the run."""
 
 import math
 
@@ -26,6 +27,9 @@ def test_a_whole_run_on_vllm_with_evaluations(prefect_server, tmp_path):
         "schedule.max_steps=3",
         "evaluation.every_steps=2",
         "data.num_eval_prompts=8",
+        # vLLM reloads each version in place from the node-local directory (tasks/weights.py)
+        "weights.transport=local",
+        f"weights.local_dir={tmp_path / 'shm'}",
     ]
     rc = wait_run(start_run(prefect_server, overrides, log), log, 400)
     text = log.read_text()
@@ -35,6 +39,9 @@ def test_a_whole_run_on_vllm_with_evaluations(prefect_server, tmp_path):
     assert run.read_status()["state"] == "finished"
     report = verify_run(run)
     assert report.ok, report.problems
+    ledger = run.read_metrics("weights").to_pylist()
+    assert [(r["version"], r["transport"]) for r in ledger] == [(v, "local") for v in range(4)]
+    assert not (tmp_path / "shm" / run_id).exists()
     evals = run.read_metrics("eval")
     assert sorted(evals.column("version").to_pylist()) == [0, 2, 3]  # the base policy too
     for shard in run.list_shards("raw"):
