@@ -67,8 +67,64 @@ def may_start_batch(
     return trainer_step + queued - loaded <= k
 
 
+GENERATOR_PREFIX = "generator-"
+GENERATOR_HEARTBEAT_S = 5.0
+# A generator without a heartbeat for this long is no longer counted by the gate. Counting a
+# dead one a while longer only makes the gate stricter (it never lets a batch past k); not
+# counting a live one would. A generator downloading a multi-GB version may be silent for
+# tens of seconds, hence generous.
+GENERATOR_TTL_S = 120.0
+COUNT_EVERY_S = 2.0
+
+
+class GeneratorRegistration:
+    """A generator's entry in its run (marker generator-{id}: id, host, pid, flow run, started,
+    heartbeat), wherever it runs: the backpressure gate counts the live entries instead of
+    config.generation.num_generators, so generators added from other machines (the
+    scalerl-generate deployment) are counted and lost ones stop being counted."""
+
+    def __init__(self, run, generator_id: str) -> None:
+        import os
+        import socket
+
+        from tasks.flow_runs import current_flow_run_id
+
+        self.run, self.name = run, f"{GENERATOR_PREFIX}{generator_id}"
+        self.doc = {
+            "id": generator_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "flow_run_id": current_flow_run_id(),
+            "started": time.time(),
+        }
+        self._beat = float("-inf")
+        self.heartbeat()
+
+    def heartbeat(self, force: bool = False) -> None:
+        if force or time.monotonic() - self._beat >= GENERATOR_HEARTBEAT_S:
+            self.run.write_marker(self.name, {**self.doc, "heartbeat": time.time()})
+            self._beat = time.monotonic()
+
+    def release(self) -> None:
+        """Not counted from now on (a clean end)."""
+        self.run.delete_marker(self.name)
+
+
+def live_generators(run, now: float | None = None) -> dict[str, dict]:
+    """generator id -> its registration, for those with a heartbeat younger than
+    GENERATOR_TTL_S."""
+    now = time.time() if now is None else now
+    out = {}
+    for name, doc in run.read_markers(GENERATOR_PREFIX).items():
+        beat = doc.get("heartbeat")
+        if isinstance(beat, (int, float)) and now - beat < GENERATOR_TTL_S:
+            out[name[len(GENERATOR_PREFIX) :]] = doc
+    return out
+
+
 class LeadGate:
-    """The generator's StartGate (scalerl.generator): may_start_batch over the run store.
+    """The generator's StartGate (scalerl.generator): may_start_batch over the run store, with
+    `generators` the live registered generators (GeneratorRegistration), wherever they run.
     trainer_step comes from the trainer's intake marker (next_step, written when it takes a
     batch; the newest published version before its first batch). Store reads are limited to one per
     `interval_s` while it refuses; when only the engine's weights are behind, it tells the
@@ -81,9 +137,17 @@ class LeadGate:
             interval_s = 0.02 if run.is_local else 0.25
         self.run, self.engine, self.weights, self.interval_s = run, engine, weights, interval_s
         self.k = config.pipeline.max_off_policy_steps
-        self.generators = config.generation.num_generators
         self.max_queued = config.pipeline.max_queued_batches
         self._refused_at = float("-inf")
+        self._counted_at, self._count = float("-inf"), 1
+
+    @property
+    def generators(self) -> int:
+        """Live registered generators, this one included (read at most every COUNT_EVERY_S)."""
+        if time.monotonic() - self._counted_at >= COUNT_EVERY_S:
+            self._count = max(1, len(live_generators(self.run)))
+            self._counted_at = time.monotonic()
+        return self._count
 
     def __call__(self, in_flight: int) -> bool:
         from tasks.trainer_io import INTAKE_MARKER
@@ -161,11 +225,15 @@ def generator_body(
     lease = ReaderLease(run, generator_id)  # retention keeps what this generator loads
     version = published_version(run, config)
     lease.hold(version)
+    # counted by every gate from now, before it can draw a batch (a gate reads the count at
+    # most COUNT_EVERY_S late; the engine's start takes longer than that)
+    registration = GeneratorRegistration(run, generator_id)
     try:
         engine = make_engine(config, cache.path(version), version)
     except BaseException:
         local.cleanup()
         lease.release()
+        registration.release()
         raise
     exhausted = False
 
@@ -183,6 +251,7 @@ def generator_body(
     last_check, stop = [0.0], [False]
 
     def should_stop() -> bool:
+        registration.heartbeat()
         if time.monotonic() - last_check[0] >= STATUS_POLL_S:
             last_check[0] = time.monotonic()
             stop[0] = (run.read_status() or {}).get("state", "running") != "running"
@@ -196,6 +265,8 @@ def generator_body(
         max_groups=None if max_shards is None else max_shards * config.generation.prompts_per_batch,
     )
     committed, tokens, logged, logged_at = 0, 0, 0, float("-inf")
+    # every other gate has counted this generator before its first batch is drawn
+    time.sleep(max(0.0, registration.doc["started"] + COUNT_EVERY_S - time.time()))
     try:
         weights = weight_source(config, cache, version, lease, engine, generator_id)
         for batch in generate_batches(
@@ -242,6 +313,7 @@ def generator_body(
                 )
                 logged_at, logged = time.monotonic(), committed
     finally:
+        registration.release()
         engine.close()
         local.cleanup()
         lease.release()

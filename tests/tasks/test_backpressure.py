@@ -131,3 +131,40 @@ def test_gate_looks_at_the_store_at_most_once_per_interval_while_it_refuses(tmp_
     assert not gate(0)  # would pass now, but the last refusal was under an hour ago
     gate._refused_at = float("-inf")
     assert gate(0)
+
+
+def test_the_gate_counts_live_registered_generators_wherever_they_run(tmp_path, monkeypatch):
+    """num_generators says 1; three generators registered (one started by hand from another
+    machine): the gate counts three, so each new batch has two others' batches ahead of it.
+    One whose heartbeat is older than GENERATOR_TTL_S is not counted any more."""
+    import time as _time
+
+    from tasks import rollouts
+    from tasks.rollouts import GENERATOR_TTL_S, GeneratorRegistration, live_generators
+
+    monkeypatch.setattr(rollouts, "COUNT_EVERY_S", 0.0)
+    config = load_config(preset="tiny-cpu", overrides=["pipeline.max_off_policy_steps=3"])
+    config.pipeline.max_queued_batches = None
+    assert config.generation.num_generators == 1
+    run = open_store(str(tmp_path / "runs")).run("io-run", create=True)
+    d = tmp_path / "w0"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    run.publish_weights(0, d)
+    run.commit_shard("raw", "gen0-000000", _shard("gen0-000000", ["g0"]))
+    run.write_marker(INTAKE_MARKER, {"stage": "filtered", "shards_read": 0, "next_step": 0})
+    gate = LeadGate(run, config, SimpleNamespace(version=0), _Weights(), interval_s=0.0)
+    # alone: 0 + 1 unread + 1 in flight + (1 - 1) = 2 <= 3
+    assert gate(1)
+    regs = [GeneratorRegistration(run, g) for g in ("gen0", "gen1", "hostB-0")]
+    assert sorted(live_generators(run)) == ["gen0", "gen1", "hostB-0"]
+    assert regs[2].doc["host"] and regs[2].doc["pid"]
+    # three: 0 + 1 + 1 + (3 - 1) = 4 > 3
+    assert gate.generators == 3 and not gate(1)
+    assert gate(0)  # 0 + 1 + 0 + 2 = 3 <= 3
+    # gen1 died: its heartbeat ages past the TTL; a clean end (release) leaves at once
+    stale = {**regs[1].doc, "heartbeat": _time.time() - GENERATOR_TTL_S - 1}
+    run.write_marker("generator-gen1", stale)
+    regs[2].release()
+    assert sorted(live_generators(run)) == ["gen0"]
+    assert gate.generators == 1 and gate(1)
