@@ -305,7 +305,8 @@ def runs_prune(
     ] = None,
 ) -> None:
     """Free a run's storage: delete weight versions and checkpoints retention does not keep
-    (tasks/retention.py; no staleness window and no readers once no writer holds the run).
+    (tasks/retention.py; no staleness window once no writer holds the run; live reader leases
+    still count).
     A dry run by default: prints what would go and the bytes freed. With --apply it takes the
     run's writer lease first, so it refuses a run that is being written."""
     from tasks.common import config_of_run

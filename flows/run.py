@@ -41,6 +41,7 @@ from tasks.flow_runs import (
     label_flow_run,
     record_flow_run,
 )
+from tasks.generator_pool import GeneratorPool
 from tasks.isolated import (
     in_process,
     reopen_children,
@@ -57,7 +58,6 @@ from tasks.report import (
     set_progress,
     start_progress,
 )
-from tasks.rollouts import generate_rollouts
 from tasks.scaling import fit_scaling_curve
 from tasks.stages import (
     STAGES,
@@ -76,6 +76,8 @@ TABLE_EVERY_S = 15.0  # the metrics table artifact reads every trainer part file
 PROGRESS_EVERY_S = 1.0  # progress artifact updates are API calls: at most this often
 PLOTS_EVERY_S = 30.0  # in-run plot artifacts: after a new evaluation, at most this often
 STREAM_SUPERVISE_S = 0.5  # stage_tasks = stream: the loop only supervises, off the critical path
+REMOTE_WAIT_S = 300.0  # remote generators end within seconds of the status change; a lost
+# machine's flow run may never end: the run does not wait on it longer than this
 
 
 def advance_shards(config: RunConfig, run_id: str) -> int:
@@ -132,21 +134,6 @@ def evaluate_due(config: RunConfig, run_id: str, done: dict, *, wait: bool = Fal
             running[0].wait()
 
 
-def stop_generators_if_done(run, generators) -> None:
-    """Tell the trainer no more data is coming once every generator has ended (all prompts
-    retired) or one has failed; it then stops instead of waiting for shards."""
-    if (run.read_status() or {}).get("state") != "running":
-        return
-    # a running future's .state is an API call; a finished one's is local
-    ended = [g for g in generators if g.wrapped_future.done() and g.state.is_final()]
-    if any(not g.state.is_completed() for g in ended):
-        run.write_status({"state": "failed", "reason": "a generator failed; see its task run"})
-    elif generators and len(ended) == len(generators):
-        run.write_status(
-            {"state": "exhausted", "reason": "every generator ended (prompts retired)"}
-        )
-
-
 _stop_reason: list[str] = []  # request_stop() appends; the loop of a running flow reads it
 # Set by flows/cli_signals.graceful_stop: the CLI's SIGTERM handler, which the flow puts back
 # after Prefect's engine replaced it with its own (which would end the run abruptly).
@@ -183,7 +170,7 @@ def _supervise(
             moved = True  # the stream task moves them
             if stream.wrapped_future.done() and stream.state.is_failed():
                 stream.result()  # raises its error: the stages cannot go on, so neither can the run
-        stop_generators_if_done(run, generators)
+        generators.check(run)  # lost ones replaced; all ended (prompts retired): exhausted
         step = published_version(run, config) or 0
         if step != shown_step and time.monotonic() - shown_at >= PROGRESS_EVERY_S:
             if evaluate_due(config, run_id, evaluated):
@@ -221,8 +208,7 @@ def _supervise(
         status = run.read_status() or {}
         if status.get("state") == "running":
             run.write_status({"state": "stopping", "reason": "trainer ended"})
-        for g in generators:
-            g.wait()
+        generators.wait(None if not generators.remote else REMOTE_WAIT_S)
         if stream is None:
             advance_shards(config, run_id)  # shards committed while the generators wound down
         else:
@@ -268,10 +254,8 @@ def _run_held(config: RunConfig, run_id: str, writer, logger) -> dict:
         # generators and the trainer below would each import it first on their own thread.
         import transformers  # noqa: F401
 
-    generators = [
-        generate_rollouts.submit(config, run_id, f"gen{i}")
-        for i in range(config.generation.num_generators)
-    ]
+    generators = GeneratorPool(config, run_id)  # here, or child flow runs on a work pool
+    generators.start()
     trainer = train_policy.submit(config, run_id)
     stream = None
     if config.pipeline.stage_tasks == "stream":
@@ -300,8 +284,11 @@ def _run_held(config: RunConfig, run_id: str, writer, logger) -> dict:
             stop_children()
         finally:
             end_stream(run_id)
+            if not isinstance(exc, LeaseLostError):  # (a run taken over is its new writer's)
+                drop_local_weights(config, run_id)  # memory under /dev/shm; resume uses the store
         raise
     if summary.get("stalled"):  # it cannot learn: say why, and do not evaluate or fit
+        drop_local_weights(config, run_id)
         run.write_status(
             {"state": "stalled", "reason": summary["stalled"], "step": summary.get("step")}
         )

@@ -365,6 +365,10 @@ class WeightsConfig(_Section):
         ge=1,
         description="transport 'local' or 'nccl': also publish every this many versions to the run store (version 0, evaluation versions and checkpoint versions always are).",
     )
+    nccl_address: str | None = Field(
+        None,
+        description="transport 'nccl': the trainer's address the generators' NCCL group connects to. None: the address this host's name resolves to (refused when that is loopback and a generator runs on another machine).",
+    )
     prune: bool = Field(
         True,
         description="Delete old weight versions and checkpoints from the run store while the run goes (off the trainer's step): weight versions older than latest - k - 1 that no generator or evaluation holds, except those weights.keep_evaluated keeps; checkpoints beyond weights.keep_checkpoints and weights.keep_checkpoint_every. False: keep everything (scalerl runs prune RUN frees it later).",
@@ -451,6 +455,11 @@ class PlacementConfig(_Section):
         False,
         description="Let the trainer share devices with the generators (one-GPU machines): the generators then start again from device 0, and the trainer gets what generation + evaluation shares of memory leave. Otherwise a device given to two processes is refused.",
     )
+    generators_deployment: str | None = Field(
+        None,
+        description="Where the generators run: None, on the run flow's machine (a process each); or a Prefect deployment, 'FLOW/DEPLOYMENT' of flows/generate.py (e.g. 'scalerl-generate/gpu-generators' on a work pool of GPU machines), which the run starts once per generator as a child flow run (run_deployment) that shares nothing with this machine but the run store. A lost one is replaced.",
+        pattern=r"^[^/\s]+/[^/\s]+$",
+    )
 
 
 class StorageConfig(_Section):
@@ -509,6 +518,19 @@ def _check_transport(cfg: RunConfig) -> None:
             "weights.transport = 'local' needs the roles to share a node's disk, but "
             f"storage.url = {cfg.storage.url!r} lives in one process. Fix: "
             "weights.transport=store, or a local or s3:// store."
+        )
+    remote = cfg.placement.generators_deployment
+    if remote is not None and cfg.storage.url.startswith("memory://"):
+        raise ValueError(
+            f"placement.generators_deployment = {remote!r} starts generators as flow runs "
+            f"elsewhere, but storage.url = {cfg.storage.url!r} lives in this process. Fix: an "
+            "s3:// store (or a path every machine mounts), or no generators_deployment."
+        )
+    if remote is not None and w.transport == "local":
+        raise ValueError(
+            f"weights.transport = 'local' keeps weights in a directory of this node, which "
+            f"generators started through placement.generators_deployment = {remote!r} (other "
+            "machines) cannot read. Fix: weights.transport=store (or nccl on GPUs)."
         )
     if w.transport == "nccl" and (engine == "transformers" or cfg.placement.accelerator == "cpu"):
         raise ValueError(

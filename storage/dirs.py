@@ -93,8 +93,44 @@ class ManifestDirs:
         except FileNotFoundError:
             return None
 
-    def publish(self, n: int, local_dir: str | os.PathLike, *, overwrite: bool = False) -> bool:
-        """Upload local_dir as entry n; return False if it was already committed identically."""
+    def withdraw(self, n: int) -> None:
+        """Take committed entry n out of use (its manifest goes; files stay) before it is
+        written again in parts (upload_part, then publish with extra)."""
+        with contextlib.suppress(FileNotFoundError):
+            self._loc.fs.rm_file(f"{self.path(n)}/{MANIFEST}")
+
+    def upload_part(self, n: int, local_dir: str | os.PathLike) -> list[dict]:
+        """Upload the files of local_dir into entry n without committing it; returns their
+        manifest entries, for the writer that commits the entry (publish(extra=...)). Used by
+        writers on machines that share no file system (trainer nodes). Entry n must not be
+        committed (withdraw it first): a committed entry's files never change."""
+        if self._manifest(n) is not None:
+            raise CommitConflictError(
+                f"{self._what} {self._prefix}{n} is committed; its files are not rewritten in "
+                "parts. Fix: withdraw it first."
+            )
+        src = Path(local_dir)
+        entries = []
+        for p in sorted(p for p in src.rglob("*") if p.is_file()):
+            rel = p.relative_to(src).as_posix()
+            target = f"{self.path(n)}/{rel}"
+            if self._loc.is_local:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            self._loc.fs.put_file(str(p), target)
+            entries.append({"path": rel, "bytes": p.stat().st_size, "sha256": _sha256(p)})
+        return entries
+
+    def publish(
+        self,
+        n: int,
+        local_dir: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        extra: list[dict] | None = None,
+    ) -> bool:
+        """Upload local_dir as entry n; return False if it was already committed identically.
+        extra: manifest entries of files other writers already uploaded into the entry
+        (upload_part); they are listed in the manifest with the local ones."""
         src = Path(local_dir)
         files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else []
         if not files:
@@ -106,10 +142,13 @@ class ManifestDirs:
             {"path": p.relative_to(src).as_posix(), "bytes": p.stat().st_size, "sha256": _sha256(p)}
             for p in files
         ]
+        local_paths = {e["path"] for e in entries}
+        uploaded = [e for e in extra or [] if e["path"] not in local_paths]
+        listed = sorted([*entries, *uploaded], key=lambda e: e["path"])
         dest = self.path(n)
         old = self._manifest(n)
         if old is not None:
-            if old.get("files") == entries:
+            if old.get("files") == listed:
                 # a retry of a publish whose pointer write failed (or a writer killed between
                 # the two) lands here: the pointer must still move, or readers trust n - 1
                 self._advance(n)
@@ -128,7 +167,7 @@ class ManifestDirs:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
             self._loc.fs.put_file(str(p), target)
         fsio.fault_point(f"{self._what}.before_manifest")
-        manifest = {"files": entries, "committed_at": time.time()}
+        manifest = {"files": listed, "committed_at": time.time()}
         fsio.write_atomic(self._loc, f"{dest}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
         self._advance(n)
         return True

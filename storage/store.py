@@ -545,6 +545,16 @@ class Run:
         return self._weights.remove(version)
 
     @retrying
+    def weights_pointer(self) -> int | None:
+        """The version weights/LATEST names (committed or not), None without one."""
+        return self._weights._pointer()
+
+    @retrying
+    def checkpoint_pointer(self) -> int | None:
+        """The step checkpoints/LATEST names (committed or not), None without one."""
+        return self._ckpts._pointer()
+
+    @retrying
     def weights_bytes(self, versions: list[int]) -> dict[int, int]:
         return self._weights.entry_bytes(versions)
 
@@ -561,9 +571,30 @@ class Run:
     @_writes
     @retrying
     def save_checkpoint(
-        self, step: int, local_dir: str | os.PathLike, *, overwrite: bool = False
+        self,
+        step: int,
+        local_dir: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        extra: list[dict] | None = None,
     ) -> None:
-        self._ckpts.publish(step, local_dir, overwrite=overwrite)
+        """Commit local_dir as checkpoint `step`; extra: entries of files other trainer nodes
+        uploaded into it (upload_checkpoint_part), listed in its manifest too."""
+        self._ckpts.publish(step, local_dir, overwrite=overwrite, extra=extra)
+
+    @_writes
+    @retrying
+    def withdraw_checkpoint(self, step: int) -> None:
+        """Take checkpoint `step` out of use (manifest removed) before it is written again in
+        parts; the previous checkpoint is what a resume then uses."""
+        self._ckpts.withdraw(step)
+
+    @_writes
+    @retrying
+    def upload_checkpoint_part(self, step: int, local_dir: str | os.PathLike) -> list[dict]:
+        """Upload a trainer node's files into checkpoint `step` (not committed: the node with
+        rank 0 commits it with save_checkpoint(extra=...)); returns their manifest entries."""
+        return self._ckpts.upload_part(step, local_dir)
 
     @retrying
     def latest_checkpoint_step(self) -> int | None:

@@ -90,6 +90,12 @@ def check_placement(config: RunConfig) -> None:
     line instead of in a generator after the run started. Nothing on cpu. A hub model whose
     config cannot be read here is left to the engines' own checks."""
     if accelerator(config) == "cpu":
+        if config.weights.transport == "nccl":
+            raise ValueError(
+                "weights.transport = 'nccl' sends weights GPU to GPU, and placement.accelerator "
+                f"= {config.placement.accelerator!r} found no CUDA device here. Fix: "
+                "weights.transport=local (one node) or store."
+            )
         return
     from scalerl.models import ModelLoadError
     from scalerl.placement import PlacementError, make_plan, model_shape
@@ -220,15 +226,15 @@ class WeightCache:
         are read from there in place (tasks/weights.py), the others downloaded."""
         self.run = run
         self.root = Path(root or tempfile.mkdtemp(prefix=f"scalerl-{run.run_id}-w-"))
-        self.local = None
-        if config is not None and config.weights.transport == "local":
-            from tasks.weights import LocalDirs, local_root
-
-            self.local = LocalDirs(local_root(config, run.run_id))
+        self.config = config
 
     def path(self, version: int) -> Path:
-        if self.local is not None and self.local.has(version):
-            return self.local.path(version)
+        if self.config is not None and self.config.weights.transport == "local":
+            from tasks.weights import local_dirs
+
+            local = local_dirs(self.run, self.config)  # where the trainer keeps them
+            if local is not None and local.has(version):
+                return local.path(version)
         local = self.root / f"v{version}"
         if not (local / "config.json").exists():
             self.run.download_weights(version, local)

@@ -147,7 +147,7 @@ def weight_source(
     second on object storage (a request each); nccl: the control-plane marker
     (tasks/weights_nccl.py), as often as the local pointer on a local disk."""
     from scalerl.engines.base import Throttled
-    from tasks.weights import LocalDirs, LocalWeights, local_root
+    from tasks.weights import LocalWeights
 
     if config.weights.transport == "nccl":  # pragma: no cover - gpu
         from tasks.weights_nccl import NcclWeights
@@ -155,8 +155,7 @@ def weight_source(
         source = NcclWeights(cache.run, engine, reader, lease, config.placement.tensor_parallel)
         return Throttled(source, interval_s=0.02 if cache.run.is_local else 0.25)
     if config.weights.transport == "local":
-        dirs = LocalDirs(local_root(config, cache.run.run_id))
-        return Throttled(LocalWeights(dirs, current, lease), interval_s=0.02)
+        return Throttled(LocalWeights(cache.run, config, current, lease), interval_s=0.02)
     interval = 0.2 if cache.run.is_local else 1.0
     return Throttled(StoreWeights(cache, current, lease), interval_s=interval)
 

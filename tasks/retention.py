@@ -11,7 +11,7 @@ Weights: a version is kept when any of these holds, else deleted:
 - a live reader holds it or an older one (tasks/weights.py ReaderLease: a generator that
   loaded it, an evaluation reading it);
 - it is an evaluation version (a multiple of evaluation.every_steps) and weights.keep_evaluated,
-  or its evaluation is not committed yet.
+  or its evaluation's metrics row is not written yet.
 Checkpoints: the newest weights.keep_checkpoints, and every multiple of
 weights.keep_checkpoint_every. The newest of each is never deleted, so a version or
 checkpoint goes only after a newer one is committed.
@@ -19,8 +19,9 @@ checkpoint goes only after a newer one is committed.
 Deleting removes the manifest first (readers stop trusting the entry), then the files; each
 deletion appends a row to the metrics stream `pruned` (kind, number, bytes, by, time), which
 verify reads to tell a pruned version from a lost one. While a run goes, the trainer's
-background publisher prunes after each publish (Pruner); `scalerl runs prune RUN` applies the
-finished-run rules (no window, no readers) to a run that no writer holds.
+background publisher prunes after each publish and the trainer after each checkpoint (Pruner,
+best effort); `scalerl runs prune RUN` applies the finished-run rules (no staleness window; live
+reader leases still count) to a run that no writer holds.
 """
 
 from __future__ import annotations
@@ -60,8 +61,13 @@ class PrunePlan:
 
 
 def _evaluated(run: Run) -> set[int]:
-    """Versions whose evaluation is committed (eval shard v{version:06d})."""
-    return {int(s.key[1:]) for s in run.list_shards("eval") if s.key[1:].isdigit()}
+    """Versions whose evaluation is recorded (metrics eval). Not the eval shards: the shard is
+    committed before its metrics row, and a version pruned in between could never be
+    evaluated again (the flow evaluates only versions it finds in the store)."""
+    table = run.read_metrics("eval")
+    if table.num_rows == 0 or "version" not in table.column_names:
+        return set()
+    return {int(v) for v in table.column("version").to_pylist() if v is not None}
 
 
 def keep_weights(
@@ -144,6 +150,15 @@ def apply_plan(run: Run, plan: PrunePlan, *, by: str) -> int:
         weights = [v for v in weights if floor is None or v < floor]
     if not weights and not plan.checkpoints:
         return 0
+    if plan.checkpoints:  # never the one the LATEST pointer names (a crash can leave it
+        pointed = run.checkpoint_pointer()  # behind the newest committed)
+        plan = PrunePlan(
+            **{**plan.__dict__, "checkpoints": [c for c in plan.checkpoints if c != pointed]}
+        )
+    pointed_w = run.weights_pointer()
+    weights = [v for v in weights if v != pointed_w]
+    if not weights and not plan.checkpoints:
+        return 0
     sizes = {("weights", v): n for v, n in run.weights_bytes(weights).items()}
     sizes |= {("checkpoint", s): n for s, n in run.checkpoint_bytes(plan.checkpoints).items()}
     now = time.time()
@@ -187,16 +202,24 @@ class Pruner:
         self.prune()
 
     def prune(self) -> None:
+        """Best effort: a failure is logged and retried at the next publish; the version just
+        published is committed either way, so it never fails the trainer."""
         from scalerl.faults import kill_point
 
-        plan = prune_plan(self.run, self.config, running=True, sizes=False)
-        if plan.weights or plan.checkpoints:
-            kill_point("pruner.before_delete")
-            self.freed += apply_plan(self.run, plan, by="trainer")
-        if self.local is not None:
-            self._prune_local()
+        try:
+            plan = prune_plan(self.run, self.config, running=True, sizes=False)
+            if plan.weights or plan.checkpoints:
+                kill_point("pruner.before_delete")
+                self.freed += apply_plan(self.run, plan, by="trainer")
+            if self.local is not None:
+                self._prune_local()
+        except Exception as e:  # noqa: BLE001 - retention must not stop training
+            log.warning("retention skipped this time (%s: %s); it tries again", type(e).__name__, e)
 
     def _prune_local(self) -> None:
+        """The node-local directory keeps the newest version, the one before it (a generator
+        may be reloading it right now) and every version at or above the oldest a live reader
+        holds: it is memory under /dev/shm, and the store has the durable ones."""
         from tasks.weights import held_versions
 
         versions = self.local.list()
@@ -205,7 +228,6 @@ class Pruner:
         held = list(held_versions(self.run).values())
         floor = min(held) if held else None
         latest = self.local.latest() or versions[-1]
-        k = self.config.pipeline.max_off_policy_steps
         for v in versions:
-            if v < latest - k - 1 and (floor is None or v < floor):
+            if v < latest - 1 and (floor is None or v < floor):
                 self.freed += self.local.remove(v)

@@ -174,6 +174,24 @@ class LeadGate:
         return ok
 
 
+def _start_version(run, config: RunConfig, cache: WeightCache, lease, tries: int = 3):
+    """(version, local path) the generator starts from: the newest published, held before it
+    is read; one pruned between the two reads (a generator that slept through k + 2
+    publishes) is skipped for the newest again."""
+    from storage.errors import NotCommittedError
+    from tasks.weights import published_version
+
+    for attempt in range(tries):
+        version = published_version(run, config)
+        lease.hold(version)
+        try:
+            return version, cache.path(version)
+        except NotCommittedError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @task(name="generate-rollouts", retries=2, retry_delay_seconds=[5, 30], cache_policy=None)
 def generate_rollouts(
     config: RunConfig, run_id: str, generator_id: str = "gen0", max_shards: int | None = None
@@ -209,7 +227,7 @@ def generator_body(
         weight_source,
     )
     from tasks.isolated import notify_flow, task_logger
-    from tasks.weights import ReaderLease, published_version
+    from tasks.weights import ReaderLease
 
     logger = task_logger()
     run = open_run(config, run_id)
@@ -223,13 +241,12 @@ def generator_body(
     local = tempfile.TemporaryDirectory(prefix=f"scalerl-{run_id}-w-")  # removed at the end
     cache = WeightCache(run, Path(local.name), config)
     lease = ReaderLease(run, generator_id)  # retention keeps what this generator loads
-    version = published_version(run, config)
-    lease.hold(version)
     # counted by every gate from now, before it can draw a batch (a gate reads the count at
     # most COUNT_EVERY_S late; the engine's start takes longer than that)
     registration = GeneratorRegistration(run, generator_id)
     try:
-        engine = make_engine(config, cache.path(version), version)
+        version, path = _start_version(run, config, cache, lease)
+        engine = make_engine(config, path, version)
     except BaseException:
         local.cleanup()
         lease.release()
@@ -265,6 +282,7 @@ def generator_body(
         max_groups=None if max_shards is None else max_shards * config.generation.prompts_per_batch,
     )
     committed, tokens, logged, logged_at = 0, 0, 0, float("-inf")
+    weights = None
     # every other gate has counted this generator before its first batch is drawn
     time.sleep(max(0.0, registration.doc["started"] + COUNT_EVERY_S - time.time()))
     try:
@@ -313,6 +331,9 @@ def generator_body(
                 )
                 logged_at, logged = time.monotonic(), committed
     finally:
+        closing = getattr(getattr(weights, "source", None), "close", None)
+        if closing is not None:  # nccl: out of the group, so the trainer stops waiting for it
+            closing()
         registration.release()
         engine.close()
         local.cleanup()

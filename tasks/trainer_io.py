@@ -147,10 +147,16 @@ class RunCheckpointStore:
             return self._fall_back(step, damage)
         return step
 
-    def save(self, step: int, local_dir: Path) -> None:
-        self.run.save_checkpoint(step, local_dir, overwrite=True)
+    def save(self, step: int, local_dir: Path, extra: list[dict] | None = None) -> None:
+        self.run.save_checkpoint(step, local_dir, overwrite=True, extra=extra)
         if self.after_save is not None:
             self.after_save()
+
+    def withdraw(self, step: int) -> None:
+        self.run.withdraw_checkpoint(step)
+
+    def upload_part(self, step: int, local_dir: Path) -> list[dict]:
+        return self.run.upload_checkpoint_part(step, local_dir)
 
     def load(self, step: int, local_dir: Path) -> Path | None:
         from storage.dirs import DamagedEntryError

@@ -32,12 +32,14 @@ older than READER_TTL_S (a dead process) no longer counts.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -74,15 +76,43 @@ def always_durable(config: RunConfig, version: int) -> bool:
 # -- the node-local directory ------------------------------------------------------------------
 
 
-def local_root(config: RunConfig, run_id: str) -> Path:
-    """`{weights.local_dir}/{run_id}`; by default under /dev/shm (memory, no disk write) when
-    it exists, else under the system temp directory."""
-    base = config.weights.local_dir
-    if base is None:
-        base = (
-            "/dev/shm/scalerl" if os.path.isdir("/dev/shm") else f"{tempfile.gettempdir()}/scalerl"
+LOCAL_MARKER = "weights-local"  # {root, host}: where the trainer keeps the node-local copies
+LOCAL_COPIES = 4  # room /dev/shm must have, in versions: newest, previous, a held one, staging
+
+
+def choose_local_root(config: RunConfig, run_id: str, version_bytes: int) -> Path:
+    """The trainer's node-local directory: `{weights.local_dir}/{run_id}`; by default under
+    /dev/shm (memory, no disk write) when it has room for LOCAL_COPIES versions (containers
+    often give /dev/shm 64 MB), else under the system temp directory."""
+    if config.weights.local_dir is not None:
+        return Path(config.weights.local_dir) / run_id
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free >= LOCAL_COPIES * version_bytes:
+        return shm / "scalerl" / run_id
+    return Path(tempfile.gettempdir()) / "scalerl" / run_id
+
+
+class LocalTransportError(RuntimeError):
+    pass
+
+
+def local_dirs(run: Run, config: RunConfig) -> LocalDirs | None:
+    """A reader's view of the trainer's node-local directory (transport local): where the
+    trainer put it (marker weights-local), None before its first local publish. A reader on
+    another machine cannot use it: LocalTransportError naming the fix."""
+    if config.weights.transport != "local":
+        return None
+    doc = run.read_marker(LOCAL_MARKER)
+    if doc is None:
+        return None
+    if doc.get("host") != socket.gethostname():
+        raise LocalTransportError(
+            f"weights.transport = 'local': the trainer keeps the weights in {doc.get('root')} "
+            f"on {doc.get('host')}, and this process runs on {socket.gethostname()}, which "
+            "cannot read it. Fix: run the generators on the trainer's machine, or use "
+            "weights.transport=store (or nccl on GPUs)."
         )
-    return Path(base) / run_id
+    return LocalDirs(Path(doc["root"]))
 
 
 class LocalDirs:
@@ -151,6 +181,16 @@ class LocalDirs:
     def remove_all(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def sweep(self) -> None:
+        """Remove what a killed writer left: staging (.tmp-*) and renamed-aside (.old-*)."""
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name.startswith((".tmp-", ".old-")):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+
 
 # -- the trainer's side ------------------------------------------------------------------------
 
@@ -169,14 +209,12 @@ class TransportPublisher:
         self.config = config or RunConfig()
         self.dtype_name = dtype or self.config.model.dtype
         self.transport = self.config.weights.transport
-        self.local = (
-            LocalDirs(local_root(self.config, run.run_id)) if self.transport == "local" else None
-        )
+        self.local: LocalDirs | None = None  # transport local: chosen at the first publish
         self.pruner = None
         if config is not None and self.config.weights.prune:
             from tasks.retention import Pruner
 
-            self.pruner = Pruner(run, self.config, self.local)
+            self.pruner = Pruner(run, self.config, None)
         self.timings: list[dict] = []  # per publish: seconds in save / store (bench)
 
     @property
@@ -203,6 +241,8 @@ class TransportPublisher:
         if durable is None:
             durable = always_durable(self.config, version)
         t0 = time.perf_counter()
+        if self.transport == "local" and self.local is None:
+            self._open_local(sum(t.numel() * t.element_size() for t in state.values()))
         if self.local is not None:
             staged = self.local.staging(version)
             tmp = None
@@ -210,8 +250,17 @@ class TransportPublisher:
             tmp = tempfile.TemporaryDirectory(prefix="scalerl-weights-")
             staged = Path(tmp.name)
         try:
-            model.save_pretrained(staged, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(staged)
+            try:
+                model.save_pretrained(staged, state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(staged)
+            except OSError as e:
+                if e.errno == errno.ENOSPC and self.local is not None:
+                    raise LocalTransportError(
+                        f"no space left in {self.local.root} for weights v{version} "
+                        f"(weights.transport = local). Fix: set weights.local_dir to a local "
+                        "disk with room for 4 versions, or use weights.transport=store."
+                    ) from e
+                raise
             saved = time.perf_counter()
             kill_point("publisher.before_commit")  # trained and saved, visible to no one
             self._ledger(version, durable, _dir_bytes(staged))  # before anyone can see it
@@ -227,6 +276,16 @@ class TransportPublisher:
         self.timings.append({"version": version, "save_s": saved - t0, "store_s": done - saved})
         if self.pruner is not None:
             self.pruner.after_publish(version)
+
+    def _open_local(self, version_bytes: int) -> None:
+        """Pick the node-local directory (choose_local_root), clear what a killed trainer left
+        there, and tell the readers where it is (marker weights-local)."""
+        root = choose_local_root(self.config, self.run.run_id, version_bytes)
+        self.local = LocalDirs(root)
+        self.local.sweep()
+        self.run.write_marker(LOCAL_MARKER, {"root": str(root), "host": socket.gethostname()})
+        if self.pruner is not None:
+            self.pruner.local = self.local
 
     def make_durable(self, version: int) -> None:
         """The store receives `version` now (a checkpoint's version; the final one) if it has
@@ -273,13 +332,13 @@ def record_version(run: Run, version: int, transport: str, durable: bool, size: 
 
 def published_version(run: Run, config: RunConfig) -> int | None:
     """The newest version the generators can have: the store's for transport store; the
-    node-local pointer's (falling back to the store's) for local."""
+    node-local pointer's when that version is complete there (else the store's) for local."""
     stored = run.latest_weights_version()
-    if config.weights.transport != "local":
+    dirs = local_dirs(run, config)
+    local = dirs.latest() if dirs is not None else None
+    if local is None or not dirs.has(local):
         return stored
-    local = LocalDirs(local_root(config, run.run_id)).latest()
-    found = [v for v in (stored, local) if v is not None]
-    return max(found) if found else None
+    return local if stored is None else max(stored, local)
 
 
 # -- the readers' side -------------------------------------------------------------------------
@@ -292,11 +351,28 @@ class ReaderLease:
         self.run, self.name = run, f"{READER_PREFIX}{reader_id}"
         self.version: int | None = None
         self._beat = float("-inf")
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
 
     def hold(self, version: int) -> None:
-        """Hold `version` (written before the version is read, so the pruner keeps it)."""
+        """Hold `version` (written before the version is read, so the pruner keeps it). A
+        thread keeps the heartbeat going until release(), through long loads (an engine's
+        start, a vLLM evaluation child) that poll nothing."""
         self.version = version
         self._write()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beating, name=self.name, daemon=True)
+            self._thread.start()
+
+    def _beating(self) -> None:
+        while not self._stop.wait(READER_HEARTBEAT_S):
+            try:
+                with self._lock:
+                    if self.version is not None and not self._stop.is_set():
+                        self._write()
+            except Exception as e:  # noqa: BLE001 - the next beat tries again
+                log.warning("reader lease %s: heartbeat failed (%s)", self.name, e)
 
     def heartbeat(self) -> None:
         """Refresh the lease at most every READER_HEARTBEAT_S (call it often)."""
@@ -316,8 +392,10 @@ class ReaderLease:
         self._beat = time.monotonic()
 
     def release(self) -> None:
-        self.version = None
-        self.run.delete_marker(self.name)
+        self._stop.set()
+        with self._lock:
+            self.version = None
+            self.run.delete_marker(self.name)
 
 
 def held_versions(run: Run, now: float | None = None) -> dict[str, int]:
@@ -337,14 +415,25 @@ def held_versions(run: Run, now: float | None = None) -> dict[str, int]:
 
 class LocalWeights:
     """WeightSource over the node-local directory (transport local): the pointer file is read
-    on each poll (no store request), and the engine reloads straight from v{N}/."""
+    on each poll (no store request), and the engine reloads straight from v{N}/. Until the
+    trainer's first local publish it asks the store where that directory is, at most every
+    second."""
 
-    def __init__(self, dirs: LocalDirs, current: int, lease: ReaderLease | None = None) -> None:
-        self.dirs, self.current, self.lease = dirs, current, lease
+    def __init__(
+        self, run: Run, config: RunConfig, current: int, lease: ReaderLease | None = None
+    ) -> None:
+        self.run, self.config, self.current, self.lease = run, config, current, lease
+        self.dirs: LocalDirs | None = None
+        self._asked = float("-inf")
 
     def poll(self):
-        if self.lease is not None:
-            self.lease.heartbeat()
+        if self.dirs is None:
+            if time.monotonic() - self._asked < 1.0:
+                return None
+            self._asked = time.monotonic()
+            self.dirs = local_dirs(self.run, self.config)
+            if self.dirs is None:
+                return None
         latest = self.dirs.latest()
         if latest is None or latest <= self.current or not self.dirs.has(latest):
             return None
@@ -355,7 +444,19 @@ class LocalWeights:
 
 
 def drop_local_weights(config: RunConfig, run_id: str) -> None:
-    """Remove the run's node-local directory (transport local) at the end of a run: under
-    /dev/shm it is memory. The store holds the final version (its checkpoint made it durable)."""
-    if config.weights.transport == "local":
-        LocalDirs(local_root(config, run_id)).remove_all()
+    """Remove the run's node-local directory (transport local) when the run ends (finished,
+    stopped, stalled, failed): under /dev/shm it is memory. The store holds every version a
+    resume or an evaluation needs (checkpoint versions are made durable)."""
+    if config.weights.transport != "local":
+        return
+    from tasks.common import open_run
+
+    try:
+        dirs = local_dirs(open_run(config, run_id), config)
+    except LocalTransportError:
+        return  # another machine's
+    except Exception as e:  # noqa: BLE001 - best effort: never masks why the run ended
+        log.warning("could not find the node-local weights to remove (%s)", e)
+        return
+    if dirs is not None:
+        dirs.remove_all()

@@ -39,7 +39,9 @@ records the worker RPCs, since NCCL needs GPUs); the transfer itself is marked g
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
 import time
 import uuid
 
@@ -53,7 +55,8 @@ RPC = "nccl-rpc"
 ACK = "nccl-ack-"
 READY = "nccl-ready-"
 NCCL_TIMEOUT_S = 600.0
-POLL_S = 0.01
+POLL_S = 0.01  # control-plane reads during a call: local disk
+POLL_S_REMOTE = 0.1  # object storage (a request each)
 
 
 class NcclTransportError(RuntimeError):
@@ -86,7 +89,10 @@ class StoreControlPlane:
             acks = self.run.read_markers(ACK)
             for g in list(waiting):
                 ack = acks.get(f"{ACK}{g}") or {}
-                if ack.get("seq") == self.seq:
+                if (
+                    ack.get("seq") == self.seq
+                    and ack.get("instance") == self.generators[g]["instance"]
+                ):
                     if ack.get("error"):
                         raise NcclTransportError(
                             f"generator {g} failed {method}: {ack['error']}. Fix: see its log; "
@@ -100,7 +106,7 @@ class StoreControlPlane:
                     "they run; the trainer is retried and opens a new group with the live ones."
                 )
             if waiting:
-                time.sleep(POLL_S)
+                time.sleep(POLL_S if self.run.is_local else POLL_S_REMOTE)
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         self._call("init_weight_transfer_engine", {"init_info": init_info})
@@ -119,7 +125,45 @@ class StoreControlPlane:
 
 
 def ready_generators(run: Run) -> dict[str, dict]:
-    return {name[len(READY) :]: doc for name, doc in run.read_markers(READY).items()}
+    """Generators announced for the NCCL group whose registration is live (tasks/rollouts.py:
+    a heartbeat younger than its TTL): an ended or dead one is not waited for."""
+    from tasks.rollouts import live_generators
+
+    live = live_generators(run)
+    return {
+        gid: doc
+        for name, doc in run.read_markers(READY).items()
+        if (gid := name[len(READY) :]) in live
+    }
+
+
+def bounded(fn, timeout_s: float, what: str):
+    """fn() on a thread; when it has not returned within timeout_s (an NCCL call waiting for
+    a peer that is gone: NCCL itself never times out here), the process exits, so that its
+    task is retried (the trainer resumes from its checkpoint; a generator is replaced)."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name=f"nccl-{what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        log.error(
+            "%s did not finish within %.0f s (weights.transport = nccl: a peer is gone); this "
+            "process exits so that it is restarted",
+            what,
+            timeout_s,
+        )
+        logging.shutdown()
+        os._exit(75)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 class NcclPublisher(TransportPublisher):  # pragma: no cover - gpu
@@ -176,23 +220,43 @@ class NcclPublisher(TransportPublisher):  # pragma: no cover - gpu
             s.bind(("", 0))
             port = s.getsockname()[1]
         info = NCCLTrainerInitInfo(
-            master_address=socket.gethostbyname(socket.gethostname()),
+            master_address=self._address(members),
             master_port=port,
             world_size=1 + tp * len(members),
         )
         self._source = _state_source(self.dtype)
         client = StoreControlPlane(self.run, members)
-        self._engine = NCCLTrainerWeightTransferEngine.trainer_init(
-            info, client=client, source=self._source
+        self._engine = bounded(
+            lambda: NCCLTrainerWeightTransferEngine.trainer_init(
+                info, client=client, source=self._source
+            ),
+            NCCL_TIMEOUT_S,
+            "opening the NCCL weight-transfer group",
         )
         self._members = members
         return self._engine
+
+    def _address(self, members: dict[str, dict]) -> str:
+        """The address generators reach this trainer at: weights.nccl_address, else this
+        host's; a loopback address only when every generator runs on this host."""
+        if self.config.weights.nccl_address:
+            return self.config.weights.nccl_address
+        address = socket.gethostbyname(socket.gethostname())
+        here = socket.gethostname()
+        elsewhere = sorted(g for g, d in members.items() if d.get("host") != here)
+        if address.startswith("127.") and elsewhere:
+            raise NcclTransportError(
+                f"this host's name resolves to {address} (loopback), which generators "
+                f"{', '.join(elsewhere)} on other machines cannot reach. Fix: set "
+                "weights.nccl_address to this machine's address on their network."
+            )
+        return address
 
     def _send(self, version: int, state: dict) -> None:
         engine = self._group(state)
         self._source.state = state
         engine.client.version = version  # finish_weight_update carries it to the generators
-        engine.send_weights()
+        bounded(engine.send_weights, NCCL_TIMEOUT_S, f"sending weights v{version}")
 
 
 def _state_source(dtype):  # pragma: no cover - gpu
@@ -241,12 +305,21 @@ class NcclWeights:
         )
         self.tp = tp
 
+    def close(self) -> None:
+        """Out of the group: the trainer stops waiting for this generator."""
+        self.run.delete_marker(f"{READY}{self.id}")
+
+    def _member(self, doc: dict) -> bool:
+        """Whether the call is for this generator: its id with this very instance (a restarted
+        generator is not in the group its earlier instance joined)."""
+        return (doc.get("generators") or {}).get(self.id) == self.instance
+
     def poll(self):
         if self.lease is not None:
             self.lease.heartbeat()
         doc = self.run.read_marker(RPC)
         while doc is not None and int(doc.get("seq", 0)) > self.done:
-            method, member = doc["method"], self.id in (doc.get("generators") or {})
+            method, member = doc["method"], self._member(doc)
             self._run(doc)
             if member and method in ("start_weight_update", "update_weights"):
                 doc = self._next(doc["seq"])  # no engine step until finish_weight_update
@@ -266,15 +339,16 @@ class NcclWeights:
                     f"{NCCL_TIMEOUT_S:.0f} s, in the middle of a weight update. Fix: check the "
                     "trainer; this generator is restarted and joins a new group."
                 )
-            time.sleep(POLL_S)
+            time.sleep(POLL_S if self.run.is_local else POLL_S_REMOTE)
 
     def _run(self, doc: dict) -> None:
         seq, method, payload = int(doc["seq"]), doc["method"], doc.get("payload") or {}
         error = None
+        if not self._member(doc):
+            self.done = seq  # a group without this instance (it started after the group was
+            return  # opened, or it is a restart): the trainer opens a new one with it
         try:
-            if self.id not in (doc.get("generators") or {}):
-                pass  # a group without this generator (it started after the group was opened)
-            elif method == "init_weight_transfer_engine":
+            if method == "init_weight_transfer_engine":
                 order = sorted(doc["generators"])
                 info = {**payload["init_info"], "rank_offset": 1 + order.index(self.id) * self.tp}
                 self.engine.weight_transfer("init_weight_transfer_engine", init_info=info)
@@ -286,8 +360,14 @@ class NcclWeights:
                 self.engine.set_version(version)  # before the next engine step
                 if self.lease is not None:
                     self.lease.hold(version)
-            elif method == "update_weights":
-                self.engine.weight_transfer("update_weights", update_info=payload["update_info"])
+            elif method == "update_weights":  # blocks in NCCL until the broadcast ends
+                bounded(
+                    lambda: self.engine.weight_transfer(
+                        "update_weights", update_info=payload["update_info"]
+                    ),
+                    NCCL_TIMEOUT_S,
+                    f"generator {self.id} receiving weights",
+                )
             else:
                 raise NcclTransportError(f"unknown call {method!r}")
         except Exception as e:  # noqa: BLE001 - reported to the trainer, then raised here
@@ -295,4 +375,6 @@ class NcclWeights:
             raise
         finally:
             self.done = seq
-            self.run.write_marker(f"{ACK}{self.id}", {"seq": seq, "error": error})
+            self.run.write_marker(
+                f"{ACK}{self.id}", {"seq": seq, "instance": self.instance, "error": error}
+            )

@@ -51,6 +51,12 @@ class CheckpointStore(Protocol):
         """Commit the directory as checkpoint `step` (atomically; replaces a same-step one)."""
         ...
 
+    # optional, for trainers over several nodes that share no file system (the trainer's
+    # checkpoint() calls them when its ranks span nodes):
+    #   withdraw(step): take a committed same-step checkpoint out of use before it is rewritten
+    #   upload_part(step, local_dir) -> entries: this node's files, uploaded; no commit
+    #   save(step, local_dir, extra=entries): commit, listing the parts uploaded elsewhere
+
     def load(self, step: int, local_dir: Path) -> Path | None:
         """Download checkpoint `step` into local_dir; return the directory holding its files.
         A store that finds `step` damaged may quarantine it and return an older intact

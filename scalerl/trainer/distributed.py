@@ -178,13 +178,32 @@ class DataParallel:
 
     # -- sharded checkpoints (torch.distributed.checkpoint) ----------------------------------
 
+    @property
+    def local_rank(self) -> int:
+        """This rank's index on its node (torchrun's LOCAL_RANK; without it, one node)."""
+        return int(os.environ.get("LOCAL_RANK", str(self.rank)))
+
+    @property
+    def nodes(self) -> int:
+        """Trainer nodes (torchrun agents): WORLD_SIZE / LOCAL_WORLD_SIZE."""
+        return self.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world_size)))
+
     def shared_dir(self, prefix: str) -> Path:
-        """A temporary directory made by rank 0 whose path every rank gets (ranks of one node
-        share its file system; tasks/torchrun.py starts them on one node)."""
+        """A temporary directory of this rank's node, made by the node's first rank, whose
+        path every rank of that node gets (ranks of one node share its file system; nodes
+        share nothing: each node has its own). Ranks are numbered node by node (torchrun)."""
         import tempfile
 
-        made = tempfile.mkdtemp(prefix=prefix) if self.rank == 0 else None
-        return Path(self.from_main(made))
+        made = tempfile.mkdtemp(prefix=prefix) if self.local_rank == 0 else None
+        every: list = [None] * self.world_size
+        dist.all_gather_object(every, made)
+        return Path(every[self.rank - self.local_rank])
+
+    def gather_to_main(self, value) -> list | None:
+        """Every rank's `value`, in rank order, on rank 0 (None elsewhere); a collective."""
+        out: list | None = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(value, out, dst=0)
+        return out
 
     def barrier(self) -> None:
         dist.barrier()

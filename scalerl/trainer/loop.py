@@ -566,26 +566,43 @@ class Trainer:
             self.publisher.make_durable(self.version)  # a transport beside the store
         shared = self.dp.shared_dir("scalerl-ckpt-") if self.dp is not None else None
         try:
-            local = None
+            local, parts = None, []
             if shared is not None:
                 local = shared / f"step-{self.version}"
                 distributed.save_sharded_state(
                     self.policy, self.optimizer, local / distributed.DCP_DIR
                 )
+                if self.dp.nodes > 1:
+                    parts = self._upload_node_parts(local)
             self.saved = self._progress()  # on every rank
             if self.is_main:
-                self._write_checkpoint(local)
+                self._write_checkpoint(local, parts)
         finally:
             if shared is not None:
                 self.dp.barrier()  # nobody removes the directory while rank 0 commits it
-                if self.is_main:
+                if self.dp.local_rank == 0:  # each node's own directory
                     import shutil
 
                     shutil.rmtree(shared, ignore_errors=True)
         if self.is_main:
             log.info("checkpoint %d saved", self.version)
 
-    def _write_checkpoint(self, sharded: Path | None) -> None:
+    def _upload_node_parts(self, local: Path) -> list[dict]:
+        """Ranks over several nodes share no file system: each node's DCP shards are in its
+        own directory. Rank 0 takes a same-step checkpoint out of use first (a republish after
+        a resume), then the first rank of every other node uploads its node's shards into the
+        checkpoint's entry (uncommitted), and rank 0 gets their manifest entries to commit
+        with its own files."""
+        if self.is_main:
+            self.checkpoints.withdraw(self.version)
+        self.dp.barrier()
+        part = None
+        if self.dp.local_rank == 0 and not self.is_main:
+            part = self.checkpoints.upload_part(self.version, local)
+        gathered = self.dp.gather_to_main(part)
+        return [e for p in gathered or [] if p for e in p]
+
+    def _write_checkpoint(self, sharded: Path | None, parts: list[dict] | None = None) -> None:
         state = TrainerState(
             step=self.version,
             nan_steps=self.nan_steps,
@@ -604,7 +621,10 @@ class Trainer:
                 state=state,
                 sharded=sharded is not None,
             )
-            self.checkpoints.save(self.version, local)
+            if parts:
+                self.checkpoints.save(self.version, local, extra=parts)
+            else:
+                self.checkpoints.save(self.version, local)
 
 
 def _model_from_config(path: str, device: str):

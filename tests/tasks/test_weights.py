@@ -24,7 +24,7 @@ from tasks.weights import (
     ReaderLease,
     TransportPublisher,
     held_versions,
-    local_root,
+    local_dirs,
 )
 
 RUN = "wt"
@@ -94,7 +94,7 @@ def test_local_transport_stores_only_durable_versions_and_ledgers_every_one(mode
     m, tok = model
     for v in range(7):
         pub.publish(v, m, tok)
-    dirs = LocalDirs(local_root(cfg, RUN))
+    dirs = local_dirs(run, cfg)  # where the trainer says it keeps them (marker)
     assert dirs.root == tmp_path / "shm" / RUN
     assert dirs.latest() == 6 and dirs.list() == list(range(7))
     # durable: v0, multiples of durable_every (3, 6) and of evaluation.every_steps (4)
@@ -123,7 +123,7 @@ def test_a_generator_reads_local_versions_in_place_under_its_lease(model, tmp_pa
     m, tok = model
     pub.publish(0, m, tok)
     lease = ReaderLease(run, "gen0")
-    source = LocalWeights(LocalDirs(local_root(cfg, RUN)), 0, lease)
+    source = LocalWeights(run, cfg, 0, lease)
     assert source.poll() is None  # nothing newer than 0
     pub.publish(1, m, tok)
     version, path = source.poll()
@@ -132,6 +132,40 @@ def test_a_generator_reads_local_versions_in_place_under_its_lease(model, tmp_pa
     # WeightCache reads a version still in the local directory in place (no download)
     assert WeightCache(run, tmp_path / "cache", cfg).path(1) == tmp_path / "shm" / RUN / "v1"
     assert not (tmp_path / "cache" / "v1").exists()
+    lease.release()
+
+
+def test_the_local_directory_stays_small_and_other_machines_are_refused(model, tmp_path):
+    """Node-local copies (memory under /dev/shm): the newest, the one before it and what a
+    reader holds; leftovers of a killed trainer are swept; a reader on another host gets one
+    clear error; /dev/shm is used only when it has room for LOCAL_COPIES versions."""
+    import socket
+
+    from tasks.weights import LOCAL_MARKER, LocalTransportError, choose_local_root
+
+    cfg = _cfg(tmp_path, "weights.transport=local")
+    run = _run(cfg)
+    dirs = LocalDirs(tmp_path / "shm" / RUN)
+    (dirs.root / ".tmp-v9-dead").mkdir(parents=True)  # a trainer killed while saving
+    pub = TransportPublisher(run, cfg, "float32")
+    m, tok = model
+    lease = ReaderLease(run, "slow")
+    for v in range(6):
+        pub.publish(v, m, tok)
+        if v == 2:
+            lease.hold(2)
+    assert dirs.list() == [2, 3, 4, 5] and not (dirs.root / ".tmp-v9-dead").exists()
+    lease.release()
+    pub.publish(6, m, tok)
+    assert dirs.list() == [5, 6]
+    run.write_marker(LOCAL_MARKER, {"root": str(dirs.root), "host": "another-host"})
+    with pytest.raises(LocalTransportError, match="on another-host, and this process runs on"):
+        local_dirs(run, cfg)
+    run.write_marker(LOCAL_MARKER, {"root": str(dirs.root), "host": socket.gethostname()})
+    auto = _cfg(tmp_path)
+    auto.weights.local_dir = None
+    assert choose_local_root(auto, "r", 1).parts[:3] == ("/", "dev", "shm")
+    assert choose_local_root(auto, "r", 10**15).parts[1:3] != ("dev", "shm")  # no room there
 
 
 def test_retention_keeps_what_a_slow_reader_holds_and_frees_it_after(model, tmp_path):

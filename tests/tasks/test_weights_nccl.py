@@ -11,6 +11,7 @@ import time
 import pytest
 
 from storage import open_store
+from tasks.rollouts import GeneratorRegistration
 from tasks.weights import ReaderLease, held_versions
 from tasks.weights_nccl import NcclTransportError, NcclWeights, StoreControlPlane, ready_generators
 
@@ -50,18 +51,20 @@ def run(tmp_path):
 
 
 def _start(run, engines: dict[str, RecordingEngine], tp: int = 2):
-    stop, errors, threads = threading.Event(), [], []
+    stop, errors, threads, sources = threading.Event(), [], [], {}
     for gid, engine in engines.items():
+        GeneratorRegistration(run, gid)  # as generator_body does: the trainer counts live ones
         source = NcclWeights(run, engine, gid, ReaderLease(run, gid), tp=tp)
+        sources[gid] = source
         t = threading.Thread(target=_generator, args=(source, engine, stop, errors), daemon=True)
         t.start()
         threads.append(t)
-    return stop, errors, threads
+    return stop, errors, threads, sources
 
 
 def test_a_weight_update_round_reaches_every_generator_between_steps(run):
     engines = {"gen0": RecordingEngine(), "gen1": RecordingEngine()}
-    stop, errors, threads = _start(run, engines)
+    stop, errors, threads, sources = _start(run, engines)
     members = ready_generators(run)
     assert sorted(members) == ["gen0", "gen1"] and members["gen0"]["tensor_parallel"] == 2
     client = StoreControlPlane(run, members, timeout_s=30)
@@ -99,10 +102,27 @@ def test_a_weight_update_round_reaches_every_generator_between_steps(run):
         assert after and all(v == 7 for _, v in after)  # every later step is tagged 7
     assert held_versions(run) == {"gen0": 7, "gen1": 7}
 
+    # gen1 restarts (a new instance, same id): the old group's calls are not for it, and the
+    # trainer sees a changed membership (it opens a new group); gen0 ends: not waited for
+    restarted = RecordingEngine()
+    source = NcclWeights(run, restarted, "gen1", None, tp=2)
+    assert ready_generators(run)["gen1"]["instance"] != members["gen1"]["instance"]
+    stop, errs = threading.Event(), []
+    t = threading.Thread(target=_generator, args=(source, restarted, stop, errs), daemon=True)
+    t.start()
+    old_group = StoreControlPlane(run, {"gen1": members["gen1"]}, timeout_s=1)
+    with pytest.raises(NcclTransportError, match=r"gen1 did not acknowledge"):
+        old_group.start_weight_update()
+    stop.set()
+    t.join(5)
+    assert not errs and not [e for e in restarted.events if e[0] == "rpc"]
+    sources["gen0"].close()
+    assert sorted(ready_generators(run)) == ["gen1"]
+
 
 def test_a_generator_that_fails_or_is_missing_is_named(run):
     engines = {"gen0": RecordingEngine(fail_on="update_weights")}
-    stop, errors, threads = _start(run, engines, tp=1)
+    stop, errors, threads, _ = _start(run, engines, tp=1)
     client = StoreControlPlane(run, ready_generators(run), timeout_s=30)
     client.version = 1
     client.start_weight_update()

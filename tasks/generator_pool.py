@@ -1,0 +1,186 @@
+"""The run's generators as one pool: task runs on the flow's machine, or child flow runs of a
+deployment on a work pool anywhere (placement.generators_deployment); a lost one is replaced.
+
+    pool = GeneratorPool(config, run_id); pool.start()
+    pool.check(run)      # from the run flow's loop: replace lost generators, end the run's
+                         # generation when every one has ended (all prompts retired)
+    pool.wait(timeout)   # at the end, after the run's status left "running"
+
+Remote generators are started with Prefect's run_deployment (timeout 0: started, not waited
+on), as subflows of the run's flow run (linked under it in the UI), named `{run_id}/{gen}` and
+tagged `run:{run_id}` and `role:generator`; the deployment's flow (flows/generate.py) reads the
+run's config from run.json, so it needs only the storage URL and the run id: nothing on the
+remote machine is shared with this one but the store.
+
+A generator whose task run or flow run ends failed or crashed (its process killed, its machine
+lost) while the run is running is replaced by a new generator `{slot}-r{n}`: a new id, because
+the lost one may still be running somewhere (a partition), and two writers under one id would
+collide. Its shards committed so far stay; its batch in flight is lost and generated again by
+others. The backpressure gate counts live registered generators (tasks/rollouts.py), so the
+replacement is counted as soon as it registers and the lost one when its heartbeat expires.
+After MAX_REPLACEMENTS replacements of one slot the run fails (something is wrong with every
+generator, not with one machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from scalerl.config import RunConfig
+from tasks.flow_runs import TAGS, run_tag
+
+MAX_REPLACEMENTS = 3
+CHECK_EVERY_S = 5.0  # a remote generator's state is an API call
+
+
+def _log():
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+class LocalGenerator:
+    """A generate_rollouts task run of this flow (its process on this machine)."""
+
+    def __init__(self, generator_id: str, future) -> None:
+        self.id, self.future = generator_id, future
+
+    def state(self) -> str:
+        if not self.future.wrapped_future.done():  # (.state would be an API call)
+            return "running"
+        return "completed" if self.future.state.is_completed() else "failed"
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.future.wait(timeout)
+
+
+class RemoteGenerator:
+    """A child flow run of the generators' deployment, on whatever machine its pool has."""
+
+    def __init__(self, generator_id: str, flow_run_id) -> None:
+        self.id, self.flow_run_id = generator_id, flow_run_id
+        self.last = "running"
+
+    def state(self) -> str:
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(self.flow_run_id).state
+        except Exception as exc:  # noqa: BLE001 - the API blinked: ask again next time
+            _log().warning("could not read generator %s's flow run (%s)", self.id, exc)
+            return self.last
+        if state is None or not state.is_final():
+            self.last = "running"
+        else:
+            self.last = "completed" if state.is_completed() else "failed"
+        return self.last
+
+    def wait(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state() == "running":
+            if deadline is not None and time.monotonic() > deadline:
+                _log().warning(
+                    "generator %s (flow run %s) has not ended; not waiting for it any longer",
+                    self.id,
+                    self.flow_run_id,
+                )
+                return
+            time.sleep(1.0)
+
+
+class GeneratorPool:
+    def __init__(self, config: RunConfig, run_id: str) -> None:
+        self.config, self.run_id = config, run_id
+        self.slots: dict[str, list] = {}
+        self._checked = float("-inf")
+
+    @property
+    def remote(self) -> bool:
+        return self.config.placement.generators_deployment is not None
+
+    def start(self) -> None:
+        for i in range(self.config.generation.num_generators):
+            slot = f"gen{i}"
+            self.slots[slot] = [self._launch(slot)]
+
+    def _launch(self, generator_id: str):
+        if not self.remote:
+            from tasks.rollouts import generate_rollouts
+
+            return LocalGenerator(
+                generator_id, generate_rollouts.submit(self.config, self.run_id, generator_id)
+            )
+        from prefect.deployments import run_deployment
+
+        storage = self.config.storage
+        flow_run = run_deployment(
+            self.config.placement.generators_deployment,
+            parameters={
+                "storage_url": storage.url,
+                "run_id": self.run_id,
+                "generator_id": generator_id,
+                "endpoint_url": storage.endpoint_url,
+            },
+            timeout=0,  # started, not waited on: check() follows it
+            as_subflow=True,  # linked under the run's flow run in the UI
+            flow_run_name=f"{self.run_id}/{generator_id}",
+            tags=[*TAGS, run_tag(self.run_id), "role:generator"],
+        )
+        _log().info(
+            "generator %s: flow run %s of deployment %s",
+            generator_id,
+            flow_run.id,
+            self.config.placement.generators_deployment,
+        )
+        return RemoteGenerator(generator_id, flow_run.id)
+
+    @property
+    def current(self) -> list:
+        return [gens[-1] for gens in self.slots.values()]
+
+    def check(self, run) -> None:
+        """Replace the lost generators while the run is running; when every generator has
+        ended by itself (all prompts retired), tell the trainer no more data is coming."""
+        if self.remote and time.monotonic() - self._checked < CHECK_EVERY_S:
+            return
+        self._checked = time.monotonic()
+        if (run.read_status() or {}).get("state") != "running":
+            return
+        states = {}
+        for slot, gens in self.slots.items():
+            state = gens[-1].state()
+            if state == "failed":
+                if len(gens) > MAX_REPLACEMENTS:
+                    run.write_status(
+                        {
+                            "state": "failed",
+                            "reason": f"generator slot {slot} was lost {len(gens)} times "
+                            f"(last: {gens[-1].id}); see its runs",
+                        }
+                    )
+                    return
+                replacement = f"{slot}-r{len(gens)}"
+                _log().warning(
+                    "generator %s was lost (its %s ended failed or crashed): the run goes on "
+                    "with the others, and %s replaces it",
+                    gens[-1].id,
+                    "flow run" if self.remote else "task run",
+                    replacement,
+                )
+                gens.append(self._launch(replacement))
+                state = "running"
+            states[slot] = state
+        if states and all(s == "completed" for s in states.values()):
+            run.write_status(
+                {"state": "exhausted", "reason": "every generator ended (prompts retired)"}
+            )
+
+    def wait(self, timeout: float | None = None) -> None:
+        for gen in self.current:
+            gen.wait(timeout)
