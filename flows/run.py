@@ -68,6 +68,7 @@ from tasks.stages import (
     pending_keys,
 )
 from tasks.train import train_policy
+from tasks.trainer_nodes import LocalTrainer, RemoteTrainer
 from tasks.weights import drop_local_weights, published_version
 from tasks.writer import hold_run
 
@@ -158,7 +159,7 @@ def _supervise(
     stopped = None
     poll, shown_step, table_at, shown_at = POLL_MIN_S, -1, time.monotonic(), 0.0
     plots, plots_at, plots_due, held_out = None, 0.0, False, None
-    while not trainer.wrapped_future.done():  # (.state would be an API call per loop)
+    while not trainer.done():  # (a task run's .state would be an API call per loop)
         kill_point("flow.loop")
         writer.check()  # LeaseLostError: another writer took the run over; stop writing
         if _stop_reason and stopped is None:
@@ -188,8 +189,16 @@ def _supervise(
             plots = render_plots.submit(quote(config), run_id, None)
             plots_due, plots_at = False, time.monotonic()
         if stream is not None:  # nothing on the critical path here: look twice a second
+            running = [
+                f
+                for f in (trainer.wrapped_future, stream.wrapped_future)
+                if f is not None and not f.done()
+            ]
+            if not running:  # a remote trainer has no future here
+                time.sleep(STREAM_SUPERVISE_S)
+                continue
             futures.wait(  # (a stream that returned because the run failed is not waited on)
-                [f for f in (trainer.wrapped_future, stream.wrapped_future) if not f.done()],
+                running,
                 timeout=STREAM_SUPERVISE_S,
                 return_when=futures.FIRST_COMPLETED,
             )
@@ -256,7 +265,11 @@ def _run_held(config: RunConfig, run_id: str, writer, logger) -> dict:
 
     generators = GeneratorPool(config, run_id)  # here, or child flow runs on a work pool
     generators.start()
-    trainer = train_policy.submit(config, run_id)
+    if config.placement.trainer_deployment is None:
+        trainer = LocalTrainer(train_policy.submit(config, run_id))
+    else:  # one child flow run per node, on the deployment's work pool
+        trainer = RemoteTrainer(config, run_id)
+        trainer.start()
     stream = None
     if config.pipeline.stage_tasks == "stream":
         open_stream(run_id)

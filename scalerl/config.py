@@ -455,6 +455,16 @@ class PlacementConfig(_Section):
         False,
         description="Let the trainer share devices with the generators (one-GPU machines): the generators then start again from device 0, and the trainer gets what generation + evaluation shares of memory leave. Otherwise a device given to two processes is refused.",
     )
+    trainer_deployment: str | None = Field(
+        None,
+        description="Where the trainer runs: None, on the run flow's machine (torchrun there with placement.trainer_ranks ranks); or a Prefect deployment, 'FLOW/DEPLOYMENT' of flows/train_node.py, which the run starts placement.nodes times (one child flow run per node, each running torchrun with trainer_ranks / nodes ranks, joined by a c10d rendezvous). A lost node fails the attempt: the others are cancelled and a new attempt resumes from the last checkpoint.",
+        pattern=r"^[^/\s]+/[^/\s]+$",
+    )
+    rendezvous: str | None = Field(
+        None,
+        description="placement.trainer_deployment: the c10d rendezvous endpoint HOST:PORT of the trainer nodes. None: node 0 picks its host's address and a free port and publishes it in the run store (marker trainer-rendezvous) for the other nodes.",
+        pattern=r"^[^:\s]+:[0-9]+$",
+    )
     generators_deployment: str | None = Field(
         None,
         description="Where the generators run: None, on the run flow's machine (a process each); or a Prefect deployment, 'FLOW/DEPLOYMENT' of flows/generate.py (e.g. 'scalerl-generate/gpu-generators' on a work pool of GPU machines), which the run starts once per generator as a child flow run (run_deployment) that shares nothing with this machine but the run store. A lost one is replaced.",
@@ -519,6 +529,27 @@ def _check_transport(cfg: RunConfig) -> None:
             f"storage.url = {cfg.storage.url!r} lives in one process. Fix: "
             "weights.transport=store, or a local or s3:// store."
         )
+    pl = cfg.placement
+    if pl.trainer_deployment is not None:
+        if pl.trainer_ranks % pl.nodes:
+            raise ValueError(
+                f"placement.trainer_deployment runs the trainer on placement.nodes = {pl.nodes} "
+                f"nodes with the same number of ranks each, but placement.trainer_ranks = "
+                f"{pl.trainer_ranks} does not divide by {pl.nodes}. Fix: make trainer_ranks a "
+                "multiple of nodes."
+            )
+        if cfg.storage.url.startswith("memory://") or cfg.pipeline.isolation == "thread":
+            raise ValueError(
+                "placement.trainer_deployment starts trainer nodes as flow runs elsewhere, which "
+                "needs pipeline.isolation=process and a store every machine reaches (s3://, or "
+                "a path every machine mounts). Fix: set them, or leave trainer_deployment unset."
+            )
+        if w.transport == "local":
+            raise ValueError(
+                "weights.transport = 'local' keeps weights on the run flow's machine, but "
+                "placement.trainer_deployment trains elsewhere. Fix: weights.transport=store "
+                "(or nccl on GPUs)."
+            )
     remote = cfg.placement.generators_deployment
     if remote is not None and cfg.storage.url.startswith("memory://"):
         raise ValueError(

@@ -100,7 +100,20 @@ def check_placement(config: RunConfig) -> None:
     from scalerl.models import ModelLoadError
     from scalerl.placement import PlacementError, make_plan, model_shape
 
-    elsewhere = [p for p in make_plan(config, accelerator="cuda").processes if p.node != 0]
+    pl = config.placement
+
+    def started_here(name: str) -> bool:  # roles on a deployment run wherever its pool puts them
+        if name.startswith("trainer"):
+            return pl.trainer_deployment is None
+        if name.startswith("gen"):
+            return pl.generators_deployment is None
+        return True
+
+    elsewhere = [
+        p
+        for p in make_plan(config, accelerator="cuda").processes
+        if p.node != 0 and started_here(p.name)
+    ]
     if elsewhere:  # process_env would refuse them only once the run has started
         raise PlacementError(
             f"{elsewhere[0].name} is placed on node {elsewhere[0].node}, and this flow starts "

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from scalerl.config import RunConfig
@@ -71,14 +72,36 @@ class _Launched:
             self.proc.wait(timeout)
 
 
-def torchrun_command(config: RunConfig, spec: Path) -> list[str]:
+@dataclass(frozen=True)
+class NodeRole:
+    """This machine's part of a trainer over several nodes (placement.trainer_deployment)."""
+
+    rank: int  # the node's index among the trainer's flow runs (node 0 publishes the endpoint)
+    nodes: int
+    endpoint: str  # c10d rendezvous HOST:PORT
+    attempt: str  # the rendezvous id: one per start of the trainer
+    hosts_store: bool | None = None  # whether this node hosts the c10d store; None: torch decides
+
+
+def torchrun_command(config: RunConfig, spec: Path, node: NodeRole | None = None) -> list[str]:
     ranks = config.placement.trainer_ranks
+    if node is None:
+        where = ["--standalone", f"--nproc-per-node={ranks}"]
+    else:  # ranks are assigned by the rendezvous; every node runs ranks / nodes of them
+        where = [
+            f"--nnodes={node.nodes}",
+            f"--nproc-per-node={ranks // node.nodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={node.endpoint}",
+            f"--rdzv-id={node.attempt}",
+        ]
+        if node.hosts_store is not None:  # node 0 published its own address: it hosts
+            where.append(f"--rdzv-conf=is_host={str(node.hosts_store).lower()}")
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={ranks}",
+        *where,
         "--max-restarts=0",
         "--monitor-interval=0.5",
         "-m",
@@ -87,8 +110,15 @@ def torchrun_command(config: RunConfig, spec: Path) -> list[str]:
     ]
 
 
-def run_torchrun(config: RunConfig, run_id: str, env: dict[str, str] | None = None) -> dict:
-    """The trainer as placement.trainer_ranks ranks under torchrun, supervised by this task."""
+def run_torchrun(
+    config: RunConfig,
+    run_id: str,
+    env: dict[str, str] | None = None,
+    node: NodeRole | None = None,
+) -> dict:
+    """The trainer as placement.trainer_ranks ranks under torchrun, supervised by this task;
+    with `node`, this machine's ranks of a trainer over several nodes (its rank 0 may be on
+    another node: then this returns {"node": ..., "summary": None})."""
     logger = task_logger()
     with tempfile.TemporaryDirectory(prefix=f"scalerl-{run_id}-torchrun-") as tmp:
         spec = Path(tmp) / "spec.json"
@@ -98,6 +128,7 @@ def run_torchrun(config: RunConfig, run_id: str, env: dict[str, str] | None = No
                     "config": config.model_dump(mode="json"),
                     "run_id": run_id,
                     "torch_threads": config.pipeline.torch_threads,
+                    "attempt": None if node is None else node.attempt,
                 }
             )
         )
@@ -105,7 +136,7 @@ def run_torchrun(config: RunConfig, run_id: str, env: dict[str, str] | None = No
         child_env.setdefault("OMP_NUM_THREADS", str(config.pipeline.torch_threads or 1))
         child_env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm lines in the log
         proc = subprocess.Popen(
-            torchrun_command(config, spec),
+            torchrun_command(config, spec, node),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -127,6 +158,8 @@ def run_torchrun(config: RunConfig, run_id: str, env: dict[str, str] | None = No
         result = Path(f"{spec}.result.json")
         if code == 0 and result.exists():
             return json.loads(result.read_text())
+        if code == 0 and node is not None:  # rank 0 ran on another node: it reports the run's
+            return {"node": node.rank, "summary": None}
         errors = sorted(Path(tmp).glob("spec.json.error-*.json"), key=lambda p: p.stat().st_mtime)
         if errors:
             raise rebuild_error(json.loads(errors[0].read_text()))

@@ -53,6 +53,10 @@ def main(spec_path: str) -> int:
         tmp = Path(f"{spec_path}.result.json.tmp")
         tmp.write_text(json.dumps(summary, default=str))
         tmp.replace(f"{spec_path}.result.json")
+        if spec.get("attempt"):  # over several nodes: the run flow reads it from the store
+            from tasks.trainer_nodes import report_summary
+
+            report_summary(config, spec["run_id"], spec["attempt"], summary)
     _shutdown()
     return 0
 

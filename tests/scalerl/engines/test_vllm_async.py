@@ -226,11 +226,15 @@ def test_close_leaves_no_child_process(async_engine, reference):
     """Last in the module: closes the shared engine."""
 
     def children() -> set[int]:
+        """vLLM's engine core and workers (titled VLLM::..., or spawn_main before that).
+        (In the whole suite this process has other children too: the session's Prefect and
+        S3 servers, the fork server of tasks/isolated.py, reward workers.)"""
         pids = set()
         for p in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):  # gone meanwhile: not a leak
                 # multiprocessing's resource tracker lives as long as this process
-                if p.pid != reference.pid and "resource_tracker" not in " ".join(p.cmdline()):
+                line = " ".join(p.cmdline())
+                if p.pid != reference.pid and ("VLLM::" in line or "spawn_main" in line):
                     pids.add(p.pid)
         return pids
 

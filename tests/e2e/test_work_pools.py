@@ -1,13 +1,16 @@
-"""Generators on a Prefect work pool, sharing only the S3-protocol server with the run
-(placement.generators_deployment, tasks/generator_pool.py, the generators' part of issue 21).
+"""A run spread over simulated machines on Prefect work pools, sharing only the S3-protocol
+server (placement.generators_deployment and trainer_deployment; tasks/generator_pool.py,
+tasks/trainer_nodes.py).
 
-Simulated machines on 127.0.0.1: the run flow in this test's process tree; worker A, a process
-worker of pool `pool-a`, in its own directory (own HOME, TMPDIR, SCALERL_CACHE, working
-directory); a generator started by hand (the scalerl-generate flow) from a third directory.
-Nothing is shared but the S3 endpoint (and the Prefect server). The run starts its 2 generators
-as child flow runs of the `scalerl-generate/gen-a` deployment; one is SIGKILLed mid-run and the
-run replaces it; the gate counts the hand-started generator while its heartbeat lives; the run
-finishes, verifies clean, and no group was dropped as stale.
+Machines on 127.0.0.1, each a directory of its own (HOME, TMPDIR, SCALERL_CACHE, working
+directory): A runs a process worker of pool `pool-a` (generators) and one of `pool-t` (trainer
+nodes); B runs the other `pool-t` worker; C starts a generator by hand (the scalerl-generate
+flow). The run flow (this test's process tree) starts its 2 generators as child flow runs on
+A, and its trainer as 2 nodes x 1 gloo rank, one per `pool-t` worker (each worker takes one
+flow run at a time), joined by a c10d rendezvous that node 0 publishes in the store. One
+generator's flow-run process is SIGKILLed mid-run: the run replaces it; the gate counts the
+hand-started generator while its heartbeat lives; the run finishes, verifies clean, no group
+was dropped as stale, and the API shows every role's flow run under the run's.
 """
 
 import asyncio
@@ -97,23 +100,50 @@ def _flow_run_process(worker: subprocess.Popen, flow_run_id: str):
     return None
 
 
-def test_generators_on_a_work_pool_are_replaced_and_counted(
+def test_a_run_over_work_pools_replaces_a_lost_generator_and_trains_on_two_nodes(
     prefect_server, moto_endpoint, tmp_path
 ):
     url, run_id = f"s3://scalerl-test/{uuid.uuid4().hex[:8]}/runs", "remote-gens"
     a_env, a_dir = _machine(tmp_path, "machine-a", prefect_server)
     c_env, c_dir = _machine(tmp_path, "machine-c", prefect_server)
-    _prefect(prefect_server, "work-pool", "create", "pool-a", "--type", "process")
+    b_env, b_dir = _machine(tmp_path, "machine-b", prefect_server)
+    for pool in ("pool-a", "pool-t"):
+        _prefect(prefect_server, "work-pool", "create", pool, "--type", "process")
     _prefect(
         prefect_server, "--no-prompt", "deploy", "flows/generate.py:scalerl_generate",
         "--name", "gen-a", "--pool", "pool-a",
     )  # fmt: skip
-    worker_log = open(a_dir / "worker.log", "w")  # noqa: SIM115 - closed below
-    worker = subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "pool-a", "--type", "process"],
-        env=a_env, cwd=a_dir, stdout=worker_log, stderr=subprocess.STDOUT,
-        start_new_session=True,
+    _prefect(
+        prefect_server, "--no-prompt", "deploy", "flows/train_node.py:scalerl_train_node",
+        "--name", "train-t", "--pool", "pool-t",
     )  # fmt: skip
+    workers, logs = [], []
+    for env, where, pool, limit in (
+        (a_env, a_dir, "pool-a", []),
+        (a_env, a_dir, "pool-t", ["--limit", "1"]),
+        (b_env, b_dir, "pool-t", ["--limit", "1"]),
+    ):
+        logs.append(open(where / f"worker-{pool}.log", "a"))  # noqa: SIM115 - closed below
+        workers.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "prefect"),
+                    "worker",
+                    "start",
+                    "--pool",
+                    pool,
+                    "--type",
+                    "process",
+                    *limit,
+                ],
+                env=env,
+                cwd=where,
+                stdout=logs[-1],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        )
+    worker = workers[0]
     log = tmp_path / "run.log"
     proc = start_run(
         {**prefect_server, **S3},
@@ -123,6 +153,9 @@ def test_generators_on_a_work_pool_are_replaced_and_counted(
             f"storage.run_id={run_id}",
             "placement.generators_deployment=scalerl-generate/gen-a",
             "generation.num_generators=2",
+            "placement.trainer_deployment=scalerl-train-node/train-t",
+            "placement.nodes=2",
+            "placement.trainer_ranks=2",
             f"schedule.max_steps={STEPS}",
             "trainer.checkpoint_every=2",
             "evaluation.every_steps=100",
@@ -173,11 +206,12 @@ def test_generators_on_a_work_pool_are_replaced_and_counted(
             time.sleep(0.5)
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
-        for p in (proc, worker, hand):
+        for p in (proc, hand, *workers):
             if p is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
-        worker_log.close()
+        for f in logs:
+            f.close()
     assert seen_hand, "the hand-started generator was never registered"
     assert replaced, "no replacement generator registered"
     text = log.read_text()
@@ -199,3 +233,17 @@ def test_generators_on_a_work_pool_are_replaced_and_counted(
     assert all(parents[name] == str(parent.id) for name in children)  # linked under the run
     assert children[f"{run_id}/gen1"].state.type.value == "CRASHED"
     assert children[f"{run_id}/gen0"].state.type.value == "COMPLETED"
+    nodes = {r.name: r for r in runs if "role:trainer" in r.tags}
+    assert set(nodes) == {f"{run_id}/trainer-node0", f"{run_id}/trainer-node1"}
+    assert all(r.state.type.value == "COMPLETED" for r in nodes.values())
+    assert all(parents[name] == str(parent.id) for name in nodes)
+    # each node ran on its own machine: the workers' logs name the flow runs they took
+    took = {m: (tmp_path / m / "worker-pool-t.log").read_text() for m in ("machine-a", "machine-b")}
+    for r in nodes.values():
+        assert sum(str(r.id) in text for text in took.values()) == 1
+    assert all(any(str(r.id) in took[m] for r in nodes.values()) for m in took)
+    # the checkpoint holds both nodes' DCP shards (rank 1's uploaded from its own node)
+    step = run.latest_checkpoint_step()
+    files = run.load_checkpoint(step, tmp_path / "ckpt", files=None)
+    shards = sorted(p.name for p in (Path(files) / "dcp").iterdir() if p.suffix == ".distcp")
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
