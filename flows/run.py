@@ -77,6 +77,12 @@ TABLE_EVERY_S = 15.0  # the metrics table artifact reads every trainer part file
 PROGRESS_EVERY_S = 1.0  # progress artifact updates are API calls: at most this often
 PLOTS_EVERY_S = 30.0  # in-run plot artifacts: after a new evaluation, at most this often
 STREAM_SUPERVISE_S = 0.5  # stage_tasks = stream: the loop only supervises, off the critical path
+
+
+class RunFailedError(RuntimeError):
+    """A part of the run failed for good (the trainer stopped because of it)."""
+
+
 REMOTE_WAIT_S = 300.0  # remote generators end within seconds of the status change; a lost
 # machine's flow run may never end: the run does not wait on it longer than this
 
@@ -300,6 +306,13 @@ def _run_held(config: RunConfig, run_id: str, writer, logger) -> dict:
             if not isinstance(exc, LeaseLostError):  # (a run taken over is its new writer's)
                 drop_local_weights(config, run_id)  # memory under /dev/shm; resume uses the store
         raise
+    failed = run.read_status() or {}
+    if failed.get("state") == "failed":  # e.g. every replacement of a generator was lost too
+        drop_local_weights(config, run_id)
+        raise RunFailedError(
+            f"run {run_id} failed: {failed.get('reason')}. Fix: see the failed task or flow "
+            f"runs; then `scalerl resume {run_id}` continues from what is committed."
+        )
     if summary.get("stalled"):  # it cannot learn: say why, and do not evaluate or fit
         drop_local_weights(config, run_id)
         run.write_status(

@@ -153,10 +153,35 @@ def _without_main():
             spawn.get_preparation_data = original
 
 
+AF_UNIX_ROOM = 60  # longest temp dir kept for the fork server's socket (AF_UNIX: 107 bytes)
+
+
+def _short_socket_dir() -> None:
+    """The fork server listens on an AF_UNIX socket in multiprocessing's temp dir, under
+    TMPDIR; a socket path is limited to 107 bytes, so under a long TMPDIR (a worker's job
+    directory, a pytest tmp path) the server cannot start ("AF_UNIX path too long"). Then
+    multiprocessing's temp dir goes to the first short writable system temp directory."""
+    import atexit
+    import multiprocessing.process as mp_process
+    import shutil
+    import tempfile
+
+    config = mp_process.current_process()._config
+    if config.get("tempdir") is not None or len(tempfile.gettempdir()) <= AF_UNIX_ROOM:
+        return
+    for base in ("/tmp", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(base) and os.access(base, os.W_OK):
+            made = tempfile.mkdtemp(prefix="pymp-", dir=base)
+            atexit.register(shutil.rmtree, made, True)
+            config["tempdir"] = made
+            return
+
+
 @functools.cache
 def _context():
     import multiprocessing
 
+    _short_socket_dir()
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["tasks.isolated_preload"])
     return ctx

@@ -164,8 +164,15 @@ def test_a_run_over_work_pools_replaces_a_lost_generator_and_trains_on_two_nodes
         log,
     )
     hand = None
-    watch = open_store(url, storage_options={"client_kwargs": {"endpoint_url": moto_endpoint}})
-    run = watch.run(run_id)
+    watch = open_store(
+        url,
+        storage_options={
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": moto_endpoint},
+        },
+    )
+    run = None
     try:
         # 1. both remote generators commit shards; then SIGKILL one's flow-run process
         deadline = time.monotonic() + 300
@@ -176,6 +183,7 @@ def test_a_run_over_work_pools_replaces_a_lost_generator_and_trains_on_two_nodes
                 (a_dir / "worker.log").read_text()[-3000:],
             )
             with contextlib.suppress(Exception):
+                run = run or watch.run(run_id)  # once prepare_run has created it
                 keys = [s.key for s in run.list_shards("raw")]
                 if {k.split("-")[0] for k in keys} >= {"gen0", "gen1"}:
                     break

@@ -208,3 +208,26 @@ def test_a_dead_parent_not_yet_reaped_counts_as_gone():
     finally:
         proc.wait()
     assert not _alive(proc.pid)  # reaped: no such process
+
+
+def test_children_start_under_a_temp_dir_too_long_for_a_unix_socket(tmp_path):
+    # A worker's job directory as TMPDIR: the fork server's AF_UNIX socket path would pass
+    # 107 bytes ("AF_UNIX path too long"); its temp dir goes to a short system one instead.
+    long_tmp = tmp_path / ("x" * 60) / ("y" * 60)
+    long_tmp.mkdir(parents=True)
+    script = _script(
+        tmp_path,
+        """
+        print(run_isolated("test_isolated:echo_target", config, "echo", value=3)["value"])
+        """,
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(long_tmp)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "6"
