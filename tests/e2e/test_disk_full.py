@@ -16,6 +16,7 @@ from tests.e2e.conftest import process_group_gone
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 BIN = Path(sys.executable).parent
+STEPS = 24
 
 
 @pytest.fixture
@@ -49,11 +50,11 @@ def _scalerl(*args):
 
 def test_a_full_disk_stops_the_run_with_one_line_and_resume_finishes_it(small_disk):
     root = small_disk / "runs"
-    # 40 steps publish 40 weight versions of 1.5 MB: more than 20 MB
+    # 24 steps publish 24 weight versions of 1.5 MB, all kept (retention off): above 20 MB
     proc, _, err = _scalerl(
         "run", "--preset", "tiny-cpu", "--storage", str(root), "--run-id", "full",
-        "--set", "schedule.max_steps=40", "--set", "evaluation.every_steps=100",
-        "--set", "data.num_eval_prompts=8",
+        "--set", f"schedule.max_steps={STEPS}", "--set", "evaluation.every_steps=100",
+        "--set", "data.num_eval_prompts=8", "--set", "weights.prune=false",
     )  # fmt: skip
     assert proc.returncode == 2, err[-3000:]
     (line,) = [x for x in err.splitlines() if x.startswith("error: ")]  # one line
@@ -65,11 +66,11 @@ def test_a_full_disk_stops_the_run_with_one_line_and_resume_finishes_it(small_di
     assert process_group_gone(proc.pid), "processes of the run outlived it"
     run = open_store(str(root)).run("full")
     stopped_at = run.latest_weights_version()
-    assert 0 < stopped_at < 40
+    assert 0 < stopped_at < STEPS
     subprocess.run(["mount", "-o", "remount,size=300m", str(small_disk)], check=True)
     proc, out, err = _scalerl("resume", "full", "--storage", str(root))
     assert proc.returncode == 0, err[-3000:]
-    assert "run full: step 40" in out
+    assert f"run full: step {STEPS}" in out
     assert run.read_status()["state"] == "finished"
     report = verify_run(run)
     assert report.ok, report.problems
