@@ -88,7 +88,7 @@ from scalerl.engines.base import (
     open_group,
     resolve_length,
 )
-from scalerl.engines.vllm_engine import _check_model, _refresh_tied_head
+from scalerl.engines.vllm_engine import _check_model, _refresh_tied_head, finish_segment
 from scalerl.length_control import LengthPolicy
 from scalerl.models import load_tokenizer
 
@@ -433,34 +433,16 @@ class AsyncVLLMEngine:
         live[self._submit(seq, sampling, salt, results)] = (seq, salt, max_tokens)
 
     def _segment_done(self, request_id: str, out, live: dict, sampling, results):
-        """A segment finished: push its tokens through the length state machine, then finish
-        the sequence or submit its next segment. Returns a group once it is complete."""
+        """A segment finished: its tokens through the length state machine (finish_segment,
+        shared with VLLMEngine), then the next segment is submitted or the sequence is done.
+        Returns a group once it is complete."""
         if out is None or not out.finished or request_id not in live:
             return None
         seq, salt, max_tokens = live.pop(request_id)
-        o = out.outputs[0]
-        versions = [self.version] * len(o.token_ids)
-        for span in o.weight_versions or []:  # stamped by the engine core, exact (docstring)
-            versions[span.start : span.end] = [int(span.version)] * (span.end - span.start)
-        decision = None
-        for i, t in enumerate(o.token_ids):
-            logprob = o.logprobs[i][t].logprob if o.logprobs else float("nan")
-            decision = seq.add_sampled(t, logprob, versions[i])
-            if decision.finish or decision.inject:
-                break  # a decision point ends the segment; nothing after it is kept
-        if seq.length.done:
-            return seq.group.finish(seq.completion(self.tokenizer))
-        if decision is not None and decision.inject:
-            self._add(live, seq, sampling, salt, results)  # continue after the phrase
-        elif o.finish_reason == "stop":  # an EOS id vLLM knows and the policy does not
-            seq.force_finish("interrupted" if seq.length.interrupted else "stop")
-            return seq.group.finish(seq.completion(self.tokenizer))
-        elif len(o.token_ids) < max_tokens:  # vLLM hit the context limit first
-            seq.force_finish("length")
-            return seq.group.finish(seq.completion(self.tokenizer))
-        else:  # thinking closed before its budget: continue, up to the next decision point
+        group, again = finish_segment(seq, out.outputs[0], max_tokens, self.version, self.tokenizer)
+        if again:
             self._add(live, seq, sampling, salt, results)
-        return None
+        return group
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

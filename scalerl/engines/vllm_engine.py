@@ -110,6 +110,33 @@ def _refresh_tied_head(worker) -> bool:
     return True
 
 
+def finish_segment(seq: SequenceState, o, max_tokens: int, version: int, tokenizer):
+    """One finished segment of a sequence (vLLM's CompletionOutput `o`, submitted with
+    `max_tokens`) through the length state machine, each token tagged with the version of
+    vLLM's weight-version span that produced it (`version` where none is recorded). Returns
+    (the completed group or None, whether to submit the sequence's next segment)."""
+    versions = [version] * len(o.token_ids)
+    for span in o.weight_versions or []:  # tagged by the engine, exact (module docstrings)
+        versions[span.start : span.end] = [int(span.version)] * (span.end - span.start)
+    decision = None
+    for i, t in enumerate(o.token_ids):
+        logprob = o.logprobs[i][t].logprob if o.logprobs else float("nan")
+        decision = seq.add_sampled(t, logprob, versions[i])
+        if decision.finish or decision.inject:
+            break  # a decision point ends the segment; nothing after it is kept
+    if seq.length.done:
+        return seq.group.finish(seq.completion(tokenizer)), False
+    if decision is not None and decision.inject:
+        return None, True  # continue after the phrase
+    if o.finish_reason == "stop":  # an EOS id vLLM knows and the policy does not
+        seq.force_finish("interrupted" if seq.length.interrupted else "stop")
+        return seq.group.finish(seq.completion(tokenizer)), False
+    if len(o.token_ids) < max_tokens:  # vLLM hit the context limit first
+        seq.force_finish("length")
+        return seq.group.finish(seq.completion(tokenizer)), False
+    return None, True  # thinking closed before its budget: on to the next decision point
+
+
 class VLLMEngine:
     """Step-driven vLLM with in-flight weight updates; see the module docstring."""
 
@@ -292,34 +319,16 @@ class VLLMEngine:
         live[self._submit(seq, sampling, salt)] = (seq, salt, max_tokens)
 
     def _segment_done(self, out, live: dict, sampling: SamplingSettings):
-        """A segment finished: push its tokens through the length state machine, then finish
-        the sequence or submit its next segment. Returns a group once it is complete."""
+        """A segment finished: its tokens through the length state machine (finish_segment),
+        then the next segment is submitted or the sequence is done. Returns a group once it
+        is complete."""
         if not out.finished or out.request_id not in live:
             return None
         seq, salt, max_tokens = live.pop(out.request_id)
-        o = out.outputs[0]
-        versions = [self.version] * len(o.token_ids)
-        for span in o.weight_versions or []:  # tags by engine step, exact (sync scheduling)
-            versions[span.start : span.end] = [int(span.version)] * (span.end - span.start)
-        decision = None
-        for i, t in enumerate(o.token_ids):
-            logprob = o.logprobs[i][t].logprob if o.logprobs else float("nan")
-            decision = seq.add_sampled(t, logprob, versions[i])
-            if decision.finish or decision.inject:
-                break  # a decision point ends the segment; nothing after it is kept
-        if seq.length.done:
-            return seq.group.finish(seq.completion(self.tokenizer))
-        if decision is not None and decision.inject:
-            self._add(live, seq, sampling, salt)  # continue after the phrase
-        elif o.finish_reason == "stop":  # an EOS id vLLM knows and the policy does not
-            seq.force_finish("interrupted" if seq.length.interrupted else "stop")
-            return seq.group.finish(seq.completion(self.tokenizer))
-        elif len(o.token_ids) < max_tokens:  # vLLM hit the context limit first
-            seq.force_finish("length")
-            return seq.group.finish(seq.completion(self.tokenizer))
-        else:  # thinking closed before its budget: continue, up to the next decision point
+        group, again = finish_segment(seq, out.outputs[0], max_tokens, self.version, self.tokenizer)
+        if again:
             self._add(live, seq, sampling, salt)
-        return None
+        return group
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
