@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import config_of_run
+from tasks.common import adopt_lease, config_of_run
 from tasks.rollouts import generate_rollouts
 
 
@@ -21,6 +21,11 @@ def scalerl_generate(
     generator_id: str,
     max_shards: int | None = None,
     endpoint_url: str | None = None,
+    writer_lease: str | None = None,
 ) -> dict:
+    """writer_lease: the run flow's lease ($SCALERL_LEASE) when the run started this generator:
+    its commits then check it, so a generator of a run taken over (resumed elsewhere, retried)
+    stops instead of writing beside the new writer. None for a generator added by hand."""
+    adopt_lease(writer_lease)
     config = config_of_run(storage_url, run_id, endpoint_url)
     return generate_rollouts(config, run_id, generator_id, max_shards)

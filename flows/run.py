@@ -20,6 +20,7 @@ and the curriculum continues from its committed state.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -303,6 +304,9 @@ def _run_held(config: RunConfig, run_id: str, writer, logger) -> dict:
             stop_children()
         finally:
             end_stream(run_id)
+            for remote in (generators, trainer):  # roles on other machines: stopped now
+                with contextlib.suppress(Exception):
+                    remote.cancel()
             if not isinstance(exc, LeaseLostError):  # (a run taken over is its new writer's)
                 drop_local_weights(config, run_id)  # memory under /dev/shm; resume uses the store
         raise

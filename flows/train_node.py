@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import config_of_run
+from tasks.common import adopt_lease, config_of_run
 from tasks.trainer_nodes import train_node
 
 
@@ -22,6 +22,10 @@ def scalerl_train_node(
     node_rank: int,
     attempt: str,
     endpoint_url: str | None = None,
+    writer_lease: str | None = None,
 ) -> dict:
+    """writer_lease: the run flow's lease; the node's commits check it (a node of a run taken
+    over stops writing)."""
+    adopt_lease(writer_lease)
     config = config_of_run(storage_url, run_id, endpoint_url)
     return train_node(config, run_id, node_rank, attempt)

@@ -462,7 +462,7 @@ class PlacementConfig(_Section):
     )
     rendezvous: str | None = Field(
         None,
-        description="placement.trainer_deployment: the c10d rendezvous endpoint HOST:PORT of the trainer nodes. None: node 0 picks its host's address and a free port and publishes it in the run store (marker trainer-rendezvous) for the other nodes.",
+        description="placement.trainer_deployment: the c10d rendezvous endpoint HOST:PORT of the trainer nodes. None: node 0 picks its host's address and a free port and publishes it in the run store (marker trainer-rendezvous-ATTEMPT) for the other nodes.",
         pattern=r"^[^:\s]+:[0-9]+$",
     )
     generators_deployment: str | None = Field(

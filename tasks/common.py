@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
 import secrets
 import shutil
 import tempfile
@@ -259,6 +260,15 @@ class WeightCache:
         for old in self.root.glob("v*"):
             if old.name != f"v{version}":
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def adopt_lease(writer_lease: str | None) -> None:
+    """Write under the run flow's lease from here on (a role it started on another machine):
+    this process and its children check it before every commit (storage/lease.py)."""
+    if writer_lease:
+        from storage import lease as leases
+
+        os.environ[leases.ENV] = writer_lease
 
 
 def config_of_run(storage_url: str, run_id: str, endpoint_url: str | None = None) -> RunConfig:

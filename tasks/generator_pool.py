@@ -44,19 +44,46 @@ def _log():
         return logging.getLogger(__name__)
 
 
+def _writer_lease() -> str | None:
+    """The run flow's lease ($SCALERL_LEASE), handed to the roles it starts elsewhere."""
+    import os
+
+    from storage import lease as leases
+
+    return os.environ.get(leases.ENV)
+
+
+def cancel_flow_runs(ids) -> None:
+    """Cancel flow runs that have not ended (best effort): their workers stop the processes."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        for i in ids:
+            try:
+                state = client.read_flow_run(i).state
+                if state is None or not state.is_final():
+                    client.set_flow_run_state(i, Cancelling(), force=True)
+            except Exception as exc:  # noqa: BLE001 - best effort
+                _log().warning("could not cancel flow run %s (%s)", i, exc)
+
+
 class LocalGenerator:
     """A generate_rollouts task run of this flow (its process on this machine)."""
 
     def __init__(self, generator_id: str, future) -> None:
         self.id, self.future = generator_id, future
 
+    def cancel(self) -> None:
+        pass  # a local child stops with the run's status (or stop_children)
+
     def state(self) -> str:
         if not self.future.wrapped_future.done():  # (.state would be an API call)
             return "running"
         return "completed" if self.future.state.is_completed() else "failed"
 
-    def wait(self, timeout: float | None = None) -> None:
-        self.future.wait(timeout)
+    def wait(self, deadline: float | None = None) -> None:
+        self.future.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 class RemoteGenerator:
@@ -81,15 +108,20 @@ class RemoteGenerator:
             self.last = "completed" if state.is_completed() else "failed"
         return self.last
 
-    def wait(self, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def cancel(self) -> None:
+        cancel_flow_runs([self.flow_run_id])
+
+    def wait(self, deadline: float | None = None) -> None:
+        """Until its flow run ends, or until time.monotonic() passes `deadline` (then it is
+        cancelled: its machine may be gone, and a scheduled one would start late)."""
         while self.state() == "running":
             if deadline is not None and time.monotonic() > deadline:
                 _log().warning(
-                    "generator %s (flow run %s) has not ended; not waiting for it any longer",
+                    "generator %s (flow run %s) has not ended: cancelling it",
                     self.id,
                     self.flow_run_id,
                 )
+                self.cancel()
                 return
             time.sleep(1.0)
 
@@ -107,14 +139,15 @@ class GeneratorPool:
     def start(self) -> None:
         for i in range(self.config.generation.num_generators):
             slot = f"gen{i}"
-            self.slots[slot] = [self._launch(slot)]
+            self.slots[slot] = [self._launch(slot, slot)]
 
-    def _launch(self, generator_id: str):
+    def _launch(self, generator_id: str, slot: str):
         if not self.remote:
             from tasks.rollouts import generate_rollouts
 
-            return LocalGenerator(
-                generator_id, generate_rollouts.submit(self.config, self.run_id, generator_id)
+            return LocalGenerator(  # a replacement takes its slot's devices (placement)
+                generator_id,
+                generate_rollouts.submit(self.config, self.run_id, generator_id, placed_as=slot),
             )
         from prefect.deployments import run_deployment
 
@@ -126,6 +159,7 @@ class GeneratorPool:
                 "run_id": self.run_id,
                 "generator_id": generator_id,
                 "endpoint_url": storage.endpoint_url,
+                "writer_lease": _writer_lease(),
             },
             timeout=0,  # started, not waited on: check() follows it
             as_subflow=True,  # linked under the run's flow run in the UI
@@ -146,15 +180,21 @@ class GeneratorPool:
 
     def check(self, run) -> None:
         """Replace the lost generators while the run is running; when every generator has
-        ended by itself (all prompts retired), tell the trainer no more data is coming."""
+        ended by itself (all prompts retired), tell the trainer no more data is coming. Lost:
+        its task or flow run ended failed or crashed, or (remote) it registered and its
+        heartbeat then expired (a lost machine's flow run may stay Running for good)."""
         if self.remote and time.monotonic() - self._checked < CHECK_EVERY_S:
             return
         self._checked = time.monotonic()
         if (run.read_status() or {}).get("state") != "running":
             return
+        expired = self._expired(run) if self.remote else set()
         states = {}
         for slot, gens in self.slots.items():
             state = gens[-1].state()
+            if state == "running" and gens[-1].id in expired:
+                gens[-1].cancel()
+                state = "failed"
             if state == "failed":
                 if len(gens) > MAX_REPLACEMENTS:
                     run.write_status(
@@ -167,13 +207,18 @@ class GeneratorPool:
                     return
                 replacement = f"{slot}-r{len(gens)}"
                 _log().warning(
-                    "generator %s was lost (its %s ended failed or crashed): the run goes on "
-                    "with the others, and %s replaces it",
+                    "generator %s was lost (%s): the run goes on with the others, and %s "
+                    "replaces it",
                     gens[-1].id,
-                    "flow run" if self.remote else "task run",
+                    "its heartbeat stopped"
+                    if gens[-1].id in expired
+                    else f"its {'flow run' if self.remote else 'task run'} ended failed or crashed",
                     replacement,
                 )
-                gens.append(self._launch(replacement))
+                try:
+                    gens.append(self._launch(replacement, slot))
+                except Exception as exc:  # noqa: BLE001 - the API blinked: next check retries
+                    _log().warning("could not start %s yet (%s); trying again", replacement, exc)
                 state = "running"
             states[slot] = state
         if states and all(s == "completed" for s in states.values()):
@@ -181,6 +226,25 @@ class GeneratorPool:
                 {"state": "exhausted", "reason": "every generator ended (prompts retired)"}
             )
 
-    def wait(self, timeout: float | None = None) -> None:
+    def _expired(self, run) -> set[str]:
+        """Generators that registered and whose heartbeat is older than GENERATOR_TTL_S."""
+        from tasks.rollouts import GENERATOR_PREFIX, live_generators
+
+        live = live_generators(run)
+        return {
+            name[len(GENERATOR_PREFIX) :]
+            for name in run.read_markers(GENERATOR_PREFIX)
+            if name[len(GENERATOR_PREFIX) :] not in live
+        }
+
+    def cancel(self) -> None:
+        """Stop the remote generators now (the run flow failed; local ones stop with it)."""
         for gen in self.current:
-            gen.wait(timeout)
+            gen.cancel()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until every generator has ended; remote ones share one deadline `timeout` from now,
+        after which the rest are cancelled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for gen in self.current:
+            gen.wait(deadline)

@@ -167,7 +167,8 @@ def _short_socket_dir() -> None:
     import tempfile
 
     config = mp_process.current_process()._config
-    if config.get("tempdir") is not None or len(tempfile.gettempdir()) <= AF_UNIX_ROOM:
+    current = config.get("tempdir") or tempfile.gettempdir()
+    if len(current) <= AF_UNIX_ROOM:
         return
     for base in ("/tmp", "/var/tmp", "/dev/shm"):
         if os.path.isdir(base) and os.access(base, os.W_OK):

@@ -15,7 +15,9 @@ and the store refuses the second, different, shard). It stops when the run's sta
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -98,16 +100,35 @@ class GeneratorRegistration:
             "started": time.time(),
         }
         self._beat = float("-inf")
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
         self.heartbeat()
+        self.doc["started"] = time.time()  # counted from when the entry is there
+        # a thread keeps the heartbeat through long engine steps, loads and batches (a gate
+        # that stopped counting a generator with a batch in flight would let one past k)
+        self._thread = threading.Thread(target=self._beating, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _beating(self) -> None:
+        while not self._stop.wait(GENERATOR_HEARTBEAT_S):
+            try:
+                self.heartbeat(force=True)
+            except Exception as e:  # noqa: BLE001 - the next beat tries again
+                logging.getLogger(__name__).warning("generator heartbeat failed (%s)", e)
 
     def heartbeat(self, force: bool = False) -> None:
-        if force or time.monotonic() - self._beat >= GENERATOR_HEARTBEAT_S:
-            self.run.write_marker(self.name, {**self.doc, "heartbeat": time.time()})
-            self._beat = time.monotonic()
+        with self._lock:
+            if self._stop.is_set():
+                return
+            if force or time.monotonic() - self._beat >= GENERATOR_HEARTBEAT_S:
+                self.run.write_marker(self.name, {**self.doc, "heartbeat": time.time()})
+                self._beat = time.monotonic()
 
     def release(self) -> None:
         """Not counted from now on (a clean end)."""
-        self.run.delete_marker(self.name)
+        self._stop.set()
+        with self._lock:
+            self.run.delete_marker(self.name)
 
 
 def live_generators(run, now: float | None = None) -> dict[str, dict]:
@@ -145,8 +166,9 @@ class LeadGate:
     def generators(self) -> int:
         """Live registered generators, this one included (read at most every COUNT_EVERY_S)."""
         if time.monotonic() - self._counted_at >= COUNT_EVERY_S:
+            asked = time.monotonic()  # as old as the listing's start, not its end
             self._count = max(1, len(live_generators(self.run)))
-            self._counted_at = time.monotonic()
+            self._counted_at = asked
         return self._count
 
     def __call__(self, in_flight: int) -> bool:
@@ -194,10 +216,15 @@ def _start_version(run, config: RunConfig, cache: WeightCache, lease, tries: int
 
 @task(name="generate-rollouts", retries=2, retry_delay_seconds=[5, 30], cache_policy=None)
 def generate_rollouts(
-    config: RunConfig, run_id: str, generator_id: str = "gen0", max_shards: int | None = None
+    config: RunConfig,
+    run_id: str,
+    generator_id: str = "gen0",
+    max_shards: int | None = None,
+    placed_as: str | None = None,
 ) -> dict:
     """The generator in its own process (tasks/isolated.py), supervised by this task, with its
-    planned CUDA_VISIBLE_DEVICES (scalerl/placement.py)."""
+    planned CUDA_VISIBLE_DEVICES (scalerl/placement.py); placed_as: the planned process whose
+    devices it takes (a replacement, genN-rM, takes genN's)."""
     from tasks.common import process_env
     from tasks.isolated import run_isolated
 
@@ -205,7 +232,7 @@ def generate_rollouts(
         "tasks.rollouts:generator_body",
         config,
         f"generator {generator_id}",
-        env=process_env(config, generator_id),
+        env=process_env(config, placed_as or generator_id),
         run_id=run_id,
         generator_id=generator_id,
         max_shards=max_shards,

@@ -7,9 +7,9 @@ joined by a c10d rendezvous; the run flow supervises them like its own trainer t
     summary = trainer.result()           # rank 0's summary, from the run store
 
 - Rendezvous: placement.rendezvous (HOST:PORT), or node 0 publishes its host's address and a
-  free port in the run store (marker trainer-rendezvous, with the attempt id) and the other
+  free port in the run store (marker trainer-rendezvous-ATTEMPT) and the other
   nodes wait for it. torchrun's c10d backend then assigns the ranks (rank 0 may land on any
-  node; it reports the trainer's summary through the store: marker trainer-summary).
+  node; it reports the trainer's summary through the store: marker trainer-summary-ATTEMPT).
 - Nothing is shared between nodes but the store: shards and weights come from it, each node
   writes its checkpoint shards into its own directory and uploads them, and rank 0 commits
   the checkpoint (scalerl/trainer/loop.py).
@@ -34,6 +34,7 @@ SUMMARY = "trainer-summary"
 MAX_ATTEMPTS = 3
 RENDEZVOUS_WAIT_S = 600.0
 CHECK_EVERY_S = 2.0
+RESTART_WAIT_S = 120.0  # a lost attempt's nodes get this long to end before the next starts
 
 
 class TrainerNodesError(RuntimeError):
@@ -56,17 +57,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _address(config: RunConfig) -> str:
+    """This machine's address as the other machines see it: the source address of a route to
+    the run store's endpoint or the Prefect API (a UDP connect sends nothing), else what the
+    host name resolves to (127.0.1.1 on a default Debian /etc/hosts: only one machine)."""
+    import os
+    from urllib.parse import urlparse
+
+    for url in (config.storage.endpoint_url, os.environ.get("PREFECT_API_URL")):
+        host = urlparse(url).hostname if url else None
+        if not host:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((host, 9))
+                return s.getsockname()[0]
+        except OSError:
+            continue
+    return socket.gethostbyname(socket.gethostname())
+
+
 def rendezvous_endpoint(config: RunConfig, run, node_rank: int, attempt: str) -> str:
     """HOST:PORT of this attempt's c10d rendezvous (module docstring)."""
     if config.placement.rendezvous:
         return config.placement.rendezvous
+    marker = f"{RENDEZVOUS}-{attempt}"
     if node_rank == 0:
-        endpoint = f"{socket.gethostbyname(socket.gethostname())}:{_free_port()}"
-        run.write_marker(RENDEZVOUS, {"attempt": attempt, "endpoint": endpoint})
+        endpoint = f"{_address(config)}:{_free_port()}"
+        run.write_marker(marker, {"attempt": attempt, "endpoint": endpoint})
         return endpoint
     deadline = time.monotonic() + RENDEZVOUS_WAIT_S
     while True:
-        doc = run.read_marker(RENDEZVOUS) or {}
+        doc = run.read_marker(marker) or {}
         if doc.get("attempt") == attempt:
             return doc["endpoint"]
         if time.monotonic() > deadline:
@@ -99,7 +121,9 @@ def train_node(config: RunConfig, run_id: str, node_rank: int, attempt: str) -> 
 def report_summary(config: RunConfig, run_id: str, attempt: str, summary: dict) -> None:
     from tasks.common import open_run
 
-    open_run(config, run_id).write_marker(SUMMARY, {"attempt": attempt, "summary": summary})
+    open_run(config, run_id).write_marker(
+        f"{SUMMARY}-{attempt}", {"attempt": attempt, "summary": summary}
+    )
 
 
 class LocalTrainer:
@@ -111,6 +135,9 @@ class LocalTrainer:
     @property
     def wrapped_future(self):
         return self.future.wrapped_future
+
+    def cancel(self) -> None:
+        pass  # a local trainer stops with the run's status (or stop_children)
 
     def done(self) -> bool:
         return self.future.wrapped_future.done()
@@ -124,13 +151,19 @@ class RemoteTrainer:
         self.config, self.run_id = config, run_id
         self.attempts: list[tuple[str, list]] = []  # (attempt id, node flow run ids)
         self._checked, self._done, self._error = float("-inf"), False, None
+        self._restart_after: float | None = None  # set while a lost attempt winds down
         self.wrapped_future = None
 
     def start(self) -> None:
+        """A new attempt: one flow run per node. Each id is recorded as it is created, so a
+        failure half-way leaves no node unknown (it is cancelled with its attempt)."""
         from prefect.deployments import run_deployment
+
+        from tasks.generator_pool import _writer_lease
 
         attempt = f"{self.run_id}-{len(self.attempts)}-{uuid.uuid4().hex[:6]}"
         storage, runs = self.config.storage, []
+        self.attempts.append((attempt, runs))
         for rank in range(self.config.placement.nodes):
             flow_run = run_deployment(
                 self.config.placement.trainer_deployment,
@@ -140,6 +173,7 @@ class RemoteTrainer:
                     "node_rank": rank,
                     "attempt": attempt,
                     "endpoint_url": storage.endpoint_url,
+                    "writer_lease": _writer_lease(),
                 },
                 timeout=0,
                 as_subflow=True,
@@ -147,7 +181,6 @@ class RemoteTrainer:
                 tags=[*TAGS, run_tag(self.run_id), "role:trainer"],
             )
             runs.append(flow_run.id)
-        self.attempts.append((attempt, runs))
         _log().info(
             "trainer attempt %s: %d node flow runs of %s",
             attempt,
@@ -161,20 +194,17 @@ class RemoteTrainer:
         with get_client(sync_client=True) as client:
             return [client.read_flow_run(i).state for i in self.attempts[-1][1]]
 
-    def _cancel(self, ids) -> None:
-        from prefect.client.orchestration import get_client
-        from prefect.states import Cancelling
+    def cancel(self) -> None:
+        from tasks.generator_pool import cancel_flow_runs
 
-        with get_client(sync_client=True) as client:
-            for i in ids:
-                try:
-                    state = client.read_flow_run(i).state
-                    if state is None or not state.is_final():
-                        client.set_flow_run_state(i, Cancelling(), force=True)
-                except Exception as exc:  # noqa: BLE001 - best effort
-                    _log().warning("could not cancel trainer node flow run %s (%s)", i, exc)
+        if self.attempts:
+            cancel_flow_runs(self.attempts[-1][1])
 
     def done(self) -> bool:
+        """Whether the trainer has ended (a lost attempt is restarted, not done). A new attempt
+        starts only once every node of the lost one has ended (cancelled), or RESTART_WAIT_S
+        after asking, so two attempts never write the run at once (their nodes also check the
+        run's writer lease)."""
         if self._done:
             return True
         if time.monotonic() - self._checked < CHECK_EVERY_S:
@@ -185,13 +215,23 @@ class RemoteTrainer:
         except Exception as exc:  # noqa: BLE001 - the API blinked: ask again
             _log().warning("could not read the trainer nodes' flow runs (%s)", exc)
             return False
-        if any(s is not None and s.is_final() and not s.is_completed() for s in states):
-            lost = [
-                i
-                for i, s in enumerate(states)
-                if s is not None and s.is_final() and not s.is_completed()
-            ]
-            self._cancel(self.attempts[-1][1])
+        if self._restart_after is not None:
+            ended = all(s is not None and s.is_final() for s in states)
+            if ended or time.monotonic() > self._restart_after:
+                self._restart_after = None
+                try:
+                    self.start()
+                except Exception as exc:  # noqa: BLE001 - retried at the next look
+                    _log().warning("could not start a new trainer attempt yet (%s)", exc)
+                    self._restart_after = time.monotonic()
+            return False
+        lost = [
+            i
+            for i, s in enumerate(states)
+            if s is not None and s.is_final() and not s.is_completed()
+        ]
+        if lost or len(states) < self.config.placement.nodes:
+            self.cancel()
             if len(self.attempts) >= MAX_ATTEMPTS:
                 self._error = TrainerNodesError(
                     f"the trainer failed {len(self.attempts)} times over its nodes (last: node(s) "
@@ -201,12 +241,12 @@ class RemoteTrainer:
                 self._done = True
                 return True
             _log().warning(
-                "trainer node(s) %s of attempt %s were lost: the other nodes are cancelled and "
-                "a new attempt resumes from the newest checkpoint",
+                "trainer node(s) %s of attempt %s were lost: the other nodes are cancelled, and "
+                "a new attempt resumes from the newest checkpoint once they have ended",
                 lost,
                 self.attempts[-1][0],
             )
-            self.start()
+            self._restart_after = time.monotonic() + RESTART_WAIT_S
             return False
         if states and all(s is not None and s.is_completed() for s in states):
             self._done = True
@@ -217,10 +257,11 @@ class RemoteTrainer:
 
         if self._error is not None:
             raise self._error
-        doc = open_run(self.config, self.run_id).read_marker(SUMMARY) or {}
-        if doc.get("attempt") != self.attempts[-1][0]:
+        attempt = self.attempts[-1][0]
+        doc = open_run(self.config, self.run_id).read_marker(f"{SUMMARY}-{attempt}") or {}
+        if doc.get("attempt") != attempt:
             raise TrainerNodesError(
                 f"the trainer's nodes ended, but its rank 0 reported no summary for attempt "
-                f"{self.attempts[-1][0]}. Fix: see the trainer nodes' flow runs."
+                f"{attempt}. Fix: see the trainer nodes' flow runs."
             )
         return doc["summary"]

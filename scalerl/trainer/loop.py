@@ -596,11 +596,20 @@ class Trainer:
         if self.is_main:
             self.checkpoints.withdraw(self.version)
         self.dp.barrier()
-        part = None
+        part: list | dict | None = None
         if self.dp.local_rank == 0 and not self.is_main:
-            part = self.checkpoints.upload_part(self.version, local)
-        gathered = self.dp.gather_to_main(part)
-        return [e for p in gathered or [] if p for e in p]
+            try:
+                part = self.checkpoints.upload_part(self.version, local)
+            except Exception as e:  # noqa: BLE001 - every rank must reach the gather below
+                part = {"error": f"{type(e).__name__}: {e}"}
+        gathered = self.dp.gather_to_main(part) or []
+        failed = [p["error"] for p in gathered if isinstance(p, dict)]
+        if failed:  # rank 0 fails the checkpoint (the group then stops; the task is retried)
+            raise RuntimeError(
+                f"a trainer node could not upload its checkpoint shards: {failed[0]}. Fix: see "
+                "that node's log; the trainer is retried and resumes from the last checkpoint."
+            )
+        return [e for p in gathered if p for e in p]
 
     def _write_checkpoint(self, sharded: Path | None, parts: list[dict] | None = None) -> None:
         state = TrainerState(

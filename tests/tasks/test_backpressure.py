@@ -163,6 +163,7 @@ def test_the_gate_counts_live_registered_generators_wherever_they_run(tmp_path, 
     assert gate.generators == 3 and not gate(1)
     assert gate(0)  # 0 + 1 + 0 + 2 = 3 <= 3
     # gen1 died: its heartbeat ages past the TTL; a clean end (release) leaves at once
+    regs[1]._stop.set()  # its process died: no more heartbeats
     stale = {**regs[1].doc, "heartbeat": _time.time() - GENERATOR_TTL_S - 1}
     run.write_marker("generator-gen1", stale)
     regs[2].release()
