@@ -268,6 +268,20 @@ def load_policy(
     return model.to(device).eval(), tokenizer
 
 
+def map_tensors(state: dict, fn) -> dict:
+    """`fn` applied once per distinct tensor of a state dict, keeping its aliasing: tied
+    tensors (an LM head sharing the embedding) stay one tensor, so save_pretrained writes them
+    once, as from the live model."""
+    done: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, t in state.items():
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in done:
+            done[key] = fn(t)
+        out[name] = done[key]
+    return out
+
+
 def torch_dtype(dtype: str) -> torch.dtype:
     """Map a dtype name ("float32", "bfloat16", "float16") to a torch dtype."""
     if dtype not in _DTYPES:

@@ -121,8 +121,6 @@ class StoreWeights:
     def poll(self):
         from storage.errors import NotCommittedError
 
-        if self.lease is not None:
-            self.lease.heartbeat()
         latest = self.cache.run.latest_weights_version()
         if latest is None or latest <= self.current:
             return None

@@ -24,24 +24,14 @@ generator, not with one machine).
 
 from __future__ import annotations
 
-import logging
 import time
 
 from scalerl.config import RunConfig
 from tasks.flow_runs import TAGS, run_tag
+from tasks.isolated import task_logger
 
 MAX_REPLACEMENTS = 3
 CHECK_EVERY_S = 5.0  # a remote generator's state is an API call
-
-
-def _log():
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
 
 
 def _writer_lease() -> str | None:
@@ -65,7 +55,7 @@ def cancel_flow_runs(ids) -> None:
                 if state is None or not state.is_final():
                     client.set_flow_run_state(i, Cancelling(), force=True)
             except Exception as exc:  # noqa: BLE001 - best effort
-                _log().warning("could not cancel flow run %s (%s)", i, exc)
+                task_logger().warning("could not cancel flow run %s (%s)", i, exc)
 
 
 class LocalGenerator:
@@ -100,7 +90,7 @@ class RemoteGenerator:
             with get_client(sync_client=True) as client:
                 state = client.read_flow_run(self.flow_run_id).state
         except Exception as exc:  # noqa: BLE001 - the API blinked: ask again next time
-            _log().warning("could not read generator %s's flow run (%s)", self.id, exc)
+            task_logger().warning("could not read generator %s's flow run (%s)", self.id, exc)
             return self.last
         if state is None or not state.is_final():
             self.last = "running"
@@ -116,7 +106,7 @@ class RemoteGenerator:
         cancelled: its machine may be gone, and a scheduled one would start late)."""
         while self.state() == "running":
             if deadline is not None and time.monotonic() > deadline:
-                _log().warning(
+                task_logger().warning(
                     "generator %s (flow run %s) has not ended: cancelling it",
                     self.id,
                     self.flow_run_id,
@@ -166,7 +156,7 @@ class GeneratorPool:
             flow_run_name=f"{self.run_id}/{generator_id}",
             tags=[*TAGS, run_tag(self.run_id), "role:generator"],
         )
-        _log().info(
+        task_logger().info(
             "generator %s: flow run %s of deployment %s",
             generator_id,
             flow_run.id,
@@ -206,7 +196,7 @@ class GeneratorPool:
                     )
                     return
                 replacement = f"{slot}-r{len(gens)}"
-                _log().warning(
+                task_logger().warning(
                     "generator %s was lost (%s): the run goes on with the others, and %s "
                     "replaces it",
                     gens[-1].id,
@@ -218,7 +208,9 @@ class GeneratorPool:
                 try:
                     gens.append(self._launch(replacement, slot))
                 except Exception as exc:  # noqa: BLE001 - the API blinked: next check retries
-                    _log().warning("could not start %s yet (%s); trying again", replacement, exc)
+                    task_logger().warning(
+                        "could not start %s yet (%s); trying again", replacement, exc
+                    )
                 state = "running"
             states[slot] = state
         if states and all(s == "completed" for s in states.values()):

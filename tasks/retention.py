@@ -143,24 +143,18 @@ def apply_plan(run: Run, plan: PrunePlan, *, by: str) -> int:
     version recorded and still there (deleted by the next prune), never one gone unrecorded."""
     from tasks.weights import held_versions
 
-    weights = plan.weights
-    if weights:
-        held = held_versions(run)  # a reader may have started on one since the plan
-        floor = min(held.values()) if held else None
-        weights = [v for v in weights if floor is None or v < floor]
-    if not weights and not plan.checkpoints:
-        return 0
-    if plan.checkpoints:  # never the one the LATEST pointer names (a crash can leave it
-        pointed = run.checkpoint_pointer()  # behind the newest committed)
-        plan = PrunePlan(
-            **{**plan.__dict__, "checkpoints": [c for c in plan.checkpoints if c != pointed]}
-        )
-    pointed_w = run.weights_pointer()
-    weights = [v for v in weights if v != pointed_w]
-    if not weights and not plan.checkpoints:
+    weights, checkpoints = plan.weights, plan.checkpoints
+    if weights:  # a reader may have started on one since the plan; never what LATEST names
+        held = held_versions(run)
+        floor, pointed = min(held.values()) if held else None, run.weights_pointer()
+        weights = [v for v in weights if (floor is None or v < floor) and v != pointed]
+    if checkpoints:  # a crash can leave checkpoints/LATEST behind the newest committed one
+        pointed = run.checkpoint_pointer()
+        checkpoints = [c for c in checkpoints if c != pointed]
+    if not weights and not checkpoints:
         return 0
     sizes = {("weights", v): n for v, n in run.weights_bytes(weights).items()}
-    sizes |= {("checkpoint", s): n for s, n in run.checkpoint_bytes(plan.checkpoints).items()}
+    sizes |= {("checkpoint", s): n for s, n in run.checkpoint_bytes(checkpoints).items()}
     now = time.time()
     rows = [
         {"kind": kind, "number": n, "bytes": size, "by": by, "pruned_at": now}
@@ -171,7 +165,7 @@ def apply_plan(run: Run, plan: PrunePlan, *, by: str) -> int:
     freed = 0
     for v in weights:
         freed += run.delete_weights(v)
-    for s in plan.checkpoints:
+    for s in checkpoints:
         freed += run.delete_checkpoint(s)
     return freed
 

@@ -295,7 +295,6 @@ def generator_body(
     last_check, stop = [0.0], [False]
 
     def should_stop() -> bool:
-        registration.heartbeat()
         if time.monotonic() - last_check[0] >= STATUS_POLL_S:
             last_check[0] = time.monotonic()
             stop[0] = (run.read_status() or {}).get("state", "running") != "running"

@@ -21,13 +21,13 @@ joined by a c10d rendezvous; the run flow supervises them like its own trainer t
 
 from __future__ import annotations
 
-import logging
 import socket
 import time
 import uuid
 
 from scalerl.config import RunConfig
 from tasks.flow_runs import TAGS, run_tag
+from tasks.isolated import task_logger
 
 RENDEZVOUS = "trainer-rendezvous"
 SUMMARY = "trainer-summary"
@@ -41,17 +41,7 @@ class TrainerNodesError(RuntimeError):
     pass
 
 
-def _log():
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
-
-
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -83,7 +73,7 @@ def rendezvous_endpoint(config: RunConfig, run, node_rank: int, attempt: str) ->
         return config.placement.rendezvous
     marker = f"{RENDEZVOUS}-{attempt}"
     if node_rank == 0:
-        endpoint = f"{_address(config)}:{_free_port()}"
+        endpoint = f"{_address(config)}:{free_port()}"
         run.write_marker(marker, {"attempt": attempt, "endpoint": endpoint})
         return endpoint
     deadline = time.monotonic() + RENDEZVOUS_WAIT_S
@@ -111,7 +101,7 @@ def train_node(config: RunConfig, run_id: str, node_rank: int, attempt: str) -> 
     role = NodeRole(
         node_rank, config.placement.nodes, endpoint, attempt, node_rank == 0 if published else None
     )
-    _log().info(
+    task_logger().info(
         "trainer node %d of %d: rendezvous %s (%s)", node_rank, role.nodes, endpoint, attempt
     )
     # a node's devices are its job's (the work pool gives the machine its GPUs; LOCAL_RANK pins one)
@@ -181,7 +171,7 @@ class RemoteTrainer:
                 tags=[*TAGS, run_tag(self.run_id), "role:trainer"],
             )
             runs.append(flow_run.id)
-        _log().info(
+        task_logger().info(
             "trainer attempt %s: %d node flow runs of %s",
             attempt,
             len(runs),
@@ -213,7 +203,7 @@ class RemoteTrainer:
         try:
             states = self._states()
         except Exception as exc:  # noqa: BLE001 - the API blinked: ask again
-            _log().warning("could not read the trainer nodes' flow runs (%s)", exc)
+            task_logger().warning("could not read the trainer nodes' flow runs (%s)", exc)
             return False
         if self._restart_after is not None:
             ended = all(s is not None and s.is_final() for s in states)
@@ -222,7 +212,7 @@ class RemoteTrainer:
                 try:
                     self.start()
                 except Exception as exc:  # noqa: BLE001 - retried at the next look
-                    _log().warning("could not start a new trainer attempt yet (%s)", exc)
+                    task_logger().warning("could not start a new trainer attempt yet (%s)", exc)
                     self._restart_after = time.monotonic()
             return False
         lost = [
@@ -240,7 +230,7 @@ class RemoteTrainer:
                 )
                 self._done = True
                 return True
-            _log().warning(
+            task_logger().warning(
                 "trainer node(s) %s of attempt %s were lost: the other nodes are cancelled, and "
                 "a new attempt resumes from the newest checkpoint once they have ended",
                 lost,

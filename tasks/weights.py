@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 
 from scalerl.config import RunConfig
@@ -169,7 +170,7 @@ class LocalDirs:
         if n == self.latest():
             return 0
         path = self.path(n)
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+        size = _dir_bytes(path) if path.is_dir() else 0
         aside = self.root / f".old-v{n}-{uuid.uuid4().hex[:8]}"
         try:
             os.replace(path, aside)  # readers never see a half-deleted v{n}
@@ -215,7 +216,7 @@ class TransportPublisher:
             from tasks.retention import Pruner
 
             self.pruner = Pruner(run, self.config, None)
-        self.timings: list[dict] = []  # per publish: seconds in save / store (bench)
+        self.timings: deque[dict] = deque(maxlen=100)  # last publishes: save / store seconds
 
     @property
     def dtype(self):
@@ -236,8 +237,10 @@ class TransportPublisher:
     ) -> None:
         """durable: whether the store receives it (default: always_durable)."""
         state = state_dict if state_dict is not None else model.state_dict()
-        dtype = self.dtype
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        from scalerl.models import map_tensors
+
+        dtype = self.dtype  # cast once per tensor: a tied head stays the embedding's tensor
+        state = map_tensors(state, lambda t: t.to(dtype) if t.is_floating_point() else t)
         if durable is None:
             durable = always_durable(self.config, version)
         t0 = time.perf_counter()
@@ -350,7 +353,6 @@ class ReaderLease:
     def __init__(self, run: Run, reader_id: str) -> None:
         self.run, self.name = run, f"{READER_PREFIX}{reader_id}"
         self.version: int | None = None
-        self._beat = float("-inf")
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -374,11 +376,6 @@ class ReaderLease:
             except Exception as e:  # noqa: BLE001 - the next beat tries again
                 log.warning("reader lease %s: heartbeat failed (%s)", self.name, e)
 
-    def heartbeat(self) -> None:
-        """Refresh the lease at most every READER_HEARTBEAT_S (call it often)."""
-        if self.version is not None and time.monotonic() - self._beat >= READER_HEARTBEAT_S:
-            self._write()
-
     def _write(self) -> None:
         self.run.write_marker(
             self.name,
@@ -389,7 +386,6 @@ class ReaderLease:
                 "pid": os.getpid(),
             },
         )
-        self._beat = time.monotonic()
 
     def release(self) -> None:
         self._stop.set()

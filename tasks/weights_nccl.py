@@ -216,9 +216,9 @@ class NcclPublisher(TransportPublisher):  # pragma: no cover - gpu
         if self._engine is not None:
             self._engine.shutdown()
         tp = self.config.placement.tensor_parallel
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
+        from tasks.trainer_nodes import free_port
+
+        port = free_port()
         info = NCCLTrainerInitInfo(
             master_address=self._address(members),
             master_port=port,
@@ -315,8 +315,6 @@ class NcclWeights:
         return (doc.get("generators") or {}).get(self.id) == self.instance
 
     def poll(self):
-        if self.lease is not None:
-            self.lease.heartbeat()
         doc = self.run.read_marker(RPC)
         while doc is not None and int(doc.get("seq", 0)) > self.done:
             method, member = doc["method"], self._member(doc)

@@ -77,7 +77,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from scalerl.engines.base import (
-    HOLD,
     HOLD_SLEEP_S,
     Completion,
     EngineError,
@@ -88,7 +87,12 @@ from scalerl.engines.base import (
     open_group,
     resolve_length,
 )
-from scalerl.engines.vllm_engine import _check_model, _refresh_tied_head, finish_segment
+from scalerl.engines.vllm_engine import (
+    _check_model,
+    _refresh_tied_head,
+    draw_requests,
+    finish_segment,
+)
 from scalerl.length_control import LengthPolicy
 from scalerl.models import load_tokenizer
 
@@ -368,20 +372,14 @@ class AsyncVLLMEngine:
                 if weights is not None and (new := weights.poll()) is not None:
                     self.load_weights(*new)
                 held = False
-                while len(live) + len(waiting) < self.max_batch_size and not exhausted:
-                    req = next(source, None)
-                    if req is None:
-                        exhausted = True
-                        break
-                    if req is HOLD:  # nothing to start now: run what is live, ask again
-                        held = True
-                        break
-                    _, seqs, done_group = open_group(
-                        req, self.tokenizer, sampling, policy, self.context_len
+                if not exhausted:  # HOLD: nothing to start now; run what is live, ask again
+                    exhausted, held, opened = draw_requests(
+                        source,
+                        self.max_batch_size - len(live),
+                        waiting,
+                        lambda r: open_group(r, self.tokenizer, sampling, policy, self.context_len),
                     )
-                    waiting.extend(seqs)
-                    if done_group is not None:
-                        yield done_group
+                    yield from opened
                 while waiting and len(live) < self.max_batch_size:
                     self._add(live, waiting.popleft(), sampling, f"v{self.version}", results)
                 if not live:

@@ -110,6 +110,25 @@ def _refresh_tied_head(worker) -> bool:
     return True
 
 
+def draw_requests(source, room: int, waiting: deque, open_one) -> tuple[bool, bool, list]:
+    """Pull group requests from `source` until `waiting` holds `room` sequences, a HOLD comes
+    (nothing to start now) or the source ends; `open_one(request)` is open_group's
+    (group, sequences, group finished at once or None). Returns (source exhausted, held,
+    groups finished at once). Shared by both vLLM engines."""
+    done = []
+    while len(waiting) < room:
+        req = next(source, None)
+        if req is None:
+            return True, False, done
+        if req is HOLD:
+            return False, True, done
+        _, seqs, finished = open_one(req)
+        waiting.extend(seqs)
+        if finished is not None:
+            done.append(finished)
+    return False, False, done
+
+
 def finish_segment(seq: SequenceState, o, max_tokens: int, version: int, tokenizer):
     """One finished segment of a sequence (vLLM's CompletionOutput `o`, submitted with
     `max_tokens`) through the length state machine, each token tagged with the version of
@@ -282,20 +301,14 @@ class VLLMEngine:
                 if weights is not None and (new := weights.poll()) is not None:
                     self.load_weights(*new)
                 held = False
-                while len(live) + len(waiting) < self.max_batch_size and not exhausted:
-                    req = next(source, None)
-                    if req is None:
-                        exhausted = True
-                        break
-                    if req is HOLD:  # nothing to start now: step what is live, ask again
-                        held = True
-                        break
-                    _, seqs, done_group = open_group(
-                        req, self.tokenizer, sampling, policy, self.context_len
+                if not exhausted:  # HOLD: nothing to start now; step what is live, ask again
+                    exhausted, held, opened = draw_requests(
+                        source,
+                        self.max_batch_size - len(live),
+                        waiting,
+                        lambda r: open_group(r, self.tokenizer, sampling, policy, self.context_len),
                     )
-                    waiting.extend(seqs)
-                    if done_group is not None:
-                        yield done_group
+                    yield from opened
                 while waiting and len(live) < self.max_batch_size:
                     self._add(live, waiting.popleft(), sampling, f"v{self.version}")
                 if not live:

@@ -168,16 +168,10 @@ class BackgroundPublisher:
 
 
 def cpu_copy(state: dict) -> dict:
-    """A CPU copy of a state dict that keeps its aliasing: tied tensors (an LM head sharing the
-    embedding) stay one tensor, so save_pretrained writes them once, as from the live model."""
-    copies: dict[tuple, torch.Tensor] = {}
-    out = {}
-    for name, t in state.items():
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if key not in copies:
-            copies[key] = t.detach().to("cpu", copy=True)
-        out[name] = copies[key]
-    return out
+    """A CPU copy of a state dict that keeps its aliasing (scalerl.models.map_tensors)."""
+    from scalerl.models import map_tensors
+
+    return map_tensors(state, lambda t: t.detach().to("cpu", copy=True))
 
 
 def _checkpoint_step(local: Path) -> int:

@@ -236,3 +236,19 @@ def test_checkpoints_are_kept_last_n_plus_every_mth(tmp_path):
     assert run.list_checkpoints() == [4, 8, 10]
     with pytest.raises(Exception, match="newest one"):
         run.delete_checkpoint(10)
+
+
+def test_a_cast_to_the_generators_dtype_keeps_a_tied_head_one_tensor(model, tmp_path):
+    """fp32 trainer, bf16 generators: each tensor is cast once, so the tied LM head is not
+    written beside the embedding (it would double the head's bytes in every version)."""
+    from safetensors import safe_open
+
+    cfg = _cfg(tmp_path)
+    run = _run(cfg)
+    m, tok = model
+    TransportPublisher(run, cfg, "bfloat16").publish(0, m, tok)
+    local = run.download_weights(0, tmp_path / "w0")
+    with safe_open(local / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert {f.get_tensor(k).dtype for k in keys} == {torch.bfloat16}
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
