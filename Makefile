@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format gpu-test gpu-bench
+.PHONY: install demo test lint format warm-weights warm-check gpu-test gpu-bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The shipped builtin:tiny-warm weights (scalerl/assets/tiny-warm): rebuild them (~4 min, one
+# core), or rebuild in a temp dir and compare with the shipped bytes (exit 1 if they differ).
+warm-weights: $(STAMP)
+	$(BIN)/python -m scalerl.warmstart ship
+
+warm-check: $(STAMP)
+	$(BIN)/python -m scalerl.warmstart check
 
 # GPU machines: a Python with the CUDA builds of torch and vLLM (`pip install -e '.[gpu,dev]'` after
 # your CUDA torch); nothing here downloads a model. See README "GPU".

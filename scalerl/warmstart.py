@@ -28,13 +28,30 @@ by sharpening the distribution, so the sampled held-out pass rate has a long way
 Deterministic: the same arguments on the same machine give byte-identical safetensors (seeded
 init, seeded data, one thread, deterministic algorithms). Training prompts come from their own
 seed, and any prompt in ``exclude`` (the run's held-out set) is skipped.
+
+Shipped weights: the warm model of the tiny-cpu preset (data.seed 0, its 128 held-out prompts
+excluded) is in the repository, scalerl/assets/tiny-warm/, with a manifest that records the
+inputs and every file's sha256. A run uses it when it was built for the run's seed and recipe and
+excluded every held-out prompt of the run that the warm start would train on (``shipped_for``);
+its files are checked against the manifest first. Any other run trains its own once (~3 min)
+and caches it. Rebuild or check the shipped copy with::
+
+    python -m scalerl.warmstart ship    # rewrite scalerl/assets/tiny-warm (~3 min, one core)
+    python -m scalerl.warmstart check   # rebuild in a temp dir, compare with the shipped bytes
+
+The bytes are reproducible on the same CPU kind and software (torch's CPU kernels pick their
+instruction set at run time: AVX2, AVX-512 or AMX machines round matmuls differently, and so do
+other torch versions), which is why the repository ships them instead of every machine
+training its own: the start of the demo's curve is the same everywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +66,14 @@ if TYPE_CHECKING:
 # Offset of the warm-start data seed from the run's seed: warm-start prompts are a different
 # draw from the distribution of task_rows(seed=run seed).
 DATA_SEED_OFFSET = 7_919
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-warm"
+"""The shipped builtin:tiny-warm of the tiny-cpu preset (model files + manifest.json)."""
+MANIFEST = "manifest.json"
+
+
+class ShippedWeightsError(ValueError):
+    """The shipped warm weights do not match their manifest (edited, truncated, corrupted)."""
 
 
 @dataclass(frozen=True)
@@ -291,3 +316,162 @@ def pass_rate(
         scorer.score(r, c).passed for r, cs in zip(rows, completions, strict=True) for c in cs
     ]
     return sum(passed) / len(passed)
+
+
+# ------------------------------------------------------------------------ shipped weights
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _spec_json(spec: WarmStartSpec) -> dict:
+    return json.loads(json.dumps(asdict(spec)))  # tuples as lists, as the manifest holds them
+
+
+def shipped_for(
+    seed: int, spec: WarmStartSpec, overlap: Iterable[str], root: Path | None = None
+) -> Path | None:
+    """The shipped warm model's directory if it was built for these inputs, else None.
+
+    It applies when it was built with this seed and recipe and it excluded every prompt in
+    ``overlap`` (the run's held-out prompts that the warm start would train on): then it never
+    saw one of them, exactly like a model built for this run. Every file is checked against the
+    manifest's sha256 first; a mismatch raises ShippedWeightsError naming the file and the fix.
+    """
+    root = SHIPPED_DIR if root is None else Path(root)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest["seed"] != seed or manifest["spec"] != _spec_json(spec):
+        return None
+    if not set(overlap) <= set(manifest["excluded"]):
+        return None
+    for name, digest in manifest["files"].items():
+        path = root / name
+        got = _sha256(path) if path.is_file() else "missing"
+        if got != digest:
+            raise ShippedWeightsError(
+                f"the shipped builtin:tiny-warm file {path} does not match its manifest "
+                f"(sha256 {got[:16]}, recorded {digest[:16]}). Fix: restore it with "
+                f"`git checkout -- {root}`, or rebuild it on this machine with "
+                "`python -m scalerl.warmstart ship` (rewrites the manifest)."
+            )
+    return root
+
+
+def preset_inputs() -> tuple[int, WarmStartSpec, list[str]]:
+    """(seed, spec, excluded prompts) of the tiny-cpu preset's warm model: its held-out prompts
+    that the warm start would otherwise train on."""
+    from scalerl.config import load_config
+    from scalerl.data import load_prompts
+
+    config = load_config(preset="tiny-cpu")
+    seed, spec = config.data.seed, WarmStartSpec()
+    trained_on = {r["prompt"] for r in training_rows(seed=seed, spec=spec)}
+    held_out = {r["prompt"] for r in load_prompts(config.data).eval}
+    return seed, spec, sorted(trained_on & held_out)
+
+
+def build_shipped(out: Path, log=None) -> dict:
+    """Train the tiny-cpu preset's warm model into ``out`` and write its manifest; return it."""
+    import platform
+
+    import torch
+    import transformers
+
+    seed, spec, excluded = preset_inputs()
+    warm_start_tiny(out, seed=seed, spec=spec, exclude=excluded, log=log)
+    files = sorted(p.name for p in Path(out).iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "what": "builtin:tiny-warm for the tiny-cpu preset (scalerl/warmstart.py)",
+        "command": "python -m scalerl.warmstart ship",
+        "seed": seed,
+        "spec": _spec_json(spec),
+        "excluded": excluded,
+        "files": {name: _sha256(Path(out) / name) for name in files},
+        "built_with": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cpu": _cpu_name(),
+            "machine": platform.machine(),
+        },
+    }
+    (Path(out) / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def compare_with_shipped(rebuilt: Path, root: Path | None = None) -> dict:
+    """How a rebuilt warm model differs from the shipped one: per file equal or not, and for
+    the weights the largest absolute difference per tensor."""
+    from safetensors.numpy import load_file
+
+    root = SHIPPED_DIR if root is None else Path(root)
+    shipped = json.loads((root / MANIFEST).read_text())
+    rebuilt_manifest = json.loads((Path(rebuilt) / MANIFEST).read_text())
+    same = {
+        name: rebuilt_manifest["files"].get(name) == digest
+        for name, digest in shipped["files"].items()
+    }
+    a, b = load_file(root / "model.safetensors"), load_file(Path(rebuilt) / "model.safetensors")
+    diffs = {k: float(abs(a[k] - b[k]).max()) for k in sorted(a) if k in b}
+    return {
+        "same_bytes": all(same.values()),
+        "files": same,
+        "max_abs_weight_diff": max(diffs.values(), default=0.0),
+        "tensors_differing": sum(d > 0 for d in diffs.values()),
+        "tensors": len(diffs),
+        "shipped_built_with": shipped["built_with"],
+        "rebuilt_with": rebuilt_manifest["built_with"],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import shutil
+    import sys
+    import tempfile
+    import time
+
+    parser = argparse.ArgumentParser(
+        prog="python -m scalerl.warmstart",
+        description="Build or check the shipped builtin:tiny-warm weights (scalerl/assets).",
+    )
+    parser.add_argument("action", choices=["ship", "check"])
+    parser.add_argument("--out", type=Path, default=SHIPPED_DIR, help="where `ship` writes")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+
+    def log(step: int, loss: float) -> None:
+        print(f"step {step + 1}/{WarmStartSpec().steps} loss {loss:.3f} "
+              f"({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="scalerl-warm-") as tmp:
+        manifest = build_shipped(Path(tmp) / "m", log=log)
+        if args.action == "check":
+            report = compare_with_shipped(Path(tmp) / "m")
+            print(json.dumps(report, indent=1))
+            return 0 if report["same_bytes"] else 1
+        args.out.mkdir(parents=True, exist_ok=True)
+        for old in args.out.iterdir():
+            if old.is_file():
+                old.unlink()
+        for f in (Path(tmp) / "m").iterdir():
+            shutil.copy2(f, args.out / f.name)
+    print(json.dumps({"wrote": str(args.out), "files": manifest["files"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from scalerl.config import RunConfig
 from storage import Run, open_store
@@ -152,18 +153,32 @@ def materialize_base_model(config: RunConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-def _warm_tiny_model(config: RunConfig, out_dir: Path) -> Path:
-    """The warm-started tiny model, cached on local disk by its inputs (seed, recipe, and the
-    held-out prompts it must not train on): it is deterministic, and a minute of CPU per run adds up over tests and
-    comparisons. Cache root: $SCALERL_CACHE, else ~/.cache/scalerl."""
+class WarmSource(NamedTuple):
+    shipped: Path | None
+    """The shipped copy's directory when it fits the run, else None."""
+    cached: Path
+    """The local cache directory for the run's inputs (used when shipped is None)."""
+    seed: int
+    spec: object
+    """scalerl.warmstart.WarmStartSpec."""
+    overlap: list[str]
+    """The run's held-out prompts that the warm start must not train on."""
+
+
+def tiny_warm_source(config: RunConfig) -> WarmSource:
+    """Where this run's builtin:tiny-warm comes from.
+
+    The shipped copy (scalerl/assets/tiny-warm, checked against its manifest's hashes here) when
+    it was built for the run's seed and held-out prompts, else the local cache, keyed by the
+    inputs (seed, recipe, and the held-out prompts the warm start must not train on). Raises
+    ValueError for data the warm model was not trained for, ShippedWeightsError for shipped
+    files that do not match their hashes; prepare calls it before the run writes anything."""
     import hashlib
     import json
-    import os
-    import shutil
     from dataclasses import asdict
 
     from scalerl.data import load_prompts
-    from scalerl.warmstart import WarmStartSpec, training_rows, warm_start_tiny  # lazy torch
+    from scalerl.warmstart import WarmStartSpec, shipped_for, training_rows  # no torch
 
     if config.data.task != "arithmetic" and not config.data.source.startswith(
         "synthetic:arithmetic"
@@ -180,11 +195,34 @@ def _warm_tiny_model(config: RunConfig, out_dir: Path) -> Path:
     overlap = sorted(trained_on & {r["prompt"] for r in load_prompts(config.data).eval})
     key = hashlib.sha256(json.dumps([seed, asdict(spec), overlap]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("SCALERL_CACHE") or Path.home() / ".cache" / "scalerl")
-    cached = root / f"tiny-warm-{key}"
+    shipped = shipped_for(seed, spec, overlap)
+    return WarmSource(shipped, root / f"tiny-warm-{key}", seed, spec, overlap)
+
+
+def _warm_tiny_model(config: RunConfig, out_dir: Path) -> Path:
+    """The warm-started tiny model: the shipped copy when it fits the run (scalerl/warmstart.py),
+    else built once and cached on local disk by its inputs (it is deterministic, and minutes of
+    CPU per run add up over tests and comparisons). Cache root: $SCALERL_CACHE, else
+    ~/.cache/scalerl. No torch in this process unless it has to train one."""
+    from scalerl.warmstart import MANIFEST
+
+    source = tiny_warm_source(config)
+    if source.shipped is not None:
+        _warm_logger().info("%s: the shipped weights (%s)", BUILTIN_TINY_WARM, source.shipped)
+        copy_ignoring = shutil.ignore_patterns(MANIFEST)
+        shutil.copytree(source.shipped, out_dir, dirs_exist_ok=True, ignore=copy_ignoring)
+        return out_dir
+    cached = source.cached
     if not (cached / "config.json").is_file():
-        tmp = root / f".tiny-warm-{key}-{secrets.token_hex(4)}"
+        from scalerl.warmstart import warm_start_tiny  # imports torch
+
+        tmp = cached.parent / f".{cached.name}-{secrets.token_hex(4)}"
         warm_start_tiny(
-            tmp, seed=seed, spec=spec, exclude=overlap, log=_warm_progress(spec, cached)
+            tmp,
+            seed=source.seed,
+            spec=source.spec,
+            exclude=source.overlap,
+            log=_warm_progress(source.spec, cached),
         )
         try:
             tmp.rename(cached)  # atomic: a concurrent builder's identical copy may win
@@ -194,22 +232,28 @@ def _warm_tiny_model(config: RunConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-def _warm_progress(spec, cached: Path):
-    """A `log(step, loss)` for warm_start_tiny that says how far the one-off warm start is, with
-    an estimate of the time left (it takes minutes on 2 cores and the run waits for it)."""
+def _warm_logger():
     import logging
-    import time
 
     try:
         from prefect import get_run_logger
 
-        logger = get_run_logger()
+        return get_run_logger()
     except Exception:  # noqa: BLE001 - outside a flow or task run
-        logger = logging.getLogger("scalerl.warmstart")
+        return logging.getLogger("scalerl.warmstart")
+
+
+def _warm_progress(spec, cached: Path):
+    """A `log(step, loss)` for warm_start_tiny that says how far the one-off warm start is, with
+    an estimate of the time left (it takes minutes on 2 cores and the run waits for it)."""
+    import time
+
+    logger = _warm_logger()
     start = time.monotonic()
     logger.info(
         "building %s once: %d supervised steps on arithmetic (a few minutes on 2 cores; "
-        "cached at %s for later runs)",
+        "this run's seed or held-out prompts differ from the shipped copy's; cached at %s for "
+        "later runs)",
         BUILTIN_TINY_WARM,
         spec.steps,
         cached,

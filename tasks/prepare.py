@@ -13,7 +13,14 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 
 from scalerl.config import RunConfig
-from tasks.common import check_placement, materialize_base_model, new_run_id, open_run
+from tasks.common import (
+    BUILTIN_TINY_WARM,
+    check_placement,
+    materialize_base_model,
+    new_run_id,
+    open_run,
+    tiny_warm_source,
+)
 
 
 def retry_unless_bad_input(_task, _task_run, state) -> bool:
@@ -48,6 +55,8 @@ def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
         from scalerl.models import check_model  # imports torch: not for the builtin models
 
         check_model(config.model.name_or_path)
+    elif config.model.name_or_path == BUILTIN_TINY_WARM:
+        tiny_warm_source(config)  # shipped weights that fail their hash check: before any write
     check_placement(config)  # on cuda: the memory of the plan (a PlacementError, a ValueError)
     run_id = run_id or config.storage.run_id or new_run_id()
     run = open_run(config, run_id, create=True)

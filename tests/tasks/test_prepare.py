@@ -88,3 +88,27 @@ def test_another_config_under_an_existing_run_id_names_the_fields_and_is_not_ret
     assert "schedule.max_steps: 500 in run.json, 7 given" in message
     assert "scalerl resume r3" in message
     assert open_store(str(root)).run("r3").read_config() == saved
+
+
+def test_changed_shipped_warm_weights_fail_before_the_run_exists(
+    prefect_harness, tmp_path, monkeypatch
+):
+    import shutil
+
+    import scalerl.warmstart
+    from scalerl.warmstart import SHIPPED_DIR, ShippedWeightsError
+
+    copy = tmp_path / "tiny-warm"
+    shutil.copytree(SHIPPED_DIR, copy)
+    (copy / "config.json").write_text("{}")  # an edited file
+    monkeypatch.setattr(scalerl.warmstart, "SHIPPED_DIR", copy)
+    root = tmp_path / "runs"
+    cfg = load_config(preset="tiny-cpu", overrides=[f"storage.url={root}"])
+
+    @flow
+    def just_prepare():
+        return prepare_run(cfg, "r1")
+
+    with pytest.raises(ShippedWeightsError, match="config.json does not match its manifest"):
+        just_prepare()
+    assert not (root / "r1").exists()
