@@ -176,11 +176,10 @@ def _print_summary(summary: dict, storage_url: str) -> None:
             f"B={fit['B']:.2f} C_mid={fit['C_mid']:.4g} R0={fit['R0']:.3f}; "
             f"final held-out pass rate {fit['final_pass_rate']:.3f}"
         )
-        if fit.get("half_run_prediction") is not None:
-            typer.echo(
-                f"fit on the first half predicted {fit['half_run_prediction']:.3f} "
-                f"(error {fit['half_run_error']:.3f})"
-            )
+        from tasks.scaling import describe_half_run
+
+        if (half_run := describe_half_run(fit)) is not None:
+            typer.echo(f"half-run check: {half_run}")
     typer.echo(
         f"data: {storage_url}/{summary['run_id']}  (scalerl rollouts ls {summary['run_id']})"
     )

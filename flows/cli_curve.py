@@ -93,7 +93,19 @@ def curve_fit(
         "last_pass_rate": rate[-1],
     }
     if target_compute:
-        out |= {"target_compute": target_compute, "prediction": fit.predict(target_compute)}
+        from scalerl.scaling import predict_sigmoid
+
+        C = [c for c in compute if c > 0]
+        R = [r for c, r in zip(compute, rate, strict=True) if c > 0]
+        with _guard():
+            pred = predict_sigmoid(C, R, target_compute, R0=fit.R0, exclude_fraction=0.0)
+        out |= {
+            "target_compute": target_compute,
+            "prediction": pred.value,
+            "prediction_low": pred.low,
+            "prediction_high": pred.high,
+            "prediction_confidence": pred.confidence,
+        }
     if as_json:
         typer.echo(json.dumps(_jsonable(out)))
         return
@@ -110,7 +122,11 @@ def curve_fit(
             "warning: A or C_mid sits on the edge of its grid: the data do not pin it down yet"
         )
     if target_compute:
-        typer.echo(f"predicted pass rate at {target_compute:.6g} {unit}: {out['prediction']:.4f}")
+        typer.echo(
+            f"predicted pass rate at {target_compute:.6g} {unit}: {out['prediction']:.4f} "
+            f"[{out['prediction_low']:.4f}, {out['prediction_high']:.4f}] (90% prediction "
+            "interval for one evaluation there)"
+        )
 
 
 @curve_app.command("plot")

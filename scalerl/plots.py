@@ -100,10 +100,13 @@ def curve_figure(
     target_compute: float | None = None,
     compute_unit: str = "compute",
     title: str = "Held-out pass rate vs compute",
+    half_run: Mapping[str, Any] | None = None,
 ) -> Figure:
     """Evaluation points, the fitted sigmoid (solid over the data, dashed beyond the last
     point), its asymptote A (dashed line, with the A interval shaded) and R0. Points at
-    compute 0 cannot sit on a log axis: they appear as the R0 line."""
+    compute 0 cannot sit on a log axis: they appear as the R0 line. ``half_run`` (a scaling
+    row of tasks/scaling.py with half_run_prediction, _low, _high): the prediction made from
+    the first half, drawn at the last point's compute with its interval as an error bar."""
     C, R = np.asarray(compute, dtype=float), np.asarray(pass_rate, dtype=float)
     fig, ax = _figure(title)
     pos = C > 0
@@ -125,6 +128,7 @@ def curve_figure(
         if target_compute:
             y = fit.predict(target_compute)
             ax.plot([target_compute], [y], "*", ms=12, color="black", label=f"predicted {y:.3f}")
+        _draw_half_run(ax, half_run, c_last)
         ax.text(
             0.02,
             0.97,
@@ -141,6 +145,26 @@ def curve_figure(
     ax.set_ylim(0.0, 1.0)
     ax.legend(loc="lower right", fontsize="small")
     return fig
+
+
+def _draw_half_run(ax, half_run: Mapping[str, Any] | None, c_last: float) -> None:
+    """The half-run prediction at the last compute, its interval as an error bar, and a
+    dotted line where its fit's data end (half the compute)."""
+    if not half_run or half_run.get("half_run_prediction") is None:
+        return
+    y = float(half_run["half_run_prediction"])
+    lo, hi = half_run.get("half_run_low"), half_run.get("half_run_high")
+    label = f"half-run prediction {y:.3f}"
+    err = None
+    if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
+        err = [[y - lo], [hi - y]]
+        share = round(100 * float(half_run.get("half_run_confidence") or 0.9))
+        label += f" [{lo:.3f}, {hi:.3f}] ({share}%)"
+    ax.errorbar(
+        [c_last], [y], yerr=err, fmt="D", ms=7, color="tab:green", capsize=6, zorder=4,
+        label=label,
+    )  # fmt: skip
+    ax.axvline(c_last / 2, ls=":", color="tab:green", alpha=0.6, label="half-run fit data end")
 
 
 def lengths_figure(

@@ -397,3 +397,115 @@ def _bootstrap_A(
     tail = 100.0 * (1.0 - confidence) / 2.0
     lo, hi = np.percentile(A_hat, [tail, 100.0 - tail])
     return (float(lo), float(hi))
+
+
+# ------------------------------------------------------------------ prediction interval
+N_PARAMS = 3
+"""Fitted parameters of the sigmoid (A, B, C_mid; R0 is fixed)."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A predicted pass rate at one compute, with a prediction interval for an evaluation there."""
+
+    compute: float
+    """Where the prediction is made."""
+    value: float
+    """The fitted curve's pass rate there."""
+    low: float
+    high: float
+    """The ``confidence`` prediction interval for one evaluation made there."""
+    confidence: float
+    residual_sd: float
+    """s = sqrt(SSE / (n - 3)): the scatter of an evaluation around the curve."""
+    fit_se: float
+    """Standard error of the curve's value at ``compute`` (the fit's uncertainty alone)."""
+    fit: SigmoidFit
+    method: str = "delta-method prediction interval with Student t (Seber & Wild 5.1)"
+
+    def contains(self, observed: float) -> bool:
+        return self.low <= observed <= self.high
+
+
+def predict_sigmoid(
+    compute: Any,
+    pass_rate: Any,
+    target: float,
+    *,
+    R0: float | None = None,
+    exclude_fraction: float = 0.1,
+    exclude_before: float | None = None,
+    confidence: float = 0.9,
+) -> Prediction:
+    """Fit the sigmoid on (compute, pass_rate) and predict one evaluation at ``target``.
+
+    The interval is the classical prediction interval of nonlinear least squares (Seber & Wild
+    1989, "Nonlinear Regression", sec. 5.1), for the parameters x = (A, B, log C_mid):
+
+        value +- t_{n-3}((1 + confidence) / 2) * sqrt(s^2 + g' (J'J)^-1 g s^2)
+
+    with J the Jacobian of the curve at the n fitted points, g its gradient at ``target`` and
+    s^2 = SSE / (n - 3). The g' (J'J)^-1 g s^2 term is the fit's uncertainty at ``target``
+    (how far an extrapolation from these points can be off), s^2 is the noise of the one
+    evaluation made there, and Student's t accounts for s being estimated from few points.
+    s holds everything that scatters a measured point around the curve: the evaluation's
+    sampling noise (a fixed held-out set, a few samples per prompt) and the policy's own
+    fluctuation from one evaluated version to the next.
+
+    Calibration, measured on simulations of the demo's curve (12 half-run points, noise sd
+    0.02, tests/scalerl/test_scaling.py): a nominal 90% interval held a new evaluation in
+    167 of 200 runs (83.5%; 88 and 89 of 100 with other draws); the linearization misses some
+    of the skew of an extrapolation from 12 points. A residual bootstrap (Davison & Hinkley
+    1997, alg. 6.4), tried first, held it 73-81% of the time and needs hundreds of refits.
+    Intervals are clipped to [0, 1].
+    """
+    from scipy.stats import t as student_t
+
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}. Fix: e.g. 0.9.")
+    if not (np.isfinite(target) and target > 0):
+        raise ValueError(f"target compute must be > 0, got {target}. Fix: e.g. the run's budget.")
+    fit = fit_sigmoid(
+        compute,
+        pass_rate,
+        R0=R0,
+        exclude_fraction=exclude_fraction,
+        exclude_before=exclude_before,
+        bootstrap=0,
+    )
+    C_all, R_all = _validate(compute, pass_rate)
+    C, R = _exclude(C_all, R_all, exclude_fraction, exclude_before)
+    n = len(C)
+    dof = n - N_PARAMS
+    if dof < 1:
+        raise ValueError(
+            f"{n} points leave no degrees of freedom for the noise after fitting "
+            f"{N_PARAMS} parameters. Fix: pass at least {N_PARAMS + 1} points."
+        )
+    x = np.array([fit.A, fit.B, np.log(fit.C_mid)])
+    s2 = float(np.sum((R - fit.predict(C)) ** 2)) / dof
+
+    def curve_at(params: np.ndarray, at: Any) -> Any:
+        return sigmoid(at, params[0], params[1], np.exp(params[2]), fit.R0)
+
+    J, g = np.zeros((n, N_PARAMS)), np.zeros(N_PARAMS)
+    for j in range(N_PARAMS):  # central differences, step relative to the parameter
+        h = 1e-6 * max(1.0, abs(x[j]))
+        up, down = x.copy(), x.copy()
+        up[j] += h
+        down[j] -= h
+        J[:, j] = (curve_at(up, C) - curve_at(down, C)) / (2 * h)
+        g[j] = (curve_at(up, target) - curve_at(down, target)) / (2 * h)
+    fit_var = float(g @ np.linalg.pinv(J.T @ J) @ g) * s2
+    value = float(fit.predict(target))
+    half = float(student_t.ppf((1.0 + confidence) / 2.0, dof)) * np.sqrt(s2 + max(fit_var, 0.0))
+    return Prediction(
+        compute=float(target),
+        value=value,
+        low=float(np.clip(value - half, 0.0, 1.0)),
+        high=float(np.clip(value + half, 0.0, 1.0)),
+        confidence=confidence,
+        residual_sd=float(np.sqrt(s2)),
+        fit_se=float(np.sqrt(max(fit_var, 0.0))),
+        fit=fit,
+    )

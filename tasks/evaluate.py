@@ -31,6 +31,20 @@ def compute_at(config: RunConfig, step: int) -> float:
     return float(step * config.completions_per_batch)
 
 
+def sampling_se(prompt_ids: list[str], passed) -> float:
+    """Standard error of the pass rate from sampling alone, for this fixed held-out set: the
+    mean over n prompts of per-prompt means of s_i samples has variance
+    sum_i p_i (1 - p_i) / s_i / n^2, with p_i (1 - p_i) / s_i estimated without bias by
+    q_i (1 - q_i) / (s_i - 1) from the observed share q_i (0 for a prompt with one sample)."""
+    import numpy as np
+
+    ids, inverse = np.unique(np.asarray(prompt_ids, dtype=object), return_inverse=True)
+    s = np.bincount(inverse).astype(float)
+    q = np.bincount(inverse, weights=np.asarray(passed, dtype=float)) / s
+    var = np.where(s > 1, q * (1 - q) / np.maximum(s - 1, 1), 0.0)
+    return float(np.sqrt(var.sum()) / len(ids))
+
+
 def eval_key(version: int) -> str:
     return f"v{version:06d}"
 
@@ -164,6 +178,7 @@ def evaluate_policy(config: RunConfig, run_id: str, version: int) -> dict:
         "version": version,
         "compute": compute_at(config, version),
         "pass_rate": float(passed.mean()),
+        "pass_rate_se": sampling_se(table.column("prompt_id").to_pylist(), passed),
         "prompts": len(set(table.column("prompt_id").to_pylist())),
         "samples": table.num_rows,
         "mean_length": float(lengths.mean()),

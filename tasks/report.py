@@ -22,6 +22,7 @@ from prefect.artifacts import (
 from scalerl.config import RunConfig
 from tasks.common import open_run
 from tasks.isolated import run_isolated
+from tasks.scaling import describe_half_run
 from tasks.stages import read_or_quarantine
 
 TRAINER_METRICS = "trainer"
@@ -182,10 +183,8 @@ def render_report(
             "",
             f"Compute axis: {fit['compute_unit']}. Final held-out pass rate {fit['final_pass_rate']:.3f}.",
         ]
-        if fit.get("half_run_prediction") is not None:
-            lines.append(
-                f"Fit on the first half predicted {fit['half_run_prediction']:.3f} at the end (error {fit['half_run_error']:.3f})."
-            )
+        if (half_run := describe_half_run(fit)) is not None:
+            lines.append(f"Fit on the first half of the compute: {half_run}.")
     else:
         lines.append("Not enough evaluation points for a fit yet.")
     lines += [
@@ -309,6 +308,7 @@ def draw_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, st
             target_compute=2 * max(compute),
             compute_unit=config.schedule.compute_unit,
             title=f"{run_id}: held-out pass rate vs compute",
+            half_run=fit,
         )
         pngs["curve"] = _png(figure)
     shards = run.list_shards("raw")[-20:]
@@ -338,7 +338,8 @@ def draw_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, st
 
 PLOT_CAPTIONS = {
     "curve": "Held-out pass rate against compute: evaluations (points), the fitted sigmoid "
-    "(solid) and its extrapolation (dashed)",
+    "(solid) and its extrapolation (dashed); at the end, the prediction made from the first "
+    "half of the compute with its 90% interval",
     "lengths": "Completion lengths of the latest shards by finish reason, with the "
     "interruption window",
     "staleness": "Staleness of trained samples (trainer step minus the oldest policy version "

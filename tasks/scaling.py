@@ -3,7 +3,9 @@
 Reads the `eval` metrics (one row per evaluated policy version: compute, pass_rate), fits
 R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) with R0 the pass rate of version 0, and, to show the
 curve is predictive, fits again on the first half of the compute range and predicts the last
-point. Appends one row to the `scaling` metrics; returns it (None while too few points exist).
+point with a 90% prediction interval (scalerl.scaling.predict_sigmoid: the fit's uncertainty
+at the end plus the noise of one evaluation, with Student's t). Appends one row to the
+`scaling` metrics; returns it (None while too few points exist).
 """
 
 from __future__ import annotations
@@ -13,10 +15,27 @@ from prefect import get_run_logger, task
 from scalerl.config import RunConfig
 from tasks.common import open_run
 
+HALF_RUN_CONFIDENCE = 0.9
+
+
+def describe_half_run(fit: dict) -> str | None:
+    """ "predicted 0.835 [0.778, 0.886] (90%) at the end from the first half; observed 0.839"."""
+    if fit.get("half_run_prediction") is None:
+        return None
+    text = f"predicted {fit['half_run_prediction']:.3f}"
+    if fit.get("half_run_low") is not None:
+        share = round(100 * fit["half_run_confidence"])
+        text += f" [{fit['half_run_low']:.3f}, {fit['half_run_high']:.3f}] ({share}% interval)"
+    text += f" at the end from the first half; observed {fit['final_pass_rate']:.3f}"
+    text += f" (error {fit['half_run_error']:.3f}"
+    if fit.get("half_run_inside") is not None:
+        text += ", inside the interval" if fit["half_run_inside"] else ", OUTSIDE the interval"
+    return text + ")"
+
 
 @task(name="fit-scaling-curve", retries=1, timeout_seconds=600)
 def fit_scaling_curve(config: RunConfig, run_id: str) -> dict | None:
-    from scalerl.scaling import MIN_POINTS, fit_sigmoid
+    from scalerl.scaling import MIN_POINTS, fit_sigmoid, predict_sigmoid
     from scalerl.stats import eval_points
 
     logger = get_run_logger()
@@ -45,15 +64,36 @@ def fit_scaling_curve(config: RunConfig, run_id: str) -> dict | None:
         "at_grid_edge": fit.at_grid_edge,
         "final_pass_rate": R[-1],
         "half_run_prediction": None,
+        "half_run_low": None,
+        "half_run_high": None,
+        "half_run_confidence": None,
+        "half_run_inside": None,
         "half_run_error": None,
+        "half_run_points": None,
+        "half_run_residual_sd": None,
+        "half_run_fit_se": None,
     }
     half = [i for i, c in enumerate(C) if c <= C[-1] / 2]
     if len(half) >= MIN_POINTS:
-        early = fit_sigmoid(
-            [C[i] for i in half], [R[i] for i in half], R0=R0, exclude_fraction=0.0, bootstrap=0
+        early = predict_sigmoid(
+            [C[i] for i in half],
+            [R[i] for i in half],
+            C[-1],
+            R0=R0,
+            exclude_fraction=0.0,
+            confidence=HALF_RUN_CONFIDENCE,
         )
-        row["half_run_prediction"] = float(early.predict(C[-1]))
-        row["half_run_error"] = abs(row["half_run_prediction"] - R[-1])
+        row |= {
+            "half_run_prediction": early.value,
+            "half_run_low": early.low,
+            "half_run_high": early.high,
+            "half_run_confidence": early.confidence,
+            "half_run_inside": early.contains(R[-1]),
+            "half_run_error": abs(early.value - R[-1]),
+            "half_run_points": len(half),
+            "half_run_residual_sd": early.residual_sd,
+            "half_run_fit_se": early.fit_se,
+        }
     run.append_metrics("scaling", [row])
     logger.info(
         "sigmoid fit: A=%.3f B=%.2f C_mid=%.4g R0=%.3f (%d points)",
@@ -63,4 +103,6 @@ def fit_scaling_curve(config: RunConfig, run_id: str) -> dict | None:
         fit.R0,
         fit.n_points,
     )
+    if (line := describe_half_run(row)) is not None:
+        logger.info("half-run check: %s", line)
     return row

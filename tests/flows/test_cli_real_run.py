@@ -436,7 +436,18 @@ def test_curve_fit_matches_a_fit_of_the_eval_shards(real_run):
     assert lines[0].startswith(f"A     = {fit['A']:.4f}  (90% bootstrap interval [{fit['A_low']:.4f}, {fit['A_high']:.4f}])")  # fmt: skip
     assert f"B     = {fit['B']:.4f}" in lines and f"R0    = {fit['R0']:.4f}" in lines
     assert f"C_mid = {fit['C_mid']:.6g} samples" in lines
-    assert f"predicted pass rate at {target:.6g} samples: {fit['prediction']:.4f}" in lines
+    # the prediction comes with its 90% interval for one evaluation (tests/scalerl/test_scaling.py
+    # checks the formula); the CLI makes it on the same points
+    from scalerl.scaling import predict_sigmoid
+
+    pred = predict_sigmoid(compute[1:], rate[1:], target, R0=rate[0], exclude_fraction=0.0)
+    assert (fit["prediction_low"], fit["prediction_high"]) == pytest.approx((pred.low, pred.high))
+    assert fit["prediction_low"] <= fit["prediction"] <= fit["prediction_high"]
+    assert (
+        f"predicted pass rate at {target:.6g} samples: {fit['prediction']:.4f} "
+        f"[{fit['prediction_low']:.4f}, {fit['prediction_high']:.4f}] (90% prediction interval "
+        "for one evaluation there)"
+    ) in lines
 
 
 @pytest.mark.parametrize("kind", ["curve", "lengths", "staleness"])

@@ -64,6 +64,28 @@ def test_curve_png_and_content(tmp_path):
     assert star.get_ydata()[0] == pytest.approx(_rate(50_000.0))
 
 
+def test_curve_shows_the_half_run_prediction_and_its_interval():
+    half_run = {
+        "half_run_prediction": 0.58,
+        "half_run_low": 0.52,
+        "half_run_high": 0.63,
+        "half_run_confidence": 0.9,
+    }
+    rates = [_rate(c) for c in COMPUTE]
+    ax = curve_figure(COMPUTE, rates, FIT, half_run=half_run).axes[0]
+    (bar,) = [c for c in ax.containers if c.get_label().startswith("half-run prediction")]
+    assert bar.get_label() == "half-run prediction 0.580 [0.520, 0.630] (90%)"
+    marker = bar.lines[0]
+    assert list(marker.get_xdata()) == [6000.0] and list(marker.get_ydata()) == [0.58]
+    (segment,) = bar.lines[2][0].get_segments()  # the error bar: low to high at 6,000
+    np.testing.assert_allclose(segment, [[6000.0, 0.52], [6000.0, 0.63]])
+    assert list(_line(ax, "half-run fit data end").get_xdata()) == [3000.0, 3000.0]
+    # no half-run check (too few points): nothing drawn for it
+    ax = curve_figure(COMPUTE, rates, FIT, half_run={"half_run_prediction": None}).axes[0]
+    assert not [ln for ln in ax.get_lines() if ln.get_label().startswith("half-run")]
+    assert not ax.containers
+
+
 def test_curve_without_fit_still_renders(tmp_path):
     _assert_png(plot_curve([0.0, 10.0, 20.0], [0.1, 0.2, 0.3], None, tmp_path / "c.png"))
 
