@@ -115,15 +115,36 @@ def due_versions(run, every: int, done) -> list[int]:
     return [v for v in range(0, latest + 1, every) if v not in done and run.has_weights(v)]
 
 
+def evaluation_slots(config: RunConfig, *, training_done: bool) -> int:
+    """Evaluations at once. One while the run trains: they are niced and yield the CPU to it,
+    and on a GPU each holds an engine of evaluation.gpu_memory_utilization. Once training has
+    ended, CPU evaluations in their own processes (transformers engine, placement.accelerator
+    cpu) run on every core, pipeline.torch_threads each: the tiny-cpu demo ended with ~35 s of
+    queued evaluations on one core of two."""
+    import os
+
+    from tasks.isolated import in_process
+
+    if (
+        not training_done
+        or in_process(config)
+        or config.generation.engine != "transformers"
+        or config.placement.accelerator != "cpu"
+    ):
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, config.pipeline.torch_threads))
+
+
 def evaluate_due(config: RunConfig, run_id: str, done: dict, *, wait: bool = False) -> int:
     """Evaluate every published version that is a multiple of evaluation.every_steps.
 
     Evaluations run beside the loop (submitted to the flow's task runner) so the stages keep
-    feeding the trainer meanwhile, one at a time (they share one engine); `done` maps version
-    -> its future (None once finished and checked). A failed evaluation raises here, on the
-    loop's next look; `wait` blocks until every due version is evaluated. Returns how many
-    evaluations finished since the last call."""
+    feeding the trainer meanwhile, one at a time while it trains (evaluation_slots); `done` maps
+    version -> its future (None once finished and checked). A failed evaluation raises here, on
+    the loop's next look; `wait` (training has ended) blocks until every due version is
+    evaluated. Returns how many evaluations finished since the last call."""
     due = due_versions(open_run(config, run_id), config.evaluation.every_steps, done)
+    slots = evaluation_slots(config, training_done=wait)
     finished = 0
     while True:
         for version, future in list(done.items()):
@@ -132,14 +153,14 @@ def evaluate_due(config: RunConfig, run_id: str, done: dict, *, wait: bool = Fal
                 done[version] = None  # checked
                 finished += 1
         running = [f for f in done.values() if f is not None]
-        if due and not running:  # one at a time: evaluations share one engine
+        if due and len(running) < slots:
             version = due.pop(0)
             done[version] = evaluate_policy.submit(quote(config), run_id, version)
             continue
         if not wait or (not due and not running):
             return finished
         if running:
-            running[0].wait()
+            futures.wait([f.wrapped_future for f in running], return_when=futures.FIRST_COMPLETED)
 
 
 _stop_reason: list[str] = []  # request_stop() appends; the loop of a running flow reads it
