@@ -37,7 +37,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The shipped builtin:tiny-warm weights (scalerl/assets/tiny-warm): rebuild them (~4 min, one
+# The shipped builtin:tiny-warm weights (scalerl/assets/tiny-warm): rebuild them (~4.5 min, one
 # core), or rebuild in a temp dir and compare with the shipped bytes (exit 1 if they differ).
 warm-weights: $(STAMP)
 	$(BIN)/python -m scalerl.warmstart ship

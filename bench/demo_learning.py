@@ -8,7 +8,8 @@ synthetic:arithmetic-easy, the warm start's own distribution, see scalerl/warmst
 held-out prompts x 8 samples) in a fresh run store, then reports: the held-out pass
 rate of version 0 and of the final version, the fitted sigmoid R(C) = R0 + (A - R0) /
 (1 + (C_mid / C)^B) on all evaluations, and the half-run check of tasks/scaling.py (fit on
-the evaluations up to half the compute, predict the last one). Wall time includes the start of
+the evaluations up to half the compute, predict the last one, with a 90% prediction interval;
+bench/predictability.py repeats it over seeds). Wall time includes the start of
 the temporary Prefect server. Prints one JSON object (and writes it to --out).
 
 Goals (issue 8): pass rate +0.3 absolute over the start, half-run prediction within 0.05 of
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
         ],
         "fit": {k: fit.get(k) for k in ("A", "B", "C_mid", "R0", "residual", "n_points")},
         "half_run_prediction": fit.get("half_run_prediction"),
+        "half_run_interval": [fit.get("half_run_low"), fit.get("half_run_high")],
+        "half_run_inside": fit.get("half_run_inside"),
         "half_run_error": fit.get("half_run_error"),
         "wall_s": round(wall, 1),
         "goals": {

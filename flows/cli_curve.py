@@ -180,9 +180,12 @@ def _plot_data(run, kind: str, stage: str | None, target_compute: float | None):
     if kind == "curve":
         compute, rate, fit = _fit_run(run, bootstrap=100)
         unit = _compute_unit(run)
+        # the run's own half-run check (tasks/scaling.py) once it has ended: its last row
+        scaling = run.read_metrics("scaling").to_pylist()
+        half_run = scaling[-1] if scaling and scaling[-1].get("compute") == compute[-1] else None
         return lambda p, path: p.plot_curve(
             compute, rate, fit, path, target_compute=target_compute, compute_unit=unit,
-            title=f"{run.run_id}: held-out pass rate vs compute",
+            title=f"{run.run_id}: held-out pass rate vs compute", half_run=half_run,
         )  # fmt: skip
     if kind == "lengths":
         q, view = _query(run, stage)

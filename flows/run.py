@@ -115,24 +115,31 @@ def due_versions(run, every: int, done) -> list[int]:
     return [v for v in range(0, latest + 1, every) if v not in done and run.has_weights(v)]
 
 
+MAX_EVAL_SLOTS = 4
+
+
 def evaluation_slots(config: RunConfig, *, training_done: bool) -> int:
     """Evaluations at once. One while the run trains: they are niced and yield the CPU to it,
     and on a GPU each holds an engine of evaluation.gpu_memory_utilization. Once training has
     ended, CPU evaluations in their own processes (transformers engine, placement.accelerator
-    cpu) run on every core, pipeline.torch_threads each: the tiny-cpu demo ended with ~35 s of
-    queued evaluations on one core of two."""
+    cpu) run on the cores this process may use, pipeline.torch_threads each, at most
+    MAX_EVAL_SLOTS (each loads its own copy of the model): the tiny-cpu demo ended with ~35 s
+    of queued evaluations on one core of two. Unset torch_threads: each uses every core."""
     import os
 
     from tasks.isolated import in_process
 
+    threads = config.pipeline.torch_threads
     if (
         not training_done
+        or not threads
         or in_process(config)
         or config.generation.engine != "transformers"
         or config.placement.accelerator != "cpu"
     ):
         return 1
-    return max(1, (os.cpu_count() or 1) // max(1, config.pipeline.torch_threads))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_EVAL_SLOTS, (cores or 1) // threads))
 
 
 def evaluate_due(config: RunConfig, run_id: str, done: dict, *, wait: bool = False) -> int:
@@ -149,7 +156,13 @@ def evaluate_due(config: RunConfig, run_id: str, done: dict, *, wait: bool = Fal
     while True:
         for version, future in list(done.items()):
             if future is not None and future.wrapped_future.done():
-                future.result()  # raises the evaluation's error
+                try:
+                    future.result()  # raises the evaluation's error
+                except BaseException:
+                    # the others end before the flow fails: no evaluation writes after it
+                    others = [f.wrapped_future for f in done.values() if f not in (None, future)]
+                    futures.wait(others)
+                    raise
                 done[version] = None  # checked
                 finished += 1
         running = [f for f in done.values() if f is not None]

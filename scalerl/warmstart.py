@@ -1,6 +1,6 @@
 """Supervised warm-start of the tiny model on easy arithmetic, so RL has something to sharpen.
 
-    path = warm_start_tiny(tmp / "tiny-warm", seed=0, exclude=eval_prompts)  # ~2 min, 1 core
+    path = warm_start_tiny(tmp / "tiny-warm", seed=0, exclude=eval_prompts)  # ~4.5 min, 1 core
     model, tokenizer = load_policy(str(path))
     rows = task_rows(2_112, seed=0)   # prompts from the same distribution, for a run's data file
 
@@ -33,10 +33,10 @@ Shipped weights: the warm model of the tiny-cpu preset (data.seed 0, its 128 hel
 excluded) is in the repository, scalerl/assets/tiny-warm/, with a manifest that records the
 inputs and every file's sha256. A run uses it when it was built for the run's seed and recipe and
 excluded every held-out prompt of the run that the warm start would train on (``shipped_for``);
-its files are checked against the manifest first. Any other run trains its own once (~3 min)
-and caches it. Rebuild or check the shipped copy with::
+its files are checked against the manifest first. Any other run trains its own once (~4.5 min
+on one core) and caches it. Rebuild or check the shipped copy with::
 
-    python -m scalerl.warmstart ship    # rewrite scalerl/assets/tiny-warm (~3 min, one core)
+    python -m scalerl.warmstart ship    # rewrite scalerl/assets/tiny-warm (~4.5 min, one core)
     python -m scalerl.warmstart check   # rebuild in a temp dir, compare with the shipped bytes
 
 The bytes are reproducible on the same CPU kind and software (torch's CPU kernels pick their
@@ -81,7 +81,7 @@ class WarmStartSpec:
     """How long and how hard the tiny model is pre-trained."""
 
     steps: int = 2_500
-    """Optimizer steps; with label_smoothing, the knobs that set the starting pass rate (~2 min
+    """Optimizer steps; with label_smoothing, the knobs that set the starting pass rate (~4.5 min
     on one CPU core: greedy pass rate ~0.36, sampled at temperature 1 ~0.10)."""
     batch_size: int = 128
     """Sequences per step."""
@@ -334,14 +334,15 @@ def shipped_for(
 
     It applies when it was built with this seed and recipe and it excluded every prompt in
     ``overlap`` (the run's held-out prompts that the warm start would train on): then it never
-    saw one of them, exactly like a model built for this run. Every file is checked against the
-    manifest's sha256 first; a mismatch raises ShippedWeightsError naming the file and the fix.
+    saw one of them. (It is not the same model as one built for this run: it also skipped
+    the shipped set's other excluded prompts.) Every file the manifest lists is checked against
+    its sha256 first; a mismatch or an unreadable manifest raises ShippedWeightsError naming
+    the file and the fix.
     """
     root = SHIPPED_DIR if root is None else Path(root)
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
+    manifest = read_manifest(root)
+    if manifest is None:
         return None
-    manifest = json.loads(manifest_path.read_text())
     if manifest["seed"] != seed or manifest["spec"] != _spec_json(spec):
         return None
     if not set(overlap) <= set(manifest["excluded"]):
@@ -352,11 +353,38 @@ def shipped_for(
         if got != digest:
             raise ShippedWeightsError(
                 f"the shipped builtin:tiny-warm file {path} does not match its manifest "
-                f"(sha256 {got[:16]}, recorded {digest[:16]}). Fix: restore it with "
-                f"`git checkout -- {root}`, or rebuild it on this machine with "
-                "`python -m scalerl.warmstart ship` (rewrites the manifest)."
+                f"(sha256 {got[:16]}, recorded {digest[:16]}). {_RESTORE.format(root=root)}"
             )
     return root
+
+
+_RESTORE = (
+    "Fix: restore it (`git checkout -- {root}` in a clone, or reinstall the package), or "
+    "rebuild it on this machine with `python -m scalerl.warmstart ship` (rewrites the manifest)."
+)
+_MANIFEST_KEYS = ("seed", "spec", "excluded", "files")
+
+
+def read_manifest(root: Path) -> dict | None:
+    """The shipped manifest at ``root``, None when there is none; ShippedWeightsError when it
+    cannot be read or lacks a field."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShippedWeightsError(
+            f"the shipped builtin:tiny-warm manifest {path} cannot be read ({exc}). "
+            f"{_RESTORE.format(root=root)}"
+        ) from None
+    missing = [k for k in _MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise ShippedWeightsError(
+            f"the shipped builtin:tiny-warm manifest {path} lacks {', '.join(missing)}. "
+            f"{_RESTORE.format(root=root)}"
+        )
+    return manifest
 
 
 def preset_inputs() -> tuple[int, WarmStartSpec, list[str]]:
@@ -439,6 +467,7 @@ def compare_with_shipped(rebuilt: Path, root: Path | None = None) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
+    import os
     import shutil
     import sys
     import tempfile
@@ -457,19 +486,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"step {step + 1}/{WarmStartSpec().steps} loss {loss:.3f} "
               f"({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
 
+    out = args.out.resolve()
+    old = None
+    if args.action == "ship" and out.is_dir() and any(out.iterdir()):
+        try:
+            old = read_manifest(out)
+        except ShippedWeightsError:
+            old = {"files": {}}  # a damaged manifest: its own files are replaced below
+        if old is None:
+            parser.error(
+                f"--out {out} is a folder with files but no {MANIFEST}: not a shipped warm model. "
+                "Fix: give an empty or new folder, or the shipped one."
+            )
     with tempfile.TemporaryDirectory(prefix="scalerl-warm-") as tmp:
-        manifest = build_shipped(Path(tmp) / "m", log=log)
+        built = Path(tmp) / "m"
+        manifest = build_shipped(built, log=log)
         if args.action == "check":
-            report = compare_with_shipped(Path(tmp) / "m")
+            report = compare_with_shipped(built)
             print(json.dumps(report, indent=1))
             return 0 if report["same_bytes"] else 1
-        args.out.mkdir(parents=True, exist_ok=True)
-        for old in args.out.iterdir():
-            if old.is_file():
-                old.unlink()
-        for f in (Path(tmp) / "m").iterdir():
-            shutil.copy2(f, args.out / f.name)
-    print(json.dumps({"wrote": str(args.out), "files": manifest["files"]}, indent=1))
+        out.mkdir(parents=True, exist_ok=True)
+        staged = out / f".{MANIFEST}.new"  # the manifest goes last: files first, then their list
+        for name in manifest["files"]:
+            shutil.copy2(built / name, out / f".{name}.new")
+            os.replace(out / f".{name}.new", out / name)
+        for name in (old or {}).get("files", {}):
+            if name not in manifest["files"]:
+                (out / name).unlink(missing_ok=True)  # only what the old manifest listed
+        shutil.copy2(built / MANIFEST, staged)
+        os.replace(staged, out / MANIFEST)
+    print(json.dumps({"wrote": str(out), "files": manifest["files"]}, indent=1))
     return 0
 
 

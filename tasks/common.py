@@ -204,13 +204,14 @@ def _warm_tiny_model(config: RunConfig, out_dir: Path) -> Path:
     else built once and cached on local disk by its inputs (it is deterministic, and minutes of
     CPU per run add up over tests and comparisons). Cache root: $SCALERL_CACHE, else
     ~/.cache/scalerl. No torch in this process unless it has to train one."""
-    from scalerl.warmstart import MANIFEST
+    from scalerl.warmstart import read_manifest
 
     source = tiny_warm_source(config)
     if source.shipped is not None:
         _warm_logger().info("%s: the shipped weights (%s)", BUILTIN_TINY_WARM, source.shipped)
-        copy_ignoring = shutil.ignore_patterns(MANIFEST)
-        shutil.copytree(source.shipped, out_dir, dirs_exist_ok=True, ignore=copy_ignoring)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in read_manifest(source.shipped)["files"]:  # the hash-checked files only
+            shutil.copyfile(source.shipped / name, out_dir / name)
         return out_dir
     cached = source.cached
     if not (cached / "config.json").is_file():

@@ -31,15 +31,19 @@ def compute_at(config: RunConfig, step: int) -> float:
     return float(step * config.completions_per_batch)
 
 
-def sampling_se(prompt_ids: list[str], passed) -> float:
+def sampling_se(prompt_ids: list[str], passed) -> float | None:
     """Standard error of the pass rate from sampling alone, for this fixed held-out set: the
     mean over n prompts of per-prompt means of s_i samples has variance
     sum_i p_i (1 - p_i) / s_i / n^2, with p_i (1 - p_i) / s_i estimated without bias by
-    q_i (1 - q_i) / (s_i - 1) from the observed share q_i (0 for a prompt with one sample)."""
+    q_i (1 - q_i) / (s_i - 1) from the observed share q_i (0 for a prompt with one sample).
+    With the same s for every prompt (as evaluations make them) that mean is the pass rate.
+    None when no prompt has two samples: nothing to estimate it from."""
     import numpy as np
 
     ids, inverse = np.unique(np.asarray(prompt_ids, dtype=object), return_inverse=True)
     s = np.bincount(inverse).astype(float)
+    if not (s > 1).any():
+        return None
     q = np.bincount(inverse, weights=np.asarray(passed, dtype=float)) / s
     var = np.where(s > 1, q * (1 - q) / np.maximum(s - 1, 1), 0.0)
     return float(np.sqrt(var.sum()) / len(ids))

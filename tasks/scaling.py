@@ -19,13 +19,16 @@ HALF_RUN_CONFIDENCE = 0.9
 
 
 def describe_half_run(fit: dict) -> str | None:
-    """ "predicted 0.835 [0.778, 0.886] (90%) at the end from the first half; observed 0.839"."""
+    """One line: "predicted 0.835 [0.778, 0.886] (nominal 90% interval) at the end from the
+    first half; observed 0.839 (error 0.004, inside the interval)"."""
     if fit.get("half_run_prediction") is None:
         return None
     text = f"predicted {fit['half_run_prediction']:.3f}"
     if fit.get("half_run_low") is not None:
         share = round(100 * fit["half_run_confidence"])
-        text += f" [{fit['half_run_low']:.3f}, {fit['half_run_high']:.3f}] ({share}% interval)"
+        text += (
+            f" [{fit['half_run_low']:.3f}, {fit['half_run_high']:.3f}] (nominal {share}% interval)"
+        )
     text += f" at the end from the first half; observed {fit['final_pass_rate']:.3f}"
     text += f" (error {fit['half_run_error']:.3f}"
     if fit.get("half_run_inside") is not None:

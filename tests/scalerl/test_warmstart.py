@@ -162,7 +162,7 @@ def test_a_changed_shipped_file_is_refused_with_the_fix(tmp_path):
     excluded = _manifest()["excluded"]
     with pytest.raises(
         ShippedWeightsError,
-        match=r"model.safetensors does not match its manifest.*Fix: restore it with `git checkout",
+        match=r"model.safetensors does not match its manifest.*Fix: restore it \(`git checkout",
     ):
         shipped_for(0, WarmStartSpec(), excluded, root=copy)
     (copy / "model.safetensors").unlink()
@@ -183,3 +183,28 @@ def test_a_run_gets_the_shipped_weights_without_training(tmp_path, monkeypatch):
     assert not (out / MANIFEST).exists() and not (tmp_path / "empty-cache").exists()
     for name, digest in _manifest()["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+
+
+def test_a_damaged_manifest_is_refused_with_the_fix(tmp_path):
+    from scalerl.warmstart import read_manifest
+
+    copy = tmp_path / "tiny-warm"
+    shutil.copytree(SHIPPED_DIR, copy)
+    (copy / MANIFEST).write_text("{not json")
+    with pytest.raises(ShippedWeightsError, match="cannot be read.*Fix: restore it"):
+        shipped_for(0, WarmStartSpec(), [], root=copy)
+    (copy / MANIFEST).write_text(json.dumps({"seed": 0, "spec": {}}))
+    with pytest.raises(ShippedWeightsError, match="lacks excluded, files.*Fix"):
+        read_manifest(copy)
+    assert read_manifest(tmp_path) is None  # no manifest: nothing shipped there
+
+
+def test_ship_refuses_a_folder_that_is_not_a_shipped_model(tmp_path, capsys):
+    from scalerl.warmstart import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ship", "--out", str(tmp_path)])  # before any training
+    assert exit_info.value.code == 2
+    assert "no manifest.json: not a shipped warm model. Fix:" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -28,6 +28,8 @@ def test_sampling_se_is_the_within_prompt_formula():
     ids = [f"p{i}" for i in range(128) for _ in range(8)]
     passed = [j % 2 for _ in range(128) for j in range(8)]
     assert sampling_se(ids, passed) == pytest.approx(math.sqrt(128 * 0.25 / 7) / 128)
+    # one sample per prompt: no within-prompt variance to estimate from
+    assert sampling_se(["a", "b"], [1, 0]) is None
 
 
 def test_fit_task_records_the_half_run_interval(prefect_harness, tmp_path):
@@ -62,7 +64,7 @@ def test_fit_task_records_the_half_run_interval(prefect_harness, tmp_path):
     line = describe_half_run(row)
     assert line.startswith(
         f"predicted {row['half_run_prediction']:.3f} "
-        f"[{row['half_run_low']:.3f}, {row['half_run_high']:.3f}] (90% interval)"
+        f"[{row['half_run_low']:.3f}, {row['half_run_high']:.3f}] (nominal 90% interval)"
     )
     assert f"observed {rate[-1]:.3f}" in line
 
