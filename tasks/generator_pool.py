@@ -43,6 +43,30 @@ def _writer_lease() -> str | None:
     return os.environ.get(leases.ENV)
 
 
+def start_role(config, run_id: str, deployment: str, name: str, role: str, **parameters):
+    """Start one of the run's roles elsewhere: a flow run of `deployment` named RUN/name,
+    linked under the run's flow run and tagged run:RUN role:ROLE, with the parameters every
+    role flow takes (the store, the run, the run flow's writer lease for fencing) and its own.
+    Not waited on (timeout 0): the caller follows its state. Returns the flow run."""
+    from prefect.deployments import run_deployment
+
+    storage = config.storage
+    return run_deployment(
+        deployment,
+        parameters={
+            "storage_url": storage.url,
+            "run_id": run_id,
+            **parameters,
+            "endpoint_url": storage.endpoint_url,
+            "writer_lease": _writer_lease(),
+        },
+        timeout=0,
+        as_subflow=True,  # linked under the run's flow run in the UI
+        flow_run_name=f"{run_id}/{name}",
+        tags=[*TAGS, run_tag(run_id), f"role:{role}"],
+    )
+
+
 def cancel_flow_runs(ids) -> None:
     """Cancel flow runs that have not ended (best effort): their workers stop the processes."""
     from prefect.client.orchestration import get_client
@@ -139,22 +163,13 @@ class GeneratorPool:
                 generator_id,
                 generate_rollouts.submit(self.config, self.run_id, generator_id, placed_as=slot),
             )
-        from prefect.deployments import run_deployment
-
-        storage = self.config.storage
-        flow_run = run_deployment(
+        flow_run = start_role(
+            self.config,
+            self.run_id,
             self.config.placement.generators_deployment,
-            parameters={
-                "storage_url": storage.url,
-                "run_id": self.run_id,
-                "generator_id": generator_id,
-                "endpoint_url": storage.endpoint_url,
-                "writer_lease": _writer_lease(),
-            },
-            timeout=0,  # started, not waited on: check() follows it
-            as_subflow=True,  # linked under the run's flow run in the UI
-            flow_run_name=f"{self.run_id}/{generator_id}",
-            tags=[*TAGS, run_tag(self.run_id), "role:generator"],
+            generator_id,
+            "generator",
+            generator_id=generator_id,
         )
         task_logger().info(
             "generator %s: flow run %s of deployment %s",

@@ -26,7 +26,6 @@ import time
 import uuid
 
 from scalerl.config import RunConfig
-from tasks.flow_runs import TAGS, run_tag
 from tasks.isolated import task_logger
 
 RENDEZVOUS = "trainer-rendezvous"
@@ -147,28 +146,20 @@ class RemoteTrainer:
     def start(self) -> None:
         """A new attempt: one flow run per node. Each id is recorded as it is created, so a
         failure half-way leaves no node unknown (it is cancelled with its attempt)."""
-        from prefect.deployments import run_deployment
-
-        from tasks.generator_pool import _writer_lease
+        from tasks.generator_pool import start_role
 
         attempt = f"{self.run_id}-{len(self.attempts)}-{uuid.uuid4().hex[:6]}"
-        storage, runs = self.config.storage, []
+        runs = []
         self.attempts.append((attempt, runs))
         for rank in range(self.config.placement.nodes):
-            flow_run = run_deployment(
+            flow_run = start_role(
+                self.config,
+                self.run_id,
                 self.config.placement.trainer_deployment,
-                parameters={
-                    "storage_url": storage.url,
-                    "run_id": self.run_id,
-                    "node_rank": rank,
-                    "attempt": attempt,
-                    "endpoint_url": storage.endpoint_url,
-                    "writer_lease": _writer_lease(),
-                },
-                timeout=0,
-                as_subflow=True,
-                flow_run_name=f"{self.run_id}/trainer-node{rank}",
-                tags=[*TAGS, run_tag(self.run_id), "role:trainer"],
+                f"trainer-node{rank}",
+                "trainer",
+                node_rank=rank,
+                attempt=attempt,
             )
             runs.append(flow_run.id)
         task_logger().info(

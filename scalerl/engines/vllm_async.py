@@ -71,8 +71,6 @@ import itertools
 import os
 import queue
 import threading
-import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -84,14 +82,11 @@ from scalerl.engines.base import (
     SamplingSettings,
     SequenceState,
     WeightSource,
-    open_group,
-    resolve_length,
 )
 from scalerl.engines.vllm_engine import (
     _check_model,
     _refresh_tied_head,
-    draw_requests,
-    finish_segment,
+    run_segments,
 )
 from scalerl.length_control import LengthPolicy
 from scalerl.models import load_tokenizer
@@ -361,45 +356,24 @@ class AsyncVLLMEngine:
     ) -> Iterator[list[Completion]]:
         if self.engine is None:
             raise EngineError("engine is closed. Fix: create a new AsyncVLLMEngine.")
-        policy = resolve_length(length, sampling, {self.tokenizer.eos_token_id})
-        live: dict[str, tuple[SequenceState, str, int]] = {}  # id -> (seq, salt, max_tokens)
-        waiting: deque[SequenceState] = deque()
         results: queue.SimpleQueue = queue.SimpleQueue()  # (request_id, output | error)
-        source = iter(requests)
-        exhausted = False
-        try:
-            while True:
-                if weights is not None and (new := weights.poll()) is not None:
-                    self.load_weights(*new)
-                held = False
-                if not exhausted:  # HOLD: nothing to start now; run what is live, ask again
-                    exhausted, held, opened = draw_requests(
-                        source,
-                        self.max_batch_size - len(live),
-                        waiting,
-                        lambda r: open_group(r, self.tokenizer, sampling, policy, self.context_len),
-                    )
-                    yield from opened
-                while waiting and len(live) < self.max_batch_size:
-                    self._add(live, waiting.popleft(), sampling, f"v{self.version}", results)
-                if not live:
-                    if exhausted and not waiting:
-                        return
-                    if held:
-                        time.sleep(HOLD_SLEEP_S)
-                    continue
-                # wait for finished segments; while something needs polling, not for long
-                timeout = self.poll_interval_s if (held or weights is not None) else 1.0
-                done = [
-                    group
-                    for request_id, out in self._finished(results, timeout)
-                    if (group := self._segment_done(request_id, out, live, sampling, results))
-                    is not None
-                ]
-                yield from done
-        finally:
-            if live and self.engine is not None:
-                self._call(self._cancel(list(live)))
+
+        def finished(held: bool) -> list:
+            # wait for finished segments; while something needs polling, not for long
+            return self._finished(
+                results, self.poll_interval_s if (held or weights is not None) else 1.0
+            )
+
+        def cancel(request_ids: list[str]) -> None:
+            if self.engine is not None:
+                self._call(self._cancel(request_ids))
+
+        yield from run_segments(
+            self, requests, sampling, length, weights,
+            submit=lambda seq, sampling, salt: self._submit(seq, sampling, salt, results),
+            finished=finished,
+            cancel=cancel,
+        )  # fmt: skip
 
     def _finished(self, results: queue.SimpleQueue, timeout: float) -> list:
         """Segments finished so far: waits up to ``timeout`` for the first, takes the rest."""
@@ -423,24 +397,6 @@ class AsyncVLLMEngine:
                     "Fix: see the engine log above."
                 ) from out
         return got
-
-    def _add(
-        self, live: dict, seq: SequenceState, sampling: SamplingSettings, salt: str, results
-    ) -> None:
-        max_tokens = seq.length.max_tokens_before_decision()
-        live[self._submit(seq, sampling, salt, results)] = (seq, salt, max_tokens)
-
-    def _segment_done(self, request_id: str, out, live: dict, sampling, results):
-        """A segment finished: its tokens through the length state machine (finish_segment,
-        shared with VLLMEngine), then the next segment is submitted or the sequence is done.
-        Returns a group once it is complete."""
-        if out is None or not out.finished or request_id not in live:
-            return None
-        seq, salt, max_tokens = live.pop(request_id)
-        group, again = finish_segment(seq, out.outputs[0], max_tokens, self.version, self.tokenizer)
-        if again:
-            self._add(live, seq, sampling, salt, results)
-        return group
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

@@ -156,6 +156,69 @@ def finish_segment(seq: SequenceState, o, max_tokens: int, version: int, tokeniz
     return None, True  # thinking closed before its budget: on to the next decision point
 
 
+def run_segments(engine, requests, sampling, length, weights, *, submit, finished, cancel):
+    """The generate loop of both vLLM engines: admit groups (draw_requests), keep up to
+    engine.max_batch_size segments in flight, put every finished segment through the length
+    state machine (finish_segment) and submit the next one, poll for new weights between
+    rounds, yield groups as they complete; on exit, cancel what is still in flight.
+
+    The engines differ only in how a segment goes in and comes out:
+    submit(seq, sampling, salt) -> request id; finished(held) -> [(request id, output)] for
+    the segments that ended since the last call (VLLMEngine steps its engine, the AsyncLLM
+    engine waits on a results queue); cancel(request ids)."""
+    policy = resolve_length(length, sampling, {engine.tokenizer.eos_token_id})
+    live: dict[str, tuple[SequenceState, str, int]] = {}  # id -> (seq, salt, max_tokens)
+    waiting: deque[SequenceState] = deque()
+    source = iter(requests)
+    exhausted = False
+
+    def add(seq: SequenceState, salt: str) -> None:
+        max_tokens = seq.length.max_tokens_before_decision()
+        live[submit(seq, sampling, salt)] = (seq, salt, max_tokens)
+
+    def segment_done(request_id: str, out):
+        if out is None or not out.finished or request_id not in live:
+            return None
+        seq, salt, max_tokens = live.pop(request_id)
+        group, again = finish_segment(
+            seq, out.outputs[0], max_tokens, engine.version, engine.tokenizer
+        )
+        if again:
+            add(seq, salt)
+        return group
+
+    try:
+        while True:
+            if weights is not None and (new := weights.poll()) is not None:
+                engine.load_weights(*new)
+            held = False
+            if not exhausted:  # HOLD: nothing to start now; run what is live, ask again
+                exhausted, held, opened = draw_requests(
+                    source,
+                    engine.max_batch_size - len(live),
+                    waiting,
+                    lambda r: open_group(r, engine.tokenizer, sampling, policy, engine.context_len),
+                )
+                yield from opened
+            while waiting and len(live) < engine.max_batch_size:
+                add(waiting.popleft(), f"v{engine.version}")
+            if not live:
+                if exhausted and not waiting:
+                    return
+                if held:
+                    time.sleep(HOLD_SLEEP_S)
+                continue
+            done = [
+                group
+                for request_id, out in finished(held)
+                if (group := segment_done(request_id, out)) is not None
+            ]
+            yield from done
+    finally:
+        if live:
+            cancel(list(live))
+
+
 class VLLMEngine:
     """Step-driven vLLM with in-flight weight updates; see the module docstring."""
 
@@ -291,57 +354,17 @@ class VLLMEngine:
     ) -> Iterator[list[Completion]]:
         if self.engine is None:
             raise EngineError("engine is closed. Fix: create a new VLLMEngine.")
-        policy = resolve_length(length, sampling, {self.tokenizer.eos_token_id})
-        live: dict[str, tuple[SequenceState, str, int]] = {}  # id -> (seq, salt, max_tokens)
-        waiting: deque[SequenceState] = deque()
-        source = iter(requests)
-        exhausted = False
-        try:
-            while True:
-                if weights is not None and (new := weights.poll()) is not None:
-                    self.load_weights(*new)
-                held = False
-                if not exhausted:  # HOLD: nothing to start now; step what is live, ask again
-                    exhausted, held, opened = draw_requests(
-                        source,
-                        self.max_batch_size - len(live),
-                        waiting,
-                        lambda r: open_group(r, self.tokenizer, sampling, policy, self.context_len),
-                    )
-                    yield from opened
-                while waiting and len(live) < self.max_batch_size:
-                    self._add(live, waiting.popleft(), sampling, f"v{self.version}")
-                if not live:
-                    if exhausted and not waiting:
-                        return
-                    if held:
-                        time.sleep(HOLD_SLEEP_S)
-                    continue
-                done = [
-                    group
-                    for out in self._step()
-                    if (group := self._segment_done(out, live, sampling)) is not None
-                ]
-                yield from done
-        finally:
-            if live and self.engine is not None:
-                self.engine.abort_request(list(live))
 
-    def _add(self, live: dict, seq: SequenceState, sampling: SamplingSettings, salt: str) -> None:
-        max_tokens = seq.length.max_tokens_before_decision()
-        live[self._submit(seq, sampling, salt)] = (seq, salt, max_tokens)
+        def cancel(request_ids: list[str]) -> None:
+            if self.engine is not None:
+                self.engine.abort_request(request_ids)
 
-    def _segment_done(self, out, live: dict, sampling: SamplingSettings):
-        """A segment finished: its tokens through the length state machine (finish_segment),
-        then the next segment is submitted or the sequence is done. Returns a group once it
-        is complete."""
-        if not out.finished or out.request_id not in live:
-            return None
-        seq, salt, max_tokens = live.pop(out.request_id)
-        group, again = finish_segment(seq, out.outputs[0], max_tokens, self.version, self.tokenizer)
-        if again:
-            self._add(live, seq, sampling, salt)
-        return group
+        yield from run_segments(
+            self, requests, sampling, length, weights,
+            submit=self._submit,
+            finished=lambda _held: [(out.request_id, out) for out in self._step()],
+            cancel=cancel,
+        )  # fmt: skip
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
