@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from flows.run import scalerl_run
+    from runtime.common import open_run
     from scalerl.config import load_config
     from scalerl.stats import eval_points
-    from tasks.common import open_run
 
     storage = args.storage or tempfile.mkdtemp(prefix="scalerl-demo-")
     config = load_config(

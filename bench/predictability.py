@@ -113,9 +113,9 @@ def diagnostics(run, config) -> dict:
 
 def one_run(seed: int, args, root: Path) -> dict:
     from flows.run import scalerl_run
+    from runtime.common import open_run
     from scalerl.config import load_config
     from scalerl.stats import eval_points
-    from tasks.common import open_run
 
     config = load_config(
         preset=args.preset,

@@ -73,7 +73,7 @@ def _ppid(pid: int) -> int | None:
 
 def _role(pid: int, flow_pid: int, cmdline: str) -> str:
     """flow, reward-worker, fork-server, resource-tracker, generator, trainer, evaluator
-    (tasks/isolated.py names its children scalerl-gen<i>, scalerl-trainer, scalerl-eval-v<n>),
+    (runtime/isolated.py names its children scalerl-gen<i>, scalerl-trainer, scalerl-eval-v<n>),
     or other."""
     if pid == flow_pid:
         return "flow"
@@ -161,7 +161,7 @@ def snapshot(flow_pid: int) -> dict:
 
 
 def tmp_weights_mib(run_id: str) -> float:
-    """Disk held by the run's local weight copies (tasks/common.py WeightCache directories)."""
+    """Disk held by the run's local weight copies (runtime/common.py WeightCache directories)."""
     total = 0
     for d in glob.glob(os.path.join(tempfile.gettempdir(), f"scalerl-{run_id}-w-*")):
         for dirpath, _, files in os.walk(d):

@@ -16,7 +16,7 @@ moments = 16 bytes per parameter), each peak, and per process the peak above the
 baseline. The claim under test: no rank holds the full fp32 model and optimizer state, i.e.
 each rank's peak above the baseline (ranks are fresh interpreters, like the baseline) is below
 16 x parameters bytes. The single process is a fork of the flow's fork server (torch and
-transformers already imported, tasks/isolated.py), so its own baseline is not this one: its
+transformers already imported, runtime/isolated.py), so its own baseline is not this one: its
 figure above the baseline is only indicative.
 """
 

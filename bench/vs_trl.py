@@ -28,7 +28,7 @@ same number of generated completions as ours (equal generation compute). Ours al
 steady-state rate from the trainer's own per-step timestamps (without prepare and the two
 evaluations). Ours' wall includes prepare, both evaluations, the fit, plots and the report.
 Untimed on both sides: imports and the model load for TRL; the temporary Prefect server and
-the fork server's imports (tasks/isolated.py) for ours.
+the fork server's imports (runtime/isolated.py) for ours.
 Without TRL installed the TRL side is skipped with a message (JSON "trl": {"skipped": ...}).
 """
 
@@ -83,8 +83,8 @@ def run_ours(config) -> dict:
     from prefect import flow
 
     from flows.run import scalerl_run
-    from tasks.common import WeightCache, open_run
-    from tasks.isolated import wait_for_server
+    from runtime.common import WeightCache, open_run
+    from runtime.isolated import wait_for_server
 
     flow(name="vs-trl-warmup")(_noop)()  # starts Prefect's temporary server, untimed
     # The fork server imports torch and transformers for the generator and trainer processes;
@@ -244,9 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
 
+    from runtime.common import materialize_base_model
     from scalerl.data import load_prompts
     from scalerl.warmstart import pass_rate
-    from tasks.common import materialize_base_model
 
     work = Path(tempfile.mkdtemp(prefix="scalerl-vs-trl-"))
     config = _config(args.steps, work, args.set, args.eval_prompts)

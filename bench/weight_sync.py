@@ -1,5 +1,5 @@
 """Weight sync: what publishing a policy version costs the trainer and the generators, and what
-the store holds, side by side in one run (tasks/weights.py, tasks/retention.py).
+the store holds, side by side in one run (runtime/weights.py, runtime/retention.py).
 
     .venv/bin/python bench/weight_sync.py [--steps 4] [--out bench/results/weight_sync.json]
         [--skip-engines] [--layers 12] [--hidden 768]
@@ -77,10 +77,10 @@ def _config(root: Path, shm: Path, transport: str, *extra: str):
 def trainer_blocking(model_dir: Path, tmp: Path, steps: int) -> dict:
     import torch
 
+    from runtime.weights import TransportPublisher
     from scalerl.models import load_policy
     from scalerl.trainer.loop import BackgroundPublisher, cpu_copy
     from storage import open_store
-    from tasks.weights import TransportPublisher
 
     torch.manual_seed(0)
     model, tok = load_policy(str(model_dir))
@@ -245,10 +245,10 @@ def generator_stalls(model_dir: Path, tmp: Path, updates: int) -> dict:
 def store_bytes(tmp: Path, steps: int = 300, generators: int = 4) -> dict:
     """The publisher and retention code over `steps` versions of a small model; checkpoints
     every 50 steps of realistic relative size (weights + 2 fp32 AdamW moments)."""
+    from runtime.common import WeightCache
+    from runtime.weights import TransportPublisher
     from scalerl.models import build_tiny_model, load_policy
     from storage import open_store
-    from tasks.common import WeightCache
-    from tasks.weights import TransportPublisher
 
     small = build_tiny_model(tmp / "small", hidden_size=64, layers=2, heads=1)
     model, tok = load_policy(str(small))

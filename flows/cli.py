@@ -205,7 +205,7 @@ def run_cmd(
     cfg = _load(file, preset, [*(overrides or []), *extra])
     from flows.cli_progress import run_progress
     from flows.run import scalerl_run
-    from tasks.common import new_run_id, with_run_id
+    from runtime.common import new_run_id, with_run_id
 
     cfg = with_run_id(cfg, run_id or cfg.storage.run_id or new_run_id())
     with _guard(), graceful_stop(), run_progress(cfg, cfg.storage.run_id):
@@ -247,7 +247,7 @@ def resume_cmd(
     PREFECT_API_URL names a server that has it."""
     from flows.cli_progress import run_progress
     from flows.resume import resume_here
-    from tasks.common import resume_config
+    from runtime.common import resume_config
 
     with _guard():
         _open_run(storage, endpoint_url, run_id)  # a clear error for an unknown id
@@ -304,12 +304,12 @@ def runs_prune(
     ] = None,
 ) -> None:
     """Free a run's storage: delete weight versions and checkpoints retention does not keep
-    (tasks/retention.py; no staleness window once no writer holds the run; live reader leases
+    (runtime/retention.py; no staleness window once no writer holds the run; live reader leases
     still count).
     A dry run by default: prints what would go and the bytes freed. With --apply it takes the
     run's writer lease first, so it refuses a run that is being written."""
-    from tasks.common import config_of_run
-    from tasks.retention import apply_plan, prune_plan
+    from runtime.common import config_of_run
+    from runtime.retention import apply_plan, prune_plan
 
     with _guard():
         run = _open_run(storage, endpoint_url, run_id)
@@ -343,7 +343,7 @@ def runs_verify(
 ) -> None:
     """Check a run from its stored data: no committed shard lost, nothing trained twice,
     continuous weight versions, curriculum retirements never undone. Exit 1 on a problem."""
-    from tasks.verify import verify_run
+    from runtime.verify import verify_run
 
     with _guard():
         report = verify_run(_open_run(storage, endpoint_url, run_id))

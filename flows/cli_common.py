@@ -144,11 +144,11 @@ def _check_inputs(cfg) -> None:
     local directory: causal LM, weights, end-of-sequence token; hub ids are checked when the
     run loads them), a storage.run_id that names a directory the store did not create, and one
     that names an existing run started with another config."""
+    from runtime.common import BUILTIN_TINY, BUILTIN_TINY_WARM
     from scalerl.data import load_prompts
     from storage.errors import ForeignFileError
     from storage.paths import check_local_access, open_location, validate_name
     from storage.store import RUN_MARKER
-    from tasks.common import BUILTIN_TINY, BUILTIN_TINY_WARM
 
     store = _store(cfg.storage.url, cfg.storage.endpoint_url)
     loc = open_location(cfg.storage.url, _store_options(cfg.storage.endpoint_url))
@@ -165,7 +165,7 @@ def _check_inputs(cfg) -> None:
         from scalerl.models import check_model  # torch + transformers: only when needed
 
         check_model(name)
-    from tasks.common import check_placement
+    from runtime.common import check_placement
 
     check_placement(cfg)  # on cuda: processes, devices and memory (scalerl plan)
     run_id = cfg.storage.run_id

@@ -18,7 +18,7 @@ def run_progress(config, run_id: str, poll_s: float = 1.0):
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tasks.common import open_run
+    from runtime.common import open_run
 
     stop = threading.Event()
     bars = Progress(

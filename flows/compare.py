@@ -20,8 +20,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows.run import scalerl_run
+from runtime.common import new_run_id
 from scalerl.config import RunConfig, load_config
-from tasks.common import new_run_id
 from tasks.compare import RECIPES, check_recipes, recipe_config, summarize_comparison
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import config_of_run, open_run
+from runtime.common import config_of_run, open_run
 from tasks.evaluate import evaluate_policy
 
 

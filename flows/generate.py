@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import adopt_lease, config_of_run
+from runtime.common import adopt_lease, config_of_run
 from tasks.rollouts import generate_rollouts
 
 

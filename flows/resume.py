@@ -16,7 +16,7 @@ import os
 from prefect import flow, get_run_logger
 
 from flows.run import scalerl_run
-from tasks.common import resume_config
+from runtime.common import resume_config
 
 DEPLOYMENT = "scalerl-resume/scalerl-resume"
 

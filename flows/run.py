@@ -29,11 +29,20 @@ from concurrent import futures
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
 
+from runtime.common import open_run, with_run_id
+from runtime.isolated import (
+    in_process,
+    reopen_children,
+    start_server,
+    stop_children,
+    wait_for_activity,
+)
+from runtime.transports import end_of_run, published_version
+from runtime.writer import hold_run
 from scalerl.config import RunConfig
 from scalerl.faults import kill_point
 from scalerl.stall import RunStalledError
 from storage.lease import LeaseLostError
-from tasks.common import open_run, with_run_id
 from tasks.evaluate import evaluate_policy
 from tasks.flow_runs import (
     claimed_run_id,
@@ -43,13 +52,6 @@ from tasks.flow_runs import (
     record_flow_run,
 )
 from tasks.generator_pool import GeneratorPool
-from tasks.isolated import (
-    in_process,
-    reopen_children,
-    start_server,
-    stop_children,
-    wait_for_activity,
-)
 from tasks.prepare import prepare_run
 from tasks.report import (
     latest_pass_rate,
@@ -70,8 +72,6 @@ from tasks.stages import (
 )
 from tasks.train import train_policy
 from tasks.trainer_nodes import LocalTrainer, RemoteTrainer
-from tasks.weights import drop_local_weights, published_version
-from tasks.writer import hold_run
 
 POLL_MIN_S, POLL_MAX_S = 0.05, 1.0  # idle polling backs off from MIN to MAX, reset on work
 TABLE_EVERY_S = 15.0  # the metrics table artifact reads every trainer part file: not per shard
@@ -127,14 +127,15 @@ def evaluation_slots(config: RunConfig, *, training_done: bool) -> int:
     of queued evaluations on one core of two. Unset torch_threads: each uses every core."""
     import os
 
-    from tasks.isolated import in_process
+    from runtime.generation import engine_kind
+    from runtime.isolated import in_process
 
     threads = config.pipeline.torch_threads
     if (
         not training_done
         or not threads
         or in_process(config)
-        or config.generation.engine != "transformers"
+        or not engine_kind(config).cpu_parallel_evaluations
         or config.placement.accelerator != "cpu"
     ):
         return 1
@@ -245,7 +246,7 @@ def _supervise(
             )
             continue
         # The stages sit on the critical path between generator and trainer: a generator's
-        # commit wakes the loop at once (tasks.isolated.notify_flow); otherwise it polls, fast
+        # commit wakes the loop at once (runtime.isolated.notify_flow); otherwise it polls, fast
         # while shards flow and backing off while idle, so an idle run does not hammer S3.
         poll = POLL_MIN_S if moved else min(2 * poll, POLL_MAX_S)
         if not moved:
@@ -342,17 +343,17 @@ def _run_held(config: RunConfig, run_id: str, writer, logger) -> dict:
                 with contextlib.suppress(Exception):
                     remote.cancel()
             if not isinstance(exc, LeaseLostError):  # (a run taken over is its new writer's)
-                drop_local_weights(config, run_id)  # memory under /dev/shm; resume uses the store
+                end_of_run(config, run)  # memory under /dev/shm; resume uses the store
         raise
     failed = run.read_status() or {}
     if failed.get("state") == "failed":  # e.g. every replacement of a generator was lost too
-        drop_local_weights(config, run_id)
+        end_of_run(config, run)
         raise RunFailedError(
             f"run {run_id} failed: {failed.get('reason')}. Fix: see the failed task or flow "
             f"runs; then `scalerl resume {run_id}` continues from what is committed."
         )
     if summary.get("stalled"):  # it cannot learn: say why, and do not evaluate or fit
-        drop_local_weights(config, run_id)
+        end_of_run(config, run)
         run.write_status(
             {"state": "stalled", "reason": summary["stalled"], "step": summary.get("step")}
         )
@@ -364,13 +365,13 @@ def _run_held(config: RunConfig, run_id: str, writer, logger) -> dict:
         logger.info(
             "run %s stopped at step %s: %s", run_id, summary.get("step"), summary["stopped"]
         )
-        drop_local_weights(config, run_id)
+        end_of_run(config, run)
         return {"run_id": run_id, **summary, "state": "stopped", "fit": None, "plots": {}}
     evaluate_due(config, run_id, evaluated, wait=True)  # versions published meanwhile
     final = run.latest_weights_version() or 0
     if final not in evaluated:
         evaluate_policy(quote(config), run_id, final)
-    drop_local_weights(config, run_id)  # the store holds the final version (its checkpoint's)
+    end_of_run(config, run)  # the store holds the final version (its checkpoint's)
     fit = fit_scaling_curve(config, run_id)
     run.write_status(
         {

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import adopt_lease, config_of_run
-from tasks.trainer_nodes import train_node
+from runtime.common import adopt_lease, config_of_run
+from runtime.trainer_node import train_node
 
 
 @flow(name="scalerl-train-node", log_prints=True)

@@ -677,7 +677,7 @@ class RunConfig(_Section):
             self.model.name_or_path == _BUILTIN_TINY_WARM
             and self.data.task != "arithmetic"
             and not self.data.source.startswith("synthetic:arithmetic")
-        ):  # the same rule as tasks/common.py::_warm_tiny_model, checked before anything is written
+        ):  # the same rule as runtime/common.py::_warm_tiny_model, checked before anything is written
             raise ValueError(
                 f"model.name_or_path = {_BUILTIN_TINY_WARM!r} is warm-started on arithmetic, but "
                 f"data.source = {self.data.source!r} with data.task = {self.data.task!r}. Fix: use "
@@ -695,7 +695,7 @@ class RunConfig(_Section):
         return self
 
 
-# The built-in models of tasks/common.py (named here too: config must not import the tasks).
+# The built-in models of runtime/common.py (named here too: config must not import the tasks).
 _BUILTIN_TINY = "builtin:tiny"
 _BUILTIN_TINY_WARM = "builtin:tiny-warm"
 

@@ -11,12 +11,12 @@ its commit, between a commit and the next bookkeeping write):
     filter.before_commit
     trainer.after_step       trainer.after_publish         (scalerl/trainer/loop.py)
     publisher.before_commit  (the background publisher thread: trained, saved, not yet
-                              visible; tasks/weights.py)
-    pruner.before_delete     (retention, on the same thread; tasks/retention.py)
+                              visible; runtime/weights.py)
+    pruner.before_delete     (retention, on the same thread; runtime/retention.py)
     flow.loop                                              (flows/run.py)
 
 Stages run in the flow process; generators and the trainer run in child processes of it
-(tasks/isolated.py). A point hit in such a child kills the flow process first and then the
+(runtime/isolated.py). A point hit in such a child kills the flow process first and then the
 child, so a kill at any component's moment is a whole-node loss.
 """
 
@@ -66,7 +66,7 @@ def kill_point(name: str) -> None:
     with _lock:
         _hits[name] += 1
         if _hits[name] == count:
-            parent = os.environ.get("SCALERL_ISOLATED_PARENT")  # tasks.isolated.PARENT_ENV
+            parent = os.environ.get("SCALERL_ISOLATED_PARENT")  # runtime.isolated.PARENT_ENV
             if parent and parent.isdigit() and int(parent) != os.getpid():
                 os.kill(int(parent), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -10,7 +10,7 @@ One topology for GPU and CPU nodes (config section `placement`):
   evaluation engine placement.evaluation_devices when given, and the generators the devices
   after those, tensor_parallel per engine, never split across machines.
 - Each generator and evaluation process starts with its own CUDA_VISIBLE_DEVICES; trainer ranks
-  run under torchrun (tasks/torchrun.py) with CUDA_VISIBLE_DEVICES = the trainer's devices of
+  run under torchrun (runtime/torchrun.py) with CUDA_VISIBLE_DEVICES = the trainer's devices of
   that node, so LOCAL_RANK r is its r-th device. On accelerator cpu the same processes start
   without devices and the trainer ranks talk over gloo: CI runs the launcher GPUs use.
 - check_layout (run by RunConfig's validator: no model, no torch) refuses what no machine can
@@ -309,7 +309,7 @@ def model_shape(name_or_path: str, revision: str | None = None) -> ModelShape:
 
         from scalerl.models import build_tiny_tokenizer
 
-        # build_tiny_model's defaults (tasks/common.py builds both built-ins with them)
+        # build_tiny_model's defaults (runtime/common.py builds both built-ins with them)
         hf = Qwen2Config(
             vocab_size=len(build_tiny_tokenizer()),
             hidden_size=128,

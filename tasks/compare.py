@@ -22,8 +22,8 @@ from typing import Any
 
 from prefect import task
 
+from runtime.common import open_run
 from scalerl.config import RunConfig, apply_overrides, validate_config
-from tasks.common import open_run
 
 RECIPES: dict[str, list[str]] = {
     "scalerl": [],

@@ -64,7 +64,7 @@ def _client():
 def claimed_run_id(given: str | None) -> str:
     """The run id this flow run works on: `given` when set; else the one an earlier attempt of
     this same flow run tagged it with (a Retry from the UI); else a new timestamped id."""
-    from tasks.common import new_run_id
+    from runtime.common import new_run_id
 
     if given:
         return given

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import time
 
+from runtime.logs import task_logger
 from scalerl.config import RunConfig
 from tasks.flow_runs import TAGS, run_tag
-from tasks.isolated import task_logger
 
 MAX_REPLACEMENTS = 3
 CHECK_EVERY_S = 5.0  # a remote generator's state is an API call
@@ -235,7 +235,7 @@ class GeneratorPool:
 
     def _expired(self, run) -> set[str]:
         """Generators that registered and whose heartbeat is older than GENERATOR_TTL_S."""
-        from tasks.rollouts import GENERATOR_PREFIX, live_generators
+        from runtime.registry import GENERATOR_PREFIX, live_generators
 
         live = live_generators(run)
         return {

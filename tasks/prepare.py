@@ -12,8 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 from prefect import get_run_logger, task
 
-from scalerl.config import RunConfig
-from tasks.common import (
+from runtime.common import (
     BUILTIN_TINY_WARM,
     check_placement,
     materialize_base_model,
@@ -21,6 +20,7 @@ from tasks.common import (
     open_run,
     tiny_warm_source,
 )
+from scalerl.config import RunConfig
 
 
 def retry_unless_bad_input(_task, _task_run, state) -> bool:
@@ -64,7 +64,7 @@ def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
     for split, rows in (("train", prompts.train), ("eval", prompts.eval)):
         run.write_prompts(split, pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
     if run.latest_weights_version() is None:
-        from tasks.weights import record_version
+        from runtime.weights import record_version
 
         with tempfile.TemporaryDirectory(prefix="scalerl-v0-") as tmp:
             base = materialize_base_model(config, Path(tmp) / "v0")

@@ -19,9 +19,9 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from runtime.common import open_run
+from runtime.isolated import run_isolated
 from scalerl.config import RunConfig
-from tasks.common import open_run
-from tasks.isolated import run_isolated
 from tasks.scaling import describe_half_run
 from tasks.stages import read_or_quarantine
 
@@ -257,7 +257,7 @@ def render_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, 
     Prefect UI: pass rate vs compute with the fitted sigmoid and its extrapolation, completion
     lengths with the interruption window, staleness of trained samples. Also the `evaluations`
     table artifact. Called while the run goes (fit None: a quick fit once enough points exist)
-    and at its end. The drawing runs in a child process (tasks/isolated.py, at
+    and at its end. The drawing runs in a child process (runtime/isolated.py, at
     evaluation.nice) so that the flow process never loads matplotlib; the artifacts are made
     here. Returns name -> URL of the stored PNGs."""
     import base64

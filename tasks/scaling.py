@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
+from runtime.common import open_run
 from scalerl.config import RunConfig
-from tasks.common import open_run
 
 HALF_RUN_CONFIDENCE = 0.9
 

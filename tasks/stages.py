@@ -30,6 +30,7 @@ import time
 
 from prefect import get_run_logger, task
 
+from runtime.common import open_run
 from scalerl.config import RunConfig
 from scalerl.faults import kill_point
 from storage.errors import (
@@ -39,7 +40,6 @@ from storage.errors import (
     SchemaVersionError,
     ShardNotFoundError,
 )
-from tasks.common import open_run
 
 RAW, SCORED, FILTERED = "raw", "scored", "filtered"
 UNUSABLE = (CorruptShardError, SchemaVersionError, ForeignFileError, InvalidRolloutsError)
@@ -295,7 +295,7 @@ def open_stream(run_id: str) -> None:
 def end_stream(run_id: str) -> None:
     """Tell the run's advance-stream task (same process) that no more raw shards will come:
     it advances what is pending and returns."""
-    from tasks.isolated import notify_flow
+    from runtime.isolated import notify_flow
 
     _STREAM_END.setdefault(run_id, threading.Event()).set()
     notify_flow()  # in the flow process: wakes the stream's wait at once
@@ -316,10 +316,10 @@ def advance_stream(config: RunConfig, run_id: str) -> dict:
     Prefect server, than the three stages of a tiny model's shard). Each stage still commits its
     own output and skips what is committed, so a Prefect retry of this task (or a resumed run)
     carries on at the first stage not yet done of the first shard not yet through. A generator's
-    commit wakes it (tasks.isolated.notify_flow); otherwise it polls, backing off while idle.
+    commit wakes it (runtime.isolated.notify_flow); otherwise it polls, backing off while idle.
     Returns when the flow calls end_stream(run_id), after one last pass, or at once when the
     run has failed. The flow watches it: if it fails for good, the run fails."""
-    from tasks.isolated import wait_for_activity
+    from runtime.isolated import wait_for_activity
 
     run, logger = open_run(config, run_id), get_run_logger()
     end = _STREAM_END.setdefault(run_id, threading.Event())

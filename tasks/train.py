@@ -1,95 +1,24 @@
-"""train_policy: the persistent trainer task (PipelineRL-k training side, scalerl/trainer).
-
-It consumes `filtered` shards in commit order under the k-step staleness bound, publishes weights
-v+1 after every optimizer step, appends `trainer` metrics, and checkpoints atomically. It ends at
-schedule.max_steps, at the compute budget, or when the run's status leaves "running" (the flow
-sets that when every prompt is retired or a generator failed). A retried or resumed task
-continues from the newest checkpoint with the same ledger of consumed shards.
-"""
+"""train_policy: the persistent trainer task, supervising the trainer process or its torchrun ranks
+(runtime/trainer.py)."""
 
 from __future__ import annotations
-
-import os
-import tempfile
-from pathlib import Path
 
 from prefect import task
 
 from scalerl.config import RunConfig
-from tasks.common import WeightCache, open_run
-
-TRAIN_STAGE = "filtered"
 
 
 @task(name="train-policy", retries=1, retry_delay_seconds=[10], cache_policy=None)
 def train_policy(config: RunConfig, run_id: str) -> dict:
-    """The trainer in its own process (tasks/isolated.py), or as placement.trainer_ranks ranks
-    under torchrun (tasks/torchrun.py), supervised by this task; on its planned devices."""
-    from tasks.common import process_env
+    """The trainer in its own process (runtime/isolated.py), or as placement.trainer_ranks ranks
+    under torchrun (runtime/torchrun.py), supervised by this task; on its planned devices."""
+    from runtime.common import process_env
 
     env = process_env(config, "trainer@node0")
     if config.placement.trainer_ranks > 1:
-        from tasks.torchrun import run_torchrun
+        from runtime.torchrun import run_torchrun
 
         return run_torchrun(config, run_id, env=env)
-    from tasks.isolated import run_isolated
+    from runtime.isolated import run_isolated
 
-    return run_isolated("tasks.train:trainer_body", config, "trainer", env=env, run_id=run_id)
-
-
-def trainer_body(config: RunConfig, run_id: str) -> dict:
-    """What train_policy runs (in every rank under torchrun): the trainer until max steps, the
-    budget or a stop."""
-    run = open_run(config, run_id)
-    with tempfile.TemporaryDirectory(prefix=f"scalerl-{run_id}-w-") as local:
-        # the policy prepare_run published as version 0, for a start without a checkpoint
-        base = WeightCache(run, Path(local), config).path(0)
-        return _train(config, run_id, run, base)
-
-
-def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
-    from scalerl.trainer import Trainer, TrainerOptions
-    from tasks.isolated import task_logger
-    from tasks.trainer_io import TrainerIO
-
-    def should_stop() -> bool:
-        return (run.read_status() or {}).get("state", "running") != "running"
-
-    from tasks.common import accelerator
-
-    ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun
-    rank = int(os.environ["RANK"]) if ranked else None
-    io = TrainerIO.over(run, stage=TRAIN_STAGE, config=config, rank=rank)
-    trainer = Trainer(
-        config,
-        run_id=run_id,
-        source=io.source,
-        publisher=io.publisher,
-        checkpoints=io.checkpoints,
-        metrics=io.metrics,
-        options=TrainerOptions(
-            # one rank on cuda: its CUDA_VISIBLE_DEVICES holds its one device (ranks under
-            # torchrun pin cuda:LOCAL_RANK themselves)
-            device="cuda:0" if accelerator(config) == "cuda" and not ranked else "cpu",
-            model_path=str(base),
-            should_stop=should_stop,
-            poll_interval_s=0.01,  # a shard waiting on a sleeping trainer is pipeline latency
-            max_poll_interval_s=1.0,
-        ),
-    )
-    summary = trainer.train()
-    from tasks.common import peak_rss_mib
-
-    task_logger().info(
-        "trainer stopped at version %d (%s); peak RSS %.0f MiB",
-        summary.version,
-        summary.stop_reason,
-        peak_rss_mib(),
-    )
-    return {
-        "step": summary.version,
-        "reason": summary.stop_reason,
-        "nan_steps": summary.nan_steps,
-        "ledger_entries": summary.ledger_entries,
-        "stalled": summary.stalled,
-    }
+    return run_isolated("runtime.trainer:trainer_body", config, "trainer", env=env, run_id=run_id)

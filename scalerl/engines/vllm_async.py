@@ -230,7 +230,7 @@ class AsyncVLLMEngine:
 
     def weight_transfer(self, method: str, **kwargs) -> None:
         """One of vLLM's weight-transfer worker calls (weights.transport = nccl:
-        tasks/weights_nccl.py). Generation pauses ("keep") at start_weight_update and resumes
+        runtime/weights_nccl.py). Generation pauses ("keep") at start_weight_update and resumes
         at set_version, so no step runs on half-replaced weights."""
         self._call(self._transfer(method, kwargs))
 

@@ -42,7 +42,7 @@ How it works (vLLM 0.32):
   sequences, so its prefix is still cached when it runs (re-queued behind new sequences on a
   full KV cache it would be evicted and re-prefilled, ~14k tokens at the paper's lengths).
   On CUDA the run's placement plan sizes max_num_seqs to what the KV cache holds
-  (scalerl/placement.py) and passes tensor_parallel_size (tasks/generation.py make_engine).
+  (scalerl/placement.py) and passes tensor_parallel_size (runtime/generation.py make_engine).
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ class VLLMEngine:
     def weight_transfer(self, method: str, **kwargs) -> None:
         """One of vLLM's weight-transfer worker calls (init_weight_transfer_engine,
         start_weight_update, update_weights, finish_weight_update) on every worker, between
-        two steps (weights.transport = nccl: tasks/weights_nccl.py)."""
+        two steps (weights.transport = nccl: runtime/weights_nccl.py)."""
         self.engine.collective_rpc(method, kwargs=kwargs)
 
     def set_version(self, version: int) -> None:

@@ -17,14 +17,13 @@ reused (closed at interpreter exit or by ``close_default_pools()``). Pass your o
 
 from __future__ import annotations
 
-import atexit
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from scalerl.rewards.base import Reward, Scorer, check_row, extract_final_answer, wrong
 from scalerl.rewards.math import MathScorer
-from scalerl.rewards.sandbox import Outcome, ScoringPool
+from scalerl.rewards.pools import close_default_pools, default_pool, to_reward
+from scalerl.rewards.sandbox import ScoringPool
 from scalerl.rewards.synthetic import (
     ArithmeticScorer,
     CountdownScorer,
@@ -56,9 +55,6 @@ SCORERS: dict[str, Scorer] = {
     "arithmetic": ArithmeticScorer(),
     "countdown": CountdownScorer(),
 }
-
-_pools: dict[int | None, ScoringPool] = {}
-_pools_lock = threading.Lock()
 
 
 def get_scorer(task: str) -> Scorer:
@@ -111,35 +107,5 @@ def score_many(
         for i, outcome in zip(
             where, pool.run(score_inline, calls, timeout_s=timeout_s), strict=True
         ):
-            rewards[i] = _to_reward(outcome)
+            rewards[i] = to_reward(outcome)
     return rewards  # type: ignore[return-value]
-
-
-def default_pool(workers: int | None = None) -> ScoringPool:
-    """The shared pool for this worker count, started on first use."""
-    with _pools_lock:
-        pool = _pools.get(workers)
-        if pool is None or pool.closed:
-            pool = _pools[workers] = ScoringPool(workers)
-        return pool
-
-
-def close_default_pools() -> None:
-    """Stop the shared pools' workers (they restart on the next call)."""
-    with _pools_lock:
-        pools = list(_pools.values())
-        _pools.clear()
-    for pool in pools:
-        pool.close()
-
-
-atexit.register(close_default_pools)
-
-
-def _to_reward(outcome: Outcome) -> Reward:
-    if outcome.ok:
-        value = outcome.value
-        if isinstance(value, Reward):
-            return value
-        return wrong(f"error: scorer returned {type(value).__name__}, not a Reward")
-    return wrong(f"{outcome.failure}: {outcome.detail}")

@@ -40,10 +40,14 @@ class MathScorer:
         self.pool = pool  # a ScoringPool; None uses the shared default pool
 
     def score(self, row: Mapping[str, Any], completion: str) -> Reward:
-        from scalerl.rewards import score_many  # the package wires pools and dispatch
+        from scalerl.rewards.pools import default_pool, to_reward
 
+        if not isinstance(completion, str):
+            return wrong(f"completion is {type(completion).__name__}, not text")
         row = {"prompt": row.get("prompt", ""), "answer": row["answer"], "task": self.name}
-        return score_many([row], [completion], timeout_s=self.timeout_s, pool=self.pool)[0]
+        pool = self.pool if self.pool is not None else default_pool()
+        (outcome,) = pool.run(_score_inline, [(row, completion)], timeout_s=self.timeout_s)
+        return to_reward(outcome)
 
     def score_inline(self, row: Mapping[str, Any], completion: str) -> Reward:
         """The check itself, in this process, unbounded in time: run it in a worker."""
@@ -78,3 +82,8 @@ def _parse(text: str) -> list[Any]:
 def _parse_gold(text: str) -> list[Any]:
     # The same reference answer is checked G times per prompt: parse it once per worker.
     return _parse(text)
+
+
+def _score_inline(row: Mapping[str, Any], completion: str) -> Reward:
+    """What a pool worker runs for MathScorer.score (a module-level function: it is pickled)."""
+    return MathScorer().score_inline(row, completion)

@@ -6,7 +6,7 @@ bound, FP32 LM head, AdamW, exact checkpoint and resume.
 
 Files: batch.py (shards -> batches, staleness and wait rules), step.py (one optimizer step),
 optim.py (AdamW + warmup), checkpoint.py (what a checkpoint holds), loop.py (the Trainer),
-distributed.py (FSDP2 under torchrun). Storage is wired in tasks/trainer_io.py only.
+distributed.py (FSDP2 under torchrun). Storage is wired in runtime/trainer_io.py only.
 """
 
 from scalerl.trainer.batch import Batch, BatchAssembler, ShardRejected, ShardSource

@@ -62,7 +62,7 @@ class ShardRejected(Exception):
 
 
 class ShardSource(Protocol):
-    """Where ready rollout shards come from (tasks/trainer_io.py implements it over a run store)."""
+    """Where ready rollout shards come from (runtime/trainer_io.py implements it over a run store)."""
 
     def list_ready(self) -> list[str]:
         """Keys of every ready shard, in commit order."""
@@ -77,7 +77,7 @@ class ShardSource(Protocol):
         ...
 
     # Optional: note_step(step) -> None. Called once a batch is taken, with the step the next
-    # unread shard goes to (the generators' backpressure reads it; tasks/trainer_io.py).
+    # unread shard goes to (the generators' backpressure reads it; runtime/trainer_io.py).
 
 
 def check_shard(table: pa.Table, run_id: str, key: str) -> None:

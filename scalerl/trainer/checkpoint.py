@@ -41,7 +41,7 @@ FORMAT = "scalerl.trainer-checkpoint/1"
 
 
 class CheckpointStore(Protocol):
-    """Durable checkpoints by step (tasks/trainer_io.py implements it over a run store)."""
+    """Durable checkpoints by step (runtime/trainer_io.py implements it over a run store)."""
 
     def latest_step(self) -> int | None:
         """The newest fully committed checkpoint step, None if there is none."""

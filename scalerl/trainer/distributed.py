@@ -1,7 +1,7 @@
 """Multi-GPU training with FSDP2 (torch.distributed.fsdp.fully_shard) under torchrun.
 
     placement.trainer_ranks = N > 1: the train-policy task runs
-    python -m torch.distributed.run --nproc-per-node N -m tasks.trainer_rank SPEC  (tasks/torchrun.py)
+    python -m torch.distributed.run --nproc-per-node N -m runtime.trainer_rank SPEC  (runtime/torchrun.py)
 
 The Trainer calls DataParallel.from_env(): with WORLD_SIZE > 1 (torchrun sets it) it joins the
 process group (NCCL on CUDA, gloo otherwise), pins cuda:LOCAL_RANK, and from then on:

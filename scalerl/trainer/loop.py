@@ -4,7 +4,7 @@
     summary = trainer.train()       # resumes from the newest checkpoint if there is one
 
 The four collaborators are Protocols (batch.ShardSource, WeightPublisher, MetricsSink,
-checkpoint.CheckpointStore); tasks/trainer_io.py implements them over the run store, so this
+checkpoint.CheckpointStore); runtime/trainer_io.py implements them over the run store, so this
 package never touches storage. Versions: weights v = the policy after v optimizer steps; step v
 trains policy v on completions with v - min_version <= k and publishes v + 1 (batch.py).
 
@@ -81,7 +81,7 @@ class WeightPublisher(Protocol):
         ...
 
     # optional: make_durable(version) -> None: the run store receives `version` now (called
-    # at every checkpoint) when the transport publishes beside it (tasks/weights.py)
+    # at every checkpoint) when the transport publishes beside it (runtime/weights.py)
 
 
 class MetricsSink(Protocol):

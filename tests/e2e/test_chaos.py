@@ -1,6 +1,6 @@
 """Chaos: a tiny run SIGKILLed again and again (seeded) in its generators, scorer, curriculum,
 filter, trainer and flow loop, and once more from outside at a random moment, then resumed to the
-end. The stored data alone must show the failure contract held (tasks/verify.py): every committed
+end. The stored data alone must show the failure contract held (runtime/verify.py): every committed
 shard kept and consumed at most once, trainer steps and weight versions continuous, curriculum
 retirements never undone.
 
@@ -24,10 +24,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from runtime.verify import verify_run
 from scalerl.config import load_config
 from scalerl.faults import POINTS
 from storage import open_store
-from tasks.verify import verify_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -152,9 +152,9 @@ def chaos_run(prefect_server, tmp_path_factory):
     run = None
     seen: dict[tuple[str, str], float] = {}
     cycles = []
-    # The warm-started model is built once per machine and cached (tasks/common.py); on a fresh
+    # The warm-started model is built once per machine and cached (runtime/common.py); on a fresh
     # machine building it takes longer than a cycle may, so build it before any cycle's clock.
-    from tasks.common import materialize_base_model
+    from runtime.common import materialize_base_model
 
     cfg = load_config(preset="tiny-cpu", overrides=[f"storage.url={root}", *OVERRIDES])
     materialize_base_model(cfg, tmp / "base-model")
@@ -229,7 +229,7 @@ def test_sigkills_everywhere_then_resume_keeps_the_failure_contract(chaos_run):
     # the store keeps v0 and the k + 2 newest (v >= 64 - 8 - 1), plus what a killed
     # generator's lease still held (it expires READER_TTL_S after its last heartbeat); every
     # other version is recorded as pruned, none is simply gone
-    from tasks.retention import pruned_numbers
+    from runtime.retention import pruned_numbers
 
     kept, pruned = set(run.list_weight_versions()), pruned_numbers(run, "weights")
     assert kept >= {0, *range(MAX_STEPS - 9, MAX_STEPS + 1)}, sorted(kept)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.verify import verify_run
 from storage import open_store
-from tasks.verify import verify_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -66,8 +66,8 @@ def _run(env: dict, root: Path, run_id: str, log: Path, chaos: str | None) -> in
 
 def test_a_truncated_checkpoint_falls_back_to_the_previous_one(prefect_server, tmp_path):
     root, run_id = tmp_path / "runs", "ckpt-fallback"
+    from runtime.common import materialize_base_model  # cached per machine; not on the clock
     from scalerl.config import load_config
-    from tasks.common import materialize_base_model  # cached per machine; not on the clock
 
     materialize_base_model(
         load_config(preset="tiny-cpu", overrides=[f"storage.url={root}", *OVERRIDES]),

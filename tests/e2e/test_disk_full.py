@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.verify import verify_run
 from storage import open_store
-from tasks.verify import verify_run
 from tests.e2e.conftest import process_group_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -1,5 +1,5 @@
 """Weight transport `local` through a whole tiny-cpu run, with retention on, then
-`scalerl runs prune` on the finished run (tasks/weights.py, tasks/retention.py).
+`scalerl runs prune` on the finished run (runtime/weights.py, runtime/retention.py).
 
 k = 2 and 8 steps, so retention has something to delete while the run goes; versions reach
 the generators through the node-local directory, and the store receives only version 0, the
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from runtime.retention import pruned_numbers
+from runtime.verify import verify_run
 from storage import open_store
-from tasks.retention import pruned_numbers
-from tasks.verify import verify_run
 from tests.e2e.conftest import REPO, start_run, wait_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from runtime.evaluation import compute_at
+from runtime.verify import verify_run
 from scalerl.config import load_config
 from scalerl.stats import eval_points, staleness_histogram
 from storage import open_store
-from tasks.evaluate import compute_at
-from tasks.verify import verify_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -80,7 +80,7 @@ def _ledger(run) -> list[dict]:
 def test_steps_redone_after_a_crash_are_counted_once(prefect_server, tmp_path):
     root, run_id = tmp_path / "runs", "redo"
     config = load_config(preset="tiny-cpu", overrides=[f"storage.url={root}", *OVERRIDES])
-    from tasks.common import materialize_base_model  # cached per machine; not on the clock
+    from runtime.common import materialize_base_model  # cached per machine; not on the clock
 
     materialize_base_model(config, tmp_path / "base-model")
 

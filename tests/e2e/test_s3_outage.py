@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pytest
 
+from runtime.verify import verify_run
 from storage import open_store
 from storage.errors import InvalidInputError, StorageUnreachableError
-from tasks.verify import verify_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -181,8 +181,8 @@ def _one_row_shard(run_id: str, key: str):
 
 
 def test_unreachable_storage_is_never_taken_for_a_corrupt_shard(endpoint, monkeypatch):
+    from runtime.trainer_io import RunShardSource
     from tasks.stages import read_or_quarantine
-    from tasks.trainer_io import RunShardSource
 
     url = f"s3://scalerl-test/{uuid.uuid4().hex[:8]}/runs"
     run = open_store(url, storage_options=_options(endpoint.url)).run("r1", create=True)

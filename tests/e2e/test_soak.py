@@ -75,7 +75,7 @@ def test_nothing_grows_with_the_shards(prefect_server, tmp_path):
         assert last is not None, f"reward worker {pid} is gone: {end['processes']}"
         assert last["fds"] <= first["fds"] and last["threads"] <= first["threads"]
         assert last["rss_mib"] <= first["rss_mib"] * (1 + RSS_GROWTH), (first, last)
-    # Generator and trainer processes (tasks/isolated.py): the same GENERATORS + 1 processes
+    # Generator and trainer processes (runtime/isolated.py): the same GENERATORS + 1 processes
     # from warm-up to the end, none respawned, and none growing with the shards either (the
     # generators hold their engine, the trainer its model and AdamW state).
     roles = {"generator": GENERATORS, "trainer": 1}

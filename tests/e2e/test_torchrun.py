@@ -1,4 +1,4 @@
-"""The trainer under torchrun inside a whole run (tasks/torchrun.py): 2 gloo ranks and 2
+"""The trainer under torchrun inside a whole run (runtime/torchrun.py): 2 gloo ranks and 2
 generators on CPU, the same launcher GPUs use with NCCL.
 
 1. The run finishes, verify is clean, and the weights it published after its last step equal
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from runtime.verify import verify_run
 from storage import open_store
-from tasks.verify import verify_run
 from tests.e2e.conftest import start_run, wait_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -44,10 +44,10 @@ def _start(env: dict, root: Path, run_id: str, log: Path, steps: int):
 
 def _replay_one_process(run, steps: int, tmp: Path) -> tuple[dict, list]:
     """One Trainer process over the run's committed filtered shards, in commit order."""
+    from runtime.common import WeightCache
+    from runtime.trainer_io import RunShardSource
     from scalerl.config import RunConfig
     from scalerl.trainer import Trainer, TrainerOptions
-    from tasks.common import WeightCache
-    from tasks.trainer_io import RunShardSource
 
     class Published:
         def __init__(self) -> None:
@@ -96,7 +96,7 @@ def _replay_one_process(run, steps: int, tmp: Path) -> tuple[dict, list]:
 def _published(run, version: int, tmp: Path) -> dict:
     from safetensors.torch import load_file
 
-    from tasks.common import WeightCache
+    from runtime.common import WeightCache
 
     path = WeightCache(run, tmp / "live").path(version)
     return load_file(str(path / "model.safetensors"))
@@ -122,7 +122,7 @@ def test_two_gloo_ranks_and_two_generators_train_like_one_process(prefect_server
     # the run's ledger: which shards' groups each step trained on (checkpoint at the end)
     live = open_store(str(root)).run(run_id)
     weights, ledger = _replay_one_process(live, steps, tmp_path)
-    from tasks.trainer_io import RunCheckpointStore
+    from runtime.trainer_io import RunCheckpointStore
 
     ckpt = RunCheckpointStore(run).load(steps, tmp_path / "ckpt")
     import json
@@ -144,7 +144,7 @@ def _rank_process(rank: int):
 
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "tasks.trainer_rank" in cmd:
+        if "runtime.trainer_rank" in cmd:
             with contextlib.suppress(psutil.Error):
                 if p.environ().get("RANK") == str(rank):
                     return p

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runtime.verify import verify_run
 from storage import open_store
-from tasks.verify import verify_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

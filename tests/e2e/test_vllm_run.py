@@ -9,8 +9,8 @@ import math
 
 import pytest
 
+from runtime.verify import verify_run
 from storage import open_store
-from tasks.verify import verify_run
 from tests.e2e.conftest import start_run, wait_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -27,7 +27,7 @@ def test_a_whole_run_on_vllm_with_evaluations(prefect_server, tmp_path):
         "schedule.max_steps=3",
         "evaluation.every_steps=2",
         "data.num_eval_prompts=8",
-        # vLLM reloads each version in place from the node-local directory (tasks/weights.py)
+        # vLLM reloads each version in place from the node-local directory (runtime/weights.py)
         "weights.transport=local",
         f"weights.local_dir={tmp_path / 'shm'}",
     ]

@@ -26,9 +26,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from runtime.registry import live_generators
+from runtime.verify import verify_run
 from storage import open_store
-from tasks.rollouts import live_generators
-from tasks.verify import verify_run
 from tests.e2e.conftest import REPO, start_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

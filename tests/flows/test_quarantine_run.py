@@ -11,9 +11,9 @@ import asyncio
 
 import pytest
 
+from runtime.verify import verify_run
 from scalerl.config import load_config
 from storage import open_store
-from tasks.verify import verify_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from runtime.common import with_run_id
 from scalerl.config import load_config
 from storage import open_store
-from tasks.common import with_run_id
 
 pytestmark = pytest.mark.slow
 

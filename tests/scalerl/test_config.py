@@ -211,7 +211,7 @@ TINY_WARM_REFUSED = (
     ],
 )
 def test_tiny_warm_with_other_data_is_refused_by_the_config(source, task):
-    """The rule of tasks/common.py::_warm_tiny_model, checked when the config is validated (so
+    """The rule of runtime/common.py::_warm_tiny_model, checked when the config is validated (so
     `config validate`, `run` and the Prefect form refuse it before run.json is written)."""
     overrides = [f"data.source={source}", f"data.task={task}"]
     with pytest.raises(ConfigError) as info:

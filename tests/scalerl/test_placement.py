@@ -215,8 +215,8 @@ def test_colocate_puts_everything_on_one_gpu():
 
 
 def test_a_run_on_cuda_is_refused_before_anything_is_written(tmp_path):
-    """tasks/common.py check_placement, which `scalerl run` and prepare_run call first."""
-    from tasks.common import check_placement
+    """runtime/common.py check_placement, which `scalerl run` and prepare_run call first."""
+    from runtime.common import check_placement
 
     bad = cfg(
         f"storage.url={tmp_path}",
@@ -232,7 +232,7 @@ def test_a_run_on_cuda_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_a_run_with_processes_on_another_node_is_refused_before_it_starts(tmp_path):
-    from tasks.common import check_placement
+    from runtime.common import check_placement
 
     two_nodes = cfg(
         f"storage.url={tmp_path}",

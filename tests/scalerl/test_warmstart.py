@@ -171,8 +171,8 @@ def test_a_changed_shipped_file_is_refused_with_the_fix(tmp_path):
 
 
 def test_a_run_gets_the_shipped_weights_without_training(tmp_path, monkeypatch):
+    from runtime.common import materialize_base_model
     from scalerl.config import load_config
-    from tasks.common import materialize_base_model
 
     def no_training(*args, **kwargs):
         raise AssertionError("the preset's run trained a warm model instead of the shipped one")

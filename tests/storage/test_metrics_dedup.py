@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from runtime.verify import verify_run
 from storage import open_store
 from storage.query import RolloutQuery
 from storage.store import latest_metrics
-from tasks.verify import verify_run
 
 STALENESS = {0: 5, 1: 3}  # samples per step at staleness d, as the trainer writes them
 

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from runtime.generator import LeadGate, may_start_batch
+from runtime.trainer_io import INTAKE_MARKER
 from scalerl.config import load_config
 from scalerl.engines.base import Throttled
 from storage import open_store
-from tasks.rollouts import LeadGate, may_start_batch
-from tasks.trainer_io import INTAKE_MARKER
 from tests.tasks.test_trainer_io import _shard
 
 
@@ -139,8 +139,8 @@ def test_the_gate_counts_live_registered_generators_wherever_they_run(tmp_path, 
     One whose heartbeat is older than GENERATOR_TTL_S is not counted any more."""
     import time as _time
 
-    from tasks import rollouts
-    from tasks.rollouts import GENERATOR_TTL_S, GeneratorRegistration, live_generators
+    from runtime.registry import GENERATOR_TTL_S, GeneratorRegistration, live_generators
+    from runtime import generator as rollouts
 
     monkeypatch.setattr(rollouts, "COUNT_EVERY_S", 0.0)
     config = load_config(preset="tiny-cpu", overrides=["pipeline.max_off_policy_steps=3"])

@@ -23,7 +23,7 @@ from scalerl.engines.base import GroupRequest, SamplingSettings
 from scalerl.engines.vllm_engine import VLLMEngine
 from scalerl.models import build_tiny_model
 from storage import PROMPT_SCHEMA, open_store
-from tasks.evaluate import eval_key, generate_eval_shard_in_child
+from runtime.evaluation import eval_key, generate_eval_shard_in_child
 
 root, work = sys.argv[1], sys.argv[2]
 cfg = load_config(preset="tiny-cpu", overrides=[
@@ -80,7 +80,7 @@ def test_kill_tree_takes_the_grandchildren_a_plain_kill_would_orphan():
     # runs in its own process): a child that started a sleeping grandchild, both gone after.
     import psutil
 
-    from tasks.evaluate import kill_tree
+    from runtime.evaluation import kill_tree
 
     code = (
         "import subprocess, sys, time; "

@@ -1,8 +1,8 @@
 """StoreWeights hands the generator the newest published version and keeps one local copy."""
 
+from runtime.common import WeightCache
+from runtime.generation import StoreWeights
 from storage import open_store
-from tasks.common import WeightCache
-from tasks.generation import StoreWeights
 
 
 def test_poll_returns_the_newest_version_and_deletes_older_local_copies(tmp_path):

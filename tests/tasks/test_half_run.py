@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from prefect import flow
 
+from runtime.common import open_run
+from runtime.evaluation import sampling_se
 from scalerl.config import load_config
-from tasks.common import open_run
-from tasks.evaluate import sampling_se
 from tasks.scaling import describe_half_run, fit_scaling_curve
 
 

@@ -1,4 +1,4 @@
-"""tasks/isolated.py: task bodies in their own processes (forked from a fork server).
+"""runtime/isolated.py: task bodies in their own processes (forked from a fork server).
 
 The targets below run in the child; they are found there by module name (this file's directory
 is on sys.path under pytest, and the child gets the parent's sys.path).
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.isolated import IsolatedTaskError, in_process, run_isolated
 from scalerl.config import ConfigError, load_config
-from tasks.isolated import IsolatedTaskError, in_process, run_isolated
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,8 @@ def _config(tmp_path, *overrides):
 def test_child_runs_in_its_own_process_and_logs_reach_the_parent(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(
-        "tasks.isolated.task_logger", lambda: type("L", (), {"log": lambda _, *a: seen.append(a)})()
+        "runtime.isolated.task_logger",
+        lambda: type("L", (), {"log": lambda _, *a: seen.append(a)})(),
     )
     out = run_isolated("test_isolated:echo_target", _config(tmp_path), "echo", value=21)
     assert out["value"] == 42 and out["url"] == str(tmp_path)
@@ -94,7 +95,7 @@ def _script(tmp_path: Path, body: str) -> Path:
             import sys
             sys.path[:0] = [{str(REPO)!r}, {str(Path(__file__).parent)!r}]
             from scalerl.config import load_config
-            from tasks.isolated import run_isolated
+            from runtime.isolated import run_isolated
             config = load_config(preset="tiny-cpu", overrides=["storage.url={tmp_path}"])
             """
         )
@@ -178,7 +179,8 @@ def test_a_child_past_its_timeout_is_killed_and_the_caller_gets_timeout_error(
 ):
     seen = []
     monkeypatch.setattr(
-        "tasks.isolated.task_logger", lambda: type("L", (), {"log": lambda _, *a: seen.append(a)})()
+        "runtime.isolated.task_logger",
+        lambda: type("L", (), {"log": lambda _, *a: seen.append(a)})(),
     )
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=r"sleepy process did not finish within 1 s\. Fix"):
@@ -194,7 +196,7 @@ def test_a_child_past_its_timeout_is_killed_and_the_caller_gets_timeout_error(
 def test_a_dead_parent_not_yet_reaped_counts_as_gone():
     """An isolated child watches its flow process with _alive: a SIGKILLed parent that nobody
     has reaped yet (a zombie) still answers kill(pid, 0), and the child must exit all the same."""
-    from tasks.isolated import _alive
+    from runtime.isolated import _alive
 
     proc = subprocess.Popen(["sleep", "60"])
     try:

@@ -49,9 +49,9 @@ def test_missing_local_model_fails_before_the_run_exists(prefect_harness, tmp_pa
 def test_another_config_under_an_existing_run_id_names_the_fields_and_is_not_retried(
     prefect_harness, tmp_path, monkeypatch
 ):
+    from runtime.common import with_run_id
     from storage import open_store
     from storage.errors import ConfigMismatchError
-    from tasks.common import with_run_id
 
     root = tmp_path / "runs"
     base = with_run_id(

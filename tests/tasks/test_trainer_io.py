@@ -1,4 +1,4 @@
-"""tasks/trainer_io.py: the trainer's Protocols over a real (local) run store."""
+"""runtime/trainer_io.py: the trainer's Protocols over a real (local) run store."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from runtime.trainer_io import TrainerIO
 from scalerl.config import load_config
 from scalerl.models import build_tiny_model, load_policy
 from scalerl.trainer import ShardRejected, Trainer, TrainerOptions
 from storage import open_store, rollouts_from_records
-from tasks.trainer_io import TrainerIO
 
 RUN = "io-run"
 REPO = Path(__file__).resolve().parents[2]
@@ -160,7 +160,7 @@ import sys
 from scalerl.config import load_config
 from scalerl.trainer import Trainer, TrainerOptions
 from storage import open_store
-from tasks.trainer_io import TrainerIO
+from runtime.trainer_io import TrainerIO
 store, run_id, model_dir = sys.argv[1:]
 io = TrainerIO.over(open_store(store).run(run_id), weights_dtype="float32")
 cfg = load_config(preset="tiny-cpu", overrides=[

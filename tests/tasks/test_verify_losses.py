@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
+from runtime.verify import verify_run
 from storage import open_store, rollouts_from_records
-from tasks.verify import verify_run
 
 RUN = "losses"
 KEYS = ["gen0-000000", "gen0-000001"]
@@ -146,7 +146,7 @@ def test_versions_pruned_by_retention_or_never_stored_are_not_losses(copy):
     published beside the store (transport local: the ledger row says durable false) and its
     store copy is gone. Neither is a loss; v2 (evaluated, pruned too) is a remark, not a
     problem. A version the ledger says was stored and that is gone still is one."""
-    from tasks.retention import PrunePlan, apply_plan
+    from runtime.retention import PrunePlan, apply_plan
 
     run, base = copy
     assert apply_plan(run, PrunePlan(weights=[1, 2]), by="test") == 2 * WEIGHT_BYTES

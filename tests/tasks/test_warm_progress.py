@@ -4,8 +4,8 @@ fresh machine spends minutes there): a first line, then step counts with the tim
 import dataclasses
 import logging
 
+from runtime.common import _warm_progress
 from scalerl.warmstart import WarmStartSpec, warm_start_tiny
-from tasks.common import _warm_progress
 
 
 class _Lines(logging.Handler):

@@ -1,4 +1,4 @@
-"""Weight transports and retention (tasks/weights.py, tasks/retention.py) over a real local run
+"""Weight transports and retention (runtime/weights.py, runtime/retention.py) over a real local run
 store and a real (tiny) transformers model: what the store receives with transport local,
 the publish ledger, reader leases, and which versions retention keeps."""
 
@@ -10,13 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalerl.config import load_config
-from scalerl.models import build_tiny_model, load_policy
-from storage import open_store
-from tasks.common import WeightCache
-from tasks.generation import StoreWeights
-from tasks.retention import apply_plan, keep_checkpoints, keep_weights, prune_plan
-from tasks.weights import (
+from runtime.common import WeightCache
+from runtime.generation import StoreWeights
+from runtime.retention import apply_plan, keep_checkpoints, keep_weights, prune_plan
+from runtime.weights import (
     READER_PREFIX,
     READER_TTL_S,
     LocalDirs,
@@ -26,6 +23,9 @@ from tasks.weights import (
     held_versions,
     local_dirs,
 )
+from scalerl.config import load_config
+from scalerl.models import build_tiny_model, load_policy
+from storage import open_store
 
 RUN = "wt"
 
@@ -141,7 +141,7 @@ def test_the_local_directory_stays_small_and_other_machines_are_refused(model, t
     clear error; /dev/shm is used only when it has room for LOCAL_COPIES versions."""
     import socket
 
-    from tasks.weights import LOCAL_MARKER, LocalTransportError, choose_local_root
+    from runtime.weights import LOCAL_MARKER, LocalTransportError, choose_local_root
 
     cfg = _cfg(tmp_path, "weights.transport=local")
     run = _run(cfg)

@@ -1,4 +1,4 @@
-"""The NCCL transport's control plane (tasks/weights_nccl.py) on a real local run store: the
+"""The NCCL transport's control plane (runtime/weights_nccl.py) on a real local run store: the
 trainer's VLLMWeightSyncClient over markers, and two generators answering between engine steps.
 NCCL itself needs GPUs, so the generators' engine is a stand-in that records vLLM's worker calls
 (what VLLMEngine.weight_transfer forwards to collective_rpc); the real transfer is gpu-marked."""
@@ -10,10 +10,15 @@ import time
 
 import pytest
 
+from runtime.registry import GeneratorRegistration
+from runtime.weights import ReaderLease, held_versions
+from runtime.weights_nccl import (
+    NcclTransportError,
+    NcclWeights,
+    StoreControlPlane,
+    ready_generators,
+)
 from storage import open_store
-from tasks.rollouts import GeneratorRegistration
-from tasks.weights import ReaderLease, held_versions
-from tasks.weights_nccl import NcclTransportError, NcclWeights, StoreControlPlane, ready_generators
 
 
 class RecordingEngine:
@@ -156,7 +161,7 @@ def test_a_whole_run_over_nccl(tmp_path):  # pragma: no cover - gpu
     import sys
     from pathlib import Path
 
-    from tasks.verify import verify_run
+    from runtime.verify import verify_run
 
     root = tmp_path / "runs"
     cmd = [

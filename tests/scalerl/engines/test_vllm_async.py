@@ -228,7 +228,7 @@ def test_close_leaves_no_child_process(async_engine, reference):
     def children() -> set[int]:
         """vLLM's engine core and workers (titled VLLM::..., or spawn_main before that).
         (In the whole suite this process has other children too: the session's Prefect and
-        S3 servers, the fork server of tasks/isolated.py, reward workers.)"""
+        S3 servers, the fork server of runtime/isolated.py, reward workers.)"""
         pids = set()
         for p in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):  # gone meanwhile: not a leak

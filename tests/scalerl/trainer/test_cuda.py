@@ -67,8 +67,8 @@ def test_fp32_head_with_bf16_body_on_cuda(tiny_model_dir):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_placed_processes_see_only_their_device():
+    from runtime.common import process_env
     from scalerl.config import load_config
-    from tasks.common import process_env
 
     cfg = load_config(
         overrides=[

@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 from scalerl.config import load_config
 from scalerl.trainer import Trainer, TrainerOptions
 from storage import open_store
-from tasks.trainer_io import TrainerIO
+from runtime.trainer_io import TrainerIO
 
 store_url, run_id, model_dir, hang_at, marker = sys.argv[1:]
 io = TrainerIO.over(open_store(store_url).run(run_id), stage="filtered", weights_dtype="float32")

@@ -16,7 +16,7 @@ Transports (weights.transport):
   still receives version 0, every `weights.durable_every`-th version, every evaluation
   version (a multiple of evaluation.every_steps) and the version of every checkpoint
   (make_durable), so recovery, evaluation and verify work from the store alone.
-- nccl (GPU only): vLLM's NCCL weight-transfer engine; tasks/weights_nccl.py.
+- nccl (GPU only): vLLM's NCCL weight-transfer engine; runtime/weights_nccl.py.
 
 The ledger: before a version becomes visible to anyone, the trainer appends its row to the
 run's `weights` metrics stream (version, transport, durable, bytes, host, time). A version a
@@ -25,7 +25,7 @@ tells "never stored by design" (durable false) from "lost". A crash between the 
 publish leaves a row for a version nobody saw; the resumed trainer publishes it again.
 
 Readers: a generator or an evaluation holds the version it loads (`ReaderLease`: marker
-`weights-reader-{id}` with the version and a heartbeat). Retention (tasks/retention.py) keeps
+`weights-reader-{id}` with the version and a heartbeat). Retention (runtime/retention.py) keeps
 every version at or above the oldest version a live reader holds; a reader whose heartbeat is
 older than READER_TTL_S (a dead process) no longer counts.
 """
@@ -213,7 +213,7 @@ class TransportPublisher:
         self.local: LocalDirs | None = None  # transport local: chosen at the first publish
         self.pruner = None
         if config is not None and self.config.weights.prune:
-            from tasks.retention import Pruner
+            from runtime.retention import Pruner
 
             self.pruner = Pruner(run, self.config, None)
         self.timings: deque[dict] = deque(maxlen=100)  # last publishes: save / store seconds
@@ -445,7 +445,7 @@ def drop_local_weights(config: RunConfig, run_id: str) -> None:
     resume or an evaluation needs (checkpoint versions are made durable)."""
     if config.weights.transport != "local":
         return
-    from tasks.common import open_run
+    from runtime.common import open_run
 
     try:
         dirs = local_dirs(open_run(config, run_id), config)

@@ -1,7 +1,7 @@
-"""One trainer rank under torchrun (tasks/torchrun.py starts it): python -m tasks.trainer_rank SPEC.
+"""One trainer rank under torchrun (runtime/torchrun.py starts it): python -m runtime.trainer_rank SPEC.
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; the Trainer joins the process group from them
-(scalerl/trainer/distributed.py) and every rank runs tasks.train:trainer_body. Rank 0 writes
+(scalerl/trainer/distributed.py) and every rank runs runtime.trainer:trainer_body. Rank 0 writes
 the summary to SPEC.result.json; a failing rank writes SPEC.error-RANK.json and exits 1 (torchrun
 then stops the others). Log lines go to stderr with a rank prefix, which the task relays.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 def main(spec_path: str) -> int:
     rank = int(os.environ.get("RANK", "0"))
     spec = json.loads(Path(spec_path).read_text())
-    from tasks.isolated import PARENT_ENV, watch_parents
+    from runtime.isolated import PARENT_ENV, watch_parents
 
     # the flow process and this rank's torchrun agent (a SIGKILLed agent cannot stop its workers)
     flow = int(os.environ.get(PARENT_ENV, "0"))
@@ -33,8 +33,8 @@ def main(spec_path: str) -> int:
 
     if spec.get("torch_threads"):
         torch.set_num_threads(int(spec["torch_threads"]))
+    from runtime.trainer import trainer_body
     from scalerl.config import RunConfig
-    from tasks.train import trainer_body
 
     try:
         config = RunConfig.model_validate(spec["config"])
@@ -54,7 +54,7 @@ def main(spec_path: str) -> int:
         tmp.write_text(json.dumps(summary, default=str))
         tmp.replace(f"{spec_path}.result.json")
         if spec.get("attempt"):  # over several nodes: the run flow reads it from the store
-            from tasks.trainer_nodes import report_summary
+            from runtime.trainer_node import report_summary
 
             report_summary(config, spec["run_id"], spec["attempt"], summary)
     _shutdown()
@@ -64,7 +64,7 @@ def main(spec_path: str) -> int:
 def _peak_rss_per_rank() -> list[float]:
     import torch.distributed as dist
 
-    from tasks.common import peak_rss_mib
+    from runtime.common import peak_rss_mib
 
     mine = peak_rss_mib()
     if not dist.is_initialized():

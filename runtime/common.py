@@ -234,14 +234,9 @@ def _warm_tiny_model(config: RunConfig, out_dir: Path) -> Path:
 
 
 def _warm_logger():
-    import logging
+    from runtime.logs import task_logger
 
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # noqa: BLE001 - outside a flow or task run
-        return logging.getLogger("scalerl.warmstart")
+    return task_logger("scalerl.warmstart")
 
 
 def _warm_progress(spec, cached: Path):
@@ -282,14 +277,14 @@ class WeightCache:
 
     def __init__(self, run: Run, root: Path | None = None, config: RunConfig | None = None) -> None:
         """config: with weights.transport = local, versions still in the node-local directory
-        are read from there in place (tasks/weights.py), the others downloaded."""
+        are read from there in place (runtime/weights.py), the others downloaded."""
         self.run = run
         self.root = Path(root or tempfile.mkdtemp(prefix=f"scalerl-{run.run_id}-w-"))
         self.config = config
 
     def path(self, version: int) -> Path:
         if self.config is not None and self.config.weights.transport == "local":
-            from tasks.weights import local_dirs
+            from runtime.weights import local_dirs
 
             local = local_dirs(self.run, self.config)  # where the trainer keeps them
             if local is not None and local.has(version):

@@ -378,8 +378,8 @@ def _loss_problems(
     """Everything the run's record says exists still does, at its recorded size: weight
     versions, the weights it needs, every checkpoint's files, every committed shard's data
     file, every evaluated version's eval shard. One line per missing thing."""
-    from tasks.retention import pruned_numbers
-    from tasks.weights import LEDGER
+    from runtime.retention import pruned_numbers
+    from runtime.weights import LEDGER
 
     problems: list[str] = []
     pruned = pruned_numbers(run, "weights")
@@ -486,7 +486,7 @@ def _loss_problems(
                 + ("; its data file is still there" if key in files else "")
                 + f"): the eval metrics have a row for version {v}"
                 for v in evaluated
-                if (key := f"v{v:06d}") not in committed  # tasks.evaluate.eval_key
+                if (key := f"v{v:06d}") not in committed  # runtime.evaluation.eval_key
             ],
             "eval shards missing",
         )

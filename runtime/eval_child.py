@@ -1,4 +1,4 @@
-"""Child process of evaluate_policy for vLLM runs: `python -m tasks.eval_child RUN_ID VERSION`
+"""Child process of evaluate_policy for vLLM runs: `python -m runtime.eval_child RUN_ID VERSION`
 with the RunConfig JSON on stdin. Commits eval/v{VERSION} and exits (tasks/evaluate.py)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    from runtime.evaluation import generate_eval_shard
+    from runtime.generation import close_shared_engines
     from scalerl.config import validate_config
-    from tasks.evaluate import generate_eval_shard
-    from tasks.generation import close_shared_engines
 
     run_id, version = argv[0], int(argv[1])
     config = validate_config(json.loads(sys.stdin.read()))

@@ -5,11 +5,11 @@
 The train-policy task starts PyTorch's own launcher, not a hand-rolled one:
 
     python -m torch.distributed.run --standalone --nproc-per-node N --max-restarts 0 \\
-        -m tasks.trainer_rank SPEC.json
+        -m runtime.trainer_rank SPEC.json
 
 with CUDA_VISIBLE_DEVICES set to the trainer's devices on this node (scalerl/placement.py), so
 LOCAL_RANK r pins the r-th of them; on cpu the ranks join a gloo group. Supervision is the same
-contract as tasks/isolated.py's children:
+contract as runtime/isolated.py's children:
 
 - Every line the ranks print goes to the task run's log (rank 0 logs INFO, the others WARNING
   and up; torchrun's own lines too).
@@ -39,8 +39,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from scalerl.config import RunConfig
-from tasks.isolated import (
+from runtime.isolated import (
     PARENT_ENV,
     IsolatedTaskError,
     rebuild_error,
@@ -48,10 +47,11 @@ from tasks.isolated import (
     task_logger,
     unsupervise,
 )
+from scalerl.config import RunConfig
 
 
 class _Launched:
-    """A torchrun process group as tasks/isolated.py's stop_children sees a child."""
+    """A torchrun process group as runtime/isolated.py's stop_children sees a child."""
 
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
@@ -105,7 +105,7 @@ def torchrun_command(config: RunConfig, spec: Path, node: NodeRole | None = None
         "--max-restarts=0",
         "--monitor-interval=0.5",
         "-m",
-        "tasks.trainer_rank",
+        "runtime.trainer_rank",
         str(spec),
     ]
 

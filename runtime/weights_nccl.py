@@ -45,9 +45,9 @@ import threading
 import time
 import uuid
 
+from runtime.weights import ReaderLease, TransportPublisher, always_durable
 from scalerl.config import RunConfig
 from storage import Run
-from tasks.weights import ReaderLease, TransportPublisher, always_durable
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class StoreControlPlane:
 def ready_generators(run: Run) -> dict[str, dict]:
     """Generators announced for the NCCL group whose registration is live (tasks/rollouts.py:
     a heartbeat younger than its TTL): an ended or dead one is not waited for."""
-    from tasks.rollouts import live_generators
+    from runtime.registry import live_generators
 
     live = live_generators(run)
     return {
@@ -216,7 +216,7 @@ class NcclPublisher(TransportPublisher):  # pragma: no cover - gpu
         if self._engine is not None:
             self._engine.shutdown()
         tp = self.config.placement.tensor_parallel
-        from tasks.trainer_nodes import free_port
+        from runtime.trainer_node import free_port
 
         port = free_port()
         info = NCCLTrainerInitInfo(

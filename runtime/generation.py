@@ -7,12 +7,35 @@ No Prefect here; the generator and evaluation tasks use it.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from runtime.common import WeightCache
 from scalerl.config import RunConfig
-from tasks.common import WeightCache
 
 _ENGINES: dict[tuple, Any] = {}
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    """What the rest of the run needs to know about a generation.engine, decided here once."""
+
+    name: str
+    one_per_process: bool
+    """vLLM allows one engine per process: evaluations run in a child process of their own."""
+    cpu_parallel_evaluations: bool
+    """On CPU, evaluations in their own processes may run side by side once training ended."""
+
+
+ENGINE_KINDS = {
+    "transformers": EngineKind("transformers", False, True),
+    "vllm": EngineKind("vllm", True, False),
+    "vllm-async": EngineKind("vllm-async", True, False),
+}
+
+
+def engine_kind(config: RunConfig) -> EngineKind:
+    return ENGINE_KINDS[config.generation.engine]
 
 
 def make_engine(config: RunConfig, path, version: int):
@@ -32,7 +55,7 @@ def make_engine(config: RunConfig, path, version: int):
         from scalerl.engines.vllm_async import AsyncVLLMEngine as VLLMEngine
     else:
         from scalerl.engines.vllm_engine import VLLMEngine
-    from tasks.common import accelerator
+    from runtime.common import accelerator
 
     max_seqs, extra = gen.max_batch_size, {}
     if accelerator(config) == "cuda":  # pragma: no cover - gpu
@@ -47,7 +70,7 @@ def make_engine(config: RunConfig, path, version: int):
 
             logging.getLogger(__name__).warning("placement: %s", warning)
         extra["tensor_parallel_size"] = config.placement.tensor_parallel
-        if config.weights.transport == "nccl":  # tasks/weights_nccl.py
+        if config.weights.transport == "nccl":  # runtime/weights_nccl.py
             extra["weight_transfer_config"] = {"backend": "nccl"}
     return VLLMEngine(
         str(path),
@@ -112,7 +135,7 @@ class StoreWeights:
     """WeightSource over the run store: the newest committed version, downloaded once. The
     engine copies each version it is handed into its live parameters, so the local copies of
     the versions before it are deleted then (WeightCache.keep_only). With a lease, the version
-    is held before it is downloaded (tasks/weights.py ReaderLease); a version pruned meanwhile
+    is held before it is downloaded (runtime/weights.py ReaderLease); a version pruned meanwhile
     (a reader that slept through k + 2 publishes) is skipped for the next newest."""
 
     def __init__(self, cache: WeightCache, current: int, lease=None) -> None:
@@ -140,15 +163,15 @@ class StoreWeights:
 def weight_source(
     config: RunConfig, cache: WeightCache, current: int, lease=None, engine=None, reader="gen0"
 ):
-    """The WeightSource of weights.transport (tasks/weights.py), throttled to suit where it
+    """The WeightSource of weights.transport (runtime/weights.py), throttled to suit where it
     looks: the node-local pointer every 20 ms, the store every 0.2 s on a local disk and every
     second on object storage (a request each); nccl: the control-plane marker
-    (tasks/weights_nccl.py), as often as the local pointer on a local disk."""
+    (runtime/weights_nccl.py), as often as the local pointer on a local disk."""
+    from runtime.weights import LocalWeights
     from scalerl.engines.base import Throttled
-    from tasks.weights import LocalWeights
 
     if config.weights.transport == "nccl":  # pragma: no cover - gpu
-        from tasks.weights_nccl import NcclWeights
+        from runtime.weights_nccl import NcclWeights
 
         source = NcclWeights(cache.run, engine, reader, lease, config.placement.tensor_parallel)
         return Throttled(source, interval_s=0.02 if cache.run.is_local else 0.25)

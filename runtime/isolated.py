@@ -1,6 +1,6 @@
 """Run a persistent task's body (a generator, the trainer) in its own Python process.
 
-    summary = run_isolated("tasks.rollouts:generator_body", config, "generator gen0",
+    summary = run_isolated("runtime.generator:generator_body", config, "generator gen0",
                            run_id=run_id, generator_id="gen0")
 
 Why: generators, the trainer and the flow's stages are all Python loops around small torch
@@ -52,9 +52,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from runtime.logs import task_logger
 from scalerl.config import RunConfig
 
 PARENT_ENV = "SCALERL_ISOLATED_PARENT"
+# Modules the fork server imports once, so that children start as forks with them imported:
+# torch, transformers and the bodies (runtime/preload.py); tasks/__init__.py adds its own.
+PRELOAD: list[str] = ["runtime.preload"]
 
 
 class IsolatedTaskError(RuntimeError):
@@ -64,17 +68,6 @@ class IsolatedTaskError(RuntimeError):
 def in_process(config: RunConfig) -> bool:
     """True where the body must run on the caller's thread (see the module docstring)."""
     return config.pipeline.isolation == "thread" or config.storage.url.startswith("memory://")
-
-
-def task_logger() -> logging.Logger | logging.LoggerAdapter:
-    """The Prefect run logger inside a task run; a plain logger in an isolated child."""
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("scalerl.task")
 
 
 def start_server() -> None:
@@ -132,7 +125,7 @@ def wait_for_activity(timeout: float) -> bool:
 @contextlib.contextmanager
 def _without_main():
     """multiprocessing re-imports the caller's __main__ in the fork server and in every child
-    (so that pickled functions of __main__ resolve). Our children only run tasks.isolated
+    (so that pickled functions of __main__ resolve). Our children only run runtime.isolated
     code, and a user's script that calls scalerl_run without an `if __name__ == "__main__"`
     guard would start the run again inside them. Leave __main__ out of what is sent."""
     from multiprocessing import spawn
@@ -184,7 +177,7 @@ def _context():
 
     _short_socket_dir()
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["tasks.isolated_preload"])
+    ctx.set_forkserver_preload(list(PRELOAD))
     return ctx
 
 
@@ -203,7 +196,7 @@ def run_isolated(
     `timeout_s`: the child is killed and TimeoutError raised when it has not returned by then
     (a Prefect task timeout cannot interrupt a task running on a worker thread; this can);
     ignored in-process. `env`: variables set in the child only (its CUDA_VISIBLE_DEVICES from
-    the run's placement, tasks/common.py process_env); ignored in-process."""
+    the run's placement, runtime/common.py process_env); ignored in-process."""
     if in_process(config):
         return _resolve(target)(config, **kwargs)
     logger = task_logger()
@@ -298,7 +291,7 @@ def stop_children(grace_s: float = 10.0) -> int:
 
 
 def supervise(child) -> None:
-    """Count `child` (anything with is_alive/terminate/kill/join, e.g. tasks/torchrun.py's
+    """Count `child` (anything with is_alive/terminate/kill/join, e.g. runtime/torchrun.py's
     process group) among the processes stop_children() ends; IsolatedTaskError when the flow is
     stopping them and no new one may start."""
     if _CLOSED.is_set():
