@@ -1,5 +1,5 @@
 """Weight sync: what publishing a policy version costs the trainer and the generators, and what
-the store holds, side by side in one run (runtime/weights.py, runtime/retention.py).
+the store holds, side by side in one run (runtime/transports/, runtime/retention.py).
 
     .venv/bin/python bench/weight_sync.py [--steps 4] [--out bench/results/weight_sync.json]
         [--skip-engines] [--layers 12] [--hidden 768]
@@ -63,8 +63,8 @@ def _config(root: Path, shm: Path, transport: str, *extra: str):
         preset="tiny-cpu",
         overrides=[
             f"storage.url={root}",
-            f"weights.local_dir={shm}",
             f"weights.transport={transport}",
+            *([f"weights.local_dir={shm}"] if transport == "local" else []),
             "model.dtype=float32",
             *extra,
         ],
@@ -77,7 +77,7 @@ def _config(root: Path, shm: Path, transport: str, *extra: str):
 def trainer_blocking(model_dir: Path, tmp: Path, steps: int) -> dict:
     import torch
 
-    from runtime.weights import TransportPublisher
+    from runtime.transports import transport_for
     from scalerl.models import load_policy
     from scalerl.trainer.loop import BackgroundPublisher, cpu_copy
     from storage import open_store
@@ -98,9 +98,10 @@ def trainer_blocking(model_dir: Path, tmp: Path, steps: int) -> dict:
     out = {}
     for mode in ("store_sync", "store_background", "local_background"):
         transport = "local" if mode.startswith("local") else "store"
-        cfg = _config(tmp / f"runs-{mode}", tmp / "shm", transport, "weights.durable_every=1000")
+        durable = ["weights.durable_every=1000"] if transport == "local" else []
+        cfg = _config(tmp / f"runs-{mode}", tmp / "shm", transport, *durable)
         run = open_store(cfg.storage.url).run(f"w-{mode}", create=True)
-        pub = TransportPublisher(run, cfg, "float32")
+        pub = transport_for(cfg).publisher(run, "float32")
         background = BackgroundPublisher(pub) if mode.endswith("background") else None
         compute, blocked = [], []
         for v in range(1, steps + 1):
@@ -246,7 +247,7 @@ def store_bytes(tmp: Path, steps: int = 300, generators: int = 4) -> dict:
     """The publisher and retention code over `steps` versions of a small model; checkpoints
     every 50 steps of realistic relative size (weights + 2 fp32 AdamW moments)."""
     from runtime.common import WeightCache
-    from runtime.weights import TransportPublisher
+    from runtime.transports import transport_for
     from scalerl.models import build_tiny_model, load_policy
     from storage import open_store
 
@@ -266,7 +267,7 @@ def store_bytes(tmp: Path, steps: int = 300, generators: int = 4) -> dict:
                 "trainer.checkpoint_every=50",
             )
             run = open_store(cfg.storage.url).run(name, create=True)
-            pub = TransportPublisher(run, cfg, "float32")
+            pub = transport_for(cfg).publisher(run, "float32")
             pruner = pub.pruner  # on with weights.prune, as in a run
             written = read = 0
             caches = [WeightCache(run, tmp / f"cache-{name}-{g}", cfg) for g in range(generators)]

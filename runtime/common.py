@@ -90,14 +90,13 @@ def check_placement(config: RunConfig) -> None:
     starts processes on) and the placement plan with the model's memory (scalerl/placement.py),
     so a share that cannot hold the weights or a KV cache below one sequence fails with one
     line instead of in a generator after the run started. Nothing on cpu. A hub model whose
-    config cannot be read here is left to the engines' own checks."""
-    if accelerator(config) == "cpu":
-        if config.weights.transport == "nccl":
-            raise ValueError(
-                "weights.transport = 'nccl' sends weights GPU to GPU, and placement.accelerator "
-                f"= {config.placement.accelerator!r} found no CUDA device here. Fix: "
-                "weights.transport=local (one node) or store."
-            )
+    config cannot be read here is left to the engines' own checks. First of all, what the
+    weight transport needs of this machine (nccl: a CUDA device)."""
+    from runtime.transports import transport_for
+
+    acc = accelerator(config)
+    transport_for(config).check(acc)
+    if acc == "cpu":
         return
     from scalerl.models import ModelLoadError
     from scalerl.placement import PlacementError, make_plan, model_shape
@@ -276,19 +275,21 @@ class WeightCache:
     """Local copies of published weight versions (engines and trainers load from disk)."""
 
     def __init__(self, run: Run, root: Path | None = None, config: RunConfig | None = None) -> None:
-        """config: with weights.transport = local, versions still in the node-local directory
-        are read from there in place (runtime/weights.py), the others downloaded."""
+        """config: the run's; a version its weight transport keeps on this machine (transport
+        local: the node-local directory) is read there in place, the others downloaded."""
         self.run = run
         self.root = Path(root or tempfile.mkdtemp(prefix=f"scalerl-{run.run_id}-w-"))
-        self.config = config
+        self.transport = None
+        if config is not None:
+            from runtime.transports import transport_for
+
+            self.transport = transport_for(config)
 
     def path(self, version: int) -> Path:
-        if self.config is not None and self.config.weights.transport == "local":
-            from runtime.weights import local_dirs
-
-            local = local_dirs(self.run, self.config)  # where the trainer keeps them
-            if local is not None and local.has(version):
-                return local.path(version)
+        if self.transport is not None:
+            in_place = self.transport.local_path(self.run, version)
+            if in_place is not None:
+                return in_place
         local = self.root / f"v{version}"
         if not (local / "config.json").exists():
             self.run.download_weights(version, local)
@@ -314,10 +315,12 @@ def adopt_lease(writer_lease: str | None) -> None:
 def config_of_run(storage_url: str, run_id: str, endpoint_url: str | None = None) -> RunConfig:
     """A run's config snapshot (run.json), pointed at the storage URL it is read from now, so a
     run that was moved or is mounted elsewhere keeps working."""
-    from scalerl.config import validate_config
+    from scalerl.config import upgrade_snapshot, validate_config
 
     options = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
-    saved = open_store(storage_url, storage_options=options).run(run_id).read_config()
+    saved = upgrade_snapshot(
+        open_store(storage_url, storage_options=options).run(run_id).read_config()
+    )
     saved["storage"] = {
         **saved.get("storage", {}),
         "url": storage_url,
@@ -333,18 +336,22 @@ def resume_config(
     """(config, status) to resume run `run_id` with: its own run.json snapshot, which the run
     accepts as the same run. When the run is read from another place than the one it was started
     at (moved, or another mount or endpoint), run.json's storage section is rewritten to point
-    there; nothing else in the snapshot ever changes. An unknown run id raises RunNotFoundError."""
-    from scalerl.config import validate_config
+    there; a snapshot written by an earlier version of the config's schema (e.g. the weights
+    section before each transport had its own fields) is rewritten in its current form, the
+    same values. Nothing else in the snapshot ever changes. An unknown run id raises
+    RunNotFoundError."""
+    from scalerl.config import upgrade_snapshot, validate_config
 
     options = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
     run = open_store(storage_url, storage_options=options).run(run_id)
     saved, status = run.read_config(), run.read_status() or {}
+    upgraded = upgrade_snapshot(saved)
     where = {**(saved.get("storage") or {}), "run_id": run_id}
-    same_place = where.get("url") == storage_url and where.get("endpoint_url") == endpoint_url
-    if same_place or status.get("state") == "finished":  # a finished run is left as it is
-        return validate_config({**saved, "storage": where}), status
-    moved = validate_config(
-        {**saved, "storage": {**where, "url": storage_url, "endpoint_url": endpoint_url}}
-    )
-    run.write_config(moved.model_dump(mode="json"), overwrite=True)
-    return moved, status
+    if status.get("state") == "finished":  # a finished run is left as it is
+        return validate_config({**upgraded, "storage": where}), status
+    if where.get("url") != storage_url or where.get("endpoint_url") != endpoint_url:
+        where = {**where, "url": storage_url, "endpoint_url": endpoint_url}
+    config = validate_config({**upgraded, "storage": where})
+    if config.model_dump(mode="json") != saved:  # moved, or an earlier schema's snapshot
+        run.write_config(config.model_dump(mode="json"), overwrite=True)
+    return config, status

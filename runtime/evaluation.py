@@ -13,7 +13,7 @@ from pathlib import Path
 from runtime.common import WeightCache, open_run
 from runtime.generation import engine_kind
 from runtime.isolated import in_process, run_isolated
-from runtime.weights import ReaderLease
+from runtime.transports import ReaderLease
 from scalerl.config import RunConfig
 
 EVAL = "eval"

@@ -126,7 +126,7 @@ def _start_version(run, config: RunConfig, cache: WeightCache, lease, tries: int
     """(version, local path) the generator starts from: the newest published, held before it
     is read; one pruned between the two reads (a generator that slept through k + 2
     publishes) is skipped for the newest again."""
-    from runtime.weights import published_version
+    from runtime.transports import published_version
     from storage.errors import NotCommittedError
 
     for attempt in range(tries):
@@ -153,11 +153,10 @@ def generator_body(
         length_policy,
         make_engine,
         sampling_settings,
-        weight_source,
     )
     from runtime.isolated import notify_flow
     from runtime.logs import task_logger
-    from runtime.weights import ReaderLease
+    from runtime.transports import ReaderLease, transport_for
     from scalerl.curriculum import CurriculumExhausted, NoPositiveResampling
     from scalerl.generator import GeneratorSettings, generate_batches
     from storage import rollouts_from_records
@@ -218,7 +217,7 @@ def generator_body(
     # every other gate has counted this generator before its first batch is drawn
     time.sleep(max(0.0, registration.doc["started"] + COUNT_EVERY_S - time.time()))
     try:
-        weights = weight_source(config, cache, version, lease, engine, generator_id)
+        weights = transport_for(config).source(run, cache, version, lease, engine, generator_id)
         for batch in generate_batches(
             engine,
             sample_prompts,

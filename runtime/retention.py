@@ -8,8 +8,8 @@ Weights: a version is kept when any of these holds, else deleted:
   starts from);
 - while the run goes: it is within the staleness window, v >= latest - k - 1 (no generator
   may still load an older one: its samples would be dropped as stale anyway);
-- a live reader holds it or an older one (runtime/weights.py ReaderLease: a generator that
-  loaded it, an evaluation reading it);
+- a live reader holds it or an older one (runtime/transports/readers.py ReaderLease: a
+  generator that loaded it, an evaluation reading it);
 - it is an evaluation version (a multiple of evaluation.every_steps) and weights.keep_evaluated,
   or its evaluation's metrics row is not written yet.
 Checkpoints: the newest weights.keep_checkpoints, and every multiple of
@@ -30,6 +30,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from runtime.transports.readers import held_versions
 from scalerl.config import RunConfig
 from storage import Run
 
@@ -107,8 +108,6 @@ def keep_checkpoints(steps: list[int], *, last: int, every: int | None) -> set[i
 def prune_plan(
     run: Run, config: RunConfig, *, running: bool = True, sizes: bool = True
 ) -> PrunePlan:
-    from runtime.weights import held_versions
-
     w = config.weights
     held = held_versions(run)
     versions = run.list_weight_versions()
@@ -141,8 +140,6 @@ def apply_plan(run: Run, plan: PrunePlan, *, by: str) -> int:
     """Delete what `plan` lists (weights first, oldest first). The deletions are recorded
     (metrics `pruned`) before anything is deleted: a process killed in between leaves a
     version recorded and still there (deleted by the next prune), never one gone unrecorded."""
-    from runtime.weights import held_versions
-
     weights, checkpoints = plan.weights, plan.checkpoints
     if weights:  # a reader may have started on one since the plan; never what LATEST names
         held = held_versions(run)
@@ -214,8 +211,6 @@ class Pruner:
         """The node-local directory keeps the newest version, the one before it (a generator
         may be reloading it right now) and every version at or above the oldest a live reader
         holds: it is memory under /dev/shm, and the store has the durable ones."""
-        from runtime.weights import held_versions
-
         versions = self.local.list()
         if not versions:
             return

@@ -15,12 +15,13 @@
   propagates, so the task's retry policy handles it. Neither does a file that is not a commit
   record of this run inside the stage's commits/ directory: list_shards raises ForeignFileError
   (naming the file and the fix), and the trainer stops before reading anything.
-- TransportPublisher (runtime/weights.py): save_pretrained (floating tensors cast to the
-  generators' dtype, model.dtype), then the configured transport: run.publish_weights(v, dir,
-  overwrite=True) for `store` (an identical re-publish is a no-op, and a trainer resuming from
-  a checkpoint older than the newest published version replaces the dead process's copy: its
-  own lineage is the one it trains from), a rename into the node-local directory for `local`
-  (plus the store at durable versions); then retention (runtime/retention.py).
+- The weight transport's publisher (runtime/transports/: transport_for(config).publisher):
+  save_pretrained (floating tensors cast to the generators' dtype, model.dtype), then the
+  configured transport: run.publish_weights(v, dir, overwrite=True) for `store` (an identical
+  re-publish is a no-op, and a trainer resuming from a checkpoint older than the newest
+  published version replaces the dead process's copy: its own lineage is the one it trains
+  from), a rename into the node-local directory for `local` (plus the store at durable
+  versions); then retention (runtime/retention.py).
 - RunCheckpointStore: run.save_checkpoint / latest_checkpoint_step / load_checkpoint; the
   store's manifest-last commit leaves the previous checkpoint usable after a crash mid-write.
   At resume a checkpoint whose files no longer match its manifest (missing, another size: one
@@ -39,7 +40,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from runtime.weights import TransportPublisher
+from runtime.transports import transport_for
+from runtime.transports.publisher import TransportPublisher
+from scalerl.config import RunConfig
 from scalerl.trainer import ShardRejected
 from storage import Run
 from storage.errors import (
@@ -249,11 +252,8 @@ class TrainerIO:
         """All four trainer collaborators over one run (shards read from `stage`); rank: the
         trainer rank under torchrun (only rank 0 writes), None for a single process. config:
         the run's (weights transport and retention); None: transport store, nothing pruned."""
-        publisher = TransportPublisher(run, config, weights_dtype)
-        if config is not None and config.weights.transport == "nccl":  # pragma: no cover - gpu
-            from runtime.weights_nccl import NcclPublisher
-
-            publisher = NcclPublisher(run, config, weights_dtype)
+        config = config or RunConfig(weights={"prune": False})
+        publisher = transport_for(config).publisher(run, weights_dtype)
         pruner = publisher.pruner
         return cls(
             RunShardSource(run, stage, rank=rank),

@@ -379,7 +379,7 @@ def _loss_problems(
     versions, the weights it needs, every checkpoint's files, every committed shard's data
     file, every evaluated version's eval shard. One line per missing thing."""
     from runtime.retention import pruned_numbers
-    from runtime.weights import LEDGER
+    from runtime.transports.publisher import LEDGER
 
     problems: list[str] = []
     pruned = pruned_numbers(run, "weights")

@@ -225,22 +225,22 @@ class GSPOLoss(_Section):
 LossConfig = Annotated[CISPOLoss | GRPOLoss | DAPOLoss | GSPOLoss, Field(discriminator="type")]
 
 
-def _loss_schema_for_forms(schema: dict) -> None:
-    """The loss as `anyOf` with a default, not pydantic's `oneOf` + discriminator: the Prefect UI's
-    form renders anyOf as a choice of the four loss types with each one's fields, while a oneOf
-    property showed a bare, empty JSON editor. Validation is pydantic's discriminated union either
-    way (the 'type' constants tell the variants apart)."""
+def _choice_for_forms(schema: dict, default: type[BaseModel]) -> None:
+    """A discriminated union (the loss, the weights) as `anyOf` with a default, not pydantic's
+    `oneOf` + discriminator: the Prefect UI's form renders anyOf as a choice of the variants
+    with each one's fields, while a oneOf property showed a bare, empty JSON editor. Validation
+    is pydantic's discriminated union either way (the tag constants tell the variants apart)."""
     if "oneOf" in schema:
         schema["anyOf"] = schema.pop("oneOf")
         schema.pop("discriminator", None)
-    schema.setdefault("default", CISPOLoss().model_dump())
+    schema.setdefault("default", default().model_dump())
 
 
 class AlgorithmConfig(_Section):
     loss: LossConfig = Field(
         default_factory=CISPOLoss,
         description="Policy-gradient loss, chosen by its 'type': cispo (ScaleRL), grpo, dapo or gspo; each has its own clipping fields.",
-        json_schema_extra=_loss_schema_for_forms,
+        json_schema_extra=lambda schema: _choice_for_forms(schema, CISPOLoss),
     )
     aggregation: Literal["prompt", "sample", "token"] = Field(
         "prompt",
@@ -351,24 +351,11 @@ class TrainerConfig(_Section):
     seed: int = Field(0, ge=0, description="Trainer seed (data order ties, dropout).")
 
 
-class WeightsConfig(_Section):
-    transport: Literal["store", "local", "nccl"] = Field(
-        "store",
-        description="How each new policy version reaches the generators and evaluations: 'store' (the run store: durable, works across machines and clouds; every generator downloads every version), 'local' (one node: the trainer writes each version once into a node-local directory, weights.local_dir, and engines reload from there: no upload, no download, no hash), 'nccl' (GPU only: vLLM's NCCL weight-transfer engine, trainer rank 0 to every engine). With local or nccl the store still receives a durable copy every weights.durable_every versions, at every evaluation version and at every checkpoint.",
-    )
-    local_dir: str | None = Field(
-        None,
-        description="transport 'local': the node-local directory versions are written to (one subdirectory per run). None: /dev/shm/scalerl when /dev/shm exists, else the system temp directory.",
-    )
-    durable_every: int = Field(
-        10,
-        ge=1,
-        description="transport 'local' or 'nccl': also publish every this many versions to the run store (version 0, evaluation versions and checkpoint versions always are).",
-    )
-    nccl_address: str | None = Field(
-        None,
-        description="transport 'nccl': the trainer's address the generators' NCCL group connects to. None: the address this host's name resolves to (refused when that is loopback and a generator runs on another machine).",
-    )
+class _WeightsBase(_Section):
+    """What every weight transport has: its name and retention (runtime/retention.py)."""
+
+    # declared here so that it comes first in every variant; each variant fixes its value
+    transport: str = Field(description="How each new policy version reaches the generators.")
     prune: bool = Field(
         True,
         description="Delete old weight versions and checkpoints from the run store while the run goes (off the trainer's step): weight versions older than latest - k - 1 that no generator or evaluation holds, except those weights.keep_evaluated keeps; checkpoints beyond weights.keep_checkpoints and weights.keep_checkpoint_every. False: keep everything (scalerl runs prune RUN frees it later).",
@@ -385,6 +372,98 @@ class WeightsConfig(_Section):
         ge=1,
         description="Also keep, for good, every checkpoint whose step is a multiple of this. None: only the newest weights.keep_checkpoints.",
     )
+
+
+class _BesideStore(_WeightsBase):
+    """Transports that carry every version beside the store, which receives the durable ones."""
+
+    durable_every: int = Field(
+        10,
+        ge=1,
+        description="Also publish every this many versions to the run store (version 0, evaluation versions and checkpoint versions always are).",
+    )
+
+
+class StoreWeightsConfig(_WeightsBase):
+    transport: Literal["store"] = Field(
+        "store",
+        description="'store': every version goes through the run store (durable, works across machines and clouds; every generator downloads every version).",
+    )
+
+
+class LocalWeightsConfig(_BesideStore):
+    transport: Literal["local"] = Field(
+        "local",
+        description="'local' (one node): the trainer writes each version once into a node-local directory, weights.local_dir, and engines reload from there: no upload, no download, no hash. The store still receives a durable copy every weights.durable_every versions, at every evaluation version and at every checkpoint.",
+    )
+    local_dir: str | None = Field(
+        None,
+        description="The node-local directory versions are written to (one subdirectory per run). None: /dev/shm/scalerl when /dev/shm exists, else the system temp directory.",
+    )
+
+
+class NcclWeightsConfig(_BesideStore):
+    transport: Literal["nccl"] = Field(
+        "nccl",
+        description="'nccl' (GPU only): vLLM's NCCL weight-transfer engine, trainer rank 0 to every engine. The store still receives a durable copy every weights.durable_every versions, at every evaluation version and at every checkpoint.",
+    )
+    nccl_address: str | None = Field(
+        None,
+        description="The trainer's address the generators' NCCL group connects to. None: the address this host's name resolves to (refused when that is loopback and a generator runs on another machine).",
+    )
+
+
+_TRANSPORTS: dict[str, type[_WeightsBase]] = {
+    "store": StoreWeightsConfig,
+    "local": LocalWeightsConfig,
+    "nccl": NcclWeightsConfig,
+}
+WeightsConfig = Annotated[
+    StoreWeightsConfig | LocalWeightsConfig | NcclWeightsConfig, Field(discriminator="transport")
+]
+
+
+def _weights_variant(data: Any) -> Any:
+    """The `weights` section as its transport's variant takes it: transport store when none is
+    named; a field of another transport that holds None or its default is dropped (run.json
+    snapshots written before the variants hold every field of every transport); any other
+    value of such a field is refused with one line naming the transport it belongs to."""
+    if not isinstance(data, dict):
+        return data
+    transport = data.get("transport", "store")
+    variant = _TRANSPORTS.get(transport) if isinstance(transport, str) else None
+    if variant is None:
+        return data  # pydantic names the known transports
+    out = {}
+    for key, value in data.items():
+        owners = [t for t, m in _TRANSPORTS.items() if key in m.model_fields]
+        if key in variant.model_fields or not owners:  # a typo: pydantic suggests a key
+            out[key] = value
+        elif value is not None and value != _TRANSPORTS[owners[0]].model_fields[key].default:
+            raise ValueError(
+                f"weights.{key} exists only with weights.transport={' or '.join(owners)}, not "
+                f"with weights.transport = {transport!r}. Fix: set weights.transport={owners[0]}, "
+                f"or drop weights.{key}."
+            )
+    return {**out, "transport": transport}
+
+
+def upgrade_snapshot(saved: dict) -> dict:
+    """A run's run.json as this version's config reads it. Snapshots written before the weights
+    section had one variant per transport hold every transport's fields; those of other
+    transports never had an effect and are dropped whatever their value (the validator refuses
+    them in a new config unless they hold None or their default)."""
+    weights = saved.get("weights")
+    if not isinstance(weights, dict):
+        return saved
+    variant = _TRANSPORTS.get(weights.get("transport", "store"))
+    if variant is None:
+        return saved
+    kept = {k: v for k, v in weights.items() if k in variant.model_fields or k not in _ANY_WEIGHTS}
+    return {**saved, "weights": kept}
+
+
+_ANY_WEIGHTS = {name for m in _TRANSPORTS.values() for name in m.model_fields}
 
 
 class EvaluationConfig(_Section):
@@ -514,64 +593,6 @@ class ScheduleConfig(_Section):
     )
 
 
-def _check_transport(cfg: RunConfig) -> None:
-    """Weight transports that cannot work with the rest of the config, named before a run."""
-    w, engine = cfg.weights, cfg.generation.engine
-    if w.transport == "local" and cfg.placement.nodes > 1:
-        raise ValueError(
-            f"weights.transport = 'local' writes each version to a directory of one node, but "
-            f"placement.nodes = {cfg.placement.nodes}. Fix: weights.transport=store (or nccl on "
-            "GPUs), or placement.nodes=1."
-        )
-    if w.transport == "local" and cfg.storage.url.startswith("memory://"):
-        raise ValueError(
-            "weights.transport = 'local' needs the roles to share a node's disk, but "
-            f"storage.url = {cfg.storage.url!r} lives in one process. Fix: "
-            "weights.transport=store, or a local or s3:// store."
-        )
-    pl = cfg.placement
-    if pl.trainer_deployment is not None:
-        if pl.trainer_ranks % pl.nodes:
-            raise ValueError(
-                f"placement.trainer_deployment runs the trainer on placement.nodes = {pl.nodes} "
-                f"nodes with the same number of ranks each, but placement.trainer_ranks = "
-                f"{pl.trainer_ranks} does not divide by {pl.nodes}. Fix: make trainer_ranks a "
-                "multiple of nodes."
-            )
-        if cfg.storage.url.startswith("memory://") or cfg.pipeline.isolation == "thread":
-            raise ValueError(
-                "placement.trainer_deployment starts trainer nodes as flow runs elsewhere, which "
-                "needs pipeline.isolation=process and a store every machine reaches (s3://, or "
-                "a path every machine mounts). Fix: set them, or leave trainer_deployment unset."
-            )
-        if w.transport == "local":
-            raise ValueError(
-                "weights.transport = 'local' keeps weights on the run flow's machine, but "
-                "placement.trainer_deployment trains elsewhere. Fix: weights.transport=store "
-                "(or nccl on GPUs)."
-            )
-    remote = cfg.placement.generators_deployment
-    if remote is not None and cfg.storage.url.startswith("memory://"):
-        raise ValueError(
-            f"placement.generators_deployment = {remote!r} starts generators as flow runs "
-            f"elsewhere, but storage.url = {cfg.storage.url!r} lives in this process. Fix: an "
-            "s3:// store (or a path every machine mounts), or no generators_deployment."
-        )
-    if remote is not None and w.transport == "local":
-        raise ValueError(
-            f"weights.transport = 'local' keeps weights in a directory of this node, which "
-            f"generators started through placement.generators_deployment = {remote!r} (other "
-            "machines) cannot read. Fix: weights.transport=store (or nccl on GPUs)."
-        )
-    if w.transport == "nccl" and (engine == "transformers" or cfg.placement.accelerator == "cpu"):
-        raise ValueError(
-            "weights.transport = 'nccl' sends weights GPU to GPU with vLLM's NCCL weight-transfer "
-            f"engine, but generation.engine = {engine!r} and placement.accelerator = "
-            f"{cfg.placement.accelerator!r}. Fix: on CPU use weights.transport=local (one node) "
-            "or store; nccl needs a vLLM engine on CUDA."
-        )
-
-
 class RunConfig(_Section):
     """A whole ScaleRL run. The flow's parameter, the YAML file and the CLI all validate against it."""
 
@@ -601,8 +622,9 @@ class RunConfig(_Section):
         default_factory=StorageConfig, description="Object storage of the run."
     )
     weights: WeightsConfig = Field(
-        default_factory=WeightsConfig,
-        description="How weight versions travel, what is durable when, and retention.",
+        default_factory=StoreWeightsConfig,
+        description="How weight versions travel, what is durable when, and retention; chosen by its 'transport': store, local or nccl, each with its own fields.",
+        json_schema_extra=lambda schema: _choice_for_forms(schema, StoreWeightsConfig),
     )
     placement: PlacementConfig = Field(
         default_factory=PlacementConfig,
@@ -615,6 +637,11 @@ class RunConfig(_Section):
     @property
     def completions_per_batch(self) -> int:
         return self.generation.prompts_per_batch * self.generation.samples_per_prompt
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights_variant(cls, data: Any) -> Any:
+        return _weights_variant(data)
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RunConfig:
@@ -629,15 +656,9 @@ class RunConfig(_Section):
                 f"{gen.prompts_per_batch} x {gen.samples_per_prompt} = {self.completions_per_batch}. "
                 "Fix: change one of the three, or drop completions_per_batch."
             )
-        shares = gen.gpu_memory_utilization + self.evaluation.gpu_memory_utilization
-        if gen.engine != "transformers" and shares > 0.95:
-            raise ValueError(
-                f"generation.gpu_memory_utilization = {gen.gpu_memory_utilization} + "
-                f"evaluation.gpu_memory_utilization = {self.evaluation.gpu_memory_utilization} = "
-                f"{shares:.2f} is above 0.95: with vLLM the evaluation engine runs beside the "
-                "generator's on the same accelerator. Fix: lower one of the two."
-            )
-        _check_transport(self)
+        from scalerl.modes import check_modes  # (it reads this model's fields only)
+
+        check_modes(self)
         if lc.enabled:
             if lc.thinking_budget_min > lc.thinking_budget_max:
                 raise ValueError(
@@ -782,10 +803,28 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 _LOSS_TYPES = {"cispo": CISPOLoss, "grpo": GRPOLoss, "dapo": DAPOLoss, "gspo": GSPOLoss}
 
 
+# The discriminated unions: where each sits, its tag field, and its variants by tag.
+_UNIONS: dict[tuple[str, ...], tuple[str, dict[str, type[BaseModel]]]] = {
+    ("algorithm", "loss"): ("type", _LOSS_TYPES),
+    ("weights",): ("transport", _TRANSPORTS),
+}
+
+
+def _untagged(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """An error location without the variant tag pydantic puts after a union's path
+    (('weights', 'local', 'local_dir') -> ('weights', 'local_dir'))."""
+    for at, (_, variants) in _UNIONS.items():
+        n = len(at)
+        if loc[:n] == at and len(loc) > n and loc[n] in variants:
+            return loc[:n] + loc[n + 1 :]
+    return loc
+
+
 def _model_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
     """The pydantic model that owns the field at `path` (for 'did you mean' suggestions)."""
-    if len(path) == 3 and path[:2] == ("algorithm", "loss") and path[2] in _LOSS_TYPES:
-        return _LOSS_TYPES[str(path[2])]
+    for at, (_, variants) in _UNIONS.items():
+        if len(path) == len(at) + 1 and path[:-1] == at and path[-1] in variants:
+            return variants[str(path[-1])]
     model: type[BaseModel] | None = RunConfig
     for part in path:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
@@ -804,11 +843,13 @@ _SECRET_KEY = re.compile(r"key|secret|token|password|credential|profile", re.IGN
 
 def _format_error(err: dict[str, Any]) -> str:
     full = tuple(err["loc"])
-    loc = tuple(p for p in full if p not in _LOSS_TYPES)
+    loc = _untagged(full)
     path = ".".join(str(p) for p in loc) or "<config>"
-    if err["type"] == "union_tag_invalid":
-        tags = ", ".join(sorted(_LOSS_TYPES))
-        return f"{path}.type = {err['ctx']['tag']!r} is not a known loss; valid: {tags}"
+    if err["type"] == "union_tag_invalid" and tuple(loc) in _UNIONS:
+        tag, variants = _UNIONS[tuple(loc)]
+        what = "loss" if tag == "type" else tag
+        valid = ", ".join(sorted(variants))
+        return f"{path}.{tag} = {err['ctx']['tag']!r} is not a known {what}; valid: {valid}"
     if err["type"] == "extra_forbidden" and loc[0] == "storage" and _SECRET_KEY.search(path):
         return (  # never echo the value: it is a secret
             f"unknown key '{path}': credentials never go in the run configuration (it is saved "

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from scalerl.config import _LOSS_TYPES, PRESETS, AlgorithmConfig, RunConfig
+from scalerl.config import _LOSS_TYPES, _TRANSPORTS, PRESETS, AlgorithmConfig, RunConfig
 
 _BOUNDS = (
     ("ge", ">="),
@@ -55,6 +55,16 @@ def _table(model: type[BaseModel], prefix: str) -> list[str]:
     return rows
 
 
+def _variants(variants: dict[str, type[BaseModel]], prefix: str, tag: str) -> list[str]:
+    """One table per variant of a discriminated union (the loss, the weights)."""
+    out = []
+    for name, model in variants.items():
+        out += [f"### `{prefix}.{tag}: {name}`", ""]
+        out += _table(model, f"{prefix}.")
+        out.append("")
+    return out
+
+
 def render_config_markdown() -> str:
     out = [
         "# Run configuration reference",
@@ -73,10 +83,10 @@ def render_config_markdown() -> str:
         if model is AlgorithmConfig:
             out += _table(model, f"{section}.")
             out += ["", "`algorithm.loss` is chosen by its `type`:", ""]
-            for loss_type, loss_model in _LOSS_TYPES.items():
-                out += [f"### `algorithm.loss.type: {loss_type}`", ""]
-                out += _table(loss_model, "algorithm.loss.")
-                out.append("")
+            out += _variants(_LOSS_TYPES, "algorithm.loss", "type")
+        elif section == "weights":
+            out += ["`weights` is chosen by its `transport`; each one has its own fields:", ""]
+            out += _variants(_TRANSPORTS, "weights", "transport")
         else:
             out += _table(model, f"{section}.")
             out.append("")

@@ -11,7 +11,7 @@ its commit, between a commit and the next bookkeeping write):
     filter.before_commit
     trainer.after_step       trainer.after_publish         (scalerl/trainer/loop.py)
     publisher.before_commit  (the background publisher thread: trained, saved, not yet
-                              visible; runtime/weights.py)
+                              visible; runtime/transports/publisher.py)
     pruner.before_delete     (retention, on the same thread; runtime/retention.py)
     flow.loop                                              (flows/run.py)
 

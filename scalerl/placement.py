@@ -18,7 +18,7 @@ One topology for GPU and CPU nodes (config section `placement`):
   placement.colocate lets the trainer share the generators' devices, for one-GPU machines:
   generators then start again from device 0 and the trainer gets what the engines' memory
   shares leave), an engine wider than
-  a machine, trainer ranks unevenly spread over machines, trainer ranks without processes.
+  a machine, trainer ranks unevenly spread over machines.
 - make_plan adds memory, by arithmetic from the model's shape (model_shape: the config built on
   the meta device, so the parameter count is exact): per trainer rank the FSDP2-sharded fp32
   weights, gradients and AdamW moments plus what is gathered and the activations; per engine
@@ -89,22 +89,9 @@ def _where(device: int, per_node: int) -> str:
 
 
 def check_layout(cfg) -> None:
-    """RunConfig's validator: the checks that need no model (see the module docstring)."""
-    pl = cfg.placement
-    if pl.trainer_ranks > 1 and (
-        cfg.pipeline.isolation == "thread" or cfg.storage.url.startswith("memory://")
-    ):
-        raise PlacementError(
-            f"placement.trainer_ranks = {pl.trainer_ranks} needs one process per rank, but "
-            + (
-                "pipeline.isolation = thread runs the trainer on a thread"
-                if cfg.pipeline.isolation == "thread"
-                else f"storage.url = {cfg.storage.url!r} lives in one process"
-            )
-            + ". Fix: set pipeline.isolation=process and a local or s3:// store, or "
-            "placement.trainer_ranks=1."
-        )
-    if pl.accelerator != "cpu":
+    """RunConfig's validator: the devices, which need no model (see the module docstring);
+    whether the modes fit together is scalerl/modes.py's."""
+    if cfg.placement.accelerator != "cpu":
         layout(cfg, accelerator="cuda")
 
 

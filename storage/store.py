@@ -80,7 +80,7 @@ _PART_RE = re.compile(r"part-[0-9]{19}-[0-9a-f]{8}\.parquet")
 METRICS_KEYS: dict[str, tuple[str, ...]] = {
     "trainer": ("step",),
     "eval": ("version", "step"),
-    "weights": ("version",),  # the publish ledger (runtime/weights.py): one row per version
+    "weights": ("version",),  # the publish ledger (runtime/transports/): one row per version
 }
 
 

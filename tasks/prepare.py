@@ -64,12 +64,13 @@ def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
     for split, rows in (("train", prompts.train), ("eval", prompts.eval)):
         run.write_prompts(split, pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
     if run.latest_weights_version() is None:
-        from runtime.weights import record_version
+        from runtime.transports import transport_for
+        from runtime.transports.publisher import record_version
 
         with tempfile.TemporaryDirectory(prefix="scalerl-v0-") as tmp:
             base = materialize_base_model(config, Path(tmp) / "v0")
             size = sum(f.stat().st_size for f in Path(base).rglob("*") if f.is_file())
-            record_version(run, 0, config.weights.transport, True, size)
+            record_version(run, 0, transport_for(config).name, True, size)
             run.publish_weights(0, base)
     if run.load_curriculum() is None:
         sampler = NoPositiveResampling(

@@ -81,7 +81,7 @@ class WeightPublisher(Protocol):
         ...
 
     # optional: make_durable(version) -> None: the run store receives `version` now (called
-    # at every checkpoint) when the transport publishes beside it (runtime/weights.py)
+    # at every checkpoint) when the transport publishes beside it (runtime/transports/)
 
 
 class MetricsSink(Protocol):

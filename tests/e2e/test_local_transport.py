@@ -1,5 +1,5 @@
 """Weight transport `local` through a whole tiny-cpu run, with retention on, then
-`scalerl runs prune` on the finished run (runtime/weights.py, runtime/retention.py).
+`scalerl runs prune` on the finished run (runtime/transports/local.py, runtime/retention.py).
 
 k = 2 and 8 steps, so retention has something to delete while the run goes; versions reach
 the generators through the node-local directory, and the store receives only version 0, the

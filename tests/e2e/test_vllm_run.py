@@ -27,7 +27,7 @@ def test_a_whole_run_on_vllm_with_evaluations(prefect_server, tmp_path):
         "schedule.max_steps=3",
         "evaluation.every_steps=2",
         "data.num_eval_prompts=8",
-        # vLLM reloads each version in place from the node-local directory (runtime/weights.py)
+        # vLLM reloads each version in place from the node-local directory (runtime/transports/local.py)
         "weights.transport=local",
         f"weights.local_dir={tmp_path / 'shm'}",
     ]

@@ -81,6 +81,123 @@ def test_switching_the_loss_by_type():
     assert (cfg.algorithm.loss.eps_low, cfg.algorithm.loss.eps_high) == (0.2, 0.26)
 
 
+def test_the_weights_are_a_variant_per_transport_chosen_by_set():
+    """weights.transport picks the variant; --set switches it, and the variant's own fields
+    come with it (local_dir only on local, nccl_address only on nccl)."""
+    cfg = load_config()
+    assert cfg.weights.transport == "store" and "local_dir" not in type(cfg.weights).model_fields
+    cfg = load_config(
+        preset="tiny-cpu", overrides=["weights.transport=local", "weights.local_dir=/x"]
+    )
+    assert (cfg.weights.transport, cfg.weights.local_dir, cfg.weights.durable_every) == (
+        "local",
+        "/x",
+        10,
+    )
+    cfg = load_config(
+        overrides=[
+            "placement.accelerator=cuda",
+            "weights.transport=nccl",
+            "weights.nccl_address=10.0.0.1",
+            "weights.keep_checkpoints=5",
+        ]
+    )
+    assert (cfg.weights.nccl_address, cfg.weights.keep_checkpoints) == ("10.0.0.1", 5)
+    # a YAML section of one transport switched to another by --set
+    assert (
+        load_config(
+            preset="tiny-cpu", overrides=["weights={transport: local}", "weights.transport=store"]
+        ).weights
+        == load_config(preset="tiny-cpu").weights
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["weights.local_dir=/x"],
+            "weights.local_dir exists only with weights.transport=local, not with "
+            "weights.transport = 'store'. Fix: set weights.transport=local, or drop "
+            "weights.local_dir.",
+        ),
+        (
+            ["weights.transport=local", "weights.nccl_address=10.0.0.1"],
+            "weights.nccl_address exists only with weights.transport=nccl, not with "
+            "weights.transport = 'local'. Fix: set weights.transport=nccl, or drop "
+            "weights.nccl_address.",
+        ),
+        (
+            ["weights.durable_every=3"],
+            "weights.durable_every exists only with weights.transport=local or nccl, not with "
+            "weights.transport = 'store'. Fix: set weights.transport=local, or drop "
+            "weights.durable_every.",
+        ),
+        (
+            ["weights.transport=ftp"],
+            "weights.transport = 'ftp' is not a known transport; valid: local, nccl, store",
+        ),
+        (
+            ["weights.transport=local", "weights.keep_checkpoint=2"],
+            "unknown key 'weights.keep_checkpoint'; did you mean 'weights.keep_checkpoints'?",
+        ),
+        (
+            ["weights.transport=local", "weights.durable_every=0"],
+            "weights.durable_every = 0: Input should be greater than or equal to 1. Fix: set "
+            "weights.durable_every within [1, inf).",
+        ),
+    ],
+)
+def test_a_field_of_another_transport_gets_one_line(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(preset="tiny-cpu", overrides=overrides)
+    assert str(info.value).splitlines()[1:] == [f"  {expected}"]
+
+
+@pytest.mark.parametrize("transport", ["store", "local", "nccl"])
+def test_a_run_json_written_before_the_variants_still_validates(transport):
+    """Snapshots from before the union hold every field of every transport, unused ones None
+    or at their default: each validates as its transport's variant, the rest dropped."""
+    from scalerl.config import validate_config
+
+    saved = RunConfig().model_dump(mode="json")
+    saved["placement"]["accelerator"] = "cuda"  # nccl's; harmless for the others
+    saved["weights"] = {
+        "transport": transport,
+        "local_dir": None,
+        "durable_every": 10,
+        "nccl_address": None,
+        "prune": True,
+        "keep_evaluated": True,
+        "keep_checkpoints": 3,
+        "keep_checkpoint_every": None,
+    }
+    weights = validate_config(saved).weights
+    assert weights.transport == transport and weights.keep_checkpoints == 3
+    dumped = weights.model_dump()
+    assert ("local_dir" in dumped) == (transport == "local")
+    assert ("nccl_address" in dumped) == (transport == "nccl")
+    assert ("durable_every" in dumped) == (transport != "store")
+
+
+def test_every_transports_field_has_a_description():
+    from scalerl.config import _TRANSPORTS
+
+    for transport, variant in _TRANSPORTS.items():
+        for name, info in variant.model_fields.items():
+            assert info.description, f"weights.{name} (transport {transport}) has no description"
+
+
+def test_the_run_config_schema_offers_the_transports_as_a_choice():
+    """RunConfig is the flow's parameter: its JSON schema builds, with the weights as anyOf
+    (the Prefect UI's form renders it as a choice) and the store's defaults."""
+    schema = RunConfig.model_json_schema()
+    weights = schema["properties"]["weights"]
+    refs = [option["$ref"].rsplit("/", 1)[-1] for option in weights["anyOf"]]
+    assert refs == ["StoreWeightsConfig", "LocalWeightsConfig", "NcclWeightsConfig"]
+    assert weights["default"]["transport"] == "store"
+
+
 def test_dump_round_trips(tmp_path):
     cfg = load_config(preset="tiny-cpu", overrides=["algorithm.loss={type: gspo}"])
     path = tmp_path / "dumped.yaml"

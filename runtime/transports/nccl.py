@@ -26,13 +26,13 @@ on the generators while the trainer broadcasts (NCCL pairs them).
   poll(), so no engine step runs while layers are replaced; the version is set on the engine
   at finish (per-token versions exact, as for the other transports).
 - Durability: as transport local, the store receives version 0, every durable_every-th,
-  evaluation and checkpoint versions (TransportPublisher's rules and ledger); evaluations load
-  from the store.
+  evaluation and checkpoint versions (durable_beside_store; TransportPublisher's ledger);
+  evaluations load from the store.
 - Failure: a generator that does not acknowledge within NCCL_TIMEOUT_S fails the publish,
   which fails the trainer task (retried, resumed from its checkpoint) with the missing
   generators named.
 
-Tests: the control plane on CPU (tests/tasks/test_weights_nccl.py, an engine stand-in that
+Tests: the control plane on CPU (tests/runtime/test_weights_nccl.py, an engine stand-in that
 records the worker RPCs, since NCCL needs GPUs); the transfer itself is marked gpu.
 """
 
@@ -45,8 +45,10 @@ import threading
 import time
 import uuid
 
-from runtime.weights import ReaderLease, TransportPublisher, always_durable
-from scalerl.config import RunConfig
+from runtime.transports.base import WeightTransport, durable_beside_store
+from runtime.transports.publisher import TransportPublisher
+from runtime.transports.readers import ReaderLease
+from scalerl.engines.base import Throttled
 from storage import Run
 
 log = logging.getLogger(__name__)
@@ -169,8 +171,8 @@ def bounded(fn, timeout_s: float, what: str):
 class NcclPublisher(TransportPublisher):  # pragma: no cover - gpu
     """The trainer's publisher for transport nccl (module docstring)."""
 
-    def __init__(self, run: Run, config: RunConfig, dtype: str | None = None) -> None:
-        super().__init__(run, config, dtype)
+    def __init__(self, run: Run, transport, dtype: str | None = None) -> None:
+        super().__init__(run, transport, dtype)
         self._engine = None
         self._members: dict[str, dict] = {}
         self._last = None
@@ -178,7 +180,7 @@ class NcclPublisher(TransportPublisher):  # pragma: no cover - gpu
     def publish(self, version: int, model, tokenizer, state_dict: dict | None = None) -> None:
         state = state_dict if state_dict is not None else model.state_dict()
         self._last = (version, model, tokenizer, state)  # for make_durable
-        if always_durable(self.config, version):
+        if self.transport.durable(version):
             super().publish(version, model, tokenizer, state_dict)  # the store's copy, ledger
         else:
             size = sum(t.numel() * self.dtype.itemsize for t in state.values())
@@ -216,9 +218,9 @@ class NcclPublisher(TransportPublisher):  # pragma: no cover - gpu
         if self._engine is not None:
             self._engine.shutdown()
         tp = self.config.placement.tensor_parallel
-        from runtime.trainer_node import free_port
+        from vllm.utils.network_utils import get_open_port  # a free port, as vLLM picks one
 
-        port = free_port()
+        port = get_open_port()
         info = NCCLTrainerInitInfo(
             master_address=self._address(members),
             master_port=port,
@@ -375,4 +377,35 @@ class NcclWeights:
             self.done = seq
             self.run.write_marker(
                 f"{ACK}{self.id}", {"seq": seq, "instance": self.instance, "error": error}
+            )
+
+
+class NcclTransport(WeightTransport):
+    name = "nccl"
+
+    def publisher(
+        self, run: Run, dtype: str | None = None
+    ) -> NcclPublisher:  # pragma: no cover - gpu
+        return NcclPublisher(run, self, dtype)
+
+    def source(
+        self, run: Run, cache, current: int, lease=None, engine=None, reader="gen0"
+    ):  # pragma: no cover - gpu
+        """The control-plane marker, as often as the local pointer on a local disk."""
+        tp = self.config.placement.tensor_parallel
+        source = NcclWeights(run, engine, reader, lease, tp)
+        return Throttled(source, interval_s=0.02 if run.is_local else 0.25)
+
+    def durable(self, version: int) -> bool:
+        return durable_beside_store(self.config, version)
+
+    def engine_args(self) -> dict:
+        return {"weight_transfer_config": {"backend": "nccl"}}
+
+    def check(self, accelerator: str) -> None:
+        if accelerator == "cpu":
+            raise ValueError(
+                "weights.transport = 'nccl' sends weights GPU to GPU, and placement.accelerator "
+                f"= {self.config.placement.accelerator!r} found no CUDA device here. Fix: "
+                "weights.transport=local (one node) or store."
             )

@@ -1,4 +1,4 @@
-"""Weight transports and retention (runtime/weights.py, runtime/retention.py) over a real local run
+"""Weight transports and retention (runtime/transports/, runtime/retention.py) over a real local run
 store and a real (tiny) transformers model: what the store receives with transport local,
 the publish ledger, reader leases, and which versions retention keeps."""
 
@@ -11,18 +11,11 @@ import pytest
 import torch
 
 from runtime.common import WeightCache
-from runtime.generation import StoreWeights
 from runtime.retention import apply_plan, keep_checkpoints, keep_weights, prune_plan
-from runtime.weights import (
-    READER_PREFIX,
-    READER_TTL_S,
-    LocalDirs,
-    LocalWeights,
-    ReaderLease,
-    TransportPublisher,
-    held_versions,
-    local_dirs,
-)
+from runtime.transports import transport_for
+from runtime.transports.local import LocalDirs, LocalWeights, local_dirs
+from runtime.transports.readers import READER_PREFIX, READER_TTL_S, ReaderLease, held_versions
+from runtime.transports.store import StoreWeights
 from scalerl.config import load_config
 from scalerl.models import build_tiny_model, load_policy
 from storage import open_store
@@ -37,16 +30,26 @@ def model(tmp_path_factory):
 
 
 def _cfg(tmp_path: Path, *overrides: str):
+    """tiny-cpu over a store in tmp_path; with transport local, its directory in tmp_path too
+    (weights.local_dir exists only with transport local)."""
+    local = (
+        [f"weights.local_dir={tmp_path / 'shm'}"] if "weights.transport=local" in overrides else []
+    )
     return load_config(
         preset="tiny-cpu",
         overrides=[
             f"storage.url={tmp_path / 'store'}",
-            f"weights.local_dir={tmp_path / 'shm'}",
             "pipeline.max_off_policy_steps=2",
             "evaluation.every_steps=4",
             *overrides,
+            *local,
         ],
     )
+
+
+def _publisher(run, cfg, dtype: str = "float32"):
+    """The trainer's publisher for cfg's transport, as TrainerIO builds it."""
+    return transport_for(cfg).publisher(run, dtype)
 
 
 def _run(cfg):
@@ -90,11 +93,11 @@ def test_local_transport_stores_only_durable_versions_and_ledgers_every_one(mode
         tmp_path, "weights.transport=local", "weights.durable_every=3", "weights.prune=false"
     )
     run = _run(cfg)
-    pub = TransportPublisher(run, cfg, "float32")
+    pub = _publisher(run, cfg)
     m, tok = model
     for v in range(7):
         pub.publish(v, m, tok)
-    dirs = local_dirs(run, cfg)  # where the trainer says it keeps them (marker)
+    dirs = local_dirs(run)  # where the trainer says it keeps them (marker)
     assert dirs.root == tmp_path / "shm" / RUN
     assert dirs.latest() == 6 and dirs.list() == list(range(7))
     # durable: v0, multiples of durable_every (3, 6) and of evaluation.every_steps (4)
@@ -119,11 +122,11 @@ def test_local_transport_stores_only_durable_versions_and_ledgers_every_one(mode
 def test_a_generator_reads_local_versions_in_place_under_its_lease(model, tmp_path):
     cfg = _cfg(tmp_path, "weights.transport=local")
     run = _run(cfg)
-    pub = TransportPublisher(run, cfg, "float32")
+    pub = _publisher(run, cfg)
     m, tok = model
     pub.publish(0, m, tok)
     lease = ReaderLease(run, "gen0")
-    source = LocalWeights(run, cfg, 0, lease)
+    source = LocalWeights(run, 0, lease)
     assert source.poll() is None  # nothing newer than 0
     pub.publish(1, m, tok)
     version, path = source.poll()
@@ -141,13 +144,13 @@ def test_the_local_directory_stays_small_and_other_machines_are_refused(model, t
     clear error; /dev/shm is used only when it has room for LOCAL_COPIES versions."""
     import socket
 
-    from runtime.weights import LOCAL_MARKER, LocalTransportError, choose_local_root
+    from runtime.transports.local import LOCAL_MARKER, LocalTransportError, choose_local_root
 
     cfg = _cfg(tmp_path, "weights.transport=local")
     run = _run(cfg)
     dirs = LocalDirs(tmp_path / "shm" / RUN)
     (dirs.root / ".tmp-v9-dead").mkdir(parents=True)  # a trainer killed while saving
-    pub = TransportPublisher(run, cfg, "float32")
+    pub = _publisher(run, cfg)
     m, tok = model
     lease = ReaderLease(run, "slow")
     for v in range(6):
@@ -160,9 +163,9 @@ def test_the_local_directory_stays_small_and_other_machines_are_refused(model, t
     assert dirs.list() == [5, 6]
     run.write_marker(LOCAL_MARKER, {"root": str(dirs.root), "host": "another-host"})
     with pytest.raises(LocalTransportError, match="on another-host, and this process runs on"):
-        local_dirs(run, cfg)
+        local_dirs(run)
     run.write_marker(LOCAL_MARKER, {"root": str(dirs.root), "host": socket.gethostname()})
-    auto = _cfg(tmp_path)
+    auto = _cfg(tmp_path, "weights.transport=local")
     auto.weights.local_dir = None
     assert choose_local_root(auto, "r", 1).parts[:3] == ("/", "dev", "shm")
     assert choose_local_root(auto, "r", 10**15).parts[1:3] != ("dev", "shm")  # no room there
@@ -174,7 +177,7 @@ def test_retention_keeps_what_a_slow_reader_holds_and_frees_it_after(model, tmp_
     the reader moves on (or its heartbeat is older than READER_TTL_S) they go."""
     cfg = _cfg(tmp_path)
     run = _run(cfg)
-    pub = TransportPublisher(run, cfg, "float32")
+    pub = _publisher(run, cfg)
     m, tok = model
     pub.publish(0, m, tok)
     pub.publish(1, m, tok)
@@ -207,7 +210,7 @@ def test_retention_keeps_what_a_slow_reader_holds_and_frees_it_after(model, tmp_
 def test_a_version_pruned_under_a_slow_reader_is_skipped_not_fatal(model, tmp_path):
     cfg = _cfg(tmp_path)
     run = _run(cfg)
-    pub = TransportPublisher(run, cfg, "float32")
+    pub = _publisher(run, cfg)
     m, tok = model
     for v in range(3):
         pub.publish(v, m, tok)
@@ -246,7 +249,7 @@ def test_a_cast_to_the_generators_dtype_keeps_a_tied_head_one_tensor(model, tmp_
     cfg = _cfg(tmp_path)
     run = _run(cfg)
     m, tok = model
-    TransportPublisher(run, cfg, "bfloat16").publish(0, m, tok)
+    _publisher(run, cfg, "bfloat16").publish(0, m, tok)
     local = run.download_weights(0, tmp_path / "w0")
     with safe_open(local / "model.safetensors", "pt") as f:
         keys = set(f.keys())

@@ -1,4 +1,4 @@
-"""The NCCL transport's control plane (runtime/weights_nccl.py) on a real local run store: the
+"""The NCCL transport's control plane (runtime/transports/nccl.py) on a real local run store: the
 trainer's VLLMWeightSyncClient over markers, and two generators answering between engine steps.
 NCCL itself needs GPUs, so the generators' engine is a stand-in that records vLLM's worker calls
 (what VLLMEngine.weight_transfer forwards to collective_rpc); the real transfer is gpu-marked."""
@@ -11,13 +11,13 @@ import time
 import pytest
 
 from runtime.registry import GeneratorRegistration
-from runtime.weights import ReaderLease, held_versions
-from runtime.weights_nccl import (
+from runtime.transports.nccl import (
     NcclTransportError,
     NcclWeights,
     StoreControlPlane,
     ready_generators,
 )
+from runtime.transports.readers import ReaderLease, held_versions
 from storage import open_store
 
 
