@@ -1,5 +1,5 @@
-"""Glue between the run store and the engines: engine construction from the config, the
-store-backed weight source, and Completion -> rollout record conversion.
+"""Glue between the run store and the engines: engine construction from the config and
+Completion -> rollout record conversion (the weight sources are runtime/transports/).
 
 No Prefect here; the generator and evaluation tasks use it.
 """
@@ -7,13 +7,14 @@ No Prefect here; the generator and evaluation tasks use it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from runtime.common import WeightCache
 from scalerl.config import RunConfig
 
-_ENGINES: dict[tuple, Any] = {}
+_SHARED: dict[tuple, Any] = {}  # shared_engine's engines
 
 
 @dataclass(frozen=True)
@@ -27,34 +28,27 @@ class EngineKind:
     """On CPU, evaluations in their own processes may run side by side once training ended."""
 
 
-ENGINE_KINDS = {
-    "transformers": EngineKind("transformers", False, True),
-    "vllm": EngineKind("vllm", True, False),
-    "vllm-async": EngineKind("vllm-async", True, False),
-}
+def _transformers(config: RunConfig, path: str, **common):
+    from scalerl.engines.hf import TransformersEngine
+
+    return TransformersEngine(path, max_batch_size=config.generation.max_batch_size, **common)
 
 
-def engine_kind(config: RunConfig) -> EngineKind:
-    return ENGINE_KINDS[config.generation.engine]
+def _step_vllm(config: RunConfig, path: str, **common):
+    from scalerl.engines.vllm_engine import VLLMEngine
+
+    return _vllm(VLLMEngine, config, path, **common)
 
 
-def make_engine(config: RunConfig, path, version: int):
-    """The configured engine on the weights at `path` (tagged as `version`)."""
-    gen, fp32 = config.generation, config.algorithm.fp32_lm_head
-    if gen.engine == "transformers":
-        from scalerl.engines.hf import TransformersEngine
+def _async_vllm(config: RunConfig, path: str, **common):
+    from scalerl.engines.vllm_async import AsyncVLLMEngine
 
-        return TransformersEngine(
-            str(path),
-            dtype=config.model.dtype,
-            max_batch_size=gen.max_batch_size,
-            fp32_head=fp32,
-            version=version,
-        )
-    if gen.engine == "vllm-async":
-        from scalerl.engines.vllm_async import AsyncVLLMEngine as VLLMEngine
-    else:
-        from scalerl.engines.vllm_engine import VLLMEngine
+    return _vllm(AsyncVLLMEngine, config, path, **common)
+
+
+def _vllm(engine_class, config: RunConfig, path: str, **common):
+    """A vLLM engine; on CUDA sized by the run's placement plan."""
+    gen = config.generation
     from runtime.common import accelerator
 
     max_seqs, extra = gen.max_batch_size, {}
@@ -70,36 +64,60 @@ def make_engine(config: RunConfig, path, version: int):
 
             logging.getLogger(__name__).warning("placement: %s", warning)
         extra["tensor_parallel_size"] = config.placement.tensor_parallel
-        if config.weights.transport == "nccl":  # runtime/weights_nccl.py
-            extra["weight_transfer_config"] = {"backend": "nccl"}
-    return VLLMEngine(
-        str(path),
-        dtype=config.model.dtype,
+        from runtime.transports import transport_for
+
+        extra.update(transport_for(config).engine_args())  # nccl: vLLM's weight transfer
+    return engine_class(
+        path,
         gpu_memory_utilization=gen.gpu_memory_utilization,
         max_batch_size=max_seqs,
         **extra,
-        fp32_head=fp32,
         seed=gen.seed,
-        version=version,
         max_model_len=gen.max_prompt_tokens + gen.max_new_tokens,
+        **common,
     )
+
+
+# generation.engine -> (how to build it, its EngineKind): the one place outside the config
+# validator that knows the engines by name (tests check it covers every configurable value)
+ENGINES: dict[str, tuple[Callable[..., Any], EngineKind]] = {
+    "transformers": (_transformers, EngineKind("transformers", False, True)),
+    "vllm": (_step_vllm, EngineKind("vllm", True, False)),
+    "vllm-async": (_async_vllm, EngineKind("vllm-async", True, False)),
+}
+
+
+def make_engine(config: RunConfig, path, version: int):
+    """The configured engine on the weights at `path` (tagged as `version`)."""
+    build, _ = ENGINES[config.generation.engine]
+    return build(
+        config,
+        str(path),
+        dtype=config.model.dtype,
+        fp32_head=config.algorithm.fp32_lm_head,
+        version=version,
+    )
+
+
+def engine_kind(config: RunConfig) -> EngineKind:
+    return ENGINES[config.generation.engine][1]
 
 
 def shared_engine(config: RunConfig, cache: WeightCache, version: int):
     """One engine per (run, engine kind) in this process, moved to `version` in place: vLLM
     takes tens of seconds to start, so evaluations reuse it instead of building a new one."""
     key = (cache.run.url, config.generation.engine)
-    engine = _ENGINES.get(key)
+    engine = _SHARED.get(key)
     if engine is None:
-        engine = _ENGINES[key] = make_engine(config, cache.path(version), version)
+        engine = _SHARED[key] = make_engine(config, cache.path(version), version)
     elif engine.version != version:
         engine.load_weights(version, cache.path(version))
     return engine
 
 
 def close_shared_engines() -> None:
-    while _ENGINES:
-        _ENGINES.popitem()[1].close()
+    while _SHARED:
+        _SHARED.popitem()[1].close()
 
 
 def length_policy(config: RunConfig, tokenizer):
@@ -129,56 +147,6 @@ def sampling_settings(config: RunConfig, *, temperature: float | None = None, se
         seed=seed,
         max_prompt_tokens=gen.max_prompt_tokens,
     )
-
-
-class StoreWeights:
-    """WeightSource over the run store: the newest committed version, downloaded once. The
-    engine copies each version it is handed into its live parameters, so the local copies of
-    the versions before it are deleted then (WeightCache.keep_only). With a lease, the version
-    is held before it is downloaded (runtime/weights.py ReaderLease); a version pruned meanwhile
-    (a reader that slept through k + 2 publishes) is skipped for the next newest."""
-
-    def __init__(self, cache: WeightCache, current: int, lease=None) -> None:
-        self.cache, self.current, self.lease = cache, current, lease
-
-    def poll(self):
-        from storage.errors import NotCommittedError
-
-        latest = self.cache.run.latest_weights_version()
-        if latest is None or latest <= self.current:
-            return None
-        if self.lease is not None:
-            self.lease.hold(latest)
-        try:
-            path = self.cache.path(latest)
-        except NotCommittedError:  # pruned or republished meanwhile: look again next poll
-            if self.lease is not None:
-                self.lease.hold(self.current)
-            return None
-        self.current = latest
-        self.cache.keep_only(latest)
-        return latest, path
-
-
-def weight_source(
-    config: RunConfig, cache: WeightCache, current: int, lease=None, engine=None, reader="gen0"
-):
-    """The WeightSource of weights.transport (runtime/weights.py), throttled to suit where it
-    looks: the node-local pointer every 20 ms, the store every 0.2 s on a local disk and every
-    second on object storage (a request each); nccl: the control-plane marker
-    (runtime/weights_nccl.py), as often as the local pointer on a local disk."""
-    from runtime.weights import LocalWeights
-    from scalerl.engines.base import Throttled
-
-    if config.weights.transport == "nccl":  # pragma: no cover - gpu
-        from runtime.weights_nccl import NcclWeights
-
-        source = NcclWeights(cache.run, engine, reader, lease, config.placement.tensor_parallel)
-        return Throttled(source, interval_s=0.02 if cache.run.is_local else 0.25)
-    if config.weights.transport == "local":
-        return Throttled(LocalWeights(cache.run, config, current, lease), interval_s=0.02)
-    interval = 0.2 if cache.run.is_local else 1.0
-    return Throttled(StoreWeights(cache, current, lease), interval_s=interval)
 
 
 def completion_records(

@@ -17,7 +17,11 @@ FORBIDDEN = {
 }
 PACKAGES = ("scalerl", "storage", "runtime", "tasks", "flows")
 # vLLM is imported lazily inside the vLLM engine only.
-ALLOWED = {("scalerl/engines/vllm_engine.py", "vllm"), ("scalerl/engines/vllm_async.py", "vllm")}
+ALLOWED = {
+    ("scalerl/engines/vllm_engine.py", "vllm"),
+    ("scalerl/engines/vllm_async.py", "vllm"),
+    ("scalerl/engines/vllm_common.py", "vllm"),
+}
 
 
 def _imports(path: Path):

@@ -1,6 +1,7 @@
 """Generation engines: transformers (CPU fallback, reference) and vLLM (the fast path).
 
-``vllm_engine`` imports vLLM lazily; importing this package never imports vLLM.
+The vLLM modules (``vllm_common``, ``vllm_engine``, ``vllm_async``) import vLLM lazily;
+importing this package never imports vLLM.
 """
 
 from scalerl.engines.base import (
@@ -8,6 +9,7 @@ from scalerl.engines.base import (
     Engine,
     EngineError,
     GroupRequest,
+    InPlaceEngine,
     SamplingSettings,
     Throttled,
     WeightSource,
@@ -18,6 +20,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "GroupRequest",
+    "InPlaceEngine",
     "SamplingSettings",
     "Throttled",
     "WeightSource",

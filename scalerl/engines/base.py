@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -125,6 +126,12 @@ class WeightSource(Protocol):
 
 @runtime_checkable
 class Engine(Protocol):
+    """What the generator loop and the evaluations call on an engine.
+
+    The engines of this package subclass it explicitly (PEP 544) and implement
+    ``_generate(requests, sampling, length, weights)``, so generate's signature is written
+    once, here; any other object with these members is an Engine as well (test doubles)."""
+
     version: int
     """Policy version of the weights currently loaded."""
 
@@ -135,11 +142,30 @@ class Engine(Protocol):
         *,
         length: LengthPolicy | None = None,
         weights: WeightSource | None = None,
-    ) -> Iterator[list[Completion]]: ...
+    ) -> Iterator[list[Completion]]:
+        """Completed groups as they finish (module docstring)."""
+        return self._generate(requests, sampling, length, weights)
 
-    def load_weights(self, version: int, path: str | Path) -> None: ...
+    def load_weights(self, version: int, path: str | Path) -> None:
+        """Load a published checkpoint directory in place; sequences in flight continue."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class InPlaceEngine(Engine, Protocol):
+    """An Engine that also takes weights in place by transfer, not from a directory: what
+    weights.transport = nccl calls (runtime/transports/nccl.py). Both vLLM engines are one;
+    the transformers engine is not."""
+
+    def weight_transfer(self, method: str, **kwargs) -> None:
+        """One of vLLM's weight-transfer worker calls (init_weight_transfer_engine,
+        start_weight_update, update_weights, finish_weight_update) on every worker, between
+        two engine steps."""
+
+    def set_version(self, version: int) -> None:
+        """The weights of `version` are in (weight_transfer): tag the tokens of the next
+        steps with it."""
 
 
 class Throttled:
@@ -174,6 +200,16 @@ def resolve_length(
     if length is None:
         length = LengthPolicy.only_max_tokens(sampling.max_new_tokens, frozenset(eos_ids))
     return replace(length, eos_ids=frozenset()) if sampling.ignore_eos else length
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The *.safetensors files of a published checkpoint directory (load_weights)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise EngineError(
+            f"no *.safetensors in {path}. Fix: publish weights with save_pretrained(...)."
+        )
+    return files
 
 
 @dataclass
@@ -301,3 +337,32 @@ def open_group(
         s.force_finish("length")
         completed = group.finish(s.completion(tokenizer, error=error))
     return group, [], completed
+
+
+def draw_requests(source, room: int, waiting: deque, open_one) -> tuple[bool, bool, list]:
+    """Pull group requests from `source` until `waiting` holds `room` sequences, a HOLD comes
+    (nothing to start now) or the source ends; `open_one(request)` is open_group's
+    (group, sequences, group finished at once or None). Returns (source exhausted, held,
+    groups finished at once). The admission step of every engine's loop."""
+    done = []
+    while len(waiting) < room:
+        req = next(source, None)
+        if req is None:
+            return True, False, done
+        if req is HOLD:
+            return False, True, done
+        _, seqs, finished = open_one(req)
+        waiting.extend(seqs)
+        if finished is not None:
+            done.append(finished)
+    return False, False, done
+
+
+def generation_over(exhausted: bool, waiting, held: bool) -> bool:
+    """For a loop with nothing in flight: whether it is over (the source ended and no
+    sequence waits); if not and the source held, sleep HOLD_SLEEP_S before it asks again."""
+    if exhausted and not waiting:
+        return True
+    if held:
+        time.sleep(HOLD_SLEEP_S)
+    return False

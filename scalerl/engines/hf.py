@@ -25,26 +25,23 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from scalerl.engines.base import (
-    HOLD,
-    HOLD_SLEEP_S,
     Completion,
+    Engine,
     EngineError,
-    GroupRequest,
-    SamplingSettings,
     SequenceState,
-    WeightSource,
+    draw_requests,
+    generation_over,
     open_group,
     resolve_length,
+    safetensors_files,
 )
 from scalerl.fp32_head import fp32_logits
-from scalerl.length_control import LengthPolicy
 from scalerl.models import load_policy
 
 # SplitMix64 constants as signed int64 (torch int64 arithmetic wraps around)
@@ -195,7 +192,7 @@ class _StoreLayer(DynamicLayer):
         return self.store.length
 
 
-class TransformersEngine:
+class TransformersEngine(Engine):
     """Continuous-batching generation with transformers; see the module docstring."""
 
     def __init__(
@@ -232,11 +229,7 @@ class TransformersEngine:
         """Copy a published checkpoint (safetensors) into the live parameters, in place."""
         from safetensors.torch import load_file
 
-        files = sorted(Path(path).glob("*.safetensors"))
-        if not files:
-            raise EngineError(
-                f"no *.safetensors in {path}. Fix: publish weights with save_pretrained(...)."
-            )
+        files = safetensors_files(path)
         tensors: dict[str, torch.Tensor] = {}
         for f in files:
             tensors.update(load_file(str(f)))
@@ -299,14 +292,8 @@ class TransformersEngine:
     # -- the loop --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(
-        self,
-        requests: Iterable[GroupRequest],
-        sampling: SamplingSettings,
-        *,
-        length: LengthPolicy | None = None,
-        weights: WeightSource | None = None,
-    ) -> Iterator[list[Completion]]:
+    def _generate(self, requests, sampling, length, weights):
+        """(Engine.generate) The continuous-batching loop; see the module docstring."""
         if self.model is None:
             raise EngineError("engine is closed. Fix: create a new TransformersEngine.")
         policy = resolve_length(length, sampling, {self.tokenizer.eos_token_id})
@@ -320,6 +307,14 @@ class TransformersEngine:
         unadmitted: dict[int, int] = {}
         source = iter(requests)
         exhausted = False
+
+        def open_one(request):
+            group, seqs, done_group = open_group(
+                request, self.tokenizer, sampling, policy, self.context_len
+            )
+            if seqs:
+                unadmitted[id(group)] = len(seqs)
+            return group, seqs, done_group
 
         def sample(rows_seqs: list[SequenceState], logits: torch.Tensor) -> list:
             seeds = torch.tensor([s.seed for s in rows_seqs], device=self.device)
@@ -343,22 +338,9 @@ class TransformersEngine:
             # 1) admit waiting sequences into free rows; one prefill per prompt group
             free = [r for r, s in enumerate(slots) if s is None]
             held = False
-            while len(waiting) < len(free) and not exhausted:
-                req = next(source, None)
-                if req is None:
-                    exhausted = True
-                    break
-                if req is HOLD:  # nothing to start now: step what is live, ask again
-                    held = True
-                    break
-                group, seqs, done_group = open_group(
-                    req, self.tokenizer, sampling, policy, self.context_len
-                )
-                if seqs:
-                    unadmitted[id(group)] = len(seqs)
-                waiting.extend(seqs)
-                if done_group is not None:
-                    yield done_group
+            if not exhausted:  # HOLD: nothing to start now; step what is live, ask again
+                exhausted, held, opened = draw_requests(source, len(free), waiting, open_one)
+                yield from opened
             admitted: dict[int, list[tuple[int, SequenceState]]] = {}
             for r in free[: len(waiting)]:
                 seq = waiting.popleft()
@@ -399,10 +381,8 @@ class TransformersEngine:
             # 3) one decode step for every live row
             live = [r for r, s in enumerate(slots) if s is not None]
             if not live:
-                if exhausted and not waiting:
+                if generation_over(exhausted, waiting, held):
                     return
-                if held:
-                    time.sleep(HOLD_SLEEP_S)
                 continue
             ids = torch.tensor(
                 [[pending[r][0] if slots[r] else self.pad_id] for r in range(store.rows)]

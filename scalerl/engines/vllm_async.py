@@ -24,10 +24,10 @@ How it works (vLLM 0.32):
 - New weights (``load_weights``): ``pause_generation(mode="keep", clear_cache=False)``
   freezes the requests in flight (no abort; they keep their KV cache and prefix cache);
   ``collective_rpc("reload_weights", weights_path=DIR)`` reloads the published safetensors
-  in place on the workers, a tied LM head is re-processed (``_refresh_tied_head``, run on
-  the workers through a worker extension: vLLM only ships callables to another process
-  with VLLM_ALLOW_INSECURE_SERIALIZATION); then the engine's weight version is set and
-  generation resumes. The caller's generator stalls for that long (the engine too).
+  in place on the workers, a tied LM head is re-processed (``refresh_tied_head`` of
+  vllm_common.py, run on the workers through a worker extension: vLLM only ships callables
+  to another process with VLLM_ALLOW_INSECURE_SERIALIZATION); then the engine's weight
+  version is set and generation resumes. The caller's generator stalls for that long (the engine too).
 - Per-token versions: vLLM's weight-version spans (``CompletionOutput.weight_versions``).
   They are exact here. The engine core stamps each batch's outputs with its current
   weight version when it processes that batch's results (``EngineCore._attach_weight_
@@ -67,29 +67,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from scalerl.engines.base import (
-    HOLD_SLEEP_S,
-    Completion,
-    EngineError,
-    GroupRequest,
-    SamplingSettings,
-    SequenceState,
-    WeightSource,
-)
-from scalerl.engines.vllm_engine import (
-    _check_model,
-    _refresh_tied_head,
-    run_segments,
-)
-from scalerl.length_control import LengthPolicy
-from scalerl.models import load_tokenizer
+from scalerl.engines.base import HOLD_SLEEP_S, EngineError, safetensors_files
+from scalerl.engines.vllm_common import SegmentIO, VLLMEngineBase, refresh_tied_head
 
 _START_TIMEOUT_S = 1800.0
 _CALL_TIMEOUT_S = 600.0
@@ -101,7 +85,7 @@ class WorkerExtension:
     ``collective_rpc``, in the worker processes."""
 
     def scalerl_refresh_tied_head(self) -> bool:
-        return _refresh_tied_head(self)
+        return refresh_tied_head(self)
 
     def scalerl_eager_sampler(self) -> None:
         """Run vLLM's torch.compile'd sampler helpers eagerly in this worker (CPU)."""
@@ -110,79 +94,35 @@ class WorkerExtension:
         torch._dynamo.config.disable = True
 
 
-class AsyncVLLMEngine:
-    """AsyncLLM-driven vLLM with in-flight weight updates; see the module docstring."""
+class AsyncVLLMEngine(VLLMEngineBase):
+    """AsyncLLM-driven vLLM with in-flight weight updates; see the module docstring. Takes the
+    arguments of VLLMEngineBase (vllm_common.py)."""
 
     poll_interval_s = HOLD_SLEEP_S
     """Longest wait for finished segments while a WeightSource or a HOLD needs polling."""
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        dtype: str = "bfloat16",
-        gpu_memory_utilization: float = 0.85,
-        max_batch_size: int = 256,
-        max_model_len: int | None = None,
-        fp32_head: bool = True,
-        enforce_eager: bool = False,
-        enable_prefix_caching: bool = True,
-        seed: int = 0,
-        version: int = 0,
-        **engine_kwargs,
-    ) -> None:
-        self.engine = None
-        model = str(model)
-        _check_model(model)
-        self.tokenizer = load_tokenizer(model)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    def _start(self, args: dict, version: int):
+        """(VLLMEngineBase) Start the loop thread and AsyncLLM on it, tagged as `version`."""
         from vllm import AsyncEngineArgs
-        from vllm.platforms import current_platform
 
-        self._on_cpu = current_platform.is_cpu()
-        overrides = dict(engine_kwargs.pop("hf_overrides", None) or {})
-        if fp32_head and dtype != "float32":
-            overrides["head_dtype"] = "float32"
-        engine_kwargs.setdefault("worker_extension_cls", f"{__name__}.WorkerExtension")
-        args = AsyncEngineArgs(
-            model=model,
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_num_seqs=max_batch_size,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager or self._on_cpu,
-            enable_prefix_caching=enable_prefix_caching,
-            seed=seed,
-            logprobs_mode="processed_logprobs",
-            scheduling_policy="priority",  # continuations first (_submit)
-            hf_overrides=overrides,
-            disable_log_stats=True,
-            **engine_kwargs,
-        )
+        args.setdefault("worker_extension_cls", f"{__name__}.WorkerExtension")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="AsyncVLLMEngine-loop", daemon=True
         )
         self._thread.start()
         self._tasks: dict[str, asyncio.Task] = {}  # touched only in the loop thread
-        self._ids = itertools.count()
         try:
-            self.engine = self._call(self._start(args), timeout=_START_TIMEOUT_S)
+            self.engine = self._call(self._launch(AsyncEngineArgs(**args)), _START_TIMEOUT_S)
             if self._on_cpu:
                 self._call(self.engine.collective_rpc("scalerl_eager_sampler"))
             self._call(self.engine.update_weight_version(str(version)))
         except BaseException:
             self.close()
             raise
-        self.context_len = int(self.engine.model_config.max_model_len)
-        self.head_dtype = self.engine.model_config.head_dtype
-        self.max_batch_size = max_batch_size
-        self.version = version
-        self._tied = bool(
-            getattr(self.engine.model_config.hf_text_config, "tie_word_embeddings", False)
-        )
+        return self.engine
 
-    async def _start(self, args):
+    async def _launch(self, args):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         # AsyncLLM runs the core in its own process; on the CPU "0" here (a VLLMEngine in this
@@ -206,12 +146,8 @@ class AsyncVLLMEngine:
 
     def load_weights(self, version: int, path: str | Path) -> None:
         """Reload weights in place from a published directory; in-flight requests continue."""
-        if not any(Path(path).glob("*.safetensors")):
-            raise EngineError(
-                f"no *.safetensors in {path}. Fix: publish weights with save_pretrained(...)."
-            )
-        if self.engine is None:
-            raise EngineError("engine is closed. Fix: create a new AsyncVLLMEngine.")
+        safetensors_files(path)
+        self._check_open()
         self._call(self._load(version, str(path)))
         self.version = version
 
@@ -222,16 +158,16 @@ class AsyncVLLMEngine:
         await engine.pause_generation(mode="keep", clear_cache=False)
         try:
             await engine.collective_rpc("reload_weights", kwargs={"weights_path": path})
-            if self._tied:
+            if self.tied:
                 await engine.collective_rpc("scalerl_refresh_tied_head")
             await engine.update_weight_version(str(version))
         finally:
             await engine.resume_generation()
 
     def weight_transfer(self, method: str, **kwargs) -> None:
-        """One of vLLM's weight-transfer worker calls (weights.transport = nccl:
-        runtime/weights_nccl.py). Generation pauses ("keep") at start_weight_update and resumes
-        at set_version, so no step runs on half-replaced weights."""
+        """One of vLLM's weight-transfer worker calls (InPlaceEngine, base.py; weights.transport
+        = nccl: runtime/transports/nccl.py). Generation pauses ("keep") at start_weight_update
+        and resumes at set_version, so no step runs on half-replaced weights."""
         self._call(self._transfer(method, kwargs))
 
     async def _transfer(self, method: str, kwargs: dict) -> None:
@@ -246,7 +182,7 @@ class AsyncVLLMEngine:
 
     async def _set_version(self, version: int) -> None:
         try:
-            if self._tied:
+            if self.tied:
                 await self.engine.collective_rpc("scalerl_refresh_tied_head")
             await self.engine.update_weight_version(str(version))
         finally:
@@ -320,43 +256,17 @@ class AsyncVLLMEngine:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def _submit(self, seq: SequenceState, sampling: SamplingSettings, salt: str, results) -> str:
-        """Add the next segment of ``seq``: up to its next length-control decision point."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+    def _segment_io(self, weights) -> SegmentIO:
+        """Segments run as tasks on the loop (_spawn) and report through a queue of their own
+        for this generate call: (request id, output | error)."""
+        results: queue.SimpleQueue = queue.SimpleQueue()
 
-        n = len(seq.token_ids)
-        params = SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=seq.length.max_tokens_before_decision(),
-            seed=None,  # no per-request seed, as in VLLMEngine (see there why)
-            logprobs=0,
-            stop_token_ids=sorted(seq.length.policy.eos_ids),
-            ignore_eos=sampling.ignore_eos,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-            detokenize=False,
-        )
-        request_id = f"{seq.group.request.prompt_id}/{seq.sample_index}/{next(self._ids)}"
-        prompt = {"prompt_token_ids": seq.prompt_ids + seq.token_ids, "cache_salt": salt}
-        # priority scheduling: a continuation (after a length-control decision) goes before
-        # new sequences, so its prefix is still in the prefix cache when it is scheduled
-        self._loop.call_soon_threadsafe(
-            self._spawn, request_id, prompt, params, 0 if n else 1, results
-        )
-        return request_id
-
-    def generate(
-        self,
-        requests: Iterable[GroupRequest],
-        sampling: SamplingSettings,
-        *,
-        length: LengthPolicy | None = None,
-        weights: WeightSource | None = None,
-    ) -> Iterator[list[Completion]]:
-        if self.engine is None:
-            raise EngineError("engine is closed. Fix: create a new AsyncVLLMEngine.")
-        results: queue.SimpleQueue = queue.SimpleQueue()  # (request_id, output | error)
+        def submit(seq, sampling, salt: str) -> str:
+            request_id, prompt, params, priority = self._segment(seq, sampling, salt)
+            self._loop.call_soon_threadsafe(
+                self._spawn, request_id, prompt, params, priority, results
+            )
+            return request_id
 
         def finished(held: bool) -> list:
             # wait for finished segments; while something needs polling, not for long
@@ -368,12 +278,7 @@ class AsyncVLLMEngine:
             if self.engine is not None:
                 self._call(self._cancel(request_ids))
 
-        yield from run_segments(
-            self, requests, sampling, length, weights,
-            submit=lambda seq, sampling, salt: self._submit(seq, sampling, salt, results),
-            finished=finished,
-            cancel=cancel,
-        )  # fmt: skip
+        return SegmentIO(submit, finished, cancel)
 
     def _finished(self, results: queue.SimpleQueue, timeout: float) -> list:
         """Segments finished so far: waits up to ``timeout`` for the first, takes the rest."""
@@ -397,7 +302,3 @@ class AsyncVLLMEngine:
                     "Fix: see the engine log above."
                 ) from out
         return got
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()

@@ -43,261 +43,53 @@ How it works (vLLM 0.32):
   full KV cache it would be evicted and re-prefilled, ~14k tokens at the paper's lengths).
   On CUDA the run's placement plan sizes max_num_seqs to what the KV cache holds
   (scalerl/placement.py) and passes tensor_parallel_size (runtime/generation.py make_engine).
+
+What both vLLM engines share (construction, the model checks, the tied-head refresh, the
+segment loop) is in vllm_common.py; this module keeps how a segment goes in (add_request)
+and comes out (step) of the in-process LLMEngine.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
-import time
-from collections import deque
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from scalerl.engines.base import (
-    HOLD,
-    HOLD_SLEEP_S,
-    Completion,
-    EngineError,
-    GroupRequest,
-    SamplingSettings,
-    SequenceState,
-    WeightSource,
-    open_group,
-    resolve_length,
-)
-from scalerl.length_control import LengthPolicy
-from scalerl.models import ModelLoadError, check_causal_lm_config, load_tokenizer
+from scalerl.engines.base import safetensors_files
+from scalerl.engines.vllm_common import SegmentIO, VLLMEngineBase, refresh_tied_head
 
 
-def _check_model(model: str) -> None:
-    """Fail early, with a clear message, on the inputs vLLM reports obscurely."""
-    from transformers import AutoConfig
+class VLLMEngine(VLLMEngineBase):
+    """Step-driven vLLM with in-flight weight updates; see the module docstring. Takes the
+    arguments of VLLMEngineBase (vllm_common.py)."""
 
-    local = model.startswith(("/", "./", "../", "~")) or Path(model).exists()
-    if local and not (Path(model).expanduser() / "config.json").is_file():
-        raise ModelLoadError(
-            f"model path {model} does not exist or has no config.json. Fix: pass a local "
-            "directory containing config.json and weights, or a hub id."
-        )
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"cannot load a model config for {model}: {type(e).__name__}. Fix: pass an existing "
-            "local directory or a hub id reachable from this machine."
-        ) from e
-    check_causal_lm_config(config, model)
-
-
-def _refresh_tied_head(worker) -> bool:
-    """Re-tie and re-process a tied LM head after reload_weights (runs on each worker).
-
-    ``reload_weights`` finds no checkpoint tensor for a tied ``lm_head`` and keeps the layer
-    as it was; the shared weight itself is refreshed through the embedding, but a head whose
-    kernel was prepared from it (the CPU backend packs the weight for its GEMM) would keep
-    computing logits with the old copy.
-    """
-    model = worker.model_runner.get_model()
-    head = getattr(model, "lm_head", None)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if head is None or not hasattr(head, "quant_method"):
-        return False
-    if embed is not None and head.weight is not embed.weight:
-        head.weight = embed.weight
-    head.quant_method.process_weights_after_loading(head)
-    return True
-
-
-def draw_requests(source, room: int, waiting: deque, open_one) -> tuple[bool, bool, list]:
-    """Pull group requests from `source` until `waiting` holds `room` sequences, a HOLD comes
-    (nothing to start now) or the source ends; `open_one(request)` is open_group's
-    (group, sequences, group finished at once or None). Returns (source exhausted, held,
-    groups finished at once). Shared by both vLLM engines."""
-    done = []
-    while len(waiting) < room:
-        req = next(source, None)
-        if req is None:
-            return True, False, done
-        if req is HOLD:
-            return False, True, done
-        _, seqs, finished = open_one(req)
-        waiting.extend(seqs)
-        if finished is not None:
-            done.append(finished)
-    return False, False, done
-
-
-def finish_segment(seq: SequenceState, o, max_tokens: int, version: int, tokenizer):
-    """One finished segment of a sequence (vLLM's CompletionOutput `o`, submitted with
-    `max_tokens`) through the length state machine, each token tagged with the version of
-    vLLM's weight-version span that produced it (`version` where none is recorded). Returns
-    (the completed group or None, whether to submit the sequence's next segment)."""
-    versions = [version] * len(o.token_ids)
-    for span in o.weight_versions or []:  # tagged by the engine, exact (module docstrings)
-        versions[span.start : span.end] = [int(span.version)] * (span.end - span.start)
-    decision = None
-    for i, t in enumerate(o.token_ids):
-        logprob = o.logprobs[i][t].logprob if o.logprobs else float("nan")
-        decision = seq.add_sampled(t, logprob, versions[i])
-        if decision.finish or decision.inject:
-            break  # a decision point ends the segment; nothing after it is kept
-    if seq.length.done:
-        return seq.group.finish(seq.completion(tokenizer)), False
-    if decision is not None and decision.inject:
-        return None, True  # continue after the phrase
-    if o.finish_reason == "stop":  # an EOS id vLLM knows and the policy does not
-        seq.force_finish("interrupted" if seq.length.interrupted else "stop")
-        return seq.group.finish(seq.completion(tokenizer)), False
-    if len(o.token_ids) < max_tokens:  # vLLM hit the context limit first
-        seq.force_finish("length")
-        return seq.group.finish(seq.completion(tokenizer)), False
-    return None, True  # thinking closed before its budget: on to the next decision point
-
-
-def run_segments(engine, requests, sampling, length, weights, *, submit, finished, cancel):
-    """The generate loop of both vLLM engines: admit groups (draw_requests), keep up to
-    engine.max_batch_size segments in flight, put every finished segment through the length
-    state machine (finish_segment) and submit the next one, poll for new weights between
-    rounds, yield groups as they complete; on exit, cancel what is still in flight.
-
-    The engines differ only in how a segment goes in and comes out:
-    submit(seq, sampling, salt) -> request id; finished(held) -> [(request id, output)] for
-    the segments that ended since the last call (VLLMEngine steps its engine, the AsyncLLM
-    engine waits on a results queue); cancel(request ids)."""
-    policy = resolve_length(length, sampling, {engine.tokenizer.eos_token_id})
-    live: dict[str, tuple[SequenceState, str, int]] = {}  # id -> (seq, salt, max_tokens)
-    waiting: deque[SequenceState] = deque()
-    source = iter(requests)
-    exhausted = False
-
-    def add(seq: SequenceState, salt: str) -> None:
-        max_tokens = seq.length.max_tokens_before_decision()
-        live[submit(seq, sampling, salt)] = (seq, salt, max_tokens)
-
-    def segment_done(request_id: str, out):
-        if out is None or not out.finished or request_id not in live:
-            return None
-        seq, salt, max_tokens = live.pop(request_id)
-        group, again = finish_segment(
-            seq, out.outputs[0], max_tokens, engine.version, engine.tokenizer
-        )
-        if again:
-            add(seq, salt)
-        return group
-
-    try:
-        while True:
-            if weights is not None and (new := weights.poll()) is not None:
-                engine.load_weights(*new)
-            held = False
-            if not exhausted:  # HOLD: nothing to start now; run what is live, ask again
-                exhausted, held, opened = draw_requests(
-                    source,
-                    engine.max_batch_size - len(live),
-                    waiting,
-                    lambda r: open_group(r, engine.tokenizer, sampling, policy, engine.context_len),
-                )
-                yield from opened
-            while waiting and len(live) < engine.max_batch_size:
-                add(waiting.popleft(), f"v{engine.version}")
-            if not live:
-                if exhausted and not waiting:
-                    return
-                if held:
-                    time.sleep(HOLD_SLEEP_S)
-                continue
-            done = [
-                group
-                for request_id, out in finished(held)
-                if (group := segment_done(request_id, out)) is not None
-            ]
-            yield from done
-    finally:
-        if live:
-            cancel(list(live))
-
-
-class VLLMEngine:
-    """Step-driven vLLM with in-flight weight updates; see the module docstring."""
-
-    def __init__(
-        self,
-        model: str,
-        *,
-        dtype: str = "bfloat16",
-        gpu_memory_utilization: float = 0.85,
-        max_batch_size: int = 256,
-        max_model_len: int | None = None,
-        fp32_head: bool = True,
-        enforce_eager: bool = False,
-        enable_prefix_caching: bool = True,
-        seed: int = 0,
-        version: int = 0,
-        **engine_kwargs,
-    ) -> None:
-        model = str(model)
-        _check_model(model)
-        self.tokenizer = load_tokenizer(model)
+    def _start(self, args: dict, version: int):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import EngineArgs
-        from vllm.platforms import current_platform
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        self._on_cpu = current_platform.is_cpu()
-        overrides = dict(engine_kwargs.pop("hf_overrides", None) or {})
-        if fp32_head and dtype != "float32":
-            overrides["head_dtype"] = "float32"
-        args = EngineArgs(
-            model=model,
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_num_seqs=max_batch_size,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager or self._on_cpu,
-            enable_prefix_caching=enable_prefix_caching,
-            seed=seed,
-            logprobs_mode="processed_logprobs",
-            async_scheduling=False,  # exact version tags: a step's tokens come from that step
-            scheduling_policy="priority",  # continuations first (_submit)
-            hf_overrides=overrides,
-            disable_log_stats=True,
-            **engine_kwargs,
-        )
-        self.engine = LLMEngine.from_engine_args(args)
-        self.context_len = int(self.engine.model_config.max_model_len)
-        self.head_dtype = self.engine.model_config.head_dtype
-        self.max_batch_size = max_batch_size
-        self.version = version
-        self.engine.set_weight_version(str(version))
-        self._ids = itertools.count()
+        # async scheduling off: exact version tags, a step's tokens come from that step
+        engine = LLMEngine.from_engine_args(EngineArgs(**args, async_scheduling=False))
+        engine.set_weight_version(str(version))
+        return engine
 
     # -- weights ---------------------------------------------------------------------------
 
     def load_weights(self, version: int, path: str | Path) -> None:
         """Reload weights in place from a published directory; in-flight requests continue."""
-        if not any(Path(path).glob("*.safetensors")):
-            raise EngineError(
-                f"no *.safetensors in {path}. Fix: publish weights with save_pretrained(...)."
-            )
+        safetensors_files(path)
+        self._check_open()
         self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
-        if getattr(self.engine.model_config.hf_text_config, "tie_word_embeddings", False):
-            self.engine.collective_rpc(_refresh_tied_head)
-        self.engine.set_weight_version(str(version))
-        self.version = version
+        self.set_version(version)
 
     def weight_transfer(self, method: str, **kwargs) -> None:
-        """One of vLLM's weight-transfer worker calls (init_weight_transfer_engine,
-        start_weight_update, update_weights, finish_weight_update) on every worker, between
-        two steps (weights.transport = nccl: runtime/weights_nccl.py)."""
+        """One of vLLM's weight-transfer worker calls on every worker, between two steps
+        (InPlaceEngine, base.py; weights.transport = nccl: runtime/transports/nccl.py)."""
         self.engine.collective_rpc(method, kwargs=kwargs)
 
     def set_version(self, version: int) -> None:
         """Tag the tokens of the next steps with `version` (weights loaded by other means)."""
-        if getattr(self.engine.model_config.hf_text_config, "tie_word_embeddings", False):
-            self.engine.collective_rpc(_refresh_tied_head)
+        if self.tied:
+            self.engine.collective_rpc(refresh_tied_head)
         self.engine.set_weight_version(str(version))
         self.version = version
 
@@ -306,7 +98,7 @@ class VLLMEngine:
             self.engine.engine_core.shutdown()
             self.engine = None
 
-    # -- the loop --------------------------------------------------------------------------
+    # -- segments in and out ---------------------------------------------------------------
 
     def _step(self):
         if not self._on_cpu:
@@ -316,56 +108,18 @@ class VLLMEngine:
         with torch._dynamo.config.patch(disable=True):
             return self.engine.step()
 
-    def _submit(self, seq: SequenceState, sampling: SamplingSettings, salt: str) -> str:
-        """Add the next segment of ``seq``: up to its next length-control decision point."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        n = len(seq.token_ids)
-        params = SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=seq.length.max_tokens_before_decision(),
-            # No per-request seed anywhere: on CUDA a seeded request sends vLLM 0.32 to its
-            # per-request sampling loop on every decode step, and on the CPU it crashes when a
-            # seeded request's prefill is chunked ("CPU Generator does not use offset").
-            # Samples are reproducible through the engine's global seed.
-            seed=None,
-            logprobs=0,
-            stop_token_ids=sorted(seq.length.policy.eos_ids),
-            ignore_eos=sampling.ignore_eos,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-            detokenize=False,
-        )
-        request_id = f"{seq.group.request.prompt_id}/{seq.sample_index}/{next(self._ids)}"
-        prompt = {"prompt_token_ids": seq.prompt_ids + seq.token_ids, "cache_salt": salt}
-        # priority scheduling: a continuation (after a length-control decision) goes before
-        # new sequences, so its prefix is still in the prefix cache when it is scheduled
-        self.engine.add_request(request_id, prompt, params, priority=0 if n else 1)
+    def _submit(self, seq, sampling, salt: str) -> str:
+        request_id, prompt, params, priority = self._segment(seq, sampling, salt)
+        self.engine.add_request(request_id, prompt, params, priority=priority)
         return request_id
 
-    def generate(
-        self,
-        requests: Iterable[GroupRequest],
-        sampling: SamplingSettings,
-        *,
-        length: LengthPolicy | None = None,
-        weights: WeightSource | None = None,
-    ) -> Iterator[list[Completion]]:
-        if self.engine is None:
-            raise EngineError("engine is closed. Fix: create a new VLLMEngine.")
+    def _cancel(self, request_ids: list[str]) -> None:
+        if self.engine is not None:
+            self.engine.abort_request(request_ids)
 
-        def cancel(request_ids: list[str]) -> None:
-            if self.engine is not None:
-                self.engine.abort_request(request_ids)
-
-        yield from run_segments(
-            self, requests, sampling, length, weights,
+    def _segment_io(self, weights) -> SegmentIO:
+        return SegmentIO(
             submit=self._submit,
             finished=lambda _held: [(out.request_id, out) for out in self._step()],
-            cancel=cancel,
-        )  # fmt: skip
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+            cancel=self._cancel,
+        )

@@ -1,8 +1,25 @@
-"""StoreWeights hands the generator the newest published version and keeps one local copy."""
+"""runtime/generation.py's engine factory (one table of engines, what make_engine passes), and
+StoreWeights (runtime/transports/store.py), which hands the generator the newest published
+version and keeps one local copy."""
+
+import inspect
+from typing import get_args
+
+import pytest
 
 from runtime.common import WeightCache
-from runtime.generation import StoreWeights
+from runtime.generation import ENGINES, EngineKind, engine_kind, make_engine
+from runtime.transports.store import StoreWeights
+from scalerl.config import GenerationConfig, load_config
+from scalerl.engines.hf import TransformersEngine
 from storage import open_store
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from scalerl.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
 def test_poll_returns_the_newest_version_and_deletes_older_local_copies(tmp_path):
@@ -19,3 +36,49 @@ def test_poll_returns_the_newest_version_and_deletes_older_local_copies(tmp_path
     assert version == 2 and (path / "config.json").read_text() == '{"v": 2}'
     assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["v2"]
     assert source.poll() is None  # nothing newer
+
+
+def test_the_engine_table_covers_every_engine_the_config_accepts():
+    accepted = set(get_args(GenerationConfig.model_fields["engine"].annotation))
+    assert set(ENGINES) == accepted
+    assert all(kind.name == name for name, (_, kind) in ENGINES.items())
+
+
+@pytest.mark.parametrize(
+    ("engine", "module", "cls"),
+    [
+        ("vllm", "scalerl.engines.vllm_engine", "VLLMEngine"),
+        ("vllm-async", "scalerl.engines.vllm_async", "AsyncVLLMEngine"),
+    ],
+)
+def test_make_engine_builds_the_configured_vllm_engine(monkeypatch, engine, module, cls):
+    """What make_engine passes is accepted by the engine's constructor (no vLLM started)."""
+    import importlib
+
+    real = getattr(importlib.import_module(module), cls)
+    built = []
+
+    def record(path, **kwargs):
+        inspect.signature(real).bind(path, **kwargs)
+        built.append((path, kwargs))
+        return "engine"
+
+    monkeypatch.setattr(f"{module}.{cls}", record)
+    config = load_config(
+        preset="tiny-cpu", overrides=["model.name_or_path=/m", f"generation.engine={engine}"]
+    )
+    assert make_engine(config, "/w/v3", 3) == "engine"
+    ((path, kwargs),) = built
+    assert path == "/w/v3" and kwargs["version"] == 3 and kwargs["seed"] == config.generation.seed
+    assert engine_kind(config).one_per_process and not engine_kind(config).cpu_parallel_evaluations
+
+
+def test_make_engine_builds_the_transformers_engine(tiny_model):
+    config = load_config(
+        preset="tiny-cpu",
+        overrides=[f"model.name_or_path={tiny_model}", "generation.max_batch_size=3"],
+    )
+    engine = make_engine(config, tiny_model, 2)
+    assert isinstance(engine, TransformersEngine)
+    assert (engine.version, engine.max_batch_size, engine.fp32_head) == (2, 3, True)
+    assert engine_kind(config) == EngineKind("transformers", False, True)

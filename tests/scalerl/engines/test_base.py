@@ -64,3 +64,25 @@ def test_ignore_eos_removes_eos_from_any_policy():
     assert resolve_length(pol, settings, {tok.eos_token_id}).eos_ids == frozenset()
     assert resolve_length(None, settings, {tok.eos_token_id}).eos_ids == frozenset()
     assert tok.eos_token_id in resolve_length(pol, SamplingSettings(max_new_tokens=8), {0}).eos_ids
+
+
+def test_both_vllm_engines_take_weights_in_place_and_transformers_need_not():
+    """The transports call weight_transfer/set_version (InPlaceEngine): checked on the classes,
+    with the protocol's signatures, without starting vLLM."""
+    import inspect
+
+    from scalerl.engines.base import Engine, InPlaceEngine
+    from scalerl.engines.hf import TransformersEngine
+    from scalerl.engines.vllm_async import AsyncVLLMEngine
+    from scalerl.engines.vllm_engine import VLLMEngine
+
+    for cls in (VLLMEngine, AsyncVLLMEngine):
+        assert Engine in cls.__mro__ and InPlaceEngine in cls.__mro__
+        for name in ("generate", "load_weights", "close", "weight_transfer", "set_version"):
+            expected = inspect.signature(getattr(InPlaceEngine, name))
+            assert inspect.signature(getattr(cls, name)) == expected, (cls, name)
+        for name in ("load_weights", "close", "weight_transfer", "set_version"):
+            assert getattr(cls, name) is not getattr(InPlaceEngine, name), (cls, name)
+    assert Engine in TransformersEngine.__mro__
+    assert InPlaceEngine not in TransformersEngine.__mro__
+    assert not hasattr(TransformersEngine, "weight_transfer")

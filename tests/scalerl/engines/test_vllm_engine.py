@@ -243,8 +243,11 @@ def test_bf16_engine_computes_logprobs_with_an_fp32_head(tiny_model, device, tmp
     result = json.loads(lines[0].removeprefix("RESULT "))
     assert result["head"] == "torch.float32"
     for err_fp32_head, err_bf16_head in result["errors"]:
-        # the same bf16 body on both sides: the fp32 head is what brings them together
-        assert err_fp32_head < err_bf16_head / 3
+        # The same bf16 body on both sides: the fp32 head is what brings them together. What is
+        # left is the two bf16 bodies' own difference (vLLM's CPU kernels vs torch's), which
+        # depends on the CPU: on an Intel Xeon with AMX the fp32 head's error was under a third
+        # of the bf16 head's; on an AMD EPYC (AVX-512) it is 0.0038 against 0.0093.
+        assert err_fp32_head < err_bf16_head / 2
 
 
 @pytest.mark.slow
