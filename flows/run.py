@@ -1,16 +1,18 @@
-"""The ScaleRL run: prepare -> generators + trainer running side by side -> per-shard stages ->
-evaluations -> scaling fit -> report. The flow a Prefect deployment schedules from the UI.
+"""The ScaleRL run, as its pipeline diagram: prepare -> generators + trainer + stages running side
+by side, supervised by one loop -> final evaluations -> scaling fit -> report. The flow a Prefect
+deployment schedules from the UI.
 
     from flows.run import scalerl_run
     scalerl_run(load_config(preset="tiny-cpu"))          # or: scalerl run --preset tiny-cpu
 
-Generators and the trainer are persistent tasks (each supervising its own process); the flow
-itself moves every newly committed raw shard through score -> curriculum -> filter (in commit
-order, so the curriculum sees one writer; three task runs per shard, or one advance-shard
-task run with pipeline.stage_tasks = per_shard; with stream, one persistent advance-stream task
-runs the stages for the whole run and the loop only supervises), evaluates every `evaluation.every_steps`
-versions, and keeps the progress and metrics artifacts current. It ends when the trainer ends (max steps, compute budget,
-or no more prompts), then marks the run finished, which stops the generators.
+Its parts are strategies chosen once from the config, so the flow reads the same whatever they
+are: the generators and the trainer are roles (tasks/roles.py: here as task runs, each
+supervising its own process, or elsewhere as flow runs on a work pool); the stages (score ->
+curriculum -> filter, in commit order) are driven by the driver of pipeline.stage_tasks
+(tasks/stage_drivers.py: three task runs per shard, one per shard, or one persistent
+advance-stream task run). The loop evaluates every `evaluation.every_steps` versions and keeps
+the progress, metrics and plots artifacts current. It ends when the trainer ends (max steps,
+compute budget, or no more prompts), then marks the run finished, which stops the generators.
 
 Resume: call it again with the same config.storage.run_id (`scalerl resume RUN_ID`, the
 scalerl-resume deployment, or Prefect's Retry of the flow run, which finds the run its first
@@ -24,24 +26,19 @@ import contextlib
 import signal
 import threading
 import time
-from concurrent import futures
+from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
 
 from runtime.common import open_run, with_run_id
-from runtime.isolated import (
-    in_process,
-    reopen_children,
-    start_server,
-    stop_children,
-    wait_for_activity,
-)
+from runtime.isolated import in_process, reopen_children, start_server, stop_children
 from runtime.transports import end_of_run, published_version
-from runtime.writer import hold_run
+from runtime.writer import RunWriter, hold_run
 from scalerl.config import RunConfig
 from scalerl.faults import kill_point
 from scalerl.stall import RunStalledError
+from storage import Run
 from storage.lease import LeaseLostError
 from tasks.evaluate import evaluate_policy
 from tasks.flow_runs import (
@@ -51,7 +48,7 @@ from tasks.flow_runs import (
     label_flow_run,
     record_flow_run,
 )
-from tasks.generator_pool import GeneratorPool
+from tasks.generator_pool import make_generators
 from tasks.prepare import prepare_run
 from tasks.report import (
     latest_pass_rate,
@@ -61,48 +58,32 @@ from tasks.report import (
     set_progress,
     start_progress,
 )
+from tasks.roles import Role, TaskRun, wait_all, wait_first
 from tasks.scaling import fit_scaling_curve
-from tasks.stages import (
-    STAGES,
-    advance_shard,
-    advance_stream,
-    end_stream,
-    open_stream,
-    pending_keys,
-)
-from tasks.train import train_policy
-from tasks.trainer_nodes import LocalTrainer, RemoteTrainer
+from tasks.stage_drivers import StageDriver, make_stage_driver
+from tasks.trainer_nodes import make_trainer
 
-POLL_MIN_S, POLL_MAX_S = 0.05, 1.0  # idle polling backs off from MIN to MAX, reset on work
 TABLE_EVERY_S = 15.0  # the metrics table artifact reads every trainer part file: not per shard
 PROGRESS_EVERY_S = 1.0  # progress artifact updates are API calls: at most this often
 PLOTS_EVERY_S = 30.0  # in-run plot artifacts: after a new evaluation, at most this often
-STREAM_SUPERVISE_S = 0.5  # stage_tasks = stream: the loop only supervises, off the critical path
 
 
 class RunFailedError(RuntimeError):
     """A part of the run failed for good (the trainer stopped because of it)."""
 
 
-REMOTE_WAIT_S = 300.0  # remote generators end within seconds of the status change; a lost
-# machine's flow run may never end: the run does not wait on it longer than this
+@dataclass
+class Pipeline:
+    """The parts of a run the flow supervises, made and started by _run_held."""
 
-
-def advance_shards(config: RunConfig, run_id: str) -> int:
-    """Score, filter and fold into the curriculum every raw shard not yet through; returns how many."""
-    todo = pending_keys(open_run(config, run_id))
-    # quote: Prefect would otherwise walk the whole config (a pydantic tree) looking for futures
-    # on every call, three calls per shard
-    quoted = quote(config)
-    per_shard = config.pipeline.stage_tasks != "per_stage"  # stream: the final drain only
-    for key in todo:
-        if per_shard:  # the same three stages in one task run
-            advance_shard(quoted, run_id, key)
-            continue
-        for _, stage in STAGES:  # the order advance_shard runs them in, as three task runs
-            if "quarantined" in stage(quoted, run_id, key):
-                break  # its input was unusable and is in quarantine: the key goes no further
-    return len(todo)
+    config: RunConfig
+    run: Run  # the flow's open run, under its writer's lease
+    writer: RunWriter
+    progress: object  # the progress artifact's id
+    generators: Role
+    trainer: Role
+    stages: StageDriver
+    evaluated: dict = field(default_factory=dict)  # version -> its evaluation (None: checked)
 
 
 def due_versions(run, every: int, done) -> list[int]:
@@ -128,7 +109,6 @@ def evaluation_slots(config: RunConfig, *, training_done: bool) -> int:
     import os
 
     from runtime.generation import engine_kind
-    from runtime.isolated import in_process
 
     threads = config.pipeline.torch_threads
     if (
@@ -143,38 +123,37 @@ def evaluation_slots(config: RunConfig, *, training_done: bool) -> int:
     return max(1, min(MAX_EVAL_SLOTS, (cores or 1) // threads))
 
 
-def evaluate_due(config: RunConfig, run_id: str, done: dict, *, wait: bool = False) -> int:
+def evaluate_due(config: RunConfig, run: Run, done: dict, *, wait: bool = False) -> int:
     """Evaluate every published version that is a multiple of evaluation.every_steps.
 
     Evaluations run beside the loop (submitted to the flow's task runner) so the stages keep
     feeding the trainer meanwhile, one at a time while it trains (evaluation_slots); `done` maps
-    version -> its future (None once finished and checked). A failed evaluation raises here, on
-    the loop's next look; `wait` (training has ended) blocks until every due version is
-    evaluated. Returns how many evaluations finished since the last call."""
-    due = due_versions(open_run(config, run_id), config.evaluation.every_steps, done)
+    version -> its evaluation (a TaskRun; None once finished and checked). A failed evaluation
+    raises here, on the loop's next look; `wait` (training has ended) blocks until every due
+    version is evaluated. Returns how many evaluations finished since the last call."""
+    due = due_versions(run, config.evaluation.every_steps, done)
     slots = evaluation_slots(config, training_done=wait)
     finished = 0
     while True:
-        for version, future in list(done.items()):
-            if future is not None and future.wrapped_future.done():
+        for version, evaluation in list(done.items()):
+            if evaluation is not None and evaluation.done():
                 try:
-                    future.result()  # raises the evaluation's error
+                    evaluation.result()  # raises the evaluation's error
                 except BaseException:
                     # the others end before the flow fails: no evaluation writes after it
-                    others = [f.wrapped_future for f in done.values() if f not in (None, future)]
-                    futures.wait(others)
+                    wait_all([e for e in done.values() if e not in (None, evaluation)])
                     raise
                 done[version] = None  # checked
                 finished += 1
-        running = [f for f in done.values() if f is not None]
+        running = [e for e in done.values() if e is not None]
         if due and len(running) < slots:
             version = due.pop(0)
-            done[version] = evaluate_policy.submit(quote(config), run_id, version)
+            done[version] = TaskRun(evaluate_policy.submit(quote(config), run.run_id, version))
             continue
         if not wait or (not due and not running):
             return finished
         if running:
-            futures.wait([f.wrapped_future for f in running], return_when=futures.FIRST_COMPLETED)
+            wait_first([e.waitable for e in running])
 
 
 _stop_reason: list[str] = []  # request_stop() appends; the loop of a running flow reads it
@@ -190,83 +169,69 @@ def request_stop(reason: str) -> None:
     _stop_reason.append(reason)
 
 
-def _supervise(
-    config, run_id, run, progress, generators, trainer, evaluated, stream, writer
-) -> dict:
-    """The loop of scalerl_run while the trainer runs; returns the trainer's summary. `stream`:
-    the advance-stream task's future (pipeline.stage_tasks = stream), else None and the loop
-    moves the shards through the stages itself. Stops early when request_stop() was called
-    (the summary then carries "stopped": the reason) and fails if the run was taken over."""
-    _stop_reason.clear()
-    stopped = None
-    poll, shown_step, table_at, shown_at = POLL_MIN_S, -1, time.monotonic(), 0.0
-    plots, plots_at, plots_due, held_out = None, 0.0, False, None
-    while not trainer.done():  # (a task run's .state would be an API call per loop)
-        kill_point("flow.loop")
-        writer.check()  # LeaseLostError: another writer took the run over; stop writing
-        if _stop_reason and stopped is None:
-            stopped = _stop_reason[0]
-            run.write_status({"state": "stopping", "reason": stopped})  # the trainer ends
-        if stream is None:
-            moved = advance_shards(config, run_id)
-        else:
-            moved = True  # the stream task moves them
-            if stream.wrapped_future.done() and stream.state.is_failed():
-                stream.result()  # raises its error: the stages cannot go on, so neither can the run
-        generators.check(run)  # lost ones replaced; all ended (prompts retired): exhausted
+class _RunPage:
+    """What the run shows in the UI while it goes, each at its own cadence: the progress bar
+    (with the evaluations each newly published version makes due), the metrics table, and the
+    plots after a new evaluation."""
+
+    def __init__(self, parts: Pipeline) -> None:
+        self.parts = parts
+        self.shown_step, self.shown_at, self.held_out = -1, 0.0, None
+        self.table_at = time.monotonic()
+        self.plots, self.plots_at, self.plots_due = None, 0.0, False
+
+    def update(self, moved: bool) -> None:
+        """One look of the loop; `moved`: shards went through the stages since the last."""
+        config, run = self.parts.config, self.parts.run
         step = published_version(run, config) or 0
-        if step != shown_step and time.monotonic() - shown_at >= PROGRESS_EVERY_S:
-            if evaluate_due(config, run_id, evaluated):
-                plots_due, held_out = True, latest_pass_rate(run)
-            quarantined = len(run.quarantined_keys())
-            set_progress(progress, step, config.schedule.max_steps, quarantined, run_id, held_out)
-            shown_step, shown_at = step, time.monotonic()
-        if moved and time.monotonic() - table_at >= TABLE_EVERY_S:
-            publish_metrics_table(config, run_id)
-            table_at = time.monotonic()
+        if step != self.shown_step and time.monotonic() - self.shown_at >= PROGRESS_EVERY_S:
+            if evaluate_due(config, run, self.parts.evaluated):
+                self.plots_due, self.held_out = True, latest_pass_rate(run)
+            max_steps, quarantined = config.schedule.max_steps, len(run.quarantined_keys())
+            set_progress(
+                self.parts.progress, step, max_steps, quarantined, run.run_id, self.held_out
+            )
+            self.shown_step, self.shown_at = step, time.monotonic()
+        if moved and time.monotonic() - self.table_at >= TABLE_EVERY_S:
+            publish_metrics_table(config, run.run_id)
+            self.table_at = time.monotonic()
         # Pictures in the UI while the run goes: after a new evaluation, beside the loop, one
         # rendering at a time and at most every PLOTS_EVERY_S (matplotlib costs the flow CPU).
-        idle = plots is None or plots.wrapped_future.done()
-        if plots_due and idle and time.monotonic() - plots_at >= PLOTS_EVERY_S:
-            plots = render_plots.submit(quote(config), run_id, None)
-            plots_due, plots_at = False, time.monotonic()
-        if stream is not None:  # nothing on the critical path here: look twice a second
-            running = [
-                f
-                for f in (trainer.wrapped_future, stream.wrapped_future)
-                if f is not None and not f.done()
-            ]
-            if not running:  # a remote trainer has no future here
-                time.sleep(STREAM_SUPERVISE_S)
-                continue
-            futures.wait(  # (a stream that returned because the run failed is not waited on)
-                running,
-                timeout=STREAM_SUPERVISE_S,
-                return_when=futures.FIRST_COMPLETED,
-            )
-            continue
-        # The stages sit on the critical path between generator and trainer: a generator's
-        # commit wakes the loop at once (runtime.isolated.notify_flow); otherwise it polls, fast
-        # while shards flow and backing off while idle, so an idle run does not hammer S3.
-        poll = POLL_MIN_S if moved else min(2 * poll, POLL_MAX_S)
-        if not moved:
-            wait_for_activity(poll)
-    if plots is not None:
-        plots.wait()  # the final rendering must come last
+        idle = self.plots is None or self.plots.done()
+        if self.plots_due and idle and time.monotonic() - self.plots_at >= PLOTS_EVERY_S:
+            self.plots = TaskRun(render_plots.submit(quote(config), run.run_id, None))
+            self.plots_due, self.plots_at = False, time.monotonic()
+
+    def finish(self) -> None:
+        if self.plots is not None:
+            self.plots.wait()  # the final rendering must come last
+
+
+def _supervise(parts: Pipeline) -> dict:
+    """The loop of scalerl_run while the trainer runs; returns the trainer's summary. Stops
+    early when request_stop() was called (the summary then carries "stopped": the reason) and
+    fails if the run was taken over."""
+    _stop_reason.clear()
+    page, stopped = _RunPage(parts), None
+    while not parts.trainer.done():  # (a task run's .state would be an API call per loop)
+        kill_point("flow.loop")
+        parts.writer.check()  # LeaseLostError: another writer took the run over; stop writing
+        if _stop_reason and stopped is None:
+            stopped = _stop_reason[0]
+            parts.run.write_status({"state": "stopping", "reason": stopped})  # the trainer ends
+        moved = parts.stages.advance(parts.run)
+        parts.generators.check()  # lost ones replaced; all ended (prompts retired): exhausted
+        page.update(moved)
+        parts.stages.wait(moved, parts.trainer)
+    page.finish()
     try:
-        summary = trainer.result()
+        summary = parts.trainer.result()
     finally:
-        status = run.read_status() or {}
-        if status.get("state") == "running":
-            run.write_status({"state": "stopping", "reason": "trainer ended"})
-        generators.wait(None if not generators.remote else REMOTE_WAIT_S)
-        if stream is None:
-            advance_shards(config, run_id)  # shards committed while the generators wound down
-        else:
-            end_stream(run_id)  # the stream drains what the generators committed, then returns
-            stream.wait()
-    if stream is not None:
-        stream.result()  # its failure fails the run (after the trainer's, which comes first)
+        if (parts.run.read_status() or {}).get("state") == "running":
+            parts.run.write_status({"state": "stopping", "reason": "trainer ended"})
+        parts.generators.wait_for_end()  # remote ones: a deadline, then cancelled
+        parts.stages.drain(parts.run)  # shards committed while the generators wound down
+    parts.stages.finish()  # its failure fails the run (after the trainer's, which comes first)
     return {**summary, "stopped": stopped} if stopped else summary
 
 
@@ -286,90 +251,100 @@ def scalerl_run(config: RunConfig) -> dict:
     config = with_run_id(config, run_id)
     label_flow_run(run_id)  # before anything is written: a crash from here on is retryable
     run_id = prepare_run(config, run_id)  # refuses another config under an existing run id
-    writer = hold_run(open_run(config, run_id), current_flow_run_id())  # one writer per run
+    run = open_run(config, run_id)  # the flow's one handle on the run from here on
+    writer = hold_run(run, current_flow_run_id())  # one writer per run
     try:
-        return _run_held(config, run_id, writer, logger)
+        return _run_held(config, run, writer, logger)
     finally:
         writer.release()
 
 
-def _run_held(config: RunConfig, run_id: str, writer, logger) -> dict:
+def _run_held(config: RunConfig, run: Run, writer: RunWriter, logger) -> dict:
     """The run, once this flow run is its one writer."""
-    crash_leftovers(run_id)  # task runs an earlier, killed attempt left "Running" in the UI
-    run = open_run(config, run_id)
+    crash_leftovers(run.run_id)  # task runs an earlier, killed attempt left "Running" in the UI
     record_flow_run(run)
-    progress = start_progress(run_id, config.schedule.max_steps)
+    progress = start_progress(run.run_id, config.schedule.max_steps)
     if in_process(config):
         # transformers' first import is not thread-safe (its lazy module: two threads that
         # import it at once get "cannot import name 'AutoModelForCausalLM'"), and the
         # generators and the trainer below would each import it first on their own thread.
         import transformers  # noqa: F401
 
-    generators = GeneratorPool(config, run_id)  # here, or child flow runs on a work pool
-    generators.start()
-    if config.placement.trainer_deployment is None:
-        trainer = LocalTrainer(train_policy.submit(config, run_id))
-    else:  # one child flow run per node, on the deployment's work pool
-        trainer = RemoteTrainer(config, run_id)
-        trainer.start()
-    stream = None
-    if config.pipeline.stage_tasks == "stream":
-        open_stream(run_id)
-        stream = advance_stream.submit(quote(config), run_id)
-    evaluated = {}
+    parts = Pipeline(
+        config,
+        run,
+        writer,
+        progress,
+        generators=make_generators(config, run),  # here, or child flow runs on a work pool
+        trainer=make_trainer(config, run),  # here, or a child flow run per node
+        stages=make_stage_driver(config, run),  # per pipeline.stage_tasks
+    )
+    parts.generators.start()
+    parts.trainer.start()
+    parts.stages.start()
     try:
-        summary = _supervise(
-            config, run_id, run, progress, generators, trainer, evaluated, stream, writer
-        )
+        summary = _supervise(parts)
     except BaseException as exc:
-        # The generators and the trainer run until the run's status leaves "running": without
-        # this, a failing flow would wait on them forever. Resuming sets it back to running.
-        # (Not when the run was taken over: it belongs to its new writer.) When the status
-        # cannot be written (e.g. the disk is full), the children cannot learn of the failure
-        # from the store: they are stopped directly, so nothing waits on them forever.
-        try:
-            if (run.read_status() or {}).get("state") == "running":
-                run.write_status(
-                    {"state": "failed", "reason": f"the run flow failed: {exc!r}"[:500]}
-                )
-        except LeaseLostError:
-            pass
-        except Exception as status_error:  # noqa: BLE001 - the original error is the one to show
-            logger.error("could not record the failure in the store (%s)", status_error)
-            stop_children()
-        finally:
-            end_stream(run_id)
-            for remote in (generators, trainer):  # roles on other machines: stopped now
-                with contextlib.suppress(Exception):
-                    remote.cancel()
-            if not isinstance(exc, LeaseLostError):  # (a run taken over is its new writer's)
-                end_of_run(config, run)  # memory under /dev/shm; resume uses the store
+        _wind_down_failed(parts, exc, logger)
         raise
     failed = run.read_status() or {}
     if failed.get("state") == "failed":  # e.g. every replacement of a generator was lost too
         end_of_run(config, run)
         raise RunFailedError(
-            f"run {run_id} failed: {failed.get('reason')}. Fix: see the failed task or flow "
-            f"runs; then `scalerl resume {run_id}` continues from what is committed."
+            f"run {run.run_id} failed: {failed.get('reason')}. Fix: see the failed task or "
+            f"flow runs; then `scalerl resume {run.run_id}` continues from what is committed."
         )
     if summary.get("stalled"):  # it cannot learn: say why, and do not evaluate or fit
         end_of_run(config, run)
         run.write_status(
             {"state": "stalled", "reason": summary["stalled"], "step": summary.get("step")}
         )
-        raise RunStalledError(f"run {run_id} stalled: {summary['stalled']}")
+        raise RunStalledError(f"run {run.run_id} stalled: {summary['stalled']}")
     if summary.get("stopped"):  # a stop was asked for (a signal): no final evaluation or fit
         run.write_status(
             {"state": "stopped", "reason": summary["stopped"], "step": summary.get("step")}
         )
         logger.info(
-            "run %s stopped at step %s: %s", run_id, summary.get("step"), summary["stopped"]
+            "run %s stopped at step %s: %s", run.run_id, summary.get("step"), summary["stopped"]
         )
         end_of_run(config, run)
-        return {"run_id": run_id, **summary, "state": "stopped", "fit": None, "plots": {}}
-    evaluate_due(config, run_id, evaluated, wait=True)  # versions published meanwhile
+        return {"run_id": run.run_id, **summary, "state": "stopped", "fit": None, "plots": {}}
+    return _finish(parts, summary, logger)
+
+
+def _wind_down_failed(parts: Pipeline, exc: BaseException, logger) -> None:
+    """The run flow failed with `exc`: stop every part of the run before it raises.
+
+    The generators and the trainer run until the run's status leaves "running": without this,
+    a failing flow would wait on them forever. Resuming sets it back to running. (Not when the
+    run was taken over: it belongs to its new writer.) When the status cannot be written (e.g.
+    the disk is full), the children cannot learn of the failure from the store: they are
+    stopped directly, so nothing waits on them forever."""
+    run = parts.run
+    try:
+        if (run.read_status() or {}).get("state") == "running":
+            run.write_status({"state": "failed", "reason": f"the run flow failed: {exc!r}"[:500]})
+    except LeaseLostError:
+        pass
+    except Exception as status_error:  # noqa: BLE001 - the original error is the one to show
+        logger.error("could not record the failure in the store (%s)", status_error)
+        stop_children()
+    finally:
+        parts.stages.close()
+        for role in (parts.generators, parts.trainer):  # roles on other machines: stopped now
+            with contextlib.suppress(Exception):
+                role.cancel()
+        if not isinstance(exc, LeaseLostError):  # (a run taken over is its new writer's)
+            end_of_run(parts.config, run)  # memory under /dev/shm; resume uses the store
+
+
+def _finish(parts: Pipeline, summary: dict, logger) -> dict:
+    """Training has ended: evaluate what is still due and the final version, fit the scaling
+    curve, mark the run finished, and publish the last artifacts and the run report."""
+    config, run, run_id = parts.config, parts.run, parts.run.run_id
+    evaluate_due(config, run, parts.evaluated, wait=True)  # versions published meanwhile
     final = run.latest_weights_version() or 0
-    if final not in evaluated:
+    if final not in parts.evaluated:
         evaluate_policy(quote(config), run_id, final)
     end_of_run(config, run)  # the store holds the final version (its checkpoint's)
     fit = fit_scaling_curve(config, run_id)
@@ -380,7 +355,7 @@ def _run_held(config: RunConfig, run_id: str, writer, logger) -> dict:
             "step": summary.get("step", final),
         }
     )
-    set_progress(progress, config.schedule.max_steps, config.schedule.max_steps)
+    set_progress(parts.progress, config.schedule.max_steps, config.schedule.max_steps)
     publish_metrics_table(config, run_id)
     plots = render_plots(config, run_id, fit)
     publish_run_report(config, run_id, {**summary, "state": "finished"}, fit, plots)

@@ -4,6 +4,8 @@ id, found again on a Retry, and no phantom work left "Running" by an attempt tha
     run_id = claimed_run_id(config.storage.run_id)   # the id given, this flow run's, or a new one
     label_flow_run(run_id)                           # name "scalerl-run/RUN_ID", tag "run:RUN_ID"
     crash_leftovers(run_id)                          # earlier attempts' Running task runs -> Crashed
+    start_role(config, run_id, deployment, name, role, **parameters)   # a role's flow run elsewhere
+    flow_run_states(ids); cancel_flow_runs(ids)      # follow and stop the roles' flow runs
 
 A Retry in the UI runs the same flow run again with the same parameters (often run_id None):
 the tag written by the first attempt says which ScaleRL run it started, so the retry resumes that
@@ -183,3 +185,59 @@ def record_flow_run(run) -> None:
             "at": time.time(),
         },
     )
+
+
+def _writer_lease() -> str | None:
+    """The run flow's lease ($SCALERL_LEASE), handed to the roles it starts elsewhere."""
+    import os
+
+    from storage import lease as leases
+
+    return os.environ.get(leases.ENV)
+
+
+def start_role(config, run_id: str, deployment: str, name: str, role: str, **parameters):
+    """Start one of the run's roles elsewhere: a flow run of `deployment` named RUN/name,
+    linked under the run's flow run and tagged run:RUN role:ROLE, with the parameters every
+    role flow takes (the store, the run, the run flow's writer lease for fencing) and its own.
+    Not waited on (timeout 0): the caller follows its state. Returns the flow run."""
+    from prefect.deployments import run_deployment
+
+    storage = config.storage
+    return run_deployment(
+        deployment,
+        parameters={
+            "storage_url": storage.url,
+            "run_id": run_id,
+            **parameters,
+            "endpoint_url": storage.endpoint_url,
+            "writer_lease": _writer_lease(),
+        },
+        timeout=0,
+        as_subflow=True,  # linked under the run's flow run in the UI
+        flow_run_name=f"{run_id}/{name}",
+        tags=[*TAGS, run_tag(run_id), f"role:{role}"],
+    )
+
+
+def flow_run_states(ids) -> list:
+    """The current state of each flow run in `ids` (None before its first); raises when the
+    API cannot be read (the caller asks again at its next look)."""
+    with _client() as client:
+        return [client.read_flow_run(i).state for i in ids]
+
+
+def cancel_flow_runs(ids) -> None:
+    """Cancel flow runs that have not ended (best effort): their workers stop the processes."""
+    from prefect.states import Cancelling
+
+    from runtime.logs import task_logger
+
+    with _client() as client:
+        for i in ids:
+            try:
+                state = client.read_flow_run(i).state
+                if state is None or not state.is_final():
+                    client.set_flow_run_state(i, Cancelling(), force=True)
+            except Exception as exc:  # noqa: BLE001 - best effort
+                task_logger().warning("could not cancel flow run %s (%s)", i, exc)

@@ -1,5 +1,9 @@
-"""The trainer as a role of the run flow: here (a task run) or one flow run per node of
-placement.trainer_deployment (runtime/trainer_node.py has what a node runs)."""
+"""The trainer as a role of the run flow (tasks/roles.py): here (a train_policy task run) or one
+flow run per node of placement.trainer_deployment (runtime/trainer_node.py has what a node runs).
+
+    trainer = make_trainer(config, run)   # which of the two: chosen once, from the placement
+    trainer.start()
+"""
 
 from __future__ import annotations
 
@@ -15,41 +19,37 @@ from runtime.trainer_node import (
     TrainerNodesError,
 )
 from scalerl.config import RunConfig
+from tasks.flow_runs import cancel_flow_runs, flow_run_states, start_role
+from tasks.roles import Role, TaskRunRole
 
 
-class LocalTrainer:
-    """The train_policy task run of this flow, behind the interface RemoteTrainer has."""
+class LocalTrainer(TaskRunRole):
+    """The train_policy task run of this flow, supervising the trainer's process(es) here."""
 
-    def __init__(self, future) -> None:
-        self.future = future
+    def __init__(self, config: RunConfig, run) -> None:
+        from tasks.train import train_policy
 
-    @property
-    def wrapped_future(self):
-        return self.future.wrapped_future
-
-    def cancel(self) -> None:
-        pass  # a local trainer stops with the run's status (or stop_children)
-
-    def done(self) -> bool:
-        return self.future.wrapped_future.done()
-
-    def result(self) -> dict:
-        return self.future.result()
+        super().__init__("the trainer", lambda: train_policy.submit(config, run.run_id))
 
 
-class RemoteTrainer:
-    def __init__(self, config: RunConfig, run_id: str) -> None:
-        self.config, self.run_id = config, run_id
+class RemoteTrainer(Role):
+    """One child flow run per node of placement.trainer_deployment; a lost node restarts the
+    whole attempt (up to MAX_ATTEMPTS) from the newest checkpoint."""
+
+    where = "flow run"
+
+    def __init__(self, config: RunConfig, run) -> None:
+        self.config, self.run, self.run_id = config, run, run.run_id
         self.attempts: list[tuple[str, list]] = []  # (attempt id, node flow run ids)
         self._checked, self._done, self._error = float("-inf"), False, None
         self._restart_after: float | None = None  # set while a lost attempt winds down
-        self.wrapped_future = None
+
+    def __repr__(self) -> str:
+        return f"the trainer ({self.config.placement.nodes} node flow runs)"
 
     def start(self) -> None:
         """A new attempt: one flow run per node. Each id is recorded as it is created, so a
         failure half-way leaves no node unknown (it is cancelled with its attempt)."""
-        from tasks.generator_pool import start_role
-
         attempt = f"{self.run_id}-{len(self.attempts)}-{uuid.uuid4().hex[:6]}"
         runs = []
         self.attempts.append((attempt, runs))
@@ -72,14 +72,9 @@ class RemoteTrainer:
         )
 
     def _states(self) -> list:
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            return [client.read_flow_run(i).state for i in self.attempts[-1][1]]
+        return flow_run_states(self.attempts[-1][1])
 
     def cancel(self) -> None:
-        from tasks.generator_pool import cancel_flow_runs
-
         if self.attempts:
             cancel_flow_runs(self.attempts[-1][1])
 
@@ -136,15 +131,20 @@ class RemoteTrainer:
         return self._done
 
     def result(self) -> dict:
-        from runtime.common import open_run
-
         if self._error is not None:
             raise self._error
         attempt = self.attempts[-1][0]
-        doc = open_run(self.config, self.run_id).read_marker(f"{SUMMARY}-{attempt}") or {}
+        doc = self.run.read_marker(f"{SUMMARY}-{attempt}") or {}
         if doc.get("attempt") != attempt:
             raise TrainerNodesError(
                 f"the trainer's nodes ended, but its rank 0 reported no summary for attempt "
                 f"{attempt}. Fix: see the trainer nodes' flow runs."
             )
         return doc["summary"]
+
+
+def make_trainer(config: RunConfig, run) -> Role:
+    """The run's trainer: here, or one flow run per node on placement.trainer_deployment."""
+    if config.placement.trainer_deployment is None:
+        return LocalTrainer(config, run)
+    return RemoteTrainer(config, run)
