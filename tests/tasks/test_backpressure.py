@@ -139,8 +139,8 @@ def test_the_gate_counts_live_registered_generators_wherever_they_run(tmp_path, 
     One whose heartbeat is older than GENERATOR_TTL_S is not counted any more."""
     import time as _time
 
-    from runtime.registry import GENERATOR_TTL_S, GeneratorRegistration, live_generators
     from runtime import generator as rollouts
+    from runtime.registry import GENERATOR_TTL_S, GeneratorRegistration, live_generators
 
     monkeypatch.setattr(rollouts, "COUNT_EVERY_S", 0.0)
     config = load_config(preset="tiny-cpu", overrides=["pipeline.max_off_policy_steps=3"])
