@@ -12,9 +12,10 @@ child's log records to the task run's log, and returns the child's result or rai
 so retries, states and the UI are unchanged.
 
 How a child starts: it is forked from a fork server (multiprocessing "forkserver") that
-imported torch, transformers and the task bodies once (tasks/isolated_preload.py); a fresh
-interpreter per child would pay about 5 s of imports each time. The fork server is started at
-the top of the run flow (start_server), so its imports overlap prepare_run.
+imported torch, transformers and the bodies once (PRELOAD: runtime/preload.py, and the task
+modules that tasks/__init__.py adds); a fresh interpreter per child would pay about 5 s of
+imports each time. The fork server is started at the top of the run flow (start_server), so its
+imports overlap prepare_run.
 
 Contract with the child:
 - It calls target(config, **kwargs) (target "module:function"), which returns a
