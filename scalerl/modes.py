@@ -106,3 +106,24 @@ def _check_transport(cfg) -> None:
             f"{cfg.placement.accelerator!r}. Fix: on CPU use weights.transport=local (one node) "
             "or store; nccl needs a vLLM engine on CUDA."
         )
+    if w.transport == "nccl" and cfg.placement.colocate:
+        _check_nccl_colocate(cfg)
+
+
+def _check_nccl_colocate(cfg) -> None:
+    """NCCL puts one rank per device in a communicator: trainer rank 0 (the sender) and a
+    generator worker on one device fail when the group opens, after the run has started."""
+    from scalerl.placement import PlacementError, layout  # devices only: no model, no torch
+
+    try:
+        lay = layout(cfg, accelerator="cuda")
+    except PlacementError:
+        return  # check_layout (RunConfig's validator) reports it
+    shared = [i for i, devices in enumerate(lay.generators) if lay.trainer[0] in devices]
+    if shared:
+        raise ValueError(
+            f"weights.transport = 'nccl' with placement.colocate = true puts trainer rank 0 and "
+            f"generator gen{shared[0]} on device {lay.trainer[0]}, and NCCL cannot put two ranks "
+            "of its weight-transfer group on one device. Fix: weights.transport=local (one "
+            "node), or give the generators devices of their own (placement.colocate=false)."
+        )

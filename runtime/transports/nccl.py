@@ -33,7 +33,10 @@ on the generators while the trainer broadcasts (NCCL pairs them).
   generators named.
 
 Tests: the control plane on CPU (tests/runtime/test_weights_nccl.py, an engine stand-in that
-records the worker RPCs, since NCCL needs GPUs); the transfer itself is marked gpu.
+records the worker RPCs, since NCCL needs GPUs), and a publish through vLLM's own trainer
+engine whose generators parse each call with vLLM's own init/update-info dataclasses (the
+broadcast stubbed): what the two sides build must be what vLLM accepts. The transfer itself is
+marked gpu.
 """
 
 from __future__ import annotations
@@ -126,6 +129,26 @@ class StoreControlPlane:
         self._call("finish_weight_update", {"weight_version": version})
 
 
+def trainer_init_info(address: str, port: int, generators: int, tp: int):
+    """vLLM's NCCLTrainerInitInfo for the group: 1 sender + every generator's tp workers.
+    rank (keyword-only and required in vLLM 0.32) is 0: only trainer rank 0 publishes
+    (TrainerLoop.publish), and vLLM's sender is the rank whose init info says rank 0; the other
+    trainer ranks never open the group."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+    return NCCLTrainerInitInfo(
+        master_address=address, master_port=port, world_size=1 + tp * generators, rank=0
+    )
+
+
+def worker_init_info(init_info: dict, generators, generator_id: str, tp: int) -> dict:
+    """What a generator passes to its workers' init_weight_transfer_engine, which vLLM parses
+    into NCCLWeightTransferInitInfo(**it): the trainer engine's payload (made for one engine,
+    rank_offset 1) with this generator's offset, 1 + its index among the sorted ids x tp."""
+    offset = 1 + sorted(generators).index(generator_id) * tp
+    return {**init_info, "rank_offset": offset}
+
+
 def ready_generators(run: Run) -> dict[str, dict]:
     """Generators announced for the NCCL group whose registration is live (tasks/rollouts.py:
     a heartbeat younger than its TTL): an ended or dead one is not waited for."""
@@ -198,10 +221,7 @@ class NcclPublisher(TransportPublisher):  # pragma: no cover - gpu
         TransportPublisher.publish(self, version, model, tokenizer, state, durable=True)
 
     def _group(self, state: dict):
-        from vllm.distributed.weight_transfer.nccl_engine import (
-            NCCLTrainerInitInfo,
-            NCCLTrainerWeightTransferEngine,
-        )
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
 
         want = self.config.generation.num_generators
         deadline = time.monotonic() + NCCL_TIMEOUT_S
@@ -220,12 +240,7 @@ class NcclPublisher(TransportPublisher):  # pragma: no cover - gpu
         tp = self.config.placement.tensor_parallel
         from vllm.utils.network_utils import get_open_port  # a free port, as vLLM picks one
 
-        port = get_open_port()
-        info = NCCLTrainerInitInfo(
-            master_address=self._address(members),
-            master_port=port,
-            world_size=1 + tp * len(members),
-        )
+        info = trainer_init_info(self._address(members), get_open_port(), len(members), tp)
         self._source = _state_source(self.dtype)
         client = StoreControlPlane(self.run, members)
         self._engine = bounded(
@@ -349,8 +364,7 @@ class NcclWeights:
             return  # opened, or it is a restart): the trainer opens a new one with it
         try:
             if method == "init_weight_transfer_engine":
-                order = sorted(doc["generators"])
-                info = {**payload["init_info"], "rank_offset": 1 + order.index(self.id) * self.tp}
+                info = worker_init_info(payload["init_info"], doc["generators"], self.id, self.tp)
                 self.engine.weight_transfer("init_weight_transfer_engine", init_info=info)
             elif method == "start_weight_update":
                 self.engine.weight_transfer(method)

@@ -1,7 +1,10 @@
 """The NCCL transport's control plane (runtime/transports/nccl.py) on a real local run store: the
 trainer's VLLMWeightSyncClient over markers, and two generators answering between engine steps.
 NCCL itself needs GPUs, so the generators' engine is a stand-in that records vLLM's worker calls
-(what VLLMEngine.weight_transfer forwards to collective_rpc); the real transfer is gpu-marked."""
+(what VLLMEngine.weight_transfer forwards to collective_rpc); the real transfer is gpu-marked.
+What each side builds is checked against vLLM's own dataclasses (NCCLTrainerInitInfo, and the
+workers' NCCLWeightTransferInitInfo / NCCLWeightTransferUpdateInfo, parsed as vLLM's workers
+parse them), through vLLM's own trainer engine with only the NCCL calls stubbed."""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from runtime.transports.nccl import (
     NcclWeights,
     StoreControlPlane,
     ready_generators,
+    trainer_init_info,
+    worker_init_info,
 )
 from runtime.transports.readers import ReaderLease, held_versions
 from storage import open_store
@@ -147,6 +152,117 @@ def test_a_generator_that_fails_or_is_missing_is_named(run):
         match=r"generator\(s\) gen9 did not acknowledge start_weight_update within 0 s",
     ):
         StoreControlPlane(run, ghost, timeout_s=0.2).start_weight_update()
+
+
+def _vllm_nccl():
+    """vLLM's dense NCCL backend module (its dataclasses need no GPU)."""
+    return pytest.importorskip("vllm.distributed.weight_transfer.nccl_engine")
+
+
+class ParsingEngine(RecordingEngine):
+    """A generator whose workers parse each call as vLLM 0.32's Worker does
+    (init_weight_transfer_engine / update_weights: the backend's parse_init_info and
+    parse_update_info, i.e. its own dataclasses): a missing or unknown field fails here as it
+    would on the GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cls = _vllm_nccl().NCCLWeightTransferEngine
+        self.parser = cls.__new__(cls)  # parse_*_info read only the class's dataclass types
+        self.parsed: list = []
+
+    def weight_transfer(self, method: str, **kwargs) -> None:
+        if method == "init_weight_transfer_engine":
+            self.parsed.append(self.parser.parse_init_info(kwargs["init_info"]))
+        elif method == "update_weights":
+            self.parsed.append(self.parser.parse_update_info(kwargs["update_info"]))
+        super().weight_transfer(method, **kwargs)
+
+
+def test_each_side_builds_vllms_own_init_info():
+    nccl = _vllm_nccl()
+    from vllm.distributed.weight_transfer.nccl_common import worker_init_payload
+
+    info = trainer_init_info("10.0.0.1", 29555, generators=2, tp=2)
+    assert isinstance(info, nccl.NCCLTrainerInitInfo)
+    assert (info.rank, info.is_sender, info.world_size) == (0, True, 1 + 2 * 2)
+    # what vLLM's trainer_init sends every worker (made for one engine: rank_offset 1)
+    payload = worker_init_payload(
+        nccl.NCCLWeightTransferInitInfo(
+            master_address=info.master_address,
+            master_port=info.master_port,
+            rank_offset=1,
+            world_size=info.world_size,
+            packed=info.packed,
+        )
+    )
+    ranks = []
+    for gid in ("gen1", "gen0"):
+        w = nccl.NCCLWeightTransferInitInfo(**worker_init_info(payload, ["gen0", "gen1"], gid, 2))
+        assert (w.master_address, w.master_port, w.world_size) == ("10.0.0.1", 29555, 5)
+        ranks += [w.rank_offset + r for r in range(2)]  # vLLM: rank_offset + worker rank
+    assert sorted(ranks) == [1, 2, 3, 4]  # every rank but the sender's, once
+
+
+def test_a_publish_through_vllms_trainer_engine_reaches_the_generators(run, monkeypatch, tmp_path):
+    """NcclPublisher.publish as on the GPU, through vLLM's NCCLTrainerWeightTransferEngine;
+    only NCCL itself (the endpoint and the broadcast) is stubbed. The generators parse every
+    call with vLLM's dataclasses."""
+    import torch
+
+    from runtime.transports import transport_for
+    from scalerl.config import load_config
+
+    nccl = _vllm_nccl()
+    sent: list = []
+    monkeypatch.setattr(nccl, "open_trainer_endpoint", lambda info: object())
+    monkeypatch.setattr(
+        nccl.NCCLTrainerWeightTransferEngine,
+        "_broadcast",
+        lambda self, source, meta: sent.append([m.name for m in meta]),
+    )
+    cfg = load_config(
+        preset="tiny-cpu",
+        overrides=[
+            f"storage.url={tmp_path / 'runs'}",
+            "placement.accelerator=cuda",
+            "placement.devices_per_node=4",
+            "generation.engine=vllm",
+            "generation.num_generators=2",
+            "weights.transport=nccl",
+            "weights.nccl_address=127.0.0.1",
+            "weights.durable_every=4",
+            "evaluation.every_steps=100",
+        ],
+    )
+    engines = {"gen0": ParsingEngine(), "gen1": ParsingEngine()}
+    stop, errors, threads, _ = _start(run, engines, tp=1)
+    emb = torch.randn(6, 4)
+    state = {
+        "model.embed_tokens.weight": emb,
+        "model.norm.weight": torch.ones(4),
+        "lm_head.weight": emb,  # tied: sent once, vLLM ties it again on load
+        "model.step": torch.tensor([3]),
+    }
+    transport_for(cfg).publisher(run, "bfloat16").publish(3, None, None, state)
+    stop.set()
+    for t in threads:
+        t.join(5)
+    assert not errors
+    names = ["model.embed_tokens.weight", "model.norm.weight", "model.step"]
+    assert sent == [names]
+    for i, (gid, engine) in enumerate(sorted(engines.items())):
+        init, update = engine.parsed
+        assert isinstance(init, nccl.NCCLWeightTransferInitInfo), gid
+        assert (init.master_address, init.world_size, init.rank_offset) == ("127.0.0.1", 3, 1 + i)
+        assert isinstance(update, nccl.NCCLWeightTransferUpdateInfo)
+        assert update.names == names
+        assert update.dtype_names == ["bfloat16", "bfloat16", "int64"]
+        assert update.shapes == [[6, 4], [4], [1]]
+        assert engine.version == 3
+    assert [(r["version"], r["durable"]) for r in run.read_metrics("weights").to_pylist()] == [
+        (3, False)
+    ]
 
 
 @pytest.mark.gpu

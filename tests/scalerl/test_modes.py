@@ -1,0 +1,49 @@
+"""scalerl/modes.py through load_config, as `scalerl run` reads a config: weights.transport=nccl
+with placement.colocate is refused when trainer rank 0 and a generator share a device (one NCCL
+group cannot hold two ranks on one device), and accepted when every rank has its own."""
+
+from __future__ import annotations
+
+import pytest
+
+from scalerl.config import ConfigError, load_config
+
+NCCL_ON_CUDA = [
+    "placement.accelerator=cuda",
+    "placement.trainer_ranks=1",
+    "generation.num_generators=1",
+    "generation.engine=vllm",
+    "weights.transport=nccl",
+]
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_nccl_with_the_trainer_colocated_on_a_generators_device_is_refused(devices):
+    # colocate starts the generators again from device 0, where trainer rank 0 is, on one GPU
+    # and on two alike
+    overrides = [*NCCL_ON_CUDA, f"placement.devices_per_node={devices}", "placement.colocate=true"]
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="tiny-cpu", overrides=overrides)
+    message = str(err.value)
+    assert "trainer rank 0 and generator gen0 on device 0" in message
+    assert "Fix: weights.transport=local" in message
+    # the same machine with transport local is accepted
+    local = [o for o in overrides if not o.startswith("weights.")] + ["weights.transport=local"]
+    assert load_config(preset="tiny-cpu", overrides=local).placement.colocate
+
+
+def test_nccl_with_a_device_per_rank_is_accepted():
+    cfg = load_config(preset="tiny-cpu", overrides=[*NCCL_ON_CUDA, "placement.devices_per_node=2"])
+    assert (cfg.weights.transport, cfg.placement.colocate) == ("nccl", False)
+    # colocate with devices given apart: trainer rank 0 on 1, gen0 on 0, no device shared
+    cfg = load_config(
+        preset="tiny-cpu",
+        overrides=[
+            *NCCL_ON_CUDA,
+            "placement.devices_per_node=2",
+            "placement.colocate=true",
+            "placement.trainer_devices=[1]",
+            "placement.generator_devices=[0]",
+        ],
+    )
+    assert cfg.placement.colocate and cfg.placement.trainer_devices == [1]
