@@ -222,14 +222,31 @@ def plan_cmd(
 ) -> None:
     """Print where each process of the run goes: its node, CUDA_VISIBLE_DEVICES, trainer ranks,
     and its memory per device by arithmetic from the model's shape (scalerl/placement.py).
-    Nothing is started or written; accelerator auto plans for a GPU if one is visible here."""
+    Nothing is started or written; accelerator auto plans for a GPU if one is visible here.
+    The plan is for the configured inventory (placement.devices_per_node), not for the GPUs
+    found here (`scalerl run` checks those); with CUDA_VISIBLE_DEVICES set, node 0's devices
+    are shown as its entries, as the run would start them."""
     cfg = _load(file, preset, overrides, check=False)
-    from scalerl.placement import make_plan, model_shape, resolve_accelerator
+    from scalerl.placement import (
+        make_plan,
+        model_shape,
+        parent_devices,
+        resolve_accelerator,
+        short_list_error,
+    )
 
     with _guard():
         acc = resolve_accelerator(cfg)
         shape = model_shape(cfg.model.name_or_path, cfg.model.revision)
-        plan = make_plan(cfg, shape, accelerator=acc)
+        given, short = parent_devices(), None
+        if given is not None and len(given) < cfg.placement.devices_per_node:
+            # still a plan for the configured inventory, in node-local indices; a run would refuse
+            short, given = short_list_error(given, cfg.placement.devices_per_node), None
+        plan = make_plan(cfg, shape, accelerator=acc, visible=given)
+        if short is not None and acc == "cuda":
+            plan.warnings.append(
+                f"devices shown as node-local indices; `scalerl run` here refuses: {short}"
+            )
     typer.echo(plan.dumps() if as_json else plan.render())
 
 

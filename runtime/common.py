@@ -59,13 +59,18 @@ def process_env(config: RunConfig, name: str) -> dict[str, str]:
     """The environment a process of the run starts with: its CUDA_VISIBLE_DEVICES from the
     placement plan (scalerl/placement.py) on cuda; nothing on cpu, nor for a process the plan
     does not name (an extra generator added from another machine places itself). A process
-    planned on another node cannot be started from this one: PlacementError says so."""
+    planned on another node cannot be started from this one: PlacementError says so.
+
+    The plan's local indices are composed with this process's own CUDA_VISIBLE_DEVICES when it
+    has one (SLURM, Kubernetes, `CUDA_VISIBLE_DEVICES=4,5 scalerl run`): local device i is that
+    list's i-th entry, so children stay on the devices the run was given. Called in the flow
+    process, which starts every child (a child's own list is already its share)."""
     acc = accelerator(config)
     if acc == "cpu":
         return {}
-    from scalerl.placement import PlacementError, make_plan
+    from scalerl.placement import PlacementError, make_plan, parent_devices
 
-    plan = make_plan(config, accelerator=acc)
+    plan = make_plan(config, accelerator=acc, visible=parent_devices())
     found = [p for p in plan.processes if p.name == name]
     if not found:
         return {}
@@ -91,7 +96,8 @@ def check_placement(config: RunConfig) -> None:
     so a share that cannot hold the weights or a KV cache below one sequence fails with one
     line instead of in a generator after the run started. Nothing on cpu. A hub model whose
     config cannot be read here is left to the engines' own checks. First of all, what the
-    weight transport needs of this machine (nccl: a CUDA device)."""
+    weight transport needs of this machine (nccl: a CUDA device); then the devices this
+    machine shows against placement.devices_per_node (scalerl/placement.py check_inventory)."""
     from runtime.transports import transport_for
 
     acc = accelerator(config)
@@ -99,7 +105,9 @@ def check_placement(config: RunConfig) -> None:
     if acc == "cpu":
         return
     from scalerl.models import ModelLoadError
-    from scalerl.placement import PlacementError, make_plan, model_shape
+    from scalerl.placement import PlacementError, check_inventory, make_plan, model_shape
+
+    check_inventory(config)  # a child given a device that is not there fails only inside
 
     pl = config.placement
 

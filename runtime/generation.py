@@ -29,9 +29,15 @@ class EngineKind:
 
 
 def _transformers(config: RunConfig, path: str, **common):
+    from runtime.common import accelerator
     from scalerl.engines.hf import TransformersEngine
 
-    return TransformersEngine(path, max_batch_size=config.generation.max_batch_size, **common)
+    # TransformersEngine defaults to the CPU. On cuda each process starts with only its planned
+    # devices visible (CUDA_VISIBLE_DEVICES, runtime/common.py process_env): its first is cuda:0.
+    device = "cuda:0" if accelerator(config) == "cuda" else "cpu"
+    return TransformersEngine(
+        path, max_batch_size=config.generation.max_batch_size, device=device, **common
+    )
 
 
 def _step_vllm(config: RunConfig, path: str, **common):

@@ -349,6 +349,12 @@ class TrainerConfig(_Section):
         description="Stop the run (state 'stalled', with the reason) after this many batches in a row made no trainer step because every group's rewards were equal: e.g. every reward 0 because the scorer cannot read the answers, or every prompt solved. 0: never.",
     )
     seed: int = Field(0, ge=0, description="Trainer seed (data order ties, dropout).")
+    collective_timeout_s: float = Field(
+        3600.0,
+        ge=60,
+        le=86_400,
+        description="With several trainer ranks (placement.trainer_ranks > 1): how long a rank may wait in a collective (NCCL or gloo) before the run fails. Rank 0 alone downloads the checkpoint to resume and uploads checkpoints while the other ranks wait in one, which at 8B over S3 (~131 GB of float32 weights and AdamW moments) can take longer than torch's default 10 minutes; raise it for bigger models or slower stores, lower it to see a hung rank sooner.",
+    )
 
 
 class _WeightsBase(_Section):

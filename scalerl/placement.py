@@ -13,6 +13,11 @@ One topology for GPU and CPU nodes (config section `placement`):
   run under torchrun (runtime/torchrun.py) with CUDA_VISIBLE_DEVICES = the trainer's devices of
   that node, so LOCAL_RANK r is its r-th device. On accelerator cpu the same processes start
   without devices and the trainer ranks talk over gloo: CI runs the launcher GPUs use.
+- A node's local indices are positions in the devices the run was given there: when the
+  process starting the children already has a CUDA_VISIBLE_DEVICES (SLURM, Kubernetes,
+  `CUDA_VISIBLE_DEVICES=4,5 scalerl run`), local index i is that list's i-th entry
+  (make_plan's `visible`); without one, the machine's device i. check_inventory compares what
+  this machine shows with placement.devices_per_node before a run writes anything.
 - check_layout (run by RunConfig's validator: no model, no torch) refuses what no machine can
   run: a device outside the inventory, one device given to two processes (unless
   placement.colocate lets the trainer share the generators' devices, for one-GPU machines:
@@ -77,6 +82,76 @@ def detect_accelerator() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "cpu"
     return "cuda" if out.returncode == 0 and "GPU" in out.stdout else "cpu"
+
+
+VISIBLE = "CUDA_VISIBLE_DEVICES"
+
+
+def parent_devices(environ=None) -> list[str] | None:
+    """The devices this process was given: CUDA_VISIBLE_DEVICES's entries (indices or GPU-/MIG-
+    UUIDs, kept as written), or None when it is unset (every device of the machine)."""
+    value = (os.environ if environ is None else environ).get(VISIBLE)
+    if value is None:
+        return None
+    return [d.strip() for d in value.split(",") if d.strip()]
+
+
+def gpu_count() -> int:
+    """The GPUs this machine shows: `nvidia-smi -L`'s lines (0 without nvidia-smi). Not torch:
+    the flow process must not initialise CUDA (see detect_accelerator). Tests fake it."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    if out.returncode != 0:
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
+
+
+def short_list_error(given: list[str], per_node: int) -> PlacementError:
+    """A CUDA_VISIBLE_DEVICES list with fewer entries than placement.devices_per_node."""
+    if not given:
+        return PlacementError(
+            f"{VISIBLE} is set and empty: this process sees no device, and placement."
+            f"accelerator is cuda. Fix: unset {VISIBLE} or list {per_node} devices in it, or "
+            "set placement.accelerator=cpu."
+        )
+    return PlacementError(
+        f"{VISIBLE}={','.join(given)} gives this machine {len(given)} device(s), but "
+        f"placement.devices_per_node = {per_node} (a process's local device i is that list's "
+        f"i-th entry). Fix: set placement.devices_per_node={len(given)} (with trainer_ranks and "
+        f"num_generators that fit), or list {per_node} devices in {VISIBLE}."
+    )
+
+
+def check_inventory(cfg) -> None:
+    """Before a run on cuda writes anything: this machine shows at least devices_per_node
+    devices, its CUDA_VISIBLE_DEVICES list when set, else nvidia-smi's GPUs. Otherwise a child
+    would get a device that is not there and fail inside, after the run started. `scalerl plan`
+    does not call it: a plan may be made for another machine."""
+    per_node = cfg.placement.devices_per_node
+    given = parent_devices()
+    if given is not None:
+        if len(given) < per_node:
+            raise short_list_error(given, per_node)
+        return
+    found = gpu_count()
+    if found == 0:
+        raise PlacementError(
+            "placement.accelerator = 'cuda', but this machine shows no GPU (nvidia-smi -L). "
+            "Fix: run where GPUs are visible, or set placement.accelerator=cpu (or auto)."
+        )
+    if found < per_node:
+        raise PlacementError(
+            f"placement.devices_per_node = {per_node}, but this machine shows {found} GPU(s) "
+            f"(nvidia-smi -L): its processes would be given devices that are not there. Fix: "
+            f"set placement.devices_per_node={found} (with trainer_ranks and num_generators "
+            f"that fit, or placement.colocate=true), or run where {per_node} GPUs are visible "
+            f"({VISIBLE} chooses them)."
+        )
 
 
 def resolve_accelerator(cfg) -> str:
@@ -325,7 +400,7 @@ class PlannedProcess:
     name: str  # trainer@node0, gen0, eval
     role: str  # trainer | generator | evaluation
     node: int
-    devices: tuple[int, ...]  # local indices on its node (empty on cpu)
+    devices: tuple[int, ...]  # local indices on its node (empty on cpu); env holds the ids
     env: dict[str, str]
     ranks: tuple[int, ...] = ()  # global trainer ranks started on this node
     memory: dict[str, int] = field(default_factory=dict)  # bytes per device, by component
@@ -343,6 +418,7 @@ class Plan:
     max_num_seqs: int  # what each generator engine is started with
     kv_tokens_per_engine: int | None
     warnings: list[str]
+    visible: list[str] | None = None  # node 0's CUDA_VISIBLE_DEVICES, composed into the envs
 
     def process(self, name: str) -> PlannedProcess:
         return next(p for p in self.processes if p.name == name)
@@ -360,6 +436,11 @@ class Plan:
             lines.append(
                 f"model: {s.name}, {s.params:,} parameters ({s.layers} layers, hidden "
                 f"{s.hidden}, {s.heads} heads / {s.kv_heads} KV heads, vocabulary {s.vocab:,})"
+            )
+        if self.visible is not None:
+            lines.append(
+                f"node 0 devices: {VISIBLE}={','.join(self.visible)} here; local device i is "
+                "its i-th entry"
             )
         lines.append(f"generator engines: max_num_seqs {self.max_num_seqs}")
         if self.kv_tokens_per_engine is not None:
@@ -384,16 +465,37 @@ class Plan:
         return json.dumps(self.to_json(), indent=2)
 
 
-def _visible(devices: tuple[int, ...], per_node: int) -> dict[str, str]:
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(d % per_node) for d in devices)}
+def _visible(
+    devices: tuple[int, ...], per_node: int, given: list[str] | None = None
+) -> dict[str, str]:
+    """A process's CUDA_VISIBLE_DEVICES: its node-local indices, or with `given` (the list the
+    starting process has on node 0) the entries at those positions, so children land on the
+    devices the run was given and not on the machine's first ones."""
+    local = [d % per_node for d in devices]
+    if given is None or devices[0] // per_node != 0:
+        return {VISIBLE: ",".join(map(str, local))}
+    return {VISIBLE: ",".join(given[i] for i in local)}
 
 
-def make_plan(cfg, shape: ModelShape | None = None, *, accelerator: str | None = None) -> Plan:
+def make_plan(
+    cfg,
+    shape: ModelShape | None = None,
+    *,
+    accelerator: str | None = None,
+    visible: list[str] | None = None,
+) -> Plan:
     """Each process, its devices and (with a shape, on cuda) its memory; PlacementError for a
-    placement the memory cannot hold."""
+    placement the memory cannot hold. `visible`: the CUDA_VISIBLE_DEVICES list of the process
+    that starts node 0's children (parent_devices()); their lists are composed with it, and a
+    list shorter than devices_per_node is refused. None: bare node-local indices (what a child
+    that sizes its own engine from the plan needs: it already sees only its devices)."""
     lay = layout(cfg, accelerator)
     pl, gen = cfg.placement, cfg.generation
     per_node = pl.devices_per_node
+    if lay.accelerator == "cpu":
+        visible = None
+    elif visible is not None and len(visible) < per_node:
+        raise short_list_error(visible, per_node)
     procs: list[PlannedProcess] = []
     warnings: list[str] = []
     if lay.accelerator == "cpu":
@@ -416,7 +518,7 @@ def make_plan(cfg, shape: ModelShape | None = None, *, accelerator: str | None =
                 "trainer",
                 node,
                 tuple(d % per_node for d in mine),
-                _visible(mine, per_node),
+                _visible(mine, per_node, visible),
                 ranks,
             )
         )
@@ -427,7 +529,7 @@ def make_plan(cfg, shape: ModelShape | None = None, *, accelerator: str | None =
                 "generator",
                 g[0] // per_node,
                 tuple(d % per_node for d in g),
-                _visible(g, per_node),
+                _visible(g, per_node, visible),
             )
         )
     ev = lay.evaluation if lay.evaluation is not None else lay.generators[0]
@@ -437,13 +539,13 @@ def make_plan(cfg, shape: ModelShape | None = None, *, accelerator: str | None =
             "evaluation",
             ev[0] // per_node,
             tuple(d % per_node for d in ev),
-            _visible(ev, per_node),
+            _visible(ev, per_node, visible),
         )
     )
     max_num_seqs, kv_tokens = gen.max_batch_size, None
     if shape is not None:
         max_num_seqs, kv_tokens = _memory(cfg, lay, shape, procs, warnings)
-    return Plan("cuda", procs, shape, max_num_seqs, kv_tokens, warnings)
+    return Plan("cuda", procs, shape, max_num_seqs, kv_tokens, warnings, visible)
 
 
 def _memory(cfg, lay: Layout, shape: ModelShape, procs, warnings) -> tuple[int, int]:
@@ -465,9 +567,10 @@ def _memory(cfg, lay: Layout, shape: ModelShape, procs, warnings) -> tuple[int, 
         "gradients fp32 (1/ranks)": 4 * shape.params // world,
         "AdamW moments fp32 (1/ranks)": 8 * shape.params // world,
         # FSDP2 gathers one decoder layer at a time (and prefetches the next) in the compute
-        # dtype; the root (embeddings, norm, head) stays gathered through the step
-        "gathered layers + root (compute dtype)": (2 * shape.layer_params + shape.outside_layers)
-        * cdt,
+        # dtype; the root (embeddings, norm, head) stays gathered through the step, in fp32
+        # with the FP32 head (scalerl/trainer/distributed.py: the head's weights stay fp32)
+        "gathered layers (compute dtype) + root": 2 * shape.layer_params * cdt
+        + shape.outside_layers * (4 if cfg.algorithm.fp32_lm_head else cdt),
         "fp32 head logits, one chunk": min(tokens, HEAD_CHUNK_TOKENS) * shape.vocab * 4 * 2,
     }
     if cfg.model.gradient_checkpointing:

@@ -100,10 +100,17 @@ def _plain(x):
 
 
 def set_rng_state(tensors: dict, plain: dict) -> None:
-    """Restore what rng_state() captured."""
+    """Restore what rng_state() captured: CPU, Python and numpy always; of the CUDA states,
+    one per device that was visible when it was saved, only those of devices present now."""
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(tensors["cuda"])
+        # A checkpoint from 4 ranks or a 2-GPU box holds more states than a smaller machine has
+        # devices, and set_rng_state_all would index past them. States past the devices present
+        # belonged to devices no process here uses: their streams end (the run is resumable at
+        # another number of ranks, not bit-identical to one that kept them). Devices beyond the
+        # saved ones keep the state they were seeded with.
+        saved = list(tensors["cuda"])
+        torch.cuda.set_rng_state_all(saved[: min(len(saved), torch.cuda.device_count())])
     version, internal, gauss = plain["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = plain["numpy"]

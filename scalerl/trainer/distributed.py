@@ -6,10 +6,22 @@
 The Trainer calls DataParallel.from_env(): with WORLD_SIZE > 1 (torchrun sets it) it joins the
 process group (NCCL on CUDA, gloo otherwise), pins cuda:LOCAL_RANK, and from then on:
 
+- Collective timeout: trainer.collective_timeout_s (default 1 h, not torch's 10 min), passed
+  to from_env and on to init_process_group: rank 0 alone downloads the checkpoint to resume
+  and uploads checkpoints while the other ranks wait in a collective, and at 8B over S3
+  (~131 GB of fp32 weights and moments) that can pass 10 minutes.
 - Sharding: every decoder layer, then the PolicyLogprobs wrapper as the root, is wrapped with
-  fully_shard. Master weights and AdamW state stay float32 and sharded; MixedPrecisionPolicy
-  casts parameters to model.dtype (bf16) for compute and reduces gradients in float32. The
-  FP32 head still upcasts hidden states and the (gathered) head weight to float32.
+  fully_shard. Master weights and AdamW state stay float32 and sharded; each layer's
+  MixedPrecisionPolicy casts its parameters to model.dtype (bf16) for compute, and every
+  gradient is reduced in float32. The root group (embeddings, final norm, LM head) keeps
+  float32 parameters when algorithm.fp32_lm_head is on: the FP32 head multiplies the fp32
+  master weights, as in one process (a bf16 root would hand it bf16-rounded weights that
+  .float() cannot restore). With tied embeddings the head IS the embedding, one parameter in
+  one group, so one policy serves both; fp32 embeddings are also what one process computes
+  (autocast leaves embedding lookups and the norm in fp32). The head cannot get a group of its
+  own: FSDP unshards a group when its module's forward runs, and the head's weight is read
+  directly (scalerl/fp32_head.py), never through lm_head.forward. Without the FP32 head (the
+  ablation) the root is bf16 like the layers.
 - Data: every rank reads the same shards and builds the same batch (the assembler is
   deterministic): rank 0 lists the ready shards and broadcasts the list (from_main), so ranks
   never see different sets of a store that changes under them; a shard any rank rejects is
@@ -37,6 +49,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -51,11 +64,17 @@ class DataParallel:
     device: str
 
     @classmethod
-    def from_env(cls) -> DataParallel | None:
-        """Join the torchrun process group if WORLD_SIZE > 1; None for a single process."""
+    def from_env(cls, collective_timeout_s: float | None = None) -> DataParallel | None:
+        """Join the torchrun process group if WORLD_SIZE > 1; None for a single process.
+        collective_timeout_s: how long a collective may wait (trainer.collective_timeout_s;
+        None: that field's default)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return None
+        if collective_timeout_s is None:
+            from scalerl.config import TrainerConfig
+
+            collective_timeout_s = TrainerConfig.model_fields["collective_timeout_s"].default
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
@@ -63,19 +82,24 @@ class DataParallel:
         else:
             device = "cpu"
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+            dist.init_process_group(
+                backend="nccl" if device.startswith("cuda") else "gloo",
+                timeout=timedelta(seconds=collective_timeout_s),
+            )
         return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
     # -- model -----------------------------------------------------------------------------
 
     def shard(self, policy: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
-        """fully_shard each decoder layer, then the wrapper; bf16 compute, fp32 reductions."""
+        """fully_shard each decoder layer (compute_dtype compute), then the wrapper (fp32 with
+        the FP32 head: see the module docstring); gradients reduced in float32."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in policy.model.base_model.layers:
             fully_shard(layer, mp_policy=mp)
-        fully_shard(policy, mp_policy=mp)
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        fully_shard(policy, mp_policy=fp32 if getattr(policy, "fp32_head", False) else mp)
         policy.compute_dtype = None  # FSDP casts the parameters; no autocast on top
         return policy
 
@@ -218,13 +242,21 @@ class DataParallel:
         from torch.distributed.tensor import DTensor
 
         out: dict = {}
-        seen: dict[int, str] = {}
+        # Tied weights (an LM head that is the embedding) are gathered once and aliased. They
+        # are found by parameter object: state_dict() detaches every entry into a new tensor,
+        # so its values never share an id(), and a DTensor shard's storage can be empty (any
+        # two empty shards would look alike). The modules' structure is the same on every
+        # rank, so every rank skips the same keys and the collectives stay in step.
+        params = dict(policy.model.named_parameters(remove_duplicate=False))
+        seen: dict[int, str] = {}  # id of a parameter -> the first key that holds it
         for name, value in policy.model.state_dict().items():
-            if id(value) in seen:  # tied weights: gathered once
+            param = params.get(name)  # None for a buffer
+            if param is not None and id(param) in seen:
                 if self.rank == 0:
-                    out[name] = out[seen[id(value)]]
+                    out[name] = out[seen[id(param)]]
                 continue
-            seen[id(value)] = name
+            if param is not None:
+                seen[id(param)] = name
             full = value.full_tensor() if isinstance(value, DTensor) else value
             if self.rank == 0:
                 full = full.detach()

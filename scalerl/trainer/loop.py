@@ -206,7 +206,7 @@ class Trainer:
             samples_per_prompt=config.generation.samples_per_prompt,
             max_off_policy_steps=config.pipeline.max_off_policy_steps,
         )
-        self.dp = distributed.DataParallel.from_env()
+        self.dp = distributed.DataParallel.from_env(config.trainer.collective_timeout_s)
         self.version, self.nan_steps, self.ledger = 0, 0, []
         self.saved: tuple | None = None  # _progress() at the last checkpoint
         self.counters: Counter[str] = Counter()  # compute spent, for schedule.compute_budget

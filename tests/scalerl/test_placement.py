@@ -214,9 +214,22 @@ def test_colocate_puts_everything_on_one_gpu():
         )
 
 
-def test_a_run_on_cuda_is_refused_before_anything_is_written(tmp_path):
+def fake_gpus(monkeypatch, count: int, visible: str | None = None) -> None:
+    """This machine shows `count` GPUs (nvidia-smi, faked) and the given CUDA_VISIBLE_DEVICES."""
+    import scalerl.placement
+
+    monkeypatch.setattr(scalerl.placement, "gpu_count", lambda: count)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+
+
+def test_a_run_on_cuda_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     """runtime/common.py check_placement, which `scalerl run` and prepare_run call first."""
     from runtime.common import check_placement
+
+    fake_gpus(monkeypatch, 8)
 
     bad = cfg(
         f"storage.url={tmp_path}",
@@ -231,8 +244,10 @@ def test_a_run_on_cuda_is_refused_before_anything_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_run_with_processes_on_another_node_is_refused_before_it_starts(tmp_path):
+def test_a_run_with_processes_on_another_node_is_refused_before_it_starts(tmp_path, monkeypatch):
     from runtime.common import check_placement
+
+    fake_gpus(monkeypatch, 8)
 
     two_nodes = cfg(
         f"storage.url={tmp_path}",
@@ -244,3 +259,118 @@ def test_a_run_with_processes_on_another_node_is_refused_before_it_starts(tmp_pa
     with pytest.raises(PlacementError, match="gen0 is placed on node 1, and this flow starts"):
         check_placement(two_nodes)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the devices the run was given: CUDA_VISIBLE_DEVICES composed, the inventory checked -------
+
+
+def test_children_take_the_parents_devices_by_position(monkeypatch):
+    """Local device i of node 0 is the i-th entry of the flow process's CUDA_VISIBLE_DEVICES
+    (indices or UUIDs, as written), not the machine's device i."""
+    from runtime.common import process_env
+
+    given = ["4", "5", "6", "7", "GPU-a", "GPU-b", "GPU-c", "GPU-d"]
+    plan = make_plan(cfg(), visible=given)  # the paper preset: trainer 0-3, gen0-3 on 4-7
+    assert visible(plan, "trainer@node0") == "4,5,6,7"
+    assert [visible(plan, f"gen{i}") for i in range(4)] == ["GPU-a", "GPU-b", "GPU-c", "GPU-d"]
+    assert visible(plan, "eval") == "GPU-a"  # beside gen0
+    assert plan.process("gen0").devices == (4,)  # the plan keeps node-local indices
+    fake_gpus(monkeypatch, 8, " 8, 9,10,11,12,13,14,15 ")  # as a scheduler may write it
+    assert process_env(cfg(), "trainer@node0") == {"CUDA_VISIBLE_DEVICES": "8,9,10,11"}
+    assert process_env(cfg(), "gen3") == {"CUDA_VISIBLE_DEVICES": "15"}
+    fake_gpus(monkeypatch, 8)  # unset: the machine's own numbering, as before
+    assert process_env(cfg(), "gen3") == {"CUDA_VISIBLE_DEVICES": "7"}
+
+
+def test_other_nodes_keep_their_local_indices():
+    two = cfg("placement.nodes=2", "placement.trainer_ranks=8", "generation.num_generators=2")
+    plan = make_plan(two, visible=[str(d) for d in range(10, 18)])
+    assert visible(plan, "trainer@node0") == "10,11,12,13,14,15,16,17"
+    assert plan.process("gen0").node == 1 and visible(plan, "gen0") == "0"  # not this machine's
+
+
+def test_a_parent_list_shorter_than_devices_per_node_is_refused_with_one_line(monkeypatch):
+    from runtime.common import process_env
+
+    fake_gpus(monkeypatch, 8, "4,5")
+    with pytest.raises(PlacementError) as err:
+        process_env(cfg(), "gen0")  # without the check: gen0 would get the list's 5th entry
+    message = str(err.value)
+    assert message.startswith(
+        "CUDA_VISIBLE_DEVICES=4,5 gives this machine 2 device(s), but "
+        "placement.devices_per_node = 8"
+    )
+    assert "Fix: set placement.devices_per_node=2" in message and "\n" not in message
+    with pytest.raises(PlacementError, match="^CUDA_VISIBLE_DEVICES=4,5 gives this machine"):
+        make_plan(cfg(), visible=["4", "5"])
+    make_plan(load_config(preset="tiny-cpu"), visible=["4"])  # cpu: no devices to compose
+
+
+@pytest.mark.parametrize(
+    ("gpus", "visible_devices", "message"),
+    [
+        (1, None, "placement.devices_per_node = 8, but this machine shows 1 GPU(s) (nvidia-smi"),
+        (0, None, "placement.accelerator = 'cuda', but this machine shows no GPU"),
+        (8, "3", "CUDA_VISIBLE_DEVICES=3 gives this machine 1 device(s)"),  # the list decides
+        (8, "", "CUDA_VISIBLE_DEVICES is set and empty: this process sees no device"),
+        (8, None, None),
+        (1, "0,1,2,3,4,5,6,7,8", None),  # a list at least devices_per_node long: trusted
+    ],
+)
+def test_scalerl_run_checks_the_inventory_it_sees(
+    tmp_path, monkeypatch, gpus, visible_devices, message
+):
+    """check_placement (`scalerl run`, prepare_run) before anything is written: the default
+    devices_per_node 8 on a one-GPU box would give gen0 CUDA_VISIBLE_DEVICES=4."""
+    from runtime.common import check_placement
+
+    fake_gpus(monkeypatch, gpus, visible_devices)
+    run = cfg(f"storage.url={tmp_path}")
+    if message is None:
+        check_placement(run)
+    else:
+        with pytest.raises(PlacementError) as err:
+            check_placement(run)
+        assert str(err.value).startswith(message) and "Fix:" in str(err.value)
+        assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_gpu_with_devices_per_node_1_passes_the_inventory_check(tmp_path, monkeypatch):
+    from runtime.common import check_placement
+
+    fake_gpus(monkeypatch, 1)
+    check_placement(
+        cfg(
+            f"storage.url={tmp_path}",
+            "model.name_or_path=Qwen/Qwen2.5-0.5B",
+            "placement.devices_per_node=1",
+            "placement.trainer_ranks=1",
+            "generation.num_generators=1",
+            "placement.colocate=true",
+            "generation.gpu_memory_utilization=0.35",
+            "evaluation.gpu_memory_utilization=0.1",
+        )
+    )
+
+
+def test_gpu_count_reads_nvidia_smi(monkeypatch):
+    """The project's own detection (no torch, no CUDA initialised): GPU lines, not MIG lines."""
+    import subprocess
+
+    import scalerl.placement as placement
+
+    listing = (
+        "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)\n"
+        "  MIG 3g.40gb     Device  0: (UUID: MIG-1)\n"
+        "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-2)\n"
+    )
+    monkeypatch.setattr(placement.shutil, "which", lambda _name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(
+        placement.subprocess,
+        "run",
+        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=listing, stderr=""),
+    )
+    assert placement.gpu_count() == 2
+    monkeypatch.setattr(placement.shutil, "which", lambda _name: None)
+    assert placement.gpu_count() == 0

@@ -82,3 +82,37 @@ def test_make_engine_builds_the_transformers_engine(tiny_model):
     assert isinstance(engine, TransformersEngine)
     assert (engine.version, engine.max_batch_size, engine.fp32_head) == (2, 3, True)
     assert engine_kind(config) == EngineKind("transformers", False, True)
+
+
+@pytest.mark.parametrize(
+    ("placement", "detected", "device"),
+    [
+        ("placement.accelerator=cuda", None, "cuda:0"),
+        ("placement.accelerator=auto", "cuda", "cuda:0"),  # nvidia-smi found a GPU (faked)
+        ("placement.accelerator=auto", "cpu", "cpu"),
+        ("placement.accelerator=cpu", None, "cpu"),
+    ],
+)
+def test_make_engine_puts_the_transformers_engine_on_the_runs_accelerator(
+    monkeypatch, placement, detected, device
+):
+    """TransformersEngine defaults to the CPU: on cuda make_engine must ask for the process's
+    first visible device (its CUDA_VISIBLE_DEVICES holds only its own), or generation and
+    evaluation silently run on the CPU. The constructor is recorded, no model is built."""
+    import runtime.common
+
+    built = []
+
+    def record(path, **kwargs):
+        inspect.signature(TransformersEngine).bind(path, **kwargs)
+        built.append(kwargs)
+        return "engine"
+
+    monkeypatch.setattr("scalerl.engines.hf.TransformersEngine", record)
+    if detected is not None:
+        monkeypatch.setattr(runtime.common, "_detected_accelerator", lambda: detected)
+    config = load_config(preset="tiny-cpu", overrides=["model.name_or_path=/m", placement])
+    assert config.generation.engine == "transformers"
+    assert make_engine(config, "/w/v1", 1) == "engine"
+    (kwargs,) = built
+    assert kwargs["device"] == device and kwargs["version"] == 1

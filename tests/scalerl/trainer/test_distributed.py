@@ -3,7 +3,9 @@ The ranks build the model on the meta device, load their slices of the weights, 
 torch.distributed.checkpoint (no optimizer.pt: no full gather), resume from it, and one process
 resumes the 2-rank checkpoint (another world size) exactly where the single process is.
 
-The CPU variant (gloo) runs in CI; the CUDA variant (NCCL, bf16-capable) needs 2 GPUs."""
+The CPU variant (gloo) runs in CI; the CUDA variant (NCCL, bf16-capable) needs 2 GPUs. The
+process group gets trainer.collective_timeout_s, not torch's 10-minute default (recorded call).
+FSDP2's FP32 head and the tied-weight publish: test_fsdp_fp32_head.py."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -111,3 +114,37 @@ def test_fsdp2_with_two_cpu_ranks_matches_one_process(tiny_model_dir, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_fsdp2_on_two_gpus_matches_one_process(tiny_model_dir, tmp_path):
     _single_vs_sharded(tiny_model_dir, tmp_path, {**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_process_group_gets_the_collective_timeout(monkeypatch):
+    # Rank 0 alone downloads the resume checkpoint while the others wait in a collective: the
+    # group must not keep torch's 10-minute default. The call is recorded, not made.
+    import torch.distributed as dist
+
+    from scalerl.config import load_config
+    from scalerl.trainer.distributed import DataParallel
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+
+    cfg = load_config(overrides=["trainer.collective_timeout_s=5400"])
+    dp = DataParallel.from_env(cfg.trainer.collective_timeout_s)
+    assert (dp.rank, dp.world_size, dp.device) == (0, 2, "cpu")
+    assert calls[-1] == {"backend": "gloo", "timeout": timedelta(seconds=5400)}
+    DataParallel.from_env()  # without a value: the config's default, one hour
+    assert load_config().trainer.collective_timeout_s == 3600
+    assert calls[-1]["timeout"] == timedelta(hours=1)
+
+
+@pytest.mark.parametrize("bad", ["10", "100000"])
+def test_collective_timeout_out_of_bounds_is_refused(bad):
+    from scalerl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="collective_timeout_s"):
+        load_config(overrides=[f"trainer.collective_timeout_s={bad}"])
