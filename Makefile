@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format warm-weights warm-check gpu-test gpu-bench
+.PHONY: install demo test lint format warm-weights warm-check gpu-test gpu-bench gpu-smoke
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,3 +54,10 @@ gpu-test:
 
 gpu-bench:
 	$(GPU_PYTHON) bench/gpu_suite.py
+
+# One lent GPU with a stock CUDA torch and no vLLM/Prefect (README "GPU smoke"): nothing is
+# installed; pydantic comes from the unpacked wheels in SMOKE_WHEELS.
+SMOKE_WHEELS ?= wheels-unpacked
+
+gpu-smoke:
+	PYTHONPATH=.:$(SMOKE_WHEELS) $(GPU_PYTHON) bench/gpu_smoke.py --out bench/results/gpu_smoke.json

@@ -10,8 +10,10 @@ Pairs, each timed on the same prompts with fixed lengths (every sample generates
   (no logprobs).
 - VLLMEngine.generate (step loop, per-token logprobs, version tags) vs bare
   ``vllm.LLM.generate`` with ``logprobs=0`` (the same work: RL needs the logprobs), plus the
-  bare call without logprobs for reference. Both vLLM engines are in-process.
-Runs are interleaved (ours, bare, ours, bare) and the best of --repeats is kept.
+  bare call without logprobs for reference. Each vLLM side runs in its own process (two
+  engines in one process would each ask for --gpu-memory-utilization of the card, and vLLM
+  refuses the second).
+The transformers pair is interleaved (ours, bare, ours, bare); the best of --repeats is kept.
 
 --model-shape qwen2-0.5b builds a random model with Qwen2-0.5B's shape (24 layers, hidden
 896, 14 heads / 2 KV heads, vocab 151,936): GPU use; on a CPU it is very slow. On a GPU pass
@@ -26,6 +28,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,13 +60,16 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_hf(model_dir: Path, args) -> dict:
+def bench_hf(model_dir: Path, args, engine=None) -> dict:
+    """The transformers pair; `engine`: a TransformersEngine of model_dir already loaded
+    (bench/gpu_smoke.py goes on using it), else one is made."""
     from scalerl.engines.hf import TransformersEngine
 
     n_seq = args.prompts * args.samples
-    engine = TransformersEngine(
-        str(model_dir), dtype=args.dtype, device=args.device, max_batch_size=n_seq
-    )
+    if engine is None:
+        engine = TransformersEngine(
+            str(model_dir), dtype=args.dtype, device=args.device, max_batch_size=n_seq
+        )
     model, tok = engine.model, engine.tokenizer
     reqs = [GroupRequest(f"p{i}", p, args.samples) for i, p in enumerate(prompts(args.prompts))]
     settings = SamplingSettings(max_new_tokens=args.tokens, temperature=1.0, ignore_eos=True)
@@ -103,13 +110,56 @@ def bench_hf(model_dir: Path, args) -> dict:
 
 
 def bench_vllm(model_dir: Path, args) -> dict:
+    """Each side in its own process, one after the other: two vLLM engines in one process
+    each ask for --gpu-memory-utilization of the card, and vLLM's start-up check refuses the
+    second (the first holds its share plus its CUDA context). So the rounds are not interleaved
+    across the sides; each side keeps its best of --repeats."""
+    sides = {}
+    for side in ("ours", "bare"):
+        cmd = [sys.executable, __file__, "--vllm-side", side, "--model-dir", str(model_dir)]
+        for key in ("prompts", "samples", "tokens", "repeats", "threads", "dtype", "device"):
+            cmd.append(f"--{key.replace('_', '-')}={getattr(args, key)}")
+        cmd.append(f"--gpu-memory-utilization={args.gpu_memory_utilization}")
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(
+                f"the vLLM {side} process exited with {out.returncode}: {out.stderr[-2000:]}"
+            )
+        sides[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    ours, bare = sides["ours"]["seconds"], sides["bare"]["seconds"]
+    tokens = sides["ours"]["tokens"]
+    return {
+        "ours_tokens_per_s": tokens / ours,
+        "bare_tokens_per_s": tokens / bare["logprobs"],
+        "bare_no_logprobs_tokens_per_s": tokens / bare["plain"],
+        "ratio": bare["logprobs"] / ours,
+        "ratio_vs_no_logprobs": bare["plain"] / ours,
+        "tokens": tokens,
+    }
+
+
+def vllm_side(model_dir: Path, args) -> dict:
+    """One side of the vLLM pair in this process: best seconds over --repeats after a warm-up."""
+    n_seq = args.prompts * args.samples
+    tokens = n_seq * args.tokens
+    common = dict(dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization)
+    if args.vllm_side == "ours":
+        from scalerl.engines.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(str(model_dir), max_batch_size=n_seq, **common)
+        reqs = [GroupRequest(f"p{i}", p, args.samples) for i, p in enumerate(prompts(args.prompts))]
+        settings = SamplingSettings(max_new_tokens=args.tokens, temperature=1.0, ignore_eos=True)
+
+        def ours() -> int:
+            return sum(len(c.token_ids) for g in engine.generate(reqs, settings) for c in g)
+
+        assert ours() == tokens  # warm-up, and the work asked for
+        return {"seconds": min(timed(ours) for _ in range(args.repeats)), "tokens": tokens}
+
     from vllm import LLM, SamplingParams
 
-    from scalerl.engines.vllm_engine import VLLMEngine
+    from scalerl.models import load_tokenizer
 
-    n_seq = args.prompts * args.samples
-    common = dict(dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization)
-    engine = VLLMEngine(str(model_dir), max_batch_size=n_seq, **common)
     head = {"head_dtype": "float32"} if args.dtype != "float32" else {}
     llm = LLM(
         model=str(model_dir),
@@ -120,15 +170,11 @@ def bench_vllm(model_dir: Path, args) -> dict:
         async_scheduling=False,
         **common,
     )
-    reqs = [GroupRequest(f"p{i}", p, args.samples) for i, p in enumerate(prompts(args.prompts))]
-    settings = SamplingSettings(max_new_tokens=args.tokens, temperature=1.0, ignore_eos=True)
+    tokenizer = load_tokenizer(str(model_dir))  # the tokenizer VLLMEngine encodes with
     token_prompts = [
-        {"prompt_token_ids": engine.tokenizer.encode(p, add_special_tokens=False)}
+        {"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False)}
         for p in prompts(args.prompts)
     ]
-
-    def ours() -> int:
-        return sum(len(c.token_ids) for g in engine.generate(reqs, settings) for c in g)
 
     def bare(logprobs: int | None) -> int:
         params = SamplingParams(
@@ -142,21 +188,12 @@ def bench_vllm(model_dir: Path, args) -> dict:
         outs = llm.generate(token_prompts, params, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
-    assert ours() == bare(0) == bare(None) == n_seq * args.tokens
-    t_ours, t_bare, t_plain = [], [], []
-    for _ in range(args.repeats):
-        t_ours.append(timed(ours))
-        t_bare.append(timed(lambda: bare(0)))
+    assert bare(0) == bare(None) == tokens
+    t_logprobs, t_plain = [], []
+    for _ in range(args.repeats):  # interleaved within this side
+        t_logprobs.append(timed(lambda: bare(0)))
         t_plain.append(timed(lambda: bare(None)))
-    tokens = n_seq * args.tokens
-    return {
-        "ours_tokens_per_s": tokens / min(t_ours),
-        "bare_tokens_per_s": tokens / min(t_bare),
-        "bare_no_logprobs_tokens_per_s": tokens / min(t_plain),
-        "ratio": min(t_bare) / min(t_ours),
-        "ratio_vs_no_logprobs": min(t_plain) / min(t_ours),
-        "tokens": tokens,
-    }
+    return {"seconds": {"logprobs": min(t_logprobs), "plain": min(t_plain)}, "tokens": tokens}
 
 
 def main() -> None:
@@ -176,10 +213,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="float32 on CPU; bfloat16 on GPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--vllm-side", choices=["ours", "bare"], help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.vllm_side:  # a child of bench_vllm: one side, one JSON line
+        print(json.dumps(vllm_side(Path(args.model_dir), args)))
+        return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(Path(tmp) / "model", seed=0, **SHAPES[args.model_shape])

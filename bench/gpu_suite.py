@@ -1,6 +1,9 @@
-"""The GPU suite: one command, about 8 minutes on one H100, no network. `make gpu-bench`.
+"""The GPU suite: one command, about 10 minutes on one H100, no network. `make gpu-bench`.
 
-    python bench/gpu_suite.py [--out bench/results/gpu_suite.json] [--budget-s 480]
+    python bench/gpu_suite.py [--out bench/results/gpu_suite.json] [--budget-s 600]
+
+For a full GPU node with vLLM and Prefect installed; bench/gpu_smoke.py is the check for a
+machine without them.
 
 Model: Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 heads / 2 KV heads, MLP 4,864,
 vocabulary 151,936) with random weights and the built-in tokenizer (scalerl/models.py
@@ -18,6 +21,12 @@ each reported even when another fails:
 4. pipeline: a whole `scalerl run` on this GPU (vLLM generator, trainer, evaluation colocated:
    placement.colocate) at k = 8 and at k = 0: trained samples/s between the first and last
    trainer step, and every process's peak GPU memory (nvidia-smi, polled).
+
+Each part runs in its own session with a time limit (CAPS, scaled down to fit the budget when
+they add up to more): past it, its whole process group is killed, so an evaluation child or an
+engine process cannot keep GPU memory into the next part. A part is reported as ok, failed,
+timeout, or skipped (too little of the budget left). bench/gpu_smoke.py's run_limited and
+run_parts do this for both scripts.
 
 Prints one JSON object (and writes it to --out). What has run on which GPU, with dates, is in
 the README's GPU section.
@@ -37,7 +46,18 @@ import threading
 import time
 from pathlib import Path
 
+from gpu_smoke import run_limited, run_parts
+
 REPO = Path(__file__).resolve().parents[1]
+# seconds per part; they add up to the default budget less the model build (~15 s). The engine
+# part starts vLLM twice (one engine per process), each pipeline a Prefect server and two.
+CAPS = {
+    "engine": 150.0,
+    "trainer": 75.0,
+    "weight_update": 60.0,
+    "pipeline_k8": 150.0,
+    "pipeline_k0": 150.0,
+}
 SHAPE = dict(
     hidden_size=896,
     layers=24,
@@ -58,12 +78,7 @@ def _json_from(text: str) -> dict:
 
 
 def _script(args: list[str], timeout: float) -> dict:
-    out = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"exit {out.returncode}: {out.stderr[-1500:]}")
-    return _json_from(out.stdout)
+    return _json_from(run_limited([sys.executable, *args], timeout, cwd=REPO))
 
 
 def gpu_name() -> str:
@@ -204,9 +219,7 @@ def pipeline_part(model: Path, k: int, root: Path, timeout: float) -> dict:
     cmd += ["--storage", str(root), "--run-id", run_id]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     with GpuMemory() as mem:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"exit {out.returncode}: {(out.stdout + out.stderr)[-1500:]}")
+        run_limited(cmd, timeout, env=env)  # the Prefect server and engines die with it
     sys.path.insert(0, str(REPO))
     from storage import open_store
 
@@ -227,7 +240,7 @@ def pipeline_part(model: Path, k: int, root: Path, timeout: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/gpu_suite.json")
-    ap.add_argument("--budget-s", type=float, default=480.0)
+    ap.add_argument("--budget-s", type=float, default=600.0)
     args = ap.parse_args()
     t0 = time.monotonic()
     name = gpu_name()
@@ -238,10 +251,6 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "model": "Qwen2.5-0.5B shape, random weights, built-in tokenizer",
     }
-
-    def left() -> float:
-        return max(30.0, args.budget_s - (time.monotonic() - t0))
-
     sys.path.insert(0, str(REPO))
     from scalerl.models import build_tiny_model
     from scalerl.placement import model_shape
@@ -250,24 +259,16 @@ def main() -> None:
         model = build_tiny_model(Path(tmp) / "model", seed=0, **SHAPE)
         params = model_shape(str(model)).params
         result["parameters"] = params
-        parts = [
-            ("engine", lambda: engine_part(min(150.0, left()))),
-            ("trainer", lambda: trainer_part(min(90.0, left()), params, peak)),
-            ("weight_update", lambda: weight_update_part(model, min(90.0, left()))),
-            (
-                "pipeline_k8",
-                lambda: pipeline_part(model, 8, Path(tmp) / "runs", min(120.0, left())),
-            ),
-            (
-                "pipeline_k0",
-                lambda: pipeline_part(model, 0, Path(tmp) / "runs", min(120.0, left())),
-            ),
-        ]
-        for key, part in parts:
-            try:
-                result[key] = part()
-            except Exception as e:  # noqa: BLE001 - every part is reported
-                result[key] = {"error": f"{type(e).__name__}: {e}"}
+        runs = Path(tmp) / "runs"
+        parts = {
+            "engine": engine_part,
+            "trainer": lambda limit: trainer_part(limit, params, peak),
+            "weight_update": lambda limit: weight_update_part(model, limit),
+            "pipeline_k8": lambda limit: pipeline_part(model, 8, runs, limit),
+            "pipeline_k0": lambda limit: pipeline_part(model, 0, runs, limit),
+        }
+        budget = args.budget_s - (time.monotonic() - t0)  # what the model build left
+        result |= run_parts([(k, CAPS[k], fn) for k, fn in parts.items()], budget, min_part_s=30)
     k8 = result.get("pipeline_k8", {}).get("trained_samples_per_s")
     k0 = result.get("pipeline_k0", {}).get("trained_samples_per_s")
     if k8 and k0:

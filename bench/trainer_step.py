@@ -6,15 +6,19 @@
 "Ours" is scalerl.trainer.step.train_step: rollout table -> advantages (batch-normalized,
 zero-variance filter) -> full-batch prompt-level token weights -> token-budget micro-batches ->
 FP32-head CISPO loss -> backward -> clip -> AdamW. "Bare" is the loop a hand-written trainer
-would run on the SAME padded micro-batches: model(...).logits -> log_softmax -> gather ->
-advantage-weighted token mean -> backward -> clip -> AdamW (no table handling, no weights, no
-ratio). Both use the same random-init model (copied), batch and micro-batch budget. Training
-tokens/s counts completion tokens. Prints one JSON object; the goal is ratio >= 0.9.
+would run on the SAME padded micro-batches: body -> hidden states at the completion positions
+-> the FP32 head chunked as the product chunks it (scalerl/fp32_head.py: full logits at 16k
+tokens x 151,936 vocabulary would not fit beside the model on 80 GB) -> advantage-weighted
+token mean -> backward -> clip -> AdamW (no table handling, no weights, no ratio). Both use the
+same random-init model (copied), batch and micro-batch budget. Training tokens/s counts
+completion tokens. fp32_head_share: the head's forward + backward alone over the step's
+micro-batches, as a share of our step time. Prints one JSON object; the goal is ratio >= 0.9.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -26,6 +30,7 @@ import time
 import pyarrow as pa
 import torch
 
+from scalerl.fp32_head import logprobs_from_hidden
 from scalerl.trainer.step import (
     PolicyLogprobs,
     Rollouts,
@@ -80,18 +85,66 @@ def build_batch(P: int, G: int, prompt_len: int, completion_len: int, vocab: int
     return pa.Table.from_pylist(rows)
 
 
-def bare_step(model, opt, batches: list[dict], advantages: torch.Tensor, n_tokens: int) -> None:
+def bare_step(model, opt, batches: list, advantages: torch.Tensor, n_tokens: int, compute) -> None:
+    """One step of the loop a hand-written trainer would run, with the head chunked as the
+    product chunks it: full (rows, length, 151,936) fp32 logits, their log-softmax and the
+    gather would be ~10 GB each at 16k tokens (OOM on 80 GB beside the model and AdamW)."""
     opt.zero_grad(set_to_none=True)
     for x, rows in batches:
-        logits = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
-        logp = torch.log_softmax(logits.float(), -1)  # (b, L, V)
-        lp = logp.gather(1, x["positions"].unsqueeze(-1).expand(-1, -1, logp.shape[-1]))
-        lp = lp.gather(-1, x["targets"].unsqueeze(-1)).squeeze(-1)  # (b, Tc)
+        with autocast(x["input_ids"].device, compute):
+            hidden = model.base_model(
+                input_ids=x["input_ids"], attention_mask=x["attention_mask"], use_cache=False
+            ).last_hidden_state
+        index = x["positions"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        lp = logprobs_from_hidden(model, hidden.gather(1, index), x["targets"])  # (b, Tc) fp32
         mask = (x["old_logprobs"] != 0).float()
         loss = -(lp * mask * advantages[rows, None]).sum() / n_tokens
         loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+
+
+def autocast(device: torch.device, compute):
+    """bf16 autocast for the body, or nothing for float32."""
+    if compute is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=compute)
+
+
+def bare_batches(table: pa.Table, micro_batch_tokens: int, device: torch.device) -> list:
+    """The micro-batches train_step makes of `table` (same rows, same padding), collated."""
+    r = Rollouts.from_table(table)
+    lengths = [r.seq_len(i) for i in range(len(r.rewards))]
+    plan = plan_micro_batches(lengths, list(range(len(lengths))), micro_batch_tokens)
+    return [(collate(r, mb, 0, device), torch.tensor(mb)) for mb in plan]
+
+
+def seconds(fn, device: torch.device) -> float:
+    """Wall time of fn(), the GPU's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def head_seconds(model, batches: list, device: torch.device) -> float:
+    """Forward + backward of the FP32 head alone (chunked, recomputed in backward) on every
+    micro-batch's completion positions: the head's part of one step. Hidden states are random
+    (the body is not run); the head weight's gradient is computed as in training, then cleared."""
+    hidden_size = model.get_output_embeddings().weight.shape[1]
+
+    def run() -> None:
+        for x, _ in batches:
+            b, tc = x["targets"].shape
+            h = torch.randn(b, tc, hidden_size, device=device)  # autocast leaves the stream fp32
+            logprobs_from_hidden(model, h.requires_grad_(), x["targets"]).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    run()  # warm-up
+    return seconds(run, device)
 
 
 def main() -> None:
@@ -127,36 +180,20 @@ def main() -> None:
     # Bare, on the same micro-batches (same rows, same padding).
     model = copy.deepcopy(base)
     bare_opt = torch.optim.AdamW(model.parameters(), lr=1e-6, eps=1e-15, weight_decay=0.01)
-    lengths = [r.seq_len(i) for i in range(len(r.rewards))]
-    plan = plan_micro_batches(lengths, list(range(len(lengths))), args.micro_batch_tokens)
-    batches = [(collate(r, mb, 0, device), torch.tensor(mb)) for mb in plan]
+    batches = bare_batches(table, args.micro_batch_tokens, device)
     adv = (r.rewards - r.rewards.mean()).to(device)
-    ctx = (
-        torch.autocast(device.type, dtype=compute)
-        if compute
-        else torch.autocast(device.type, enabled=False)
-    )
 
     def bare() -> None:
-        with ctx:
-            bare_step(model, bare_opt, batches, adv, n_tokens)
-
-    def once(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        bare_step(model, bare_opt, batches, adv, n_tokens, compute)
 
     bare(), ours()  # warm-up
     # Interleaved, so that load from other processes hits both sides alike; medians.
     times_bare, times_ours = [], []
     for _ in range(args.steps):
-        times_bare.append(once(bare))
-        times_ours.append(once(ours))
+        times_bare.append(seconds(bare, device))
+        times_ours.append(seconds(ours, device))
     t_bare, t_ours = statistics.median(times_bare), statistics.median(times_ours)
+    t_head = head_seconds(model, batches, device)
     print(
         json.dumps(
             {
@@ -165,12 +202,15 @@ def main() -> None:
                 "params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 2),
                 "device": str(device),
                 "dtype": args.dtype,
-                "completions": len(lengths),
+                "completions": len(r.rewards),
                 "completion_tokens": n_tokens,
-                "micro_batches": len(plan),
+                "micro_batches": len(batches),
                 "ours_tokens_per_s": round(n_tokens / t_ours, 1),
                 "bare_tokens_per_s": round(n_tokens / t_bare, 1),
                 "ratio": round(t_bare / t_ours, 3),
+                # both sides run the same chunked FP32 head; its share of our step:
+                "fp32_head_s": round(t_head, 4),
+                "fp32_head_share": round(t_head / t_ours, 3),
                 "steps_timed": args.steps,
                 "goal": ">= 0.9",
                 "machine": {

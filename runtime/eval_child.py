@@ -9,6 +9,11 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    from runtime.isolated import watch_parents
+
+    # Exit when the evaluating process is gone (killed with its part, its task, a SIGKILLed
+    # run): nothing else would end this process, and it holds an engine's GPU memory.
+    watch_parents(os.getppid())
     from runtime.evaluation import generate_eval_shard
     from runtime.generation import close_shared_engines
     from scalerl.config import validate_config
