@@ -65,7 +65,7 @@ class DataConfig(_Section):
     source: str = Field(
         "synthetic:arithmetic",
         min_length=1,
-        description="'synthetic:arithmetic', 'synthetic:arithmetic-easy' (1-2 digit a+b, a-b), 'synthetic:countdown', or a .parquet/.jsonl file with prompt and answer columns.",
+        description="'synthetic:arithmetic', 'synthetic:arithmetic-easy' (1-2 digit a+b, a-b), 'synthetic:countdown', a .parquet/.jsonl file with prompt and answer columns, 'hf:NAME' (a Hugging Face hub dataset, read through `datasets` with data.subset / data.split / data.revision; HF_DATASETS_OFFLINE and the local cache are honoured), or a folder written by datasets' save_to_disk.",
     )
     task: Literal["auto", "math", "arithmetic", "countdown"] = Field(
         "auto",
@@ -88,11 +88,40 @@ class DataConfig(_Section):
     )
     num_eval_prompts: int = Field(
         1_000,
-        ge=1,
+        ge=0,
         le=1_000_000,
-        description="Held-out prompts for validation (the paper uses 1,000).",
+        description="Held-out prompts for validation, the evaluation set named 'heldout' (the paper uses 1,000); 0 only with evaluation.sets, which then hold every evaluation.",
     )
     seed: int = Field(0, ge=0, description="Seed for synthetic prompts and the train/eval split.")
+    subset: str | None = Field(
+        None,
+        description="Configuration (subset) name of an hf: dataset, as in datasets.load_dataset(name, subset).",
+    )
+    split: str = Field(
+        "train",
+        min_length=1,
+        description="Split of an hf: dataset or of a save_to_disk folder holding a DatasetDict.",
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) of an hf: dataset."
+    )
+    messages_column: str | None = Field(
+        None,
+        description="Column holding a chat (a list of {role, content}) to render instead of prompt_column; the last user turn is the prompt shown in reports.",
+    )
+    chat_template: str = Field(
+        "auto",
+        min_length=1,
+        description="'auto': render prompts with the tokenizer's chat template when it has one (else raw text, e.g. the builtin tiny model); 'none': raw text; or a path to a Jinja template file.",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="System message put before every prompt when a chat template renders it (not with chat_template = none).",
+    )
+    enable_thinking: bool | None = Field(
+        None,
+        description="Passed to chat templates that take it (Qwen3: true opens <think>, false renders an empty thinking block); unset: the template's default.",
+    )
 
 
 class GenerationConfig(_Section):
@@ -472,6 +501,79 @@ def upgrade_snapshot(saved: dict) -> dict:
 _ANY_WEIGHTS = {name for m in _TRANSPORTS.values() for name in m.model_fields}
 
 
+HELDOUT_SET = "heldout"
+_EVAL_METRIC_RE = re.compile(r"^(mean|pass|maj)@(k|[1-9][0-9]*)$")
+
+
+class EvalSetConfig(_Section):
+    """One named evaluation set: prompts from a source like data.source, k samples each."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+        description="Name of the set in eval rows, metrics and reports (lowercase letters, digits, '_', '.', '-').",
+    )
+    source: str = Field(
+        ...,
+        min_length=1,
+        description="Where its prompts come from: a .parquet/.jsonl file, 'hf:NAME' or a save_to_disk folder (as data.source).",
+    )
+    subset: str | None = Field(None, description="Configuration (subset) of an hf: dataset.")
+    split: str = Field("test", min_length=1, description="Split of an hf: dataset or DatasetDict folder.")
+    revision: str | None = Field(None, description="Hub revision of an hf: dataset.")
+    prompt_column: str = Field("prompt", min_length=1, description="Column holding the prompt text.")
+    answer_column: str = Field("answer", min_length=1, description="Column holding the reference answer.")
+    id_column: str | None = Field(None, description="Column with unique prompt ids; row numbers when unset.")
+    messages_column: str | None = Field(
+        None, description="Column holding a chat (a list of {role, content}) instead of prompt_column."
+    )
+    task: Literal["auto", "math", "arithmetic", "countdown"] = Field(
+        "auto", description="Verifier; 'auto' takes data.task's verifier (math for files)."
+    )
+    max_prompts: int | None = Field(
+        None, ge=1, le=1_000_000, description="Use only the first this many prompts (unset: all)."
+    )
+    samples_per_prompt: int = Field(
+        16, ge=1, le=1_024, description="k: samples drawn per prompt at each evaluated version."
+    )
+    metrics: list[str] = Field(
+        default_factory=lambda: ["mean@k", "pass@k"],
+        min_length=1,
+        description="What to report: mean@K (mean pass rate of K samples), pass@K (unbiased estimator, Chen et al. 2021), maj@K (majority vote of K answers); K an integer <= samples_per_prompt, or the letter k for samples_per_prompt.",
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_names(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for m in value:
+            if not _EVAL_METRIC_RE.match(m):
+                raise ValueError(
+                    f"evaluation metric {m!r} is not one of mean@K, pass@K, maj@K. Fix: write "
+                    "e.g. 'pass@8', or 'pass@k' for K = samples_per_prompt."
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> EvalSetConfig:
+        for m in self.metrics:
+            k = m.split("@")[1]
+            if k != "k" and int(k) > self.samples_per_prompt:
+                raise ValueError(
+                    f"evaluation set {self.name!r} reports {m} but draws only samples_per_prompt = "
+                    f"{self.samples_per_prompt}; allowed K range [1, {self.samples_per_prompt}]. "
+                    f"Fix: raise samples_per_prompt to {k} or lower K."
+                )
+        return self
+
+    def metric_ks(self) -> list[tuple[str, int]]:
+        """(kind, K) per reported metric, the letter k resolved to samples_per_prompt."""
+        out = []
+        for m in self.metrics:
+            kind, k = m.split("@")
+            out.append((kind, self.samples_per_prompt if k == "k" else int(k)))
+        return out
+
+
 class EvaluationConfig(_Section):
     every_steps: int = Field(
         100,
@@ -484,6 +586,65 @@ class EvaluationConfig(_Section):
         le=1_024,
         description="Samples per held-out prompt; the pass rate is their mean (paper: 16).",
     )
+    sets: list[EvalSetConfig] = Field(
+        default_factory=list,
+        description="Named evaluation sets (e.g. an AIME-style and a MATH-500-style set), each scored at every evaluated version besides the held-out split ('heldout', from data.num_eval_prompts).",
+    )
+    fit_set: str = Field(
+        HELDOUT_SET,
+        min_length=1,
+        description="The set whose mean pass rate (mean@k) is the run's pass-rate curve: the sigmoid fit, the report's curve and the comparison; 'heldout' or a name in evaluation.sets.",
+    )
+    heldout_metrics: list[str] = Field(
+        default_factory=lambda: ["mean@k", "pass@k"],
+        min_length=1,
+        description="Metrics reported for the held-out set (as evaluation.sets[].metrics; k = evaluation.samples_per_prompt).",
+    )
+
+    @field_validator("heldout_metrics")
+    @classmethod
+    def _heldout_metric_names(cls, value: list[str]) -> list[str]:
+        return EvalSetConfig._metric_names(value, None)
+
+    @model_validator(mode="after")
+    def _sets_named_once(self) -> EvaluationConfig:
+        names = [s.name for s in self.sets]
+        for name in names:
+            if name == HELDOUT_SET:
+                raise ValueError(
+                    f"evaluation.sets has a set named {HELDOUT_SET!r}, the name of the held-out "
+                    "split of data.source. Fix: give the set another name."
+                )
+            if names.count(name) > 1:
+                raise ValueError(
+                    f"evaluation.sets names {name!r} {names.count(name)} times. Fix: give every "
+                    "set its own name."
+                )
+        if self.fit_set not in (HELDOUT_SET, *names):
+            raise ValueError(
+                f"evaluation.fit_set = {self.fit_set!r} is not an evaluation set; allowed: "
+                f"{', '.join([HELDOUT_SET, *names])}. Fix: name one of them."
+            )
+        for m in self.heldout_metrics:
+            k = m.split("@")[1]
+            if k != "k" and int(k) > self.samples_per_prompt:
+                raise ValueError(
+                    f"evaluation.heldout_metrics reports {m} but evaluation.samples_per_prompt = "
+                    f"{self.samples_per_prompt}; allowed K range [1, {self.samples_per_prompt}]. "
+                    f"Fix: raise samples_per_prompt to {k} or lower K."
+                )
+        return self
+
+    def set_names(self, num_eval_prompts: int) -> list[str]:
+        """Every evaluated set: 'heldout' (when data.num_eval_prompts > 0), then evaluation.sets."""
+        return ([HELDOUT_SET] if num_eval_prompts > 0 else []) + [s.name for s in self.sets]
+
+    def heldout_metric_ks(self) -> list[tuple[str, int]]:
+        """(kind, K) per held-out metric, the letter k resolved to samples_per_prompt."""
+        return [
+            (m.split("@")[0], self.samples_per_prompt if m.endswith("@k") else int(m.split("@")[1]))
+            for m in self.heldout_metrics
+        ]
     temperature: float = Field(
         1.0, gt=0.0, le=10.0, description="Sampling temperature for evaluation."
     )
@@ -661,6 +822,13 @@ class RunConfig(_Section):
                 f"generation.prompts_per_batch x generation.samples_per_prompt = "
                 f"{gen.prompts_per_batch} x {gen.samples_per_prompt} = {self.completions_per_batch}. "
                 "Fix: change one of the three, or drop completions_per_batch."
+            )
+        if self.data.num_eval_prompts == 0 and self.evaluation.fit_set == HELDOUT_SET:
+            raise ValueError(
+                "data.num_eval_prompts = 0 leaves no held-out set, but evaluation.fit_set = "
+                f"{HELDOUT_SET!r}; allowed num_eval_prompts range [1, 1000000] unless another set "
+                "is fitted. Fix: raise data.num_eval_prompts, or list evaluation.sets and set "
+                "evaluation.fit_set to one of them."
             )
         from scalerl.modes import check_modes  # (it reads this model's fields only)
 
