@@ -225,7 +225,10 @@ def plan_cmd(
     Nothing is started or written; accelerator auto plans for a GPU if one is visible here.
     The plan is for the configured inventory (placement.devices_per_node), not for the GPUs
     found here (`scalerl run` checks those); with CUDA_VISIBLE_DEVICES set, node 0's devices
-    are shown as its entries, as the run would start them."""
+    are shown as its entries, as the run would start them. No network is needed when the
+    model's config.json is in the local Hugging Face cache (HF_HUB_CACHE / HF_HOME, at
+    model.revision) or is a known shape; a hub model in neither, with the hub unreachable, is
+    refused with one line naming the `hf download` command that fetches it."""
     cfg = _load(file, preset, overrides, check=False)
     from scalerl.placement import (
         make_plan,

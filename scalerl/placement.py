@@ -25,13 +25,15 @@ One topology for GPU and CPU nodes (config section `placement`):
   shares leave), an engine wider than
   a machine, trainer ranks unevenly spread over machines.
 - make_plan adds memory, by arithmetic from the model's shape (model_shape: the config built on
-  the meta device, so the parameter count is exact): per trainer rank the FSDP2-sharded fp32
-  weights, gradients and AdamW moments plus what is gathered and the activations; per engine
-  device the weights and the KV cache that the memory share leaves. It refuses a share that
-  cannot hold the weights, a head count that the tensor-parallel size does not divide and a KV
-  cache that cannot hold one whole sequence; a max_batch_size above the sequences the KV cache
-  holds at full length is clamped (a warning says so): vLLM would otherwise admit them and
-  preempt, and an interrupted sequence re-queued behind new ones loses its cached prefix.
+  the meta device, so the parameter count is exact; the config is read from a local directory,
+  the local Hugging Face cache or KNOWN_CONFIGS before the hub is asked): per trainer rank the
+  FSDP2-sharded fp32 weights, gradients and AdamW moments plus what is gathered and the
+  activations; per engine device the weights and the KV cache that the memory share leaves.
+  It refuses a share that cannot hold the weights, a head count that the tensor-parallel size
+  does not divide and a KV cache that cannot hold one whole sequence; a max_batch_size above
+  the sequences the KV cache holds at full length is clamped (a warning says so): vLLM would
+  otherwise admit them and preempt, and an interrupted sequence re-queued behind new ones
+  loses its cached prefix.
 
 Numbers marked "estimate" are approximations (activations, vLLM's own reserve); the rest is
 exact arithmetic over parameter counts and dtypes. CPU plans print the same processes; memory
@@ -323,8 +325,9 @@ class ModelShape:
         )
 
 
-# The shapes of hub models a plan is often made for, so that `scalerl plan` works offline (the
-# published config.json values; the parameter count is still computed, not copied).
+# The shapes of hub models a plan is often made for, so that `scalerl plan` works offline when
+# their config.json is not in the local cache (the published config.json values; the parameter
+# count is still computed, not copied). A cached config.json is read first.
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "Qwen/Qwen3-8B": {
         "model_type": "qwen3",
@@ -348,6 +351,28 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
         "vocab_size": 151936,
         "tie_word_embeddings": True,
     },
+    "Qwen/Qwen3-1.7B": {
+        "model_type": "qwen3",
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
+    "Qwen/Qwen3-4B": {
+        "model_type": "qwen3",
+        "hidden_size": 2560,
+        "intermediate_size": 9728,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
     "Qwen/Qwen2.5-0.5B": {
         "model_type": "qwen2",
         "hidden_size": 896,
@@ -362,34 +387,98 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def model_shape(name_or_path: str, revision: str | None = None) -> ModelShape:
-    """The shape of the run's model: a built-in, a known hub id, a local directory or a hub id
-    whose config transformers can fetch or finds in its cache."""
+    """The shape of the run's model, looked up without the network first: a built-in, a local
+    directory, a hub id whose config.json is in the local Hugging Face cache (HF_HUB_CACHE /
+    HF_HOME, at `revision`, default main), a hub id of KNOWN_CONFIGS; only then the hub.
+    ModelLoadError (one line with the download command) when none has it and the hub cannot be
+    reached (HF_HUB_OFFLINE=1, or a failed fetch)."""
     from transformers import AutoConfig
 
+    from scalerl.models import _load_config, _looks_local
+
     if name_or_path.startswith("builtin:"):
-        from transformers import Qwen2Config
-
-        from scalerl.models import build_tiny_tokenizer
-
-        # build_tiny_model's defaults (runtime/common.py builds both built-ins with them)
-        hf = Qwen2Config(
-            vocab_size=len(build_tiny_tokenizer()),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=64,
-            tie_word_embeddings=True,
-        )
-        return ModelShape.from_hf_config(hf, name_or_path)
+        return ModelShape.from_hf_config(_builtin_config(), name_or_path)
+    if _looks_local(name_or_path):
+        return ModelShape.from_hf_config(_load_config(name_or_path), name_or_path)
+    cached = cached_config_file(name_or_path, revision)
+    if cached is not None:  # a local directory for transformers: never the network
+        return ModelShape.from_hf_config(_load_config(os.path.dirname(cached)), name_or_path)
     if name_or_path in KNOWN_CONFIGS:
         known = dict(KNOWN_CONFIGS[name_or_path])
         hf = AutoConfig.for_model(known.pop("model_type"), **known)
         return ModelShape.from_hf_config(hf, name_or_path)
-    from scalerl.models import _load_config
+    if hub_offline():
+        raise _not_cached(name_or_path, revision, "HF_HUB_OFFLINE is set")
+    try:
+        return ModelShape.from_hf_config(_load_config(name_or_path, revision), name_or_path)
+    except ValueError as e:  # ModelLoadError: not reachable, not found, gated
+        cause = e.__cause__ or e
+        raise _not_cached(
+            name_or_path, revision, f"fetching it failed: {type(cause).__name__}"
+        ) from e
 
-    return ModelShape.from_hf_config(_load_config(name_or_path, revision), name_or_path)
+
+def _builtin_config():
+    """build_tiny_model's defaults (runtime/common.py builds both built-ins with them)."""
+    from transformers import Qwen2Config
+
+    from scalerl.models import build_tiny_tokenizer
+
+    return Qwen2Config(
+        vocab_size=len(build_tiny_tokenizer()),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+    )
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache as huggingface_hub resolves it, read from the environment now
+    (huggingface_hub reads it once, at import): HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME/hub,
+    $XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface"
+    )
+    hub = os.path.join(home, "hub")
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or hub
+    return os.path.expandvars(os.path.expanduser(hub))
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set to a true value, read now."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def cached_config_file(repo_id: str, revision: str | None = None) -> str | None:
+    """Path of the hub model's config.json in the local cache at `revision` (branch, tag or
+    commit; None: main), or None when it is not there. Reads files only."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(
+            repo_id, "config.json", cache_dir=hub_cache_dir(), revision=revision
+        )
+    except ValueError:  # not a valid repo id (e.g. a mistyped local path)
+        return None
+    return found if isinstance(found, str) and os.path.isfile(found) else None
+
+
+def _not_cached(name: str, revision: str | None, why: str) -> ValueError:
+    from scalerl.models import ModelLoadError
+
+    rev = f" --revision {revision}" if revision else ""
+    at = f" at revision {revision}" if revision else ""
+    return ModelLoadError(
+        f"the config.json of model {name}{at} is not in the local Hugging Face cache "
+        f"({hub_cache_dir()}) and {why}. Fix: download it with `hf download {name} "
+        f"config.json{rev}` where the hub is reachable (HF_HOME / HF_HUB_CACHE pointing at "
+        "this cache), or set model.name_or_path to a local directory holding config.json."
+    )
 
 
 # -- the plan: processes and memory -------------------------------------------------------------

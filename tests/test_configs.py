@@ -28,7 +28,7 @@ def test_qwen3_preset_is_the_paper_recipe_on_vllm():
     cfg = load_config("configs/qwen3-0.6b-math.yaml")
     assert cfg.model.name_or_path == "Qwen/Qwen3-0.6B"
     assert cfg.generation.engine == "vllm"
-    assert cfg.data.task == "math" and cfg.data.source.endswith((".jsonl", ".parquet"))
+    assert cfg.data.task == "math" and cfg.data.source.startswith("hf:")
     assert cfg.algorithm.loss.type == "cispo" and cfg.algorithm.loss.eps_max == 4.0
     assert cfg.pipeline.max_off_policy_steps == 8
     assert cfg.completions_per_batch == 48 * 16
@@ -52,6 +52,7 @@ def test_qwen3_preset_loads_with_the_tiny_model_standing_in(tmp_path):
             f"model.name_or_path={model_dir}",
             "model.dtype=float32",
             f"data.source={data}",
+            "data.prompt_column=prompt",
             "data.num_eval_prompts=4",
         ],
     )
