@@ -21,6 +21,7 @@ def run_progress(config, run_id: str, poll_s: float = 1.0):
     from runtime.common import open_run
 
     stop = threading.Event()
+    sets = max(1, len(config.evaluation.set_names(config.data.num_eval_prompts)))
     bars = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
     )
@@ -37,7 +38,8 @@ def run_progress(config, run_id: str, poll_s: float = 1.0):
                 run = run or open_run(config, run_id)
                 bars.update(steps, completed=run.latest_weights_version() or 0)
                 bars.update(shards, completed=run.count_shards("raw"))
-                bars.update(evals, completed=run.count_shards("eval"))
+                # one eval shard per evaluation set per version
+                bars.update(evals, completed=run.count_shards("eval") // sets)
             except Exception:  # the run directory may not exist yet; the flow reports real errors
                 continue
 

@@ -1,5 +1,5 @@
 """Child process of evaluate_policy for vLLM runs: `python -m runtime.eval_child RUN_ID VERSION`
-with the RunConfig JSON on stdin. Commits eval/v{VERSION} and exits (tasks/evaluate.py)."""
+with the RunConfig JSON on stdin. Commits the eval shards of VERSION (one per evaluation set) and exits (tasks/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def main(argv: list[str]) -> int:
     # Exit when the evaluating process is gone (killed with its part, its task, a SIGKILLed
     # run): nothing else would end this process, and it holds an engine's GPU memory.
     watch_parents(os.getppid())
-    from runtime.evaluation import generate_eval_shard
+    from runtime.evaluation import generate_eval_shards
     from runtime.generation import close_shared_engines
     from scalerl.config import validate_config
 
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     if config.evaluation.nice:  # off the training path: its CPU work yields to the generators'
         os.nice(config.evaluation.nice)
     try:
-        generate_eval_shard(config, run_id, version)
+        generate_eval_shards(config, run_id, version)
     finally:
         close_shared_engines()
     return 0

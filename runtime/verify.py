@@ -478,15 +478,23 @@ def _loss_problems(
                 )
     problems += _capped(shard_lines, "shard data files missing or damaged")
     if evaluated:
+        from runtime.evaluation import set_shard_key
+        from scalerl.config import HELDOUT_SET
+
         committed = {s.key for s in run.list_shards("eval")} | quarantined.get("eval", set())
         files = _data_files(run, "eval")
+        # the eval metrics row of a version is computed from the fit set's shard
+        try:
+            fit = (run.read_config().get("evaluation") or {}).get("fit_set") or HELDOUT_SET
+        except Exception:  # noqa: BLE001 - no readable run.json: checked elsewhere
+            fit = HELDOUT_SET
         problems += _capped(
             [
                 f"eval shard {key} is missing (shards/eval/commits/{key}.json not found"
                 + ("; its data file is still there" if key in files else "")
                 + f"): the eval metrics have a row for version {v}"
                 for v in evaluated
-                if (key := f"v{v:06d}") not in committed  # runtime.evaluation.eval_key
+                if (key := set_shard_key(fit, v)) not in committed
             ],
             "eval shards missing",
         )

@@ -14,11 +14,13 @@ glob of data/, so a writer's half-uploaded file is never seen):
     rollouts                      the most processed training stage that has shards:
                                   filtered, else scored, else raw (filtered can lag behind raw
                                   while a run is going: query raw to see everything generated)
-    metrics_eval, metrics_trainer, metrics_scaling
+    metrics_eval, metrics_eval_sets, metrics_trainer, metrics_scaling, metrics_prompts
                                   the run's metric rows, when the run has some, as
-                                  Run.read_metrics gives them: one row per trainer step and
-                                  per eval version (the last written; a step redone after a
-                                  resume is not counted twice), sorted by it
+                                  Run.read_metrics gives them: one row per trainer step, per
+                                  eval version (the fit set's), per (evaluation set, version)
+                                  with its mean@K / pass@K / maj@K columns (the last written;
+                                  a step redone after a resume is not counted twice), sorted by
+                                  it; the prompts kept and dropped per split
 
 Each stage view is a lazy pyarrow.dataset over exactly those files, read through the run's own
 filesystem (local disk, or the store's fsspec filesystem: s3fs with its endpoint and
@@ -52,7 +54,7 @@ from storage.store import Run
 
 PIPELINE_STAGES = ("raw", "scored", "filtered", "eval")
 ROLLOUT_SOURCES = ("filtered", "scored", "raw")  # what `rollouts` points at, first with shards
-METRICS = ("eval", "trainer", "scaling")
+METRICS = ("eval", "eval_sets", "trainer", "scaling", "prompts")
 
 
 # Applied in this order once the views exist; the last one makes every setting final.

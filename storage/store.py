@@ -24,7 +24,8 @@ Layout under {root}/{run_id}/ (every name is checked against [A-Za-z0-9._-]):
     curriculum/v{N}.json                   curriculum state, one file per version
     metrics/{name}/part-{time_ns}-{id}.parquet   appended metric rows; read_metrics keeps
                                            the last written row per step (trainer) or
-                                           version (eval): METRICS_KEYS
+                                           version (eval), per (version, set)
+                                           (eval_sets): METRICS_KEYS
     quarantine/{stage}/{key}/{attempt}/    a shard taken out of use (quarantine_shard): copies
                                            of its data and commit record, reason.json
     .tmp-*                                 in-flight local writes; orphans if old
@@ -80,6 +81,7 @@ _PART_RE = re.compile(r"part-[0-9]{19}-[0-9a-f]{8}\.parquet")
 METRICS_KEYS: dict[str, tuple[str, ...]] = {
     "trainer": ("step",),
     "eval": ("version", "step"),
+    "eval_sets": ("key",),  # one row per (version, set): key {set}-v{version:06d}
     "weights": ("version",),  # the publish ledger (runtime/transports/): one row per version
 }
 

@@ -1,4 +1,5 @@
-"""evaluate_policy: the evaluation task (runtime/evaluation.py does the work)."""
+"""evaluate_policy: the evaluation task (runtime/evaluation.py does the work): every evaluation
+set at one version; logs the fit set's pass rate and each set's metrics."""
 
 from __future__ import annotations
 
@@ -14,7 +15,20 @@ from scalerl.config import RunConfig
 @task(name="evaluate-policy", retries=2, retry_delay_seconds=[5, 30], cache_policy=None)
 def evaluate_policy(config: RunConfig, run_id: str, version: int) -> dict:
     row = evaluate_version(config, run_id, version)
-    get_run_logger().info(
-        "eval v%d: pass rate %.3f over %d samples", version, row["pass_rate"], row["samples"]
+    logger = get_run_logger()
+    logger.info(
+        "eval v%d: pass rate %.3f over %d samples (set %s)",
+        version,
+        row["pass_rate"],
+        row["samples"],
+        config.evaluation.fit_set,
     )
+    for name, set_row in row["sets"].items():
+        logger.info("eval v%d, set %s: %s", version, name, describe_set_row(set_row))
     return row
+
+
+def describe_set_row(row: dict) -> str:
+    """'mean@16 0.412, pass@16 0.800 over 30 prompts x 16' from an eval_sets row."""
+    metrics = [f"{k} {v:.3f}" for k, v in row.items() if "@" in k and v is not None]
+    return f"{', '.join(metrics)} over {row['prompts']} prompts x {row['samples_per_prompt']}"

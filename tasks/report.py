@@ -1,5 +1,6 @@
 """What a run shows in the Prefect UI: a progress bar, a table of the latest trainer metrics, and a
-markdown run report (config summary, fitted A / B / C_mid, where shards, weights and plots live).
+markdown run report (config summary, fitted A / B / C_mid, where shards, weights and plots live,
+then one table per evaluation set: versions as rows, mean@K / pass@K / maj@K as columns).
 Quarantined shards (unusable input a stage or the trainer took out of use) are counted in the
 metrics table's description, listed with their reasons in a `quarantine` table artifact, and in
 the run report.
@@ -157,7 +158,12 @@ def render_report(
     fit: dict | None,
     plots: dict[str, str],
     quarantined: list[dict] | None = None,
+    set_rows: list[dict] | None = None,
+    prompt_rows: list[dict] | None = None,
 ) -> str:
+    """The run report's markdown; `set_rows` are the rows of metrics stream eval_sets (one per
+    version and evaluation set), shown as a table per set at the end; `prompt_rows` those of
+    stream prompts (per split: prompts kept, dropped as too long, the chat template)."""
     alg, gen = config.algorithm, config.generation
     lines = [
         f"# ScaleRL run `{run_id}`",
@@ -181,7 +187,7 @@ def render_report(
             "|---|---|---|---|---|---|",
             f"| {fit['A']:.3f} | {fit['B']:.2f} | {fit['C_mid']:.4g} | {fit['R0']:.3f} | [{fit['A_low']:.3f}, {fit['A_high']:.3f}] | {fit['n_points']} |",
             "",
-            f"Compute axis: {fit['compute_unit']}. Final held-out pass rate {fit['final_pass_rate']:.3f}.",
+            f"Compute axis: {fit['compute_unit']}. Final {pass_rate_label(config)} {fit['final_pass_rate']:.3f}.",
         ]
         if (half_run := describe_half_run(fit)) is not None:
             lines.append(f"Fit on the first half of the compute: {half_run}.")
@@ -211,7 +217,84 @@ def render_report(
             lines.append("| " + " | ".join(cells) + " |")
     else:
         lines.append("None: every committed shard was readable.")
+    lines += ["", *prompts_markdown(prompt_rows or [])]
+    lines += ["", *evaluation_sets_markdown(config, set_rows or [])]
     return "\n".join(lines) + "\n"
+
+
+def prompts_markdown(prompt_rows: list[dict]) -> list[str]:
+    """Section "Prompts": per split, the prompts the run uses and those dropped because their
+    rendered text was over generation.max_prompt_tokens (runtime/prompts.py); raw prompts that all
+    fit leave no rows, and the section says so."""
+    lines = ["## Prompts", ""]
+    if not prompt_rows:
+        return [*lines, "Raw text (no chat template); no prompt was over the prompt budget."]
+    first = prompt_rows[0]
+    lines += [
+        f"Chat template: `{first['chat_template']}`; prompt budget "
+        f"{first['max_prompt_tokens']} tokens after rendering (longer prompts are dropped, "
+        "never truncated).",
+        "",
+        "| split | prompts | dropped (too long) | longest dropped (tokens) |",
+        "|---|---|---|---|",
+    ]
+    for r in prompt_rows:
+        longest = r["longest_dropped_tokens"] or ""
+        lines.append(f"| {r['split']} | {r['prompts']} | {r['dropped_too_long']} | {longest} |")
+    return lines
+
+
+def pass_rate_label(config: RunConfig) -> str:
+    """What the run's pass-rate curve is: the held-out pass rate, or the mean pass rate of the
+    evaluation set named by evaluation.fit_set."""
+    from scalerl.config import HELDOUT_SET
+
+    fit_set = config.evaluation.fit_set
+    return "held-out pass rate" if fit_set == HELDOUT_SET else f"{fit_set} mean pass rate"
+
+
+SET_ROW_COLUMNS = ("version", "compute", "prompts", "samples_per_prompt")
+SET_ROW_TAIL = ("mean_length", "truncation_rate", "interruption_rate")
+
+
+def evaluation_sets_markdown(config: RunConfig, set_rows: list[dict]) -> list[str]:
+    """Section "Evaluation sets": which set the fit uses, then per set (in the config's order)
+    a table with one row per evaluated version and its metrics (mean@K, pass@K, maj@K) as
+    columns."""
+    from runtime.evaluation import eval_sets
+    from scalerl.eval_metrics import metric_name
+
+    fit_set = config.evaluation.fit_set
+    lines = [
+        "## Evaluation sets",
+        "",
+        f"The scaling fit and the pass-rate curve use the set `{fit_set}` (evaluation.fit_set): "
+        "its mean pass rate over every sample.",
+    ]
+    for s in eval_sets(config):
+        rows = sorted((r for r in set_rows if r.get("set") == s.name), key=lambda r: r["version"])
+        metrics = [metric_name(kind, k) for kind, k in s.metric_ks]
+        lines += ["", f"### `{s.name}`{' (fit)' if s.name == fit_set else ''}", ""]
+        if not rows:
+            lines.append("Not evaluated yet.")
+            continue
+        columns = [*SET_ROW_COLUMNS, *metrics, *SET_ROW_TAIL]
+        lines += [
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
+            *("| " + " | ".join(_cell(r.get(c), c) for c in columns) + " |" for r in rows),
+        ]
+    return lines
+
+
+def _cell(value, column: str = "") -> str:
+    if value is None:
+        return ""
+    if column == "compute":
+        return f"{value:.4g}"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 10 else f"{value:.3f}"
+    return str(value)
 
 
 def plots_dpi() -> int:
@@ -283,7 +366,9 @@ def render_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, 
         )
     compute, rate, steps = eval_points(run.read_metrics("eval"))
     if compute:
-        publish_evaluations_table(run_id, compute, rate, steps, config.schedule.compute_unit)
+        publish_evaluations_table(
+            run_id, compute, rate, steps, config.schedule.compute_unit, pass_rate_label(config)
+        )
     return urls
 
 
@@ -307,7 +392,7 @@ def draw_plots(config: RunConfig, run_id: str, fit: dict | None) -> dict[str, st
             _sigmoid_of(fit, compute, rate),
             target_compute=2 * max(compute),
             compute_unit=config.schedule.compute_unit,
-            title=f"{run_id}: held-out pass rate vs compute",
+            title=f"{run_id}: {pass_rate_label(config)} vs compute",
             half_run=fit,
         )
         pngs["curve"] = _png(figure)
@@ -370,17 +455,23 @@ def plots_markdown(
 
 
 def publish_evaluations_table(
-    run_id: str, compute: list[float], rate: list[float], steps: list[int], unit: str
+    run_id: str,
+    compute: list[float],
+    rate: list[float],
+    steps: list[int],
+    unit: str,
+    label: str = "held-out pass rate",
 ) -> None:
-    """Table artifact: one row per evaluated policy version (version, compute, pass rate)."""
+    """Table artifact: one row per evaluated policy version (version, compute, the fit set's
+    pass rate, named by `label`)."""
     rows = [
-        {"version": step, f"compute ({unit})": c, "held-out pass rate": round(r, 4)}
+        {"version": step, f"compute ({unit})": c, label: round(r, 4)}
         for step, c, r in zip(steps, compute, rate, strict=True)
     ]
     create_table_artifact(
         rows,
         key=artifact_key(run_id, "evaluations"),
-        description=f"Every held-out evaluation of run {run_id} (mean pass rate per version)",
+        description=f"Every evaluation of run {run_id} ({label} per version)",
     )
 
 
@@ -394,7 +485,11 @@ def publish_run_report(
 ) -> str:
     run = open_run(config, run_id)
     quarantined = run.list_quarantined()
-    text = render_report(config, run_id, run.url, summary, fit, plots or {}, quarantined)
+    set_rows = run.read_metrics("eval_sets").to_pylist()
+    prompt_rows = run.read_metrics("prompts").to_pylist()
+    text = render_report(
+        config, run_id, run.url, summary, fit, plots or {}, quarantined, set_rows, prompt_rows
+    )
     if quarantined:
         publish_quarantine_table(run_id, quarantined)
     create_markdown_artifact(
