@@ -357,6 +357,26 @@ def runs_prune(
         typer.echo("dry run: nothing deleted. Fix: run again with --apply to delete.")
 
 
+@runs_app.command("evals")
+def runs_evals(
+    run_id: RunArg, storage: StorageOpt = "./runs", endpoint_url: EndpointOpt = None
+) -> None:
+    """Print a run's evaluation tables: per evaluation set (heldout and evaluation.sets), one
+    row per evaluated version with its mean@K / pass@K / maj@K, and the prompts each split kept
+    and dropped; the same tables as the run report."""
+    from runtime.common import config_of_run
+    from tasks.report import evaluation_sets_markdown, prompts_markdown
+
+    with _guard():
+        run = _open_run(storage, endpoint_url, run_id)
+        config = config_of_run(storage, run_id, endpoint_url)
+        set_rows = run.read_metrics("eval_sets").to_pylist()
+        prompt_rows = run.read_metrics("prompts").to_pylist()
+    typer.echo(
+        "\n".join([*prompts_markdown(prompt_rows), "", *evaluation_sets_markdown(config, set_rows)])
+    )
+
+
 @runs_app.command("verify")
 def runs_verify(
     run_id: RunArg, storage: StorageOpt = "./runs", endpoint_url: EndpointOpt = None

@@ -145,7 +145,7 @@ def _check_inputs(cfg) -> None:
     run loads them), a storage.run_id that names a directory the store did not create, and one
     that names an existing run started with another config."""
     from runtime.common import BUILTIN_TINY, BUILTIN_TINY_WARM
-    from scalerl.data import load_prompts
+    from runtime.prompts import prepare_prompts
     from storage.errors import ForeignFileError
     from storage.paths import check_local_access, open_location, validate_name
     from storage.store import RUN_MARKER
@@ -154,7 +154,6 @@ def _check_inputs(cfg) -> None:
     loc = open_location(cfg.storage.url, _store_options(cfg.storage.endpoint_url))
     check_local_access(loc)
     store.check()
-    load_prompts(cfg.data)
     name = cfg.model.name_or_path
     if name.startswith("builtin:") and name not in (BUILTIN_TINY, BUILTIN_TINY_WARM):
         raise ValueError(
@@ -165,6 +164,7 @@ def _check_inputs(cfg) -> None:
         from scalerl.models import check_model  # torch + transformers: only when needed
 
         check_model(name)
+    prepare_prompts(cfg, check_only=True)  # data, eval sets, tokenizer, template, lengths
     from runtime.common import check_placement
 
     check_placement(cfg)  # on cuda: processes, devices and memory (scalerl plan)

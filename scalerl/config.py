@@ -519,13 +519,22 @@ class EvalSetConfig(_Section):
         description="Where its prompts come from: a .parquet/.jsonl file, 'hf:NAME' or a save_to_disk folder (as data.source).",
     )
     subset: str | None = Field(None, description="Configuration (subset) of an hf: dataset.")
-    split: str = Field("test", min_length=1, description="Split of an hf: dataset or DatasetDict folder.")
+    split: str = Field(
+        "test", min_length=1, description="Split of an hf: dataset or DatasetDict folder."
+    )
     revision: str | None = Field(None, description="Hub revision of an hf: dataset.")
-    prompt_column: str = Field("prompt", min_length=1, description="Column holding the prompt text.")
-    answer_column: str = Field("answer", min_length=1, description="Column holding the reference answer.")
-    id_column: str | None = Field(None, description="Column with unique prompt ids; row numbers when unset.")
+    prompt_column: str = Field(
+        "prompt", min_length=1, description="Column holding the prompt text."
+    )
+    answer_column: str = Field(
+        "answer", min_length=1, description="Column holding the reference answer."
+    )
+    id_column: str | None = Field(
+        None, description="Column with unique prompt ids; row numbers when unset."
+    )
     messages_column: str | None = Field(
-        None, description="Column holding a chat (a list of {role, content}) instead of prompt_column."
+        None,
+        description="Column holding a chat (a list of {role, content}) instead of prompt_column.",
     )
     task: Literal["auto", "math", "arithmetic", "countdown"] = Field(
         "auto", description="Verifier; 'auto' takes data.task's verifier (math for files)."
@@ -645,6 +654,7 @@ class EvaluationConfig(_Section):
             (m.split("@")[0], self.samples_per_prompt if m.endswith("@k") else int(m.split("@")[1]))
             for m in self.heldout_metrics
         ]
+
     temperature: float = Field(
         1.0, gt=0.0, le=10.0, description="Sampling temperature for evaluation."
     )

@@ -85,6 +85,8 @@ class LengthPolicy:
     """Tokens that end a completion."""
     enabled: bool = True
     """False: no interruption and no answer budget; only EOS and max_new_tokens."""
+    think_start_ids: tuple[int, ...] = ()
+    """Token ids of the thinking opener (``<think>``), to read a prompt's thinking state."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -116,6 +118,7 @@ class LengthPolicy:
         enabled: bool = True,
         think_end: str = "</think>",
         phrase: str = INTERRUPTION_PHRASE,
+        think_start: str | None = None,
     ) -> LengthPolicy:
         """Token ids for the marker, the phrase and EOS taken from a HF tokenizer."""
         if tokenizer.eos_token_id is None:
@@ -132,6 +135,9 @@ class LengthPolicy:
             interruption_ids=tuple(tokenizer.encode(phrase, add_special_tokens=False)),
             eos_ids=frozenset(eos),
             enabled=enabled,
+            think_start_ids=tuple(
+                tokenizer.encode(think_start or opener_of(think_end), add_special_tokens=False)
+            ),
         )
 
     @classmethod
@@ -139,15 +145,47 @@ class LengthPolicy:
         """No length control beyond EOS and a token cap."""
         return cls(max_new_tokens, 0, 0, 0, (), (), frozenset(eos_ids), enabled=False)
 
-    def start(self, seed: int, *, room: int | None = None) -> SequenceLength:
+    def start(
+        self, seed: int, *, room: int | None = None, prompt_ids: list[int] | None = None
+    ) -> SequenceLength:
         """A fresh per-sequence state; the thinking budget is drawn from ``seed``.
 
         ``room``: tokens left in the model's context after the prompt; the sequence then
         finishes with "length" after min(max_new_tokens, room) tokens.
+        ``prompt_ids``: the rendered prompt; when its thinking is already closed (a chat template
+        with thinking switched off writes ``<think>\n\n</think>`` into the prompt, Qwen3's
+        enable_thinking=false), the completion is all answer: no interruption, every token
+        counted as an answer token.
         """
         budget = random.Random(seed).randint(self.thinking_budget_min, self.thinking_budget_max)
         limit = self.max_new_tokens if room is None else min(self.max_new_tokens, room)
-        return SequenceLength(self, budget if self.enabled else 0, limit)
+        seq = SequenceLength(self, budget if self.enabled else 0, limit)
+        if prompt_ids and self.thinking_closed(prompt_ids):
+            seq.thinking_done = True
+        return seq
+
+    def thinking_closed(self, prompt_ids: list[int]) -> bool:
+        """Whether the prompt's last thinking marker is an end of thinking (``</think>`` after
+        the last ``<think>``, or a ``</think>`` with no ``<think>``)."""
+        end = _last_index(prompt_ids, self.think_end_ids)
+        return end >= 0 and end > _last_index(prompt_ids, self.think_start_ids)
+
+
+def opener_of(think_end: str) -> str:
+    """The opening tag of a closing one: "</think>" -> "<think>" (else "<think>")."""
+    return "<" + think_end[2:] if think_end.startswith("</") else "<think>"
+
+
+def _last_index(ids: list[int], marker: tuple[int, ...]) -> int:
+    """Start of the last occurrence of `marker` in `ids`, -1 if none (or no marker)."""
+    n = len(marker)
+    if not n:
+        return -1
+    first = marker[0]
+    for i in range(len(ids) - n, -1, -1):
+        if ids[i] == first and tuple(ids[i : i + n]) == marker:
+            return i
+    return -1
 
 
 class SequenceLength:

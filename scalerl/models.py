@@ -141,6 +141,132 @@ def build_tiny_model(
     return path
 
 
+QWEN3_VOCAB = 151_936  # the Qwen3 family's embedding rows (151,669 tokenizer tokens, padded)
+QWEN3_THINK_END_ID = 151_668
+_QWEN3_ASSET = Path(__file__).parent / "assets" / "qwen3-tokenizer"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def qwen3_tokenizer_dir(cache: str | Path | None = None) -> Path:
+    """A folder with Qwen3's real tokenizer and chat template (the vendored copy in
+    scalerl/assets/qwen3-tokenizer, tokenizer.json gunzipped once into the cache: $SCALERL_CACHE,
+    else ~/.cache/scalerl, or `cache`). Both files are checked against SHA256SUMS; a damaged
+    copy raises ModelLoadError."""
+    import gzip
+    import os
+    import shutil
+    import tempfile
+
+    sums = dict(
+        reversed(line.split()) for line in (_QWEN3_ASSET / "SHA256SUMS").read_text().splitlines()
+    )
+    root = Path(cache or os.environ.get("SCALERL_CACHE") or Path.home() / ".cache" / "scalerl")
+    out = root / f"qwen3-tokenizer-{sums['tokenizer.json'][:12]}"
+    if all((out / n).is_file() for n in sums):
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".qwen3-tok-", dir=root))
+    try:
+        with (
+            gzip.open(_QWEN3_ASSET / "tokenizer.json.gz", "rb") as src,
+            (tmp / "tokenizer.json").open("wb") as dst,
+        ):
+            shutil.copyfileobj(src, dst)
+        shutil.copy(_QWEN3_ASSET / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        for name, want in sums.items():
+            if _sha256(tmp / name) != want:
+                raise ModelLoadError(
+                    f"the vendored Qwen3 {name} does not match its SHA256SUMS entry. Fix: restore "
+                    "scalerl/assets/qwen3-tokenizer from the repository (git checkout -- it)."
+                )
+        try:
+            tmp.rename(out)  # atomic: a concurrent unpack of the same files loses the race
+        except OSError:
+            if not all((out / n).is_file() for n in sums):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def build_qwen3_model(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 1,
+    kv_heads: int = 1,
+    head_dim: int = 64,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 4096,
+    tie_word_embeddings: bool = True,
+) -> Path:
+    """Write a small random Qwen3-architecture causal LM with the real Qwen3 vocabulary
+    (151,936 embedding rows) and the vendored Qwen3 tokenizer + chat template; return the path.
+    What a real reasoning model looks like to the pipeline (its tokenizer, template, special
+    tokens, eos ids and vocabulary size), at a size a CPU runs: 2 layers of width 64 hold
+    ~10M parameters, nearly all in the embedding. Deterministic for the same arguments.
+    ``head_dim`` stays 64: vLLM's CPU attention rejects smaller heads."""
+    import shutil
+
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok_dir = qwen3_tokenizer_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, path / name)
+    eos, pad = 151_645, 151_643  # <|im_end|>, <|endoftext|>
+    config = Qwen3Config(
+        vocab_size=QWEN3_VOCAB,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 3 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=pad,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).eval()
+    # Qwen3 stops on <|im_end|> and <|endoftext|> (its published generation_config.json)
+    model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def check_tokenizer_fits(tokenizer, model_config, name_or_path: str) -> None:
+    """Raise ModelLoadError when the tokenizer can emit ids the model has no embedding row for
+    (a tokenizer from another model family, or one with tokens added after the model was
+    saved): those ids would index past the embedding on the first prompt."""
+    rows = getattr(model_config, "vocab_size", None)
+    if rows is None and hasattr(model_config, "get_text_config"):
+        rows = getattr(model_config.get_text_config(), "vocab_size", None)
+    size = len(tokenizer)
+    if rows is not None and size > rows:
+        raise ModelLoadError(
+            f"the tokenizer of {name_or_path} has {size:,} tokens but the model has only "
+            f"{rows:,} embedding rows, so token ids {rows:,}..{size - 1:,} have no embedding. Fix: "
+            "use the tokenizer saved with this model (or resize the model's embeddings with "
+            "model.resize_token_embeddings(len(tokenizer)) and save both)."
+        )
+
+
 def _looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
 
@@ -237,7 +363,7 @@ def check_model(name_or_path: str) -> bool:
             f"model path {local} has config.json but no weights ({' or '.join(_WEIGHT_FILES[::2])}). "
             "Fix: save the model there with model.save_pretrained(path)."
         )
-    load_tokenizer(str(local))
+    check_tokenizer_fits(load_tokenizer(str(local)), _load_config(str(local)), str(local))
     return True
 
 

@@ -43,26 +43,28 @@ def retry_unless_bad_input(_task, _task_run, state) -> bool:
     timeout_seconds=3600,
 )
 def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
+    from runtime.prompts import prepare_prompts
     from scalerl.curriculum import NoPositiveResampling
-    from scalerl.data import load_prompts
     from storage import PROMPT_SCHEMA
 
     logger = get_run_logger()
     # Inputs first: a run started from the Prefect UI skips the CLI's checks, and a bad data
     # file or model must fail here with one line, before a run directory exists.
-    prompts = load_prompts(config.data)
     if not config.model.name_or_path.startswith("builtin:"):
         from scalerl.models import check_model  # imports torch: not for the builtin models
 
         check_model(config.model.name_or_path)
     elif config.model.name_or_path == BUILTIN_TINY_WARM:
         tiny_warm_source(config)  # shipped weights that fail their hash check: before any write
+    prompts = prepare_prompts(config)  # rendered with the model's chat template, length-checked
     check_placement(config)  # on cuda: the memory of the plan (a PlacementError, a ValueError)
     run_id = run_id or config.storage.run_id or new_run_id()
     run = open_run(config, run_id, create=True)
     run.write_config(config.model_dump(mode="json"))
-    for split, rows in (("train", prompts.train), ("eval", prompts.eval)):
-        run.write_prompts(split, pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
+    for split, rows in prompts.splits.items():
+        run.write_prompts(split, prompt_table(rows, PROMPT_SCHEMA))
+    if prompts.dropped or prompts.template != "none":
+        run.append_metrics("prompts", prompts.summary(config.generation.max_prompt_tokens))
     if run.latest_weights_version() is None:
         from runtime.transports import transport_for
         from runtime.transports.publisher import record_version
@@ -83,10 +85,23 @@ def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
     if status.get("state") != "running":
         run.write_status({"state": "running", "reason": "prepared"})
     logger.info(
-        "run %s at %s: %d train / %d eval prompts",
+        "run %s at %s: %s prompts (chat template: %s)",
         run_id,
         run.url,
-        len(prompts.train),
-        len(prompts.eval),
+        ", ".join(f"{len(rows)} {split}" for split, rows in prompts.splits.items()),
+        prompts.template,
     )
     return run_id
+
+
+def prompt_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """A prompt split as a table: PROMPT_SCHEMA's columns, plus raw_prompt (the unrendered prompt
+    or chat) when a chat template rendered the prompts. Raw prompts keep today's exact table, so
+    a run prepared before templates existed resumes with identical splits."""
+    table = pa.Table.from_pylist(rows, schema=schema)
+    if rows and "raw_prompt" in rows[0]:
+        table = table.append_column(
+            pa.field("raw_prompt", pa.string()),
+            pa.array([r["raw_prompt"] for r in rows], pa.string()),
+        )
+    return table

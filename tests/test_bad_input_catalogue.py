@@ -168,7 +168,7 @@ def build_inputs(tmp: Path) -> None:
     """Every bad input of the catalogue under $TMP (files, models, stores)."""
     from transformers import BertConfig
 
-    from scalerl.models import build_tiny_model
+    from scalerl.models import build_qwen3_model, build_tiny_model, qwen3_tokenizer_dir
     from storage import open_store
 
     inp, work = tmp / "in", tmp / "work"
@@ -229,6 +229,33 @@ def build_inputs(tmp: Path) -> None:
         + json.dumps({"prompt": "1 / 2 =", "answer": "\\boxed{\\frac{1}{2}"})
         + "\n"
     )
+
+    def chat_jsonl(name, chat):
+        good = {"messages": [{"role": "user", "content": "1 + 1 ="}], "answer": "2"}
+        (inp / name).write_text(
+            json.dumps(good) + "\n" + json.dumps({"messages": chat, "answer": "3"}) + "\n"
+        )
+
+    chat_jsonl("chat_not_list.jsonl", "1 + 2 =")
+    chat_jsonl("chat_no_content.jsonl", [{"role": "user"}])
+    chat_jsonl("chat_unknown_role.jsonl", [{"role": "tool", "content": "1 + 2 ="}])
+    chat_jsonl("chat_no_user.jsonl", [{"role": "system", "content": "Be brief."}])
+    chat_jsonl("chat_empty_content.jsonl", [{"role": "user", "content": " "}])
+    chat_jsonl(
+        "chat_ends_with_assistant.jsonl",
+        [{"role": "user", "content": "1 + 2 ="}, {"role": "assistant", "content": "3"}],
+    )
+    (inp / "chat.jinja").write_text(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    )
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "1 + 1 =", "reward_model": {"style": "rule", "gt": "2"}}]),
+        inp / "struct_answer.parquet",
+    )
+    import datasets
+
+    one = datasets.Dataset.from_list([{"prompt": "1 + 1 =", "answer": "2"}])
+    datasets.DatasetDict({"train": one, "test": one}).save_to_disk(str(inp / "dataset_dict"))
     # -- models --
     BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=1).save_pretrained(
         inp / "bert"
@@ -240,6 +267,11 @@ def build_inputs(tmp: Path) -> None:
     (no_eos / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     no_weights = shutil.copytree(tiny, inp / "no_weights")
     (no_weights / "model.safetensors").unlink()
+    big_vocab = shutil.copytree(tiny, inp / "big_vocab")  # Qwen3's tokenizer on a 260-row model
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen3_tokenizer_dir() / name, big_vocab / name)
+    build_qwen3_model(inp / "qwen3", seed=0)
+    (inp / "broken.jinja").write_text("{% for m in messages %}{{ m.content }")
     # -- storage --
     (inp / "a_file").write_text("not a directory\n")
     (inp / "locked").mkdir()

@@ -319,7 +319,7 @@ def open_group(
             group,
             i,
             seed := sample_seed(sampling.seed, request.prompt_id, i),
-            policy.start(seed, room=max(room, 1)),
+            policy.start(seed, room=max(room, 1), prompt_ids=prompt_ids),
         )
         for i in range(request.n)
     ]

@@ -7,8 +7,10 @@ the pass flag and a short human-readable reason, so a scored shard explains itse
 Final-answer rule (``extract_final_answer``), applied in this order:
 
 1. The answer section is the text after the last ``</think>``. A completion that opens
-   ``<think>`` and never closes it has no answer section (its reasoning was cut off),
-   so the result is None. Without any think tags the whole completion is the answer.
+   ``<think>`` (or whose rendered prompt ends inside ``<think>``) and never closes it has no
+   answer section (its reasoning was cut off): the result is None, so a \boxed{} answer
+   written inside the thinking scores 0. Without any think tags the whole completion is the
+   answer.
 2. In the answer section, the last ``\\boxed{...}`` (or ``\\fbox{...}``) whose braces
    balance (nested braces allowed) wins.
 3. Otherwise the last "Answer: X" / "answer is X" (case-insensitive), up to the end of
@@ -67,12 +69,22 @@ class Scorer(Protocol):
     def score(self, row: Mapping[str, Any], completion: str) -> Reward: ...
 
 
-def answer_section(completion: str) -> str | None:
-    """The text after the last ``</think>``; None if thinking was opened and never closed."""
+def prompt_opens_thinking(prompt: str | None) -> bool:
+    """Whether a rendered prompt leaves thinking open (ends inside ``<think>``, as templates of
+    reasoning models that start the assistant turn with ``<think>\n`` do): the completion then
+    starts in its reasoning."""
+    if not prompt:
+        return False
+    return prompt.rfind("<think>") > prompt.rfind("</think>")
+
+
+def answer_section(completion: str, *, prompt: str | None = None) -> str | None:
+    """The text after the last ``</think>``; None if thinking was opened (in the completion, or
+    by the prompt) and never closed: an answer written inside the thinking is not an answer."""
     end = completion.rfind("</think>")
     if end >= 0:
         return completion[end + len("</think>") :]
-    if "<think>" in completion:
+    if "<think>" in completion or prompt_opens_thinking(prompt):
         return None
     return completion
 
@@ -114,15 +126,18 @@ def has_unclosed_box(text: str) -> bool:
     return any(start not in closed for start in starts)
 
 
-def extract_final_answer(completion: str, *, fallback: str = "number") -> str | None:
+def extract_final_answer(
+    completion: str, *, fallback: str = "number", prompt: str | None = None
+) -> str | None:
     """The completion's final answer by the module's rule (boxed > "Answer:" > last number).
 
     ``fallback="line"`` replaces step 4 by "the last non-empty line", for tasks whose
-    answer is an expression rather than a number (countdown).
+    answer is an expression rather than a number (countdown). ``prompt``: the rendered prompt,
+    whose open ``<think>`` means the completion starts inside its thinking.
     """
     if not isinstance(completion, str):
         return None
-    section = answer_section(completion)
+    section = answer_section(completion, prompt=prompt)
     if section is None:
         return None
     boxed = last_boxed(section)

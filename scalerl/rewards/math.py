@@ -1,7 +1,8 @@
 """Math answers checked with math-verify, bounded in time by worker processes.
 
 ``MathScorer.score(row, completion)``: the completion's final answer (base.py's rule:
-after ``</think>``, last ``\\boxed{}``, else "Answer: X", else the last number) and
+after ``</think>`` (none while the completion, or a prompt ending in ``<think>``, leaves the
+thinking open), last ``\\boxed{}``, else "Answer: X", else the last number) and
 ``row["answer"]`` are each wrapped as ``\\boxed{...}``, parsed with
 ``math_verify.parse`` and compared with ``math_verify.verify`` (symbolic / numeric
 equivalence: ``1/2`` == ``\\frac{1}{2}`` == ``0.5``, ``1,000`` == ``1000``).
@@ -53,7 +54,7 @@ class MathScorer:
         """The check itself, in this process, unbounded in time: run it in a worker."""
         if not isinstance(completion, str):
             return wrong(f"completion is {type(completion).__name__}, not text")
-        found = extract_final_answer(completion)
+        found = extract_final_answer(completion, prompt=row.get("prompt"))
         if found is None:
             return wrong("no final answer")
         if len(found) > MAX_ANSWER_CHARS:

@@ -129,7 +129,7 @@ class ArithmeticScorer:
     def score_inline(self, row: Mapping[str, Any], completion: str) -> Reward:
         if not isinstance(completion, str):
             return wrong(f"completion is {type(completion).__name__}, not text")
-        found = extract_final_answer(completion)
+        found = extract_final_answer(completion, prompt=row.get("prompt"))
         if found is None:
             return wrong("no final answer")
         found = found.strip()
@@ -157,7 +157,7 @@ class CountdownScorer:
         if not isinstance(completion, str):
             return wrong(f"completion is {type(completion).__name__}, not text")
         target, nums = _countdown_answer(row["answer"])
-        found = extract_final_answer(completion, fallback="line")
+        found = extract_final_answer(completion, fallback="line", prompt=row.get("prompt"))
         if found is None:
             return wrong("no final answer")
         if len(found) > MAX_ANSWER_CHARS:

@@ -1,0 +1,141 @@
+"""The run's prompts as the model sees them: every split loaded, rendered and length-checked once.
+
+    prepared = prepare_prompts(config)           # before anything of the run is written
+    prepared.splits["train"], prepared.splits["eval"], prepared.splits["eval-aime24"]
+    prepared.summary()                           # rows for the "prompts" metrics stream
+
+Splits: "train" and the held-out "eval" from data.source (scalerl.data.load_prompts), and one
+"eval-{name}" per evaluation.sets entry (scalerl.data.load_eval_set). All go through one
+PromptRenderer (scalerl/prompts.py) built from the run's tokenizer: the same template, system
+prompt and thinking switch for training and every evaluation set. A prompt whose rendered text has
+more than generation.max_prompt_tokens tokens is dropped and counted per split (never truncated).
+
+The tokenizer: the model's own (a local directory or a hub id through the local cache, at
+model.revision), checked against the model's embedding rows and, with length control on, for a
+single-token end of thinking. The builtin models' character tokenizer has no chat template; their
+raw prompts are counted by UTF-8 bytes (an upper bound), so no tokenizer is loaded unless a prompt
+might be too long.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from runtime.logs import task_logger
+from scalerl.config import HELDOUT_SET, RunConfig
+from scalerl.prompts import (
+    PromptError,
+    PromptRenderer,
+    check_thinking_tokens,
+    eval_split,
+    render_rows,
+)
+
+
+@dataclass
+class PreparedPrompts:
+    splits: dict[str, list[dict[str, str]]]
+    # split -> (count, tokens of the longest, first ids)
+    dropped: dict[str, tuple[int, int, list[str]]] = field(default_factory=dict)
+    template: str = "none"
+
+    @property
+    def train(self) -> list[dict[str, str]]:
+        return self.splits["train"]
+
+    def summary(self, limit: int) -> list[dict]:
+        return [
+            {
+                "split": split,
+                "prompts": len(rows),
+                "dropped_too_long": self.dropped.get(split, (0, 0, []))[0],
+                "longest_dropped_tokens": self.dropped.get(split, (0, 0, []))[1],
+                "max_prompt_tokens": limit,
+                "chat_template": self.template,
+            }
+            for split, rows in self.splits.items()
+        ]
+
+
+def run_tokenizer(config: RunConfig, *, cached_only: bool = False):
+    """The model's tokenizer (None for the builtin models, whose character tokenizer is built
+    on demand), checked against the model: ModelLoadError / PromptError, one line each.
+    `cached_only`: for a hub id, only what the local cache holds (NOT_CACHED when it lacks the
+    tokenizer): the CLI's input check reaches no network."""
+    name = config.model.name_or_path
+    if name.startswith("builtin:"):
+        return None
+    from scalerl.models import _load_config, _looks_local, check_tokenizer_fits, load_tokenizer
+
+    revision = config.model.revision
+    if cached_only and not _looks_local(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        for file in ("tokenizer_config.json", "config.json"):
+            if not isinstance(try_to_load_from_cache(name, file, revision=revision), str):
+                return NOT_CACHED
+    tokenizer = load_tokenizer(name, revision)
+    check_tokenizer_fits(tokenizer, _load_config(name, revision), name)
+    return tokenizer
+
+
+NOT_CACHED = object()  # run_tokenizer(cached_only=True): a hub model not in the local cache
+
+
+def _tiny_tokenizer():
+    from scalerl.models import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+def _load_splits(config: RunConfig) -> dict[str, list[dict[str, str]]]:
+    from scalerl.data import load_eval_set, load_prompts
+
+    base = load_prompts(config.data)
+    raw = {"train": base.train}
+    if config.data.num_eval_prompts:
+        raw[eval_split(HELDOUT_SET)] = base.eval
+    for spec in config.evaluation.sets:
+        raw[eval_split(spec.name)] = load_eval_set(spec, config.data)
+    return raw
+
+
+def prepare_prompts(config: RunConfig, *, check_only: bool = False) -> PreparedPrompts:
+    """Every split of the run, rendered and filtered (see the module docstring); raises
+    DataError / PromptError / ModelLoadError before anything is written. Order: the tokenizer
+    and the settings it must honour, then the data, then each prompt's length.
+    `check_only` (the CLI's input check): a hub model whose tokenizer is not in the local cache
+    is not fetched; the data is still read whole, but not rendered (the run renders it)."""
+    tokenizer = run_tokenizer(config, cached_only=check_only)
+    if tokenizer is NOT_CACHED:
+        return PreparedPrompts(_load_splits(config), template="not checked (tokenizer not cached)")
+    check_thinking_tokens(config, tokenizer)
+    renderer = PromptRenderer.for_config(
+        config, tokenizer, load_tokenizer=_tiny_tokenizer if tokenizer is None else None
+    )
+    raw = _load_splits(config)
+    limit = config.generation.max_prompt_tokens
+    out = PreparedPrompts({}, template=renderer.source)
+    for split, rows in raw.items():
+        done = render_rows(rows, renderer, limit)
+        if rows and not done.rows:
+            raise PromptError(
+                f"every prompt of split {split!r} ({len(rows)}) is longer than "
+                f"generation.max_prompt_tokens = {limit} tokens after rendering (the longest has "
+                f"{done.longest}). Fix: raise generation.max_prompt_tokens, or use shorter prompts."
+            )
+        out.splits[split] = done.rows
+        if done.dropped:
+            out.dropped[split] = (len(done.dropped), done.longest, done.dropped[:5])
+    for split, (n, longest, first) in out.dropped.items():  # after every check passed
+        task_logger().warning(
+            "prompts %s: %d of %d dropped, longer than generation.max_prompt_tokens = %d after "
+            "rendering (the longest has %d tokens; first ids: %s)",
+            split,
+            n,
+            n + len(out.splits[split]),
+            limit,
+            longest,
+            ", ".join(first),
+        )
+    return out
