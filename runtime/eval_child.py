@@ -20,7 +20,10 @@ def main(argv: list[str]) -> int:
 
     run_id, version = argv[0], int(argv[1])
     config = validate_config(json.loads(sys.stdin.read()))
-    config.generation.gpu_memory_utilization = config.evaluation.gpu_memory_utilization
+    if config.placement.evaluation_devices is None:
+        # beside gen0's engine on its device: the evaluation's own share (scalerl plan's view);
+        # on devices of its own (placement.evaluation_devices) it takes the generators' share
+        config.generation.gpu_memory_utilization = config.evaluation.gpu_memory_utilization
     if config.evaluation.nice:  # off the training path: its CPU work yields to the generators'
         os.nice(config.evaluation.nice)
     try:

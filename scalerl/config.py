@@ -662,7 +662,7 @@ class EvaluationConfig(_Section):
         0.25,
         gt=0.0,
         le=1.0,
-        description="vLLM runs only: share of accelerator memory of the evaluation engine, which runs in its own process beside the generator's (vLLM allows one engine per process); generation + evaluation shares must stay <= 0.95.",
+        description="vLLM runs only: share of accelerator memory of the evaluation engine, which runs in its own process beside the generator's (vLLM allows one engine per process); generation + evaluation shares must stay <= 0.95. With placement.evaluation_devices the evaluation has devices of its own and takes generation.gpu_memory_utilization there instead.",
     )
     nice: int = Field(
         10,

@@ -23,7 +23,8 @@ def check_modes(cfg) -> None:
 
 def _check_engine(cfg) -> None:
     shares = cfg.generation.gpu_memory_utilization + cfg.evaluation.gpu_memory_utilization
-    if cfg.generation.engine != "transformers" and shares > 0.95:
+    beside = cfg.placement.evaluation_devices is None  # else the evaluation has its own devices
+    if cfg.generation.engine != "transformers" and beside and shares > 0.95:
         raise ValueError(
             f"generation.gpu_memory_utilization = {cfg.generation.gpu_memory_utilization} + "
             f"evaluation.gpu_memory_utilization = {cfg.evaluation.gpu_memory_utilization} = "

@@ -47,3 +47,24 @@ def test_nccl_with_a_device_per_rank_is_accepted():
         ],
     )
     assert cfg.placement.colocate and cfg.placement.trainer_devices == [1]
+
+
+def test_memory_shares_add_up_only_when_the_evaluation_shares_gen0s_device():
+    """vLLM's evaluation engine beside gen0 takes evaluation.gpu_memory_utilization of the same
+    device, so the two shares must stay within 0.95; on devices of its own
+    (placement.evaluation_devices) it takes the generators' share and nothing adds up."""
+    from scalerl.config import RunConfig
+
+    shares = {"generation": {"engine": "vllm", "gpu_memory_utilization": 0.8, "num_generators": 1}}
+    with pytest.raises(
+        ValueError, match=r"0\.8 \+ evaluation\.gpu_memory_utilization = 0\.25 = 1\.05"
+    ):
+        RunConfig.model_validate(shares)
+    own = {
+        "accelerator": "cuda",
+        "devices_per_node": 3,
+        "trainer_ranks": 1,
+        "evaluation_devices": [2],
+    }
+    cfg = RunConfig.model_validate({**shares, "placement": own})
+    assert cfg.placement.evaluation_devices == [2]
