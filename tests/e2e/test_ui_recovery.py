@@ -68,6 +68,17 @@ def _worker(env, log: Path) -> subprocess.Popen:
     )
 
 
+def _runs(proc, what: str = "prefect.engine") -> bool:
+    """Whether `proc`'s command line names `what`; a process that ended (or is a zombie) under
+    us while we look does not (psutil raises for its command line)."""
+    import psutil
+
+    try:
+        return what in " ".join(proc.cmdline())
+    except psutil.Error:  # NoSuchProcess, ZombieProcess, AccessDenied
+        return False
+
+
 def _kill_flow_run_process(worker: subprocess.Popen, root: Path, past_step: int) -> str:
     """SIGKILL the worker's flow-run process (`python -m prefect.engine`) once the run's trainer
     has published weights past `past_step`; returns the run id found under `root`."""
@@ -82,11 +93,7 @@ def _kill_flow_run_process(worker: subprocess.Popen, root: Path, past_step: int)
         time.sleep(0.2)
     else:
         raise AssertionError(f"the run did not pass step {past_step} in 300 s")
-    (engine,) = [
-        p
-        for p in psutil.Process(worker.pid).children(recursive=True)
-        if "prefect.engine" in " ".join(p.cmdline())
-    ]
+    (engine,) = [p for p in psutil.Process(worker.pid).children(recursive=True) if _runs(p)]
     engine.send_signal(signal.SIGKILL)
     worker.wait(timeout=120)  # --run-once: it reports the crash and exits
     return runs[0]
@@ -345,3 +352,21 @@ def test_scalerl_resume_runs_a_flow_run_of_the_resume_deployment(deployed):
     assert _unfinished_task_runs(env, [f.id for f in tagged]) == []
     run = open_store(str(root)).run("cli-resume")
     assert run.read_status()["state"] == "finished" and verify_run(run).ok
+
+
+def test_a_process_that_ends_while_it_is_looked_for_is_skipped():
+    """A worker child that became a zombie between children() and cmdline() made the recovery
+    tests fail with psutil.ZombieProcess under load: the lookup treats it as not the engine."""
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc = psutil.Process(child.pid)
+    deadline = time.monotonic() + 10
+    while proc.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.02)  # exited, not reaped: a zombie
+    assert proc.status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(psutil.ZombieProcess):
+        proc.cmdline()
+    assert _runs(proc, "python") is False
+    child.wait()
+    assert _runs(proc, "python") is False  # reaped: no such process
