@@ -101,8 +101,11 @@ def _store_options(endpoint_url: str | None) -> dict | None:
 
 
 def _store(storage: str, endpoint_url: str | None):
+    from scalerl.config import check_endpoint_url
     from storage import open_store
 
+    if endpoint_url is not None:
+        check_endpoint_url(endpoint_url, "--endpoint-url")
     return open_store(storage, storage_options=_store_options(endpoint_url))
 
 

@@ -728,6 +728,33 @@ class PlacementConfig(_Section):
     )
 
 
+def check_endpoint_url(value: str, name: str) -> None:
+    """Raise ValueError (one line, the URL not echoed: it may carry a signature) unless `value`
+    is an http(s) endpoint: scheme, host, a port in 1-65535, no path, query or fragment. botocore
+    would otherwise fail at the first request with a traceback that prints the whole URL."""
+    from urllib.parse import urlsplit
+
+    fix = f"Fix: set {name} to the endpoint alone, e.g. http://127.0.0.1:9000 or https://s3.example.com."
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(
+            f"{name} must start with http:// or https:// (it starts with "
+            f"{(parts.scheme + '://') if parts.scheme else 'no scheme'}). {fix}"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not parts.hostname or port == -1 or port == 0:
+        what = "no host" if not parts.hostname else "a port outside 1-65535 (or not a number)"
+        raise ValueError(f"{name} has {what}. {fix}")
+    if parts.query or parts.fragment or parts.path not in ("", "/"):
+        raise ValueError(
+            f"{name} has a path, query string or fragment after the host (not shown: it may "
+            f"carry a signature), which S3 clients do not take. {fix}"
+        )
+
+
 class StorageConfig(_Section):
     url: str = Field(
         "./runs",
@@ -755,6 +782,8 @@ class StorageConfig(_Section):
                 "them from the URL and export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
                 "AWS_PROFILE) instead."
             )
+        if value is not None and info.field_name == "endpoint_url":
+            check_endpoint_url(value, "storage.endpoint_url")
         return value
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from scalerl.config import PRESETS, ConfigError, RunConfig, dump_config, load_config
 from scalerl.config_docs import render_config_markdown
@@ -396,3 +397,32 @@ def test_overrides_never_mutate_the_presets():
         preset="tiny-cpu", overrides=["generation.samples_per_prompt=3", "evaluation.every_steps=7"]
     )
     assert repr(PRESETS) == before
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:9000", "https://s3.example.com", "http://minio:9000/", "http://[::1]:9000"],
+)
+def test_endpoints_that_s3_clients_take_are_accepted(url):
+    assert RunConfig.model_validate({"storage": {"endpoint_url": url}}).storage.endpoint_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://127.0.0.1:99999", "a port outside 1-65535"),
+        ("http://127.0.0.1:port", "a port outside 1-65535"),
+        ("http://127.0.0.1:0", "a port outside 1-65535"),
+        ("http://:9000", "no host"),
+        ("127.0.0.1:9000", "must start with http:// or https://"),
+        ("http://127.0.0.1:9000/bucket", "a path, query string or fragment"),
+        (
+            "http://127.0.0.1:9000/?X-Amz-Signature=SECRET-VALUE-9",
+            "a path, query string or fragment",
+        ),
+    ],
+)
+def test_endpoints_botocore_cannot_use_get_one_line_without_the_url(url, says):
+    with pytest.raises(ValidationError) as caught:
+        RunConfig.model_validate({"storage": {"endpoint_url": url}})
+    assert says in str(caught.value) and "SECRET" not in str(caught.value).split("input_value")[0]
