@@ -28,11 +28,36 @@ def _start_temporary_server() -> None:
     from prefect.client.orchestration import get_client
 
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    mask = os.umask(0o077)  # the server inherits it: the files it creates are the owner's alone
     try:
         with get_client(sync_client=True) as client:
             client.hello()
     finally:
+        os.umask(mask)
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    _private_database()
+
+
+def _private_database() -> None:
+    """Make the temporary server's SQLite database (and its -wal / -shm files) readable by this
+    user only: it holds every run's parameters, states and logs, and one created by an earlier
+    run (or by Prefect before this was done) was world-readable (mode 644)."""
+    from pathlib import Path
+
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    url = settings.server.database.connection_url
+    url = url.get_secret_value() if url is not None else None
+    if url and not url.startswith("sqlite"):
+        return  # a database server of the user's: not ours to change
+    db = (
+        Path(url.split("///", 1)[1]) if url and "///" in url else Path(settings.home) / "prefect.db"
+    )
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        with contextlib.suppress(OSError):  # absent, or another user's: leave it
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
 
 
 @contextlib.contextmanager

@@ -134,6 +134,11 @@ def test_a_run_that_cannot_learn_stops_as_stalled_with_the_reason(tmp_path):
     )  # fmt: skip
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 2, err[-3000:]
+    # the temporary server's database (run parameters, logs) is the user's alone (issue 30)
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+    assert (home / "prefect.db").stat().st_mode & 0o077 == 0, oct(
+        (home / "prefect.db").stat().st_mode
+    )
     (line,) = [x for x in err.splitlines() if x.startswith("error: ")]  # one line
     per_batch = 4 * 4  # prompts_per_batch x samples_per_prompt
     assert line == (
