@@ -72,10 +72,14 @@ class DataConfig(_Section):
         description="Verifier used for rewards; 'auto' takes the synthetic task's own verifier, or 'math' for files.",
     )
     prompt_column: str = Field(
-        "prompt", min_length=1, description="Column holding the prompt text in a dataset file."
+        "prompt",
+        min_length=1,
+        description="Column holding the prompt text (a dotted path reads a struct field, e.g. extra.question).",
     )
     answer_column: str = Field(
-        "answer", min_length=1, description="Column holding the reference answer in a dataset file."
+        "answer",
+        min_length=1,
+        description="Column holding the reference answer (a dotted path reads a struct field, e.g. reward_model.ground_truth).",
     )
     id_column: str | None = Field(
         None, description="Column with unique prompt ids; row numbers are used when unset."

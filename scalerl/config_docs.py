@@ -10,7 +10,15 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from scalerl.config import _LOSS_TYPES, _TRANSPORTS, PRESETS, AlgorithmConfig, RunConfig
+from scalerl.config import (
+    _LOSS_TYPES,
+    _TRANSPORTS,
+    PRESETS,
+    AlgorithmConfig,
+    EvalSetConfig,
+    EvaluationConfig,
+    RunConfig,
+)
 
 _BOUNDS = (
     ("ge", ">="),
@@ -40,17 +48,23 @@ def _type_name(info: FieldInfo) -> str:
 
 
 def _default(info: FieldInfo) -> str:
+    if info.is_required():
+        return "required"
     if info.default_factory is not None:
         value: Any = info.default_factory()
         return "see below" if isinstance(value, BaseModel) else repr(value)
     return repr(info.default)
 
 
+def _cell(default: str) -> str:
+    return default if default == "required" else f"`{default}`"
+
+
 def _table(model: type[BaseModel], prefix: str) -> list[str]:
     rows = ["| field | type | default | bounds | description |", "|---|---|---|---|---|"]
     for name, info in model.model_fields.items():
         rows.append(
-            f"| `{prefix}{name}` | {_type_name(info)} | `{_default(info)}` | {_bounds(info)} | {info.description or ''} |"
+            f"| `{prefix}{name}` | {_type_name(info)} | {_cell(_default(info))} | {_bounds(info)} | {info.description or ''} |"
         )
     return rows
 
@@ -89,6 +103,10 @@ def render_config_markdown() -> str:
             out += _variants(_TRANSPORTS, "weights", "transport")
         else:
             out += _table(model, f"{section}.")
+            out.append("")
+        if model is EvaluationConfig:
+            out += ["Each entry of `evaluation.sets`:", ""]
+            out += _table(EvalSetConfig, "evaluation.sets[].")
             out.append("")
     for name, overrides in PRESETS.items():
         out += [f"## Preset `{name}`", ""]
