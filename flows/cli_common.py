@@ -163,10 +163,8 @@ def _check_inputs(cfg) -> None:
             f"model.name_or_path = {name!r} is not a built-in model. Fix: use "
             f"{BUILTIN_TINY!r}, {BUILTIN_TINY_WARM!r}, a local directory or a hub id."
         )
-    if not name.startswith("builtin:"):
-        from scalerl.models import check_model  # torch + transformers: only when needed
-
-        check_model(name)
+    # the model (a local directory: config, weights, tokenizer; a hub id's tokenizer when
+    # cached), then data, eval sets, chat template and prompt lengths
     prepare_prompts(cfg, check_only=True)  # data, eval sets, tokenizer, template, lengths
     from runtime.common import check_placement
 

@@ -65,10 +65,18 @@ def run_tokenizer(config: RunConfig, *, cached_only: bool = False):
     name = config.model.name_or_path
     if name.startswith("builtin:"):
         return None
-    from scalerl.models import _load_config, _looks_local, check_tokenizer_fits, load_tokenizer
+    from scalerl.models import (
+        _load_config,
+        _looks_local,
+        check_model,
+        check_tokenizer_fits,
+        load_tokenizer,
+    )
 
+    if _looks_local(name):  # the whole directory, weights files and tokenizer included
+        return check_model(name)
     revision = config.model.revision
-    if cached_only and not _looks_local(name):
+    if cached_only:
         from huggingface_hub import try_to_load_from_cache
 
         for file in ("tokenizer_config.json", "config.json"):

@@ -509,6 +509,32 @@ HELDOUT_SET = "heldout"
 _EVAL_METRIC_RE = re.compile(r"^(mean|pass|maj)@(k|[1-9][0-9]*)$")
 
 
+def _check_metric_names(value: list[str]) -> list[str]:
+    for m in value:
+        if not _EVAL_METRIC_RE.match(m):
+            raise ValueError(
+                f"evaluation metric {m!r} is not one of mean@K, pass@K, maj@K. Fix: write "
+                "e.g. 'pass@8', or 'pass@k' for K = samples_per_prompt."
+            )
+    return value
+
+
+def _metric_ks(metrics: list[str], samples: int, where: str, field: str) -> list[tuple[str, int]]:
+    """(kind, K) per metric, the letter k resolved to `samples`; ValueError (one line) when a K
+    is above the samples drawn per prompt."""
+    out = []
+    for m in metrics:
+        kind, k = m.split("@")
+        k = samples if k == "k" else int(k)
+        if k > samples:
+            raise ValueError(
+                f"{where} reports {m} but {field} = {samples}; allowed K range [1, {samples}]. "
+                f"Fix: raise {field} to {k} or lower K."
+            )
+        out.append((kind, k))
+    return out
+
+
 class EvalSetConfig(_Section):
     """One named evaluation set: prompts from a source like data.source, k samples each."""
 
@@ -557,34 +583,22 @@ class EvalSetConfig(_Section):
 
     @field_validator("metrics")
     @classmethod
-    def _metric_names(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        for m in value:
-            if not _EVAL_METRIC_RE.match(m):
-                raise ValueError(
-                    f"evaluation metric {m!r} is not one of mean@K, pass@K, maj@K. Fix: write "
-                    "e.g. 'pass@8', or 'pass@k' for K = samples_per_prompt."
-                )
-        return value
+    def _metric_names(cls, value: list[str]) -> list[str]:
+        return _check_metric_names(value)
 
     @model_validator(mode="after")
     def _k_fits(self) -> EvalSetConfig:
-        for m in self.metrics:
-            k = m.split("@")[1]
-            if k != "k" and int(k) > self.samples_per_prompt:
-                raise ValueError(
-                    f"evaluation set {self.name!r} reports {m} but draws only samples_per_prompt = "
-                    f"{self.samples_per_prompt}; allowed K range [1, {self.samples_per_prompt}]. "
-                    f"Fix: raise samples_per_prompt to {k} or lower K."
-                )
+        self.metric_ks()
         return self
 
     def metric_ks(self) -> list[tuple[str, int]]:
         """(kind, K) per reported metric, the letter k resolved to samples_per_prompt."""
-        out = []
-        for m in self.metrics:
-            kind, k = m.split("@")
-            out.append((kind, self.samples_per_prompt if k == "k" else int(k)))
-        return out
+        return _metric_ks(
+            self.metrics,
+            self.samples_per_prompt,
+            f"evaluation set {self.name!r}",
+            "its samples_per_prompt",
+        )
 
 
 class EvaluationConfig(_Section):
@@ -617,7 +631,7 @@ class EvaluationConfig(_Section):
     @field_validator("heldout_metrics")
     @classmethod
     def _heldout_metric_names(cls, value: list[str]) -> list[str]:
-        return EvalSetConfig._metric_names(value, None)
+        return _check_metric_names(value)
 
     @model_validator(mode="after")
     def _sets_named_once(self) -> EvaluationConfig:
@@ -638,14 +652,7 @@ class EvaluationConfig(_Section):
                 f"evaluation.fit_set = {self.fit_set!r} is not an evaluation set; allowed: "
                 f"{', '.join([HELDOUT_SET, *names])}. Fix: name one of them."
             )
-        for m in self.heldout_metrics:
-            k = m.split("@")[1]
-            if k != "k" and int(k) > self.samples_per_prompt:
-                raise ValueError(
-                    f"evaluation.heldout_metrics reports {m} but evaluation.samples_per_prompt = "
-                    f"{self.samples_per_prompt}; allowed K range [1, {self.samples_per_prompt}]. "
-                    f"Fix: raise samples_per_prompt to {k} or lower K."
-                )
+        self.heldout_metric_ks()
         return self
 
     def set_names(self, num_eval_prompts: int) -> list[str]:
@@ -654,10 +661,12 @@ class EvaluationConfig(_Section):
 
     def heldout_metric_ks(self) -> list[tuple[str, int]]:
         """(kind, K) per held-out metric, the letter k resolved to samples_per_prompt."""
-        return [
-            (m.split("@")[0], self.samples_per_prompt if m.endswith("@k") else int(m.split("@")[1]))
-            for m in self.heldout_metrics
-        ]
+        return _metric_ks(
+            self.heldout_metrics,
+            self.samples_per_prompt,
+            "evaluation.heldout_metrics",
+            "evaluation.samples_per_prompt",
+        )
 
     temperature: float = Field(
         1.0, gt=0.0, le=10.0, description="Sampling temperature for evaluation."

@@ -94,13 +94,16 @@ def majority_passed(answers: Sequence[str | None], passed: Sequence[bool], k: in
     return bool(passed[first[winner]])
 
 
-def final_answer(completion: str | None, task: str | None) -> str | None:
+def final_answer(completion: str | None, task: str | None, prompt: str | None = None) -> str | None:
     """The answer a sample votes for: the verifiers' extraction rule
-    (scalerl.rewards.base.extract_final_answer; the last line for countdown expressions)."""
+    (scalerl.rewards.base.extract_final_answer; the last line for countdown expressions), with
+    the rendered prompt, so an answer inside thinking the prompt opened does not vote."""
     from scalerl.rewards.base import extract_final_answer
 
+    if completion is None:
+        return None
     fallback = "line" if task == "countdown" else "number"
-    return extract_final_answer(completion, fallback=fallback) if completion is not None else None
+    return extract_final_answer(completion, fallback=fallback, prompt=prompt)
 
 
 def group_samples(records: Iterable[Mapping]) -> list[list[Mapping]]:
@@ -130,7 +133,9 @@ def set_metrics(records: Iterable[Mapping], metric_ks: Sequence[tuple[str, int]]
             elif kind == "pass":
                 values.append(pass_at_k(len(passed), sum(passed), k))
             else:
-                answers = [final_answer(r.get("completion"), r.get("task")) for r in g]
+                answers = [
+                    final_answer(r.get("completion"), r.get("task"), r.get("prompt")) for r in g
+                ]
                 values.append(float(majority_passed(answers, passed, k)))
         out[name] = sum(values) / len(values)
     return out

@@ -146,22 +146,22 @@ class LengthPolicy:
         return cls(max_new_tokens, 0, 0, 0, (), (), frozenset(eos_ids), enabled=False)
 
     def start(
-        self, seed: int, *, room: int | None = None, prompt_ids: list[int] | None = None
+        self, seed: int, *, room: int | None = None, thinking_closed: bool = False
     ) -> SequenceLength:
         """A fresh per-sequence state; the thinking budget is drawn from ``seed``.
 
         ``room``: tokens left in the model's context after the prompt; the sequence then
         finishes with "length" after min(max_new_tokens, room) tokens.
-        ``prompt_ids``: the rendered prompt; when its thinking is already closed (a chat template
-        with thinking switched off writes ``<think>\n\n</think>`` into the prompt, Qwen3's
-        enable_thinking=false), the completion is all answer: no interruption, every token
+        ``thinking_closed``: the rendered prompt already closed its thinking
+        (``thinking_closed(prompt_ids)``, read once per prompt: a chat template with thinking
+        switched off writes ``<think>\n\n</think>`` into the prompt, Qwen3's
+        enable_thinking=false), so the completion is all answer: no interruption, every token
         counted as an answer token.
         """
         budget = random.Random(seed).randint(self.thinking_budget_min, self.thinking_budget_max)
         limit = self.max_new_tokens if room is None else min(self.max_new_tokens, room)
         seq = SequenceLength(self, budget if self.enabled else 0, limit)
-        if prompt_ids and self.thinking_closed(prompt_ids):
-            seq.thinking_done = True
+        seq.thinking_done = thinking_closed
         return seq
 
     def thinking_closed(self, prompt_ids: list[int]) -> bool:

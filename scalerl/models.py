@@ -347,24 +347,27 @@ def _load_config(name_or_path: str, revision: str | None = None):
         ) from e
 
 
-def check_model(name_or_path: str) -> bool:
+def check_model(name_or_path: str):
     """Check a local model directory without loading its weights: config.json present, a causal
-    LM, weight files present, a tokenizer with an end-of-sequence token. Raises ModelLoadError
-    naming the problem and the fix; returns False without checking a hub id (that needs the
-    network, so it is checked when the run loads it)."""
+    LM, weight files present, a tokenizer with an end-of-sequence token and no more tokens than
+    the model has embedding rows. Raises ModelLoadError naming the problem and the fix; returns
+    the checked tokenizer, or None without checking a hub id (that needs the network, so it is
+    checked when the run loads it)."""
     name_or_path = str(name_or_path)
     if not _looks_local(name_or_path):
-        return False
+        return None
     local = Path(name_or_path).expanduser()
     _check_local_dir(local)
-    check_causal_lm_config(_load_config(str(local)), str(local))
+    config = _load_config(str(local))
+    check_causal_lm_config(config, str(local))
     if not any((local / f).is_file() for f in _WEIGHT_FILES):
         raise ModelLoadError(
             f"model path {local} has config.json but no weights ({' or '.join(_WEIGHT_FILES[::2])}). "
             "Fix: save the model there with model.save_pretrained(path)."
         )
-    check_tokenizer_fits(load_tokenizer(str(local)), _load_config(str(local)), str(local))
-    return True
+    tokenizer = load_tokenizer(str(local))
+    check_tokenizer_fits(tokenizer, config, str(local))
+    return tokenizer
 
 
 def load_policy(

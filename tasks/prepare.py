@@ -50,13 +50,11 @@ def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
     logger = get_run_logger()
     # Inputs first: a run started from the Prefect UI skips the CLI's checks, and a bad data
     # file or model must fail here with one line, before a run directory exists.
-    if not config.model.name_or_path.startswith("builtin:"):
-        from scalerl.models import check_model  # imports torch: not for the builtin models
-
-        check_model(config.model.name_or_path)
-    elif config.model.name_or_path == BUILTIN_TINY_WARM:
+    if config.model.name_or_path == BUILTIN_TINY_WARM:
         tiny_warm_source(config)  # shipped weights that fail their hash check: before any write
-    prompts = prepare_prompts(config)  # rendered with the model's chat template, length-checked
+    # the model (a local directory: config, weights, tokenizer), then the prompts rendered with
+    # its chat template and length-checked (runtime/prompts.py)
+    prompts = prepare_prompts(config)
     check_placement(config)  # on cuda: the memory of the plan (a PlacementError, a ValueError)
     run_id = run_id or config.storage.run_id or new_run_id()
     run = open_run(config, run_id, create=True)

@@ -314,12 +314,13 @@ def open_group(
     too_long = (
         sampling.max_prompt_tokens is not None and len(prompt_ids) > sampling.max_prompt_tokens
     )
+    closed = policy.thinking_closed(prompt_ids)  # once per group, not per sample
     seqs = [
         SequenceState(
             group,
             i,
             seed := sample_seed(sampling.seed, request.prompt_id, i),
-            policy.start(seed, room=max(room, 1), prompt_ids=prompt_ids),
+            policy.start(seed, room=max(room, 1), thinking_closed=closed),
         )
         for i in range(request.n)
     ]

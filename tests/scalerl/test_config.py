@@ -426,3 +426,31 @@ def test_endpoints_botocore_cannot_use_get_one_line_without_the_url(url, says):
     with pytest.raises(ValidationError) as caught:
         RunConfig.model_validate({"storage": {"endpoint_url": url}})
     assert says in str(caught.value) and "SECRET" not in str(caught.value).split("input_value")[0]
+
+
+def test_evaluation_metrics_name_a_known_kind_and_a_k_within_the_samples():
+    sets = [
+        {
+            "name": "aime",
+            "source": "a.jsonl",
+            "samples_per_prompt": 8,
+            "metrics": ["pass@k", "maj@4"],
+        }
+    ]
+    ev = RunConfig.model_validate({"evaluation": {"sets": sets}}).evaluation
+    assert ev.sets[0].metric_ks() == [("pass", 8), ("maj", 4)]
+    assert ev.heldout_metric_ks() == [("mean", 16), ("pass", 16)]  # samples_per_prompt 16
+    too_many = [{**sets[0], "metrics": ["pass@32"]}]
+    with pytest.raises(
+        ValidationError,
+        match=r"evaluation set 'aime' reports pass@32 but its samples_per_prompt = 8; allowed K range \[1, 8\]",
+    ):
+        RunConfig.model_validate({"evaluation": {"sets": too_many}})
+    with pytest.raises(
+        ValidationError,
+        match=r"evaluation.heldout_metrics reports maj@20 but evaluation.samples_per_prompt = 16",
+    ):
+        RunConfig.model_validate({"evaluation": {"heldout_metrics": ["maj@20"]}})
+    for bad in (["best@2"], ["pass@0"], ["pass"]):
+        with pytest.raises(ValidationError, match="is not one of mean@K, pass@K, maj@K"):
+            RunConfig.model_validate({"evaluation": {"heldout_metrics": bad}})

@@ -137,21 +137,33 @@ def test_interruption_phrase_ends_with_qwen3s_end_of_thinking_token(tok):
 
 
 def test_thinking_closed_by_the_prompt_is_all_answer(tok):
+    """Through the engines' admission step (open_group), as every engine starts a sequence."""
+    from scalerl.engines.base import GroupRequest, SamplingSettings, open_group
+    from scalerl.length_control import CONTINUE
+
     policy = LengthPolicy.from_tokenizer(
         tok, max_new_tokens=64, thinking_budget_min=3, thinking_budget_max=3, answer_budget=2
     )
-    off = template_ids(tok, [{"role": "user", "content": "hi"}], enable_thinking=False)
-    on = template_ids(tok, [{"role": "user", "content": "hi"}], enable_thinking=True)
-    assert policy.thinking_closed(off) and not policy.thinking_closed(on)
-    seq = policy.start(0, prompt_ids=off)
-    for _ in range(10):  # far past the thinking budget: no interruption, every token an answer
-        assert seq.push(16) == type(seq.push(16))()
+    off = tok.decode(template_ids(tok, [{"role": "user", "content": "hi"}], enable_thinking=False))
+    on = tok.decode(template_ids(tok, [{"role": "user", "content": "hi"}], enable_thinking=True))
+    assert off.endswith("<think>\n\n</think>\n\n") and not on.endswith("</think>\n\n")
+
+    def sequence(prompt: str):
+        _, seqs, done = open_group(
+            GroupRequest("p", prompt, 2), tok, SamplingSettings(max_new_tokens=64), policy, 4096
+        )
+        assert done is None and len(seqs) == 2
+        return seqs[0].length
+
+    seq = sequence(off)
+    for _ in range(20):  # far past the thinking budget of 3: no interruption
+        assert seq.push(16) == CONTINUE
     assert not seq.interrupted and seq.answer_tokens == 20 and seq.thinking_tokens == 0
-    # a prompt that opens <think> (templates that start the turn in thinking) still interrupts
-    seq = policy.start(0, prompt_ids=on + [THINK, 198])
-    for _ in range(2):
-        seq.push(16)
-    assert seq.push(16).inject[-1] == END_THINK
+    # thinking on: interrupted at the budget, as is a prompt that opens <think> itself
+    for prompt in (on, on + "<think>\n"):
+        seq = sequence(prompt)
+        assert seq.push(16) == seq.push(16) == CONTINUE
+        assert seq.push(16).inject[-1] == END_THINK and seq.interrupted
 
 
 def test_answers_inside_open_thinking_do_not_count():
