@@ -5,8 +5,10 @@ form asks only for the run id (and the storage root when it is not the default).
     prefect deployment run scalerl-resume/scalerl-resume -p run_id=20261125-153012-a1b2
 
 The same run continues where it stopped (see flows/run.py: committed shards are kept, the trainer
-restarts from its last checkpoint); this flow run is named "scalerl-resume/RUN_ID". A finished
-run is left as it is.
+restarts from its last checkpoint, and the curriculum from its newest intact state, first
+applying again the scored shards that state lacks, so a curriculum file deleted or damaged is
+rebuilt: tasks/stage_drivers.py rebuild_curriculum); this flow run is named
+"scalerl-resume/RUN_ID". A finished run is left as it is.
 """
 
 from __future__ import annotations

@@ -30,10 +30,20 @@
   file of their manifest at its size; every committed shard of every stage (raw, scored,
   filtered, eval) still has its data file at the size of its commit record; a raw shard whose
   scored or filtered commit record is gone (finished run), and an evaluated version without its
-  eval shard, are named. Cheap on S3: listings with sizes and the small manifests and commit
-  records; nothing is hashed but the newest checkpoint's ledger.jsonl and trainer_state.json
-  (the only checkpoint files downloaded, sha256-checked). A checkpoint quarantined by a resuming
-  trainer (Run.quarantine_checkpoint) is a note, not a problem, if its copies are complete;
+  eval shard, are named. A checkpoint quarantined by a resuming trainer
+  (Run.quarantine_checkpoint) is a note, not a problem, if its copies are complete;
+- content (verify_run(content=True), the default; `scalerl runs verify --fast` passes False):
+  every committed shard's data file and every file of the weights and checkpoints above whose
+  size is right is read whole and hashed against the sha256 its manifest or commit record
+  holds (a shard committed before records carried one: its CRC-32, counted in a remark); one
+  PROBLEM line per file whose content differs (bit rot at the same size). The facts
+  files_hashed and bytes_hashed say how much was read. --fast reads only listings with sizes
+  and the small manifests and commit records (plus the newest checkpoint's ledger.jsonl and
+  trainer_state.json, always sha256-checked), and says in a remark that it checked sizes only;
+- a damaged curriculum file (truncated, not JSON, without its version, state, applied list or
+  sampler) is one PROBLEM line naming it and the fix (a resume rebuilds it); the checks of the
+  curriculum run over the intact versions, and a damaged newest version stands for the scored
+  shards it lacked;
 - steps redone after a resume from an older checkpoint (or written twice) are not a problem:
   every reader sees the last row written per step (Run.read_metrics); the facts
   trainer_steps_redone and trainer_rows_replaced count them, and `notes` says so.
@@ -99,7 +109,10 @@ def _checkpoint(run: Run) -> tuple[int | None, list[dict], dict]:
 _LEDGER = ["ledger.jsonl", "trainer_state.json"]
 
 
-def verify_run(run: Run) -> VerifyReport:
+def verify_run(run: Run, *, content: bool = True) -> VerifyReport:
+    """The checks of the module docstring. `content`: hash every committed shard data file
+    and every file of the weights and checkpoints checked (False: `runs verify --fast`, sizes
+    only, which says so in `remarks`)."""
     report = VerifyReport()
     stages = {
         stage: {s.key for s in run.list_shards(stage)} for stage in ("raw", "scored", "filtered")
@@ -151,24 +164,27 @@ def verify_run(run: Run) -> VerifyReport:
 
     versions = run.list_weight_versions()
     more: dict[str, int] = {}
-    report.problems += _loss_problems(run, step, versions, quarantined, report.remarks, more)
+    report.problems += _loss_problems(
+        run, step, versions, quarantined, report.remarks, more, content
+    )
     if step is not None and (not versions or versions[-1] < step):
         report.problems.append(
             f"checkpoint step {step} but the newest weights are {versions[-1] if versions else None}"
         )
 
     retired: set[str] = set()
-    applied = -1
-    for version in run.list_curriculum_versions():
-        _, state = run.load_curriculum(version)
-        now = set(state["sampler"]["retired"])
+    applied, last = -1, -1
+    curriculum = _curriculum_states(run, finished)  # a damaged file: one line, then skipped
+    report.problems += curriculum.problems
+    for version, state in curriculum.states:
+        now = set(state["sampler"].get("retired") or [])
         if not retired <= now:
             report.problems.append(f"curriculum v{version} un-retired {sorted(retired - now)[:3]}")
-        if len(state["applied"]) != applied + 1 and applied >= 0:
+        if len(state["applied"]) != applied + 1 and applied >= 0 and version == last + 1:
             report.problems.append(
                 f"curriculum v{version} applies {len(state['applied'])} shards after {applied}"
             )
-        retired, applied = now, len(state["applied"])
+        retired, applied, last = now, len(state["applied"]), version
     report.problems += _trainer_problems(run, ledger, assembler, more)
     report.problems += _lineage_problems(run, step, ledger, versions, finished, more)
     if more.get("trainer_steps_redone"):
@@ -177,7 +193,7 @@ def verify_run(run: Run) -> VerifyReport:
             f"from an older checkpoint; their {more['trainer_rows_replaced']} earlier metrics "
             "row(s) are replaced by the last written (read_metrics: one row per step)"
         )
-    report.problems += _curriculum_problems(run, stages["scored"], anywhere, finished, more)
+    report.problems += _curriculum_problems(curriculum, stages["scored"], anywhere, finished, more)
     report.facts = {
         "raw_shards": len(stages["raw"]),
         "filtered_shards": len(stages["filtered"]),
@@ -309,23 +325,61 @@ def _lineage_problems(
     return problems
 
 
+@dataclass
+class _Curriculum:
+    """The run's curriculum files: every version listed, the intact ones with their state, one
+    problem line per damaged file, and whether one newer than every intact version is damaged
+    (its lines then stand for what follows from it: a resume rebuilds it)."""
+
+    versions: list[int]
+    states: list[tuple[int, dict]]
+    problems: list[str]
+    newest_damaged: bool
+
+
+def _curriculum_states(run: Run, finished: bool) -> _Curriculum:
+    from storage.store import DamagedCurriculumError
+
+    versions, states, problems = run.list_curriculum_versions(), [], []
+    for version in versions:
+        try:
+            states.append(run.load_curriculum(version))
+        except DamagedCurriculumError as e:  # the fix a finished run can use
+            problems.append(run.curriculum_damage_message(version, e.damage, finished))
+        except LookupError:  # moved aside by a writer meanwhile
+            continue
+    newest = bool(versions) and (not states or states[-1][0] != versions[-1])
+    return _Curriculum(versions, states, _capped(problems, "curriculum files damaged"), newest)
+
+
 def _curriculum_problems(
-    run: Run, scored: set[str], quarantined: set[str], finished: bool, facts: dict
+    curriculum: _Curriculum,
+    scored: set[str],
+    quarantined: set[str],
+    finished: bool,
+    facts: dict,
 ) -> list[str]:
-    """Curriculum versions in a row, each applying exactly one new scored shard."""
+    """Curriculum versions in a row, each applying exactly one new scored shard (a damaged
+    version is named by _curriculum_states; the versions on either side of it are not
+    compared)."""
     problems = []
-    versions = run.list_curriculum_versions()
+    versions = curriculum.versions
     if versions and versions != list(range(versions[-1] + 1)):
         problems.append(f"curriculum versions are not continuous: {versions[:10]}")
     before: list[str] = []
-    for version in versions:
-        applied = run.load_curriculum(version)[1]["applied"]
-        if version and (applied[:-1] != before or len(applied) != len(before) + 1):
+    last = -1
+    for version, state in curriculum.states:
+        applied = state["applied"]
+        if (
+            version
+            and version == last + 1
+            and (applied[:-1] != before or len(applied) != len(before) + 1)
+        ):
             problems.append(
                 f"curriculum v{version} does not extend v{version - 1}'s applied shards by one"
             )
             break
-        before = applied
+        before, last = applied, version
     twice = sorted(k for k, n in Counter(before).items() if n > 1)
     if twice:
         problems.append(f"{len(twice)} shard(s) applied to the curriculum twice, e.g. {twice[0]}")
@@ -335,7 +389,7 @@ def _curriculum_problems(
             f"{len(unknown)} curriculum shard(s) are not committed scored shards, e.g. {unknown[0]}"
         )
     missing = sorted(scored - set(before) - quarantined)
-    if finished and missing:
+    if finished and missing and not curriculum.newest_damaged:  # else: named with the file
         problems.append(
             f"{len(missing)} scored shard(s) never reached the curriculum, e.g. {missing[0]}"
         )
@@ -374,10 +428,14 @@ def _loss_problems(
     quarantined: dict[str, set[str]],
     remarks: list[str],
     facts: dict,
+    content: bool = True,
 ) -> list[str]:
     """Everything the run's record says exists still does, at its recorded size: weight
     versions, the weights it needs, every checkpoint's files, every committed shard's data
-    file, every evaluated version's eval shard. One line per missing thing."""
+    file, every evaluated version's eval shard. One line per missing thing. With `content`,
+    the files whose size is right are hashed too (sha256 of the manifest or commit record;
+    the CRC-32 of a shard committed before its record carried a sha256): one line per file
+    whose content differs."""
     from runtime.retention import pruned_numbers
     from runtime.transports.publisher import LEDGER
 
@@ -425,7 +483,21 @@ def _loss_problems(
             remarks.append(f"weights v{v} (evaluated) was deleted by retention (metrics pruned)")
             continue
         needed.setdefault(v, []).append("evaluated")
-    for v, damage in sorted(run.weights_damage(sorted(needed)).items()):
+    hashed = {"files": 0, "bytes": 0}
+
+    def add_content(kind: str, found: dict) -> dict:
+        """found (number -> size damage) with the content damage of the size-intact ones."""
+        intact = [n for n, d in found.items() if d == []]
+        if not content or not intact:
+            return found
+        for n, (files, size, damage) in run.content_damage(kind, intact).items():
+            hashed["files"] += files
+            hashed["bytes"] += size
+            found[n] = damage
+        return found
+
+    weights_damage = add_content("weights", run.weights_damage(sorted(needed)))
+    for v, damage in sorted(weights_damage.items()):
         if damage is None and top is not None and v <= top:
             continue  # named above
         if damage is None:
@@ -440,7 +512,9 @@ def _loss_problems(
             )
 
     steps = run.list_checkpoints()
-    damaged = {s: d for s, d in run.checkpoint_damage(steps).items() if d}
+    damaged = {
+        s: d for s, d in add_content("checkpoint", run.checkpoint_damage(steps)).items() if d
+    }
     for s, damage in sorted(damaged.items()):
         older = [o for o in steps if o < s and o not in damaged]
         problems.append(
@@ -460,8 +534,10 @@ def _loss_problems(
     facts["checkpoints_quarantined"] = len(run.list_quarantined_checkpoints())
 
     shard_lines: list[str] = []
+    by_crc = 0
     for stage in run.stages():
         files = _data_files(run, stage)
+        hashes = run.shard_content_damage(stage) if content else {}
         for info in run.list_shards(stage):
             name = info.url.rsplit("/", 1)[-1]
             size = files.get(info.key, {}).get(name)
@@ -476,6 +552,17 @@ def _loss_problems(
                     f"{stage} shard {info.key} is damaged: {where} is {size:,} bytes, its "
                     f"commit record says {info.bytes:,}"
                 )
+            elif info.key in hashes:
+                check, damage = hashes[info.key]
+                hashed["files"] += 1
+                hashed["bytes"] += info.bytes
+                by_crc += check == "crc32"
+                if damage and damage != "missing":
+                    shard_lines.append(
+                        f"{stage} shard {info.key} is damaged: {where}: {damage} (same size, "
+                        f"{info.bytes:,} bytes). Fix: restore the file from a copy of the run "
+                        "(a stage that reads it quarantines it)"
+                    )
     problems += _capped(shard_lines, "shard data files missing or damaged")
     if evaluated:
         from runtime.evaluation import set_shard_key
@@ -499,4 +586,15 @@ def _loss_problems(
             "eval shards missing",
         )
     facts["shard_files_missing_or_damaged"] = len(shard_lines)
+    facts["files_hashed"], facts["bytes_hashed"] = hashed["files"], hashed["bytes"]
+    if not content:
+        remarks.append(
+            "--fast: sizes only; no file was hashed, so a file altered at the same size (bit "
+            "rot) is not found. Run `scalerl runs verify` without --fast to check content"
+        )
+    elif by_crc:
+        remarks.append(
+            f"{by_crc} shard(s) were committed before commit records carried a sha256: their "
+            "data files were checked against the record's CRC-32"
+        )
     return problems

@@ -7,9 +7,12 @@ A writer serializes the table once (Parquet zstd, schema version + run id in the
 metadata), uploads it under a fresh attempt name, then creates the commit record with an
 exclusive create. Readers list and open commit records only, so they never see a partial or
 uncommitted file; a dead writer leaves at most an unreferenced data file (an orphan, removed
-by Run.clean_orphans). The record carries rows, bytes and the CRC-32 of the data file; reads
-verify size and checksum, so a truncated or altered file is a CorruptShardError rather than
-wrong data (CRC-32 runs at several GB/s; a cryptographic digest cost 15% of a read).
+by Run.clean_orphans). The record carries rows, bytes, the CRC-32 and the sha256 of the data
+file; reads verify size and CRC-32, so a truncated or altered file is a CorruptShardError
+rather than wrong data (CRC-32 runs at several GB/s; a cryptographic digest cost 15% of a
+read). The sha256 (computed once, at the commit) is what `scalerl runs verify` checks the file
+against (content_damage); records written before it was added carry none and are checked by
+their CRC-32.
 
 The hot path does no extra round trip: the data goes up, then the exclusive create of the
 record decides. Only when the key is already committed (a retry) is the existing shard read
@@ -78,8 +81,9 @@ def _with_metadata(table: pa.Table, run_id: str) -> pa.Table:
     return table.replace_schema_metadata(meta)
 
 
-def _write_local(path: str, table: pa.Table) -> tuple[int, int]:
-    """Stream Parquet straight to disk (no in-memory copy of the file); return (bytes, crc32).
+def _write_local(path: str, table: pa.Table) -> tuple[int, int, str]:
+    """Stream Parquet straight to disk (no in-memory copy of the file); return (bytes, crc32,
+    sha256).
     Re-reading the fresh file from the page cache for the checksum is cheaper than building
     the whole file in memory first."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -88,7 +92,12 @@ def _write_local(path: str, table: pa.Table) -> tuple[int, int]:
         fsio.fault_point("shard.data.partial")  # pages are on disk, the footer is not
     with open(path, "rb") as f:
         data = f.read()
-    return len(data), zlib.crc32(data)
+    return len(data), zlib.crc32(data), hashlib.sha256(data).hexdigest()
+
+
+def _checksums(data) -> tuple[int, str]:
+    """(crc32, sha256 hex) of a buffer: one pool task, overlapping the upload."""
+    return zlib.crc32(data), hashlib.sha256(data).hexdigest()
 
 
 @functools.cache
@@ -120,6 +129,9 @@ class _RecordCache:
 
 
 _RECORDS = _RecordCache(max_entries=20_000)
+_LISTED = _RecordCache(max_entries=20_000)  # record URL -> the record the last listing saw
+LAYOUT_CHECK_S = 60.0  # object stores: a stage directory's layout is checked this often
+_LAYOUT_CHECKED: dict[str, float] = {}  # stage directory URL -> when (monotonic) it was
 
 
 class Shards:
@@ -153,14 +165,14 @@ class Shards:
         data_path = f"{self._stage_dir(stage)}/{rel}"
         try:
             if self._loc.is_local:
-                size, crc = _write_local(data_path, table)
+                size, crc, sha = _write_local(data_path, table)
             else:
                 sink = pa.BufferOutputStream()
                 pq.write_table(table, sink, **PARQUET_OPTIONS)
                 data = sink.getvalue()
-                checksum = _crc_pool().submit(zlib.crc32, data)  # overlaps the upload
+                checksum = _crc_pool().submit(_checksums, data)  # overlaps the upload
                 fsio.put_unreferenced(self._loc, data_path, data.to_pybytes(), "shard.data")
-                size, crc = data.size, checksum.result()
+                size, (crc, sha) = data.size, checksum.result()
         except Exception:
             with contextlib.suppress(Exception):  # best effort; clean_orphans is the backstop
                 self._loc.fs.rm_file(data_path)
@@ -175,6 +187,7 @@ class Shards:
             "rows": table.num_rows,
             "bytes": size,
             "crc32": crc,
+            "sha256": sha,  # checked by `scalerl runs verify` (content_damage); reads use crc32
             "schema_version": SCHEMA_VERSION,
             "committed_at": time.time(),
         }
@@ -253,10 +266,27 @@ class Shards:
         return self._parse_record(path, raw, stage, key)
 
     def has(self, stage: str, key: str) -> bool:
-        return self._loc.fs.exists(self._record_path(stage, key))
+        path = self._record_path(stage, key)
+        if self._loc.is_local or self._loc.protocol == "memory":
+            return self._loc.fs.exists(path)
+        try:  # one GET of the small record; exists() costs a HEAD and, when absent, a LIST
+            fsio.read_bytes(self._loc, path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def read(self, stage: str, key: str) -> pa.Table:
-        record = self._read_record(stage, key)
+        if not self._loc.is_local:
+            # The record as this process last listed it saves a GET before the data's. A
+            # listing can be stale (the shard quarantined, or re-committed under another
+            # attempt, since): its data file is then gone, so read the record afresh.
+            listed = _LISTED.get(self._loc.url_of(self._record_path(stage, key)))
+            if listed is not None:
+                with contextlib.suppress(CorruptShardError):
+                    return self._read_data(stage, key, listed)
+        return self._read_data(stage, key, self._read_record(stage, key))
+
+    def _read_data(self, stage: str, key: str, record: dict) -> pa.Table:
         url = self._data_url(stage, record)
         fix = (
             f"Fix: delete the commit record {self._loc.url_of(self._record_path(stage, key))} "
@@ -298,6 +328,44 @@ class Shards:
                 f"shard {url} holds rows of run {owner!r}, not {self._run_id!r}. {_MOVE_OUT}"
             )
 
+    def content_damage(self, stage: str, keys: list[str] | None = None) -> dict[str, tuple]:
+        """key -> (check, damage) for the committed shards of `stage` (or `keys` of them),
+        each data file read whole and hashed: check is "sha256" (the record has one), "crc32"
+        (an older record: only its CRC-32) or "size" (neither); damage is "" when the file
+        matches, else what is wrong. A missing file is "missing" (the size check of `runs
+        verify` names it)."""
+        records = {r["key"]: r for r in self._records(stage)}
+        todo = [records[k] for k in (records if keys is None else keys) if k in records]
+
+        def check(record: dict) -> tuple[str, tuple]:
+            path = f"{self._stage_dir(stage)}/{record['data']}"
+            kind = "sha256" if record.get("sha256") else "crc32" if "crc32" in record else "size"
+            sha, crc, size = hashlib.sha256(), 0, 0
+            try:
+                with self._loc.fs.open(path, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        size += len(chunk)
+                        if kind == "sha256":
+                            sha.update(chunk)
+                        elif kind == "crc32":
+                            crc = zlib.crc32(chunk, crc)
+            except FileNotFoundError:
+                return record["key"], (kind, "missing")
+            if size != record["bytes"]:
+                damage = f"{size:,} bytes, its commit record says {record['bytes']:,}"
+            elif kind == "sha256" and sha.hexdigest() != record["sha256"]:
+                damage = "its content does not match the sha256 of its commit record"
+            elif kind == "crc32" and crc != record["crc32"]:
+                damage = "its content does not match the CRC-32 of its commit record"
+            else:
+                damage = ""
+            return record["key"], (kind, damage)
+
+        if not todo:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:  # hashing drops the GIL
+            return dict(pool.map(check, todo))
+
     # -- listing ---------------------------------------------------------------------------
 
     def stages(self) -> list[str]:
@@ -311,14 +379,27 @@ class Shards:
             out.append(validate_name(name, "stage directory"))
         return sorted(out)
 
-    def _record_infos(self, stage: str) -> list[dict]:
-        base = self._stage_dir(stage)
+    def _check_layout(self, stage: str, base: str) -> None:
+        """ForeignFileError for anything but data/ and commits/ in the stage directory. A
+        listing of its own: every call on local disk, on object stores at most every
+        LAYOUT_CHECK_S per stage and process (pollers list a stage several times a second,
+        and each listing is a request)."""
+        url = self._loc.url_of(base)
+        if not self._loc.is_local and time.monotonic() - _LAYOUT_CHECKED.get(url, -1e9) < (
+            LAYOUT_CHECK_S
+        ):
+            return
         for info in fsio.ls(self._loc, base):
             if fsio.basename(info) not in ("data", "commits") or info["type"] != "directory":
                 raise ForeignFileError(
                     f"{self._loc.url_of(info['name'])} is not part of the shard layout "
                     f"(only data/ and commits/ belong in {stage}/). {_MOVE_OUT}"
                 )
+        _LAYOUT_CHECKED[url] = time.monotonic()
+
+    def _record_infos(self, stage: str) -> list[dict]:
+        base = self._stage_dir(stage)
+        self._check_layout(stage, base)
         infos = []
         for info in fsio.ls(self._loc, f"{base}/commits"):
             name = fsio.basename(info)
@@ -353,6 +434,8 @@ class Shards:
         for path, raw in raws.items():
             out[path] = record = self._parse_record(path, raw, stage, None)
             _RECORDS.put((self._loc.url_of(path), stamps[path]), record)
+        for path, record in out.items():
+            _LISTED.put(self._loc.url_of(path), record)
         return [out[path] for path, _ in stamped]
 
     def count(self, stage: str) -> int:

@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -64,6 +66,7 @@ from storage.errors import (
     InvalidInputError,
     NotCommittedError,
     RunNotFoundError,
+    StoreError,
 )
 from storage.fsio import guarded
 from storage.paths import Location, open_location, validate_name
@@ -120,6 +123,58 @@ def _json_bytes(value: object, what: str, *, compact: bool = False) -> bytes:
             f"{what} is not JSON-serializable ({e}). Fix: pass plain dicts, lists, strings, "
             "finite numbers, booleans and None (e.g. config.model_dump(mode='json'))."
         ) from None
+
+
+class DamagedCurriculumError(StoreError):
+    """A committed curriculum file (curriculum/v{N}.json) is truncated, not JSON, or lacks the
+    keys of a curriculum state (damaged after its commit). `version`, `damage`: which, and what
+    is wrong with it."""
+
+    def __init__(self, message: str, version: int = -1, damage: str = "") -> None:
+        super().__init__(message)
+        self.version, self.damage = version, damage
+
+
+_log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # damaged curriculum files already warned about by this process
+
+
+def _state_damage(state: object) -> str:
+    """What keeps `state` from being a curriculum state; '' when it is one."""
+    if not isinstance(state, dict):
+        return "no state object"
+    if not isinstance(state.get("applied"), list):
+        return "its state has no applied list"
+    if not isinstance(state.get("sampler"), dict):
+        return "its state has no sampler object"
+    return ""
+
+
+def _parse_curriculum(raw: bytes, version: int) -> tuple[dict | None, str]:
+    """(state, '') from the bytes of curriculum/v{version}.json, or (None, what is wrong)."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:  # UnicodeDecodeError is one
+        return None, f"not JSON: {str(e).splitlines()[0][:120]}"
+    if not isinstance(doc, dict):
+        return None, f"a JSON {type(doc).__name__}, not an object"
+    if doc.get("version") != version:
+        return None, f"its version is {doc.get('version')!r}, not {version}"
+    damage = _state_damage(doc.get("state"))
+    return (None, damage) if damage else (doc["state"], "")
+
+
+def _stream_sha256(fs, path: str) -> tuple[str, int] | None:
+    """(sha256 hex, bytes) of a stored file, read in 4 MiB chunks; None when it is missing."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest(), size
 
 
 def latest_metrics(name: str, table: pa.Table) -> pa.Table:
@@ -633,6 +688,46 @@ class Run:
         """checkpoint_damage for weight versions (None: the version's manifest is missing)."""
         return self._weights.damage_many(versions)
 
+    @retrying
+    def content_damage(
+        self, kind: str, numbers: list[int]
+    ) -> dict[int, tuple[int, int, list[str]]]:
+        """`runs verify`'s content check of committed checkpoints (kind "checkpoint") or weight
+        versions ("weights"): every file of each manifest read whole and hashed against the
+        manifest's sha256. number -> (files hashed, bytes hashed, one string per file whose
+        content does not match); a file missing or of another size is left to the size check
+        (checkpoint_damage / weights_damage), an entry without a manifest left out."""
+        dirs = self._ckpts if kind == "checkpoint" else self._weights
+        out: dict[int, tuple[int, int, list[str]]] = {}
+        for n in numbers:
+            manifest = dirs._manifest(n)
+            if manifest is None:
+                continue
+            dirs._check_paths(n, manifest)  # no path outside the entry is ever opened
+            files = hashed = 0
+            damage: list[str] = []
+            for entry in manifest.get("files", []):
+                if not entry.get("sha256"):
+                    continue
+                found = _stream_sha256(self._loc.fs, f"{dirs.path(n)}/{entry['path']}")
+                if found is None or found[1] != entry["bytes"]:
+                    continue  # missing or resized: the size check names it
+                files, hashed = files + 1, hashed + found[1]
+                if found[0] != entry["sha256"]:
+                    damage.append(
+                        f"{entry['path']} does not match its manifest's sha256 (same size, "
+                        f"{entry['bytes']:,} bytes)"
+                    )
+            out[n] = (files, hashed, damage)
+        return out
+
+    @retrying
+    def shard_content_damage(self, stage: str) -> dict[str, tuple[str, str]]:
+        """`runs verify`'s content check of every committed shard of `stage` (its data file
+        read whole): key -> (check, damage), check "sha256", or "crc32" for a record written
+        before records carried a sha256; damage "" when intact (storage/shards.py)."""
+        return self._shards.content_damage(validate_name(stage, "stage"))
+
     def damage_message(self, kind: str, number: int, damage: list[str]) -> str:
         """The DamagedEntryError text for `damage` of checkpoint / weights `number`."""
         dirs = self._ckpts if kind == "checkpoint" else self._weights
@@ -717,23 +812,60 @@ class Run:
     @_writes
     @retrying
     def save_curriculum(self, state: dict, version: int) -> None:
-        """Commit curriculum state `version`; identical re-save is a no-op."""
+        """Commit curriculum state `version`; identical re-save is a no-op. A damaged file
+        already at that version (see load_curriculum) is moved aside first, a copy kept under
+        quarantine/curriculum/v{N}/, so a state rebuilt from the version before replaces it."""
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise InvalidInputError(f"curriculum version {version!r} is invalid. Fix: int >= 0.")
-        path = f"{self._root}/curriculum/v{version}.json"
+        path = self._curriculum_path(version)
         data = _json_bytes({"version": version, "state": state}, "curriculum state", compact=True)
-        if not fsio.create_exclusive(self._loc, path, data) and (
-            json.loads(fsio.read_bytes(self._loc, path)) != json.loads(data)
-        ):
+        if damage := _state_damage(state):
+            raise InvalidInputError(
+                f"curriculum state v{version} is not a curriculum state: {damage}. Fix: save "
+                '{"sampler": NoPositiveResampling.state_dict(), "applied": [shard keys]}.'
+            )
+        if fsio.create_exclusive(self._loc, path, data):
+            return
+        try:
+            existing = fsio.read_bytes(self._loc, path)
+        except FileNotFoundError:  # moved aside by another writer meanwhile: try once more
+            existing = None
+        if existing is not None and _parse_curriculum(existing, version)[1]:
+            self._move_curriculum_aside(path, version, existing)
+            existing = None
+        if existing is None:
+            if fsio.create_exclusive(self._loc, path, data):
+                return
+            existing = fsio.read_bytes(self._loc, path)
+        if _parse_curriculum(existing, version)[1] or json.loads(existing) != json.loads(data):
             raise CommitConflictError(
                 f"curriculum version {version} is already committed at "
                 f"{self._loc.url_of(path)} with a different state. Fix: save under "
                 "version + 1."
             )
 
+    def _curriculum_path(self, version: int) -> str:
+        return f"{self._root}/curriculum/v{version}.json"
+
+    def _move_curriculum_aside(self, path: str, version: int, raw: bytes) -> None:
+        """Copy a damaged curriculum file to quarantine/curriculum/v{N}/q-{digest}.json, then
+        remove it (nothing is deleted before its copy exists)."""
+        digest = hashlib.sha256(raw).hexdigest()[:12]
+        copy = f"{self._root}/quarantine/curriculum/v{version}/q-{digest}.json"
+        fsio.write_atomic(self._loc, copy, raw)
+        with contextlib.suppress(FileNotFoundError):
+            self._loc.fs.rm_file(path)
+        _log.warning(
+            "moved the damaged curriculum file %s aside to %s; v%d is written again",
+            self._loc.url_of(path),
+            self._loc.url_of(copy),
+            version,
+        )
+
     @retrying
     def list_curriculum_versions(self) -> list[int]:
-        """Every committed curriculum version, ascending."""
+        """Every committed curriculum version, ascending (intact or damaged: the listing reads
+        no file)."""
         base, versions = f"{self._root}/curriculum", []
         for info in fsio.ls(self._loc, base):
             name = fsio.basename(info)
@@ -750,21 +882,69 @@ class Run:
 
     @retrying
     def load_curriculum(self, version: int | None = None) -> tuple[int, dict] | None:
-        """(version, state) of the latest committed curriculum, or of `version`; None if none."""
-        if version is None:
-            versions = self.list_curriculum_versions()
-            if not versions:
-                return None
-            version = versions[-1]
-        path = f"{self._root}/curriculum/v{version}.json"
-        try:
-            doc = json.loads(fsio.read_bytes(self._loc, path))
-        except FileNotFoundError:
-            raise NotCommittedError(
-                f"curriculum version {version} is not committed at {self._loc.url_of(path)}. "
-                "Fix: pick one of list_curriculum_versions()."
-            ) from None
-        return doc["version"], doc["state"]
+        """(version, state) of the latest committed curriculum, or of `version`; None if none.
+
+        A damaged file (truncated, not JSON, or not {"version": N, "state": {"applied": [...],
+        "sampler": {...}}}) is skipped when no version is given: the newest intact version is
+        returned, with a warning naming the damaged file (once per file and process); None if
+        none is intact. The curriculum stage rebuilds the versions after it from the scored
+        shards its `applied` list lacks (tasks/stage_drivers.py), and its save moves the damaged
+        file aside. An explicit damaged `version` raises DamagedCurriculumError."""
+        if version is not None:
+            path = self._curriculum_path(version)
+            try:
+                raw = fsio.read_bytes(self._loc, path)
+            except FileNotFoundError:
+                raise NotCommittedError(
+                    f"curriculum version {version} is not committed at "
+                    f"{self._loc.url_of(path)}. Fix: pick one of list_curriculum_versions()."
+                ) from None
+            state, damage = _parse_curriculum(raw, version)
+            if damage:
+                raise DamagedCurriculumError(
+                    self.curriculum_damage_message(version, damage), version, damage
+                )
+            return version, state
+        for candidate in reversed(self.list_curriculum_versions()):
+            path = self._curriculum_path(candidate)
+            try:
+                raw = fsio.read_bytes(self._loc, path)
+            except FileNotFoundError:  # moved aside by the curriculum stage meanwhile
+                continue
+            state, damage = _parse_curriculum(raw, candidate)
+            if not damage:
+                return candidate, state
+            url = self._loc.url_of(path)
+            if url not in _WARNED:
+                _WARNED.add(url)
+                _log.warning(
+                    "curriculum file %s is damaged (%s); using the newest intact version "
+                    "before it (v%d and older are tried). `scalerl resume %s` rebuilds it from "
+                    "the scored shards",
+                    url,
+                    damage,
+                    candidate - 1,
+                    self.run_id,
+                )
+        return None
+
+    def curriculum_damage_message(self, version: int, damage: str, finished: bool = False) -> str:
+        """The one line for a damaged curriculum file (DamagedCurriculumError, `runs verify`).
+        `finished`: the run has finished, so no resume rebuilds it."""
+        where = self._loc.url_of(self._curriculum_path(version))
+        if finished:
+            return (
+                f"curriculum file {where} is damaged ({damage}). Fix: restore the file from a "
+                "copy of the run; the run has finished, so `scalerl resume` leaves it as it is "
+                "(the run no longer uses its curriculum; load_curriculum() without a version "
+                "falls back to the newest intact one)"
+            )
+        return (
+            f"curriculum file {where} is damaged ({damage}). Fix: `scalerl resume "
+            f"{self.run_id}` rebuilds v{version} from the newest intact version and the scored "
+            "shards after it (load_curriculum() without a version falls back to that one), or "
+            "restore the file from a copy of the run"
+        )
 
     # -- maintenance -----------------------------------------------------------------------
 

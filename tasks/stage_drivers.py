@@ -2,7 +2,7 @@
 driver per pipeline.stage_tasks mode, chosen once, each with the same small interface.
 
     stages = make_stage_driver(config, run)   # per_stage, per_shard or stream
-    stages.start()
+    stages.start()                # first: scored shards the curriculum lacks are applied again
     moved = stages.advance(run)   # each look of the run flow's loop: move what is pending
     stages.wait(moved, trainer)   # between two looks (what the loop waits on)
     stages.drain(run)             # the generators have wound down: what they committed meanwhile
@@ -15,24 +15,33 @@ curriculum sees one writer), and sit on the critical path between generator and 
 loop wakes on a generator's commit (runtime.isolated.notify_flow) and otherwise polls, fast while
 shards flow and backing off while idle (an idle run does not hammer S3). stream: one persistent
 advance-stream task run moves every shard; the loop only watches it, off the critical path.
+
+Every driver's start() first applies the scored shards that the newest intact curriculum state
+lacks (rebuild_curriculum): none normally; after the newest curriculum file was deleted or
+damaged, the shards applied after the version the store falls back to, so a resume rebuilds
+the lost versions before the loop moves anything.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from prefect import get_run_logger
 from prefect.utilities.annotations import quote
 
 from runtime.isolated import wait_for_activity
 from scalerl.config import RunConfig
 from tasks.roles import Role, TaskRun, wait_first
 from tasks.stages import (
+    RAW,
+    SCORED,
     STAGES,
     advance_shard,
     advance_stream,
     end_stream,
     open_stream,
     pending_keys,
+    update_curriculum,
 )
 
 POLL_MIN_S, POLL_MAX_S = 0.05, 1.0  # idle polling backs off from MIN to MAX, reset on work
@@ -46,9 +55,11 @@ class StageDriver(ABC):
         # quote: Prefect would otherwise walk the whole config (a pydantic tree) looking for
         # futures on every submission, up to three per shard
         self.config, self.run_id, self.quoted = config, run.run_id, quote(config)
+        self.run = run
 
-    def start(self) -> None:  # noqa: B027 - by default: nothing to do
-        """Before the loop's first look."""
+    def start(self) -> None:
+        """Before the loop's first look: rebuild the curriculum state (rebuild_curriculum)."""
+        rebuild_curriculum(self.quoted, self.run)
 
     @abstractmethod
     def advance(self, run) -> bool:
@@ -120,6 +131,7 @@ class Stream(StageDriver):
     task_run: TaskRun | None = None
 
     def start(self) -> None:
+        super().start()  # before the stream: it is then the curriculum's one writer
         open_stream(self.run_id)
         self.task_run = TaskRun(advance_stream.submit(self.quoted, self.run_id))
 
@@ -142,6 +154,41 @@ class Stream(StageDriver):
 
     def close(self) -> None:
         end_stream(self.run_id)
+
+
+def unapplied_keys(run) -> list[str]:
+    """Scored shards the newest intact curriculum state has not applied, in the order the
+    stages apply them (raw commit order; a scored shard whose raw one is gone last)."""
+    found = run.load_curriculum()
+    if found is None:
+        return []
+    applied = set(found[1]["applied"])
+    todo = [s.key for s in run.list_shards(SCORED) if s.key not in applied]
+    if not todo:
+        return []
+    order = {s.key: i for i, s in enumerate(run.list_shards(RAW))}
+    return sorted(todo, key=lambda k: order.get(k, len(order)))
+
+
+def rebuild_curriculum(config, run) -> list[str]:
+    """Apply the scored shards the newest intact curriculum state lacks, each as an
+    update-curriculum task run, in the order the stages would; returns their keys. Normally
+    none: a shard is applied right after it is scored. After the newest curriculum file was
+    deleted, or damaged (load_curriculum then falls back to the newest intact version), these
+    are the shards applied after that version; applying them again rebuilds the lost versions
+    (the first save moves a damaged file aside) before any new shard is applied."""
+    keys = unapplied_keys(run)
+    if keys:
+        get_run_logger().warning(
+            "curriculum: %d scored shard(s) are not in the newest intact curriculum state "
+            "(v%d; a newer file was deleted or damaged): applying them again, e.g. %s",
+            len(keys),
+            run.load_curriculum()[0],
+            keys[0],
+        )
+    for key in keys:
+        update_curriculum(config, run.run_id, key)
+    return keys
 
 
 DRIVERS = {"per_stage": PerStage, "per_shard": PerShard, "stream": Stream}

@@ -164,7 +164,9 @@ def update_curriculum(
     """Fold scored/{key}'s per-prompt pass rates into the No-Positive-Resampling state.
 
     The committed state lists the shards already applied, so applying a shard twice (a retry
-    after a crash between commit and return) changes nothing. Calls must be serialized per run
+    after a crash between commit and return) changes nothing. The state is the newest intact
+    version: a damaged newest file is skipped (Run.load_curriculum) and this shard's state is
+    saved over it, the damaged file moved aside. Calls must be serialized per run
     (the run flow does so); the store refuses a second, different state under the same version.
     `scored`: the table of scored/{key} when the caller has just committed it, else read.
     `live`: a dict the caller keeps between calls (advance-stream, the run's one curriculum
@@ -179,7 +181,14 @@ def update_curriculum(
     if live:
         version, applied, sampler = live["version"], live["applied"], live["sampler"]
     else:
-        version, state = run.load_curriculum()
+        found = run.load_curriculum()  # the newest intact version (a damaged file is skipped)
+        if found is None:
+            raise RuntimeError(
+                f"run {run_id} has no intact curriculum state under {run.url}/curriculum/. "
+                f"Fix: `scalerl resume {run_id}` (preparing the run writes v0 again; the "
+                "scored shards are then applied again)."
+            )
+        version, state = found
         applied = state["applied"]
         sampler = NoPositiveResampling.from_state_dict(state["sampler"])
     if key in applied:

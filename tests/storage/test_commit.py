@@ -94,9 +94,9 @@ def test_weights_and_curriculum_conflicts(backend, tmp_path):
     assert (run.download_weights(1, tmp_path / "d") / "m.bin").read_bytes() == b"a" * 10
     run.publish_weights(1, tmp_path / "b", overwrite=True)
     assert (run.download_weights(1, tmp_path / "e") / "m.bin").read_bytes() == b"b" * 10
-    run.save_curriculum({"x": 1}, 3)
+    run.save_curriculum({"sampler": {"x": 1}, "applied": []}, 3)
     with pytest.raises(CommitConflictError, match="version 3 .*Fix: save under version"):
-        run.save_curriculum({"x": 2}, 3)
+        run.save_curriculum({"sampler": {"x": 2}, "applied": []}, 3)
 
 
 def test_latest_weights_pointer_moves_forward_and_polls_read_only_it(backend, tmp_path):

@@ -150,11 +150,13 @@ def test_metrics_appends_read_back_as_one_table(backend):
 def test_curriculum_latest_version_wins(backend):
     run = _store(backend).run("r1", create=True)
     assert run.load_curriculum() is None
-    run.save_curriculum({"retired": []}, 0)
-    run.save_curriculum({"retired": ["p1"], "pass_rate": {"p2": 0.5}}, 2)
-    run.save_curriculum({"retired": ["p1"]}, 1)
-    run.save_curriculum({"retired": []}, 0)  # identical: no-op
-    assert run.load_curriculum() == (2, {"retired": ["p1"], "pass_rate": {"p2": 0.5}})
+    v0, v1 = {"sampler": {"retired": []}, "applied": []}, {"sampler": {}, "applied": ["k1"]}
+    v2 = {"sampler": {"retired": ["p1"], "pass_rate": {"p2": 0.5}}, "applied": ["k1", "k2"]}
+    run.save_curriculum(v0, 0)
+    run.save_curriculum(v2, 2)
+    run.save_curriculum(v1, 1)
+    run.save_curriculum(v0, 0)  # identical: no-op
+    assert run.load_curriculum() == (2, v2)
 
 
 @pytest.mark.integration
