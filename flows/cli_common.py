@@ -63,12 +63,18 @@ def _fail(exc: BaseException) -> None:
 
 @contextlib.contextmanager
 def _guard():
-    """Expected failures (bad ids, URLs, SQL, credentials, files) -> one line and exit 2."""
+    """Expected failures (bad ids, URLs, SQL, credentials, files; a run that failed for good or
+    stalled) -> one line and exit 2."""
     from storage.errors import StoreError
 
     try:
         yield
     except StoreError as exc:
+        _fail(exc)
+    except RuntimeError as exc:  # a run that failed for good says why and how to resume it
+        run_flow = sys.modules.get("flows.run")  # not loaded: the error cannot be its
+        if run_flow is None or not isinstance(exc, run_flow.RunFailedError):
+            raise
         _fail(exc)
     except PermissionError as exc:  # local files: name the path and the fix, not just errno
         _fail(

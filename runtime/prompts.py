@@ -8,11 +8,14 @@ Splits: "train" and the held-out "eval" from data.source (scalerl.data.load_prom
 "eval-{name}" per evaluation.sets entry (scalerl.data.load_eval_set). All go through one
 PromptRenderer (scalerl/prompts.py) built from the run's tokenizer: the same template, system
 prompt and thinking switch for training and every evaluation set. A prompt whose rendered text has
-more than generation.max_prompt_tokens tokens is dropped and counted per split (never truncated).
+more than generation.max_prompt_tokens tokens is dropped and counted per split (never truncated);
+one whose tokens do not decode back to its text (a tokenizer without some of its characters) is
+counted, and more than LOSSY_MAX_SHARE (1%) of a split refused.
 
 The tokenizer: the model's own (a local directory or a hub id through the local cache, at
 model.revision), checked against the model's embedding rows and, with length control on, for a
-single-token end of thinking. The builtin models' character tokenizer has no chat template; their
+single-token end of thinking; the model's positions (config.json, or the builtin models' 4,096)
+must hold generation.max_prompt_tokens + max_new_tokens. The builtin models' character tokenizer has no chat template; their
 raw prompts are counted by UTF-8 bytes (an upper bound), so no tokenizer is loaded unless a prompt
 might be too long.
 """
@@ -24,11 +27,16 @@ from dataclasses import dataclass, field
 from runtime.logs import task_logger
 from scalerl.config import HELDOUT_SET, RunConfig
 from scalerl.prompts import (
+    BUILTIN_MAX_POSITIONS,
+    LOSSY_MAX_SHARE,
     PromptError,
     PromptRenderer,
+    check_context_fits,
     check_thinking_tokens,
     eval_split,
+    model_positions,
     render_rows,
+    round_trip_example,
 )
 
 
@@ -62,9 +70,15 @@ def run_tokenizer(config: RunConfig, *, cached_only: bool = False):
     on demand), checked against the model: ModelLoadError / PromptError, one line each.
     `cached_only`: for a hub id, only what the local cache holds (NOT_CACHED when it lacks the
     tokenizer): the CLI's input check reaches no network."""
+    return _tokenizer_and_context(config, cached_only=cached_only)[0]
+
+
+def _tokenizer_and_context(config: RunConfig, *, cached_only: bool = False):
+    """(tokenizer as run_tokenizer gives it, (positions, where they come from) or None when
+    the model's config is not read here)."""
     name = config.model.name_or_path
     if name.startswith("builtin:"):
-        return None
+        return None, (BUILTIN_MAX_POSITIONS, "the builtin tiny models' max_position_embeddings")
     from scalerl.models import (
         _load_config,
         _looks_local,
@@ -73,18 +87,25 @@ def run_tokenizer(config: RunConfig, *, cached_only: bool = False):
         load_tokenizer,
     )
 
-    if _looks_local(name):  # the whole directory, weights files and tokenizer included
-        return check_model(name)
+    if _looks_local(name):  # the whole directory: weights' shapes, then the tokenizer
+        tokenizer, model_config = check_model(name, with_config=True)
+        return tokenizer, _positions(model_config)
     revision = config.model.revision
     if cached_only:
         from huggingface_hub import try_to_load_from_cache
 
         for file in ("tokenizer_config.json", "config.json"):
             if not isinstance(try_to_load_from_cache(name, file, revision=revision), str):
-                return NOT_CACHED
+                return NOT_CACHED, None
     tokenizer = load_tokenizer(name, revision)
-    check_tokenizer_fits(tokenizer, _load_config(name, revision), name)
-    return tokenizer
+    model_config = _load_config(name, revision)
+    check_tokenizer_fits(tokenizer, model_config, name)
+    return tokenizer, _positions(model_config)
+
+
+def _positions(model_config) -> tuple[int, str]:
+    positions, field_name = model_positions(model_config)
+    return positions, f"{field_name} in its config.json"
 
 
 NOT_CACHED = object()  # run_tokenizer(cached_only=True): a hub model not in the local cache
@@ -111,10 +132,11 @@ def _load_splits(config: RunConfig) -> dict[str, list[dict[str, str]]]:
 def prepare_prompts(config: RunConfig, *, check_only: bool = False) -> PreparedPrompts:
     """Every split of the run, rendered and filtered (see the module docstring); raises
     DataError / PromptError / ModelLoadError before anything is written. Order: the tokenizer
-    and the settings it must honour, then the data, then each prompt's length.
+    and the settings it must honour, then the data, then the model's positions against
+    max_prompt_tokens + max_new_tokens, then each prompt's length and round trip.
     `check_only` (the CLI's input check): a hub model whose tokenizer is not in the local cache
     is not fetched; the data is still read whole, but not rendered (the run renders it)."""
-    tokenizer = run_tokenizer(config, cached_only=check_only)
+    tokenizer, context = _tokenizer_and_context(config, cached_only=check_only)
     if tokenizer is NOT_CACHED:
         return PreparedPrompts(_load_splits(config), template="not checked (tokenizer not cached)")
     check_thinking_tokens(config, tokenizer)
@@ -122,8 +144,12 @@ def prepare_prompts(config: RunConfig, *, check_only: bool = False) -> PreparedP
         config, tokenizer, load_tokenizer=_tiny_tokenizer if tokenizer is None else None
     )
     raw = _load_splits(config)
+    # a prompt and its completion must fit the model's positions: after the data (its own
+    # errors come first), before any prompt is rendered
+    check_context_fits(*context, config.model.name_or_path, config.generation)
     limit = config.generation.max_prompt_tokens
     out = PreparedPrompts({}, template=renderer.source)
+    lossy: dict[str, tuple[int, int, str]] = {}  # split -> (lossy, kept, an example)
     for split, rows in raw.items():
         done = render_rows(rows, renderer, limit)
         if rows and not done.rows:
@@ -135,6 +161,17 @@ def prepare_prompts(config: RunConfig, *, check_only: bool = False) -> PreparedP
         out.splits[split] = done.rows
         if done.dropped:
             out.dropped[split] = (len(done.dropped), done.longest, done.dropped[:5])
+        if done.lossy:
+            lossy[split] = (len(done.lossy), len(done.rows), round_trip_example(*done.lossy[0]))
+            if len(done.lossy) > LOSSY_MAX_SHARE * len(done.rows):
+                raise PromptError(
+                    f"{len(done.lossy):,} of the {len(done.rows):,} prompts of split {split!r} do "
+                    f"not survive the tokenizer of {config.model.name_or_path} (their tokens "
+                    f"decode to other text), e.g. {lossy[split][2]}: the model would see prompts "
+                    "with characters missing. Fix: use the tokenizer saved with this model (its "
+                    "vocabulary must cover every character of the data), or remove the prompts "
+                    f"it cannot encode (at most {LOSSY_MAX_SHARE:.0%} of a split may differ)."
+                )
     for split, (n, longest, first) in out.dropped.items():  # after every check passed
         task_logger().warning(
             "prompts %s: %d of %d dropped, longer than generation.max_prompt_tokens = %d after "
@@ -145,5 +182,14 @@ def prepare_prompts(config: RunConfig, *, check_only: bool = False) -> PreparedP
             limit,
             longest,
             ", ".join(first),
+        )
+    for split, (n, kept, example) in lossy.items():  # few enough to run: said, not refused
+        task_logger().warning(
+            "prompts %s: %d of %d do not survive the tokenizer's round trip (kept as they are), "
+            "e.g. %s",
+            split,
+            n,
+            kept,
+            example,
         )
     return out

@@ -18,9 +18,11 @@ checkpoint goes only after a newer one is committed.
 
 Deleting removes the manifest first (readers stop trusting the entry), then the files; each
 deletion appends a row to the metrics stream `pruned` (kind, number, bytes, by, time), which
-verify reads to tell a pruned version from a lost one. While a run goes, the trainer's
-background publisher prunes after each publish and the trainer after each checkpoint (Pruner,
-best effort); `scalerl runs prune RUN` applies the finished-run rules (no staleness window; live
+verify reads to tell a pruned version from a lost one. A prune killed between the two leaves a
+manifest-less folder (no reader trusts it): the next deletion of a committed version above it
+removes it, with every other manifest-less folder below that version (storage/dirs.py
+remove_unpublished). While a run goes, the trainer's background publisher prunes after each
+publish and the trainer after each checkpoint (Pruner, best effort); `scalerl runs prune RUN` applies the finished-run rules (no staleness window; live
 reader leases still count) to a run that no writer holds.
 """
 

@@ -90,7 +90,7 @@ def build_tiny_model(
     hidden_size: int = 128,
     layers: int = 2,
     heads: int = 2,
-    max_position_embeddings: int = 4096,
+    max_position_embeddings: int = 4096,  # scalerl.prompts.BUILTIN_MAX_POSITIONS
     intermediate_size: int | None = None,
     kv_heads: int | None = None,
     vocab_size: int | None = None,
@@ -347,12 +347,83 @@ def _load_config(name_or_path: str, revision: str | None = None):
         ) from e
 
 
-def check_model(name_or_path: str):
+def _safetensors_shapes(local: Path) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (file, shape) from the safetensors headers of a local model (the 8-byte
+    length and the JSON header of each file: no tensor is read). {} for pytorch_model.bin."""
+    import json
+
+    index = local / "model.safetensors.index.json"
+    if (local / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(
+                f"{index} is not a safetensors index (no weight_map). Fix: save the model again "
+                "with model.save_pretrained(path)."
+            ) from None
+    else:
+        return {}
+    shapes = {}
+    for name in files:
+        path = local / name
+        try:
+            with path.open("rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                if not 2 <= size <= 100 << 20:
+                    raise ValueError(f"header length {size}")
+                header = json.loads(fh.read(size))
+            shapes |= {
+                k: (name, list(v["shape"])) for k, v in header.items() if k != "__metadata__"
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(
+                f"the weights file {path} is not a readable safetensors file ({type(e).__name__}: "
+                f"{str(e)[:80]}). Fix: copy or save the model again (model.save_pretrained(path))."
+            ) from None
+    return shapes
+
+
+def check_weight_shapes(local: Path, config) -> None:
+    """Raise ModelLoadError when the weights' tensor shapes are not what config.json builds (a
+    config.json from another model, or edited: vocab_size, hidden_size, layer widths), before
+    from_pretrained fails on it after loading. Compares the safetensors headers with the shapes
+    of the model config.json describes, built on the meta device (no memory, no weights)."""
+    shapes = _safetensors_shapes(local)
+    if not shapes:
+        return
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {k: list(t.shape) for k, t in model.state_dict().items()}
+    bad = [(k, f, shape) for k, (f, shape) in shapes.items() if expected.get(k, shape) != shape]
+    if bad:
+        key, file, shape = bad[0]
+        fields = ", ".join(
+            f"{f} {getattr(config, f)}"
+            for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+            if getattr(config, f, None) is not None
+        )
+        raise ModelLoadError(
+            f"the weights of {local} do not fit its config.json: {key} is {shape} in {file} but "
+            f"config.json ({fields}) makes it {expected[key]} ({len(bad)} tensor(s) differ). Fix: "
+            "use the config.json saved with these weights (model.save_pretrained(path) writes "
+            "both), or weights saved from this config."
+        )
+
+
+def check_model(name_or_path: str, *, with_config: bool = False):
     """Check a local model directory without loading its weights: config.json present, a causal
-    LM, weight files present, a tokenizer with an end-of-sequence token and no more tokens than
-    the model has embedding rows. Raises ModelLoadError naming the problem and the fix; returns
-    the checked tokenizer, or None without checking a hub id (that needs the network, so it is
-    checked when the run loads it)."""
+    LM, weight files present whose tensor shapes are what config.json builds, a tokenizer with an
+    end-of-sequence token and no more tokens than the model has embedding rows. Raises
+    ModelLoadError naming the problem and the fix; returns the checked tokenizer (with
+    `with_config`: the tokenizer and the loaded config), or None without checking a hub id (that
+    needs the network, so it is checked when the run loads it)."""
     name_or_path = str(name_or_path)
     if not _looks_local(name_or_path):
         return None
@@ -365,9 +436,10 @@ def check_model(name_or_path: str):
             f"model path {local} has config.json but no weights ({' or '.join(_WEIGHT_FILES[::2])}). "
             "Fix: save the model there with model.save_pretrained(path)."
         )
+    check_weight_shapes(local, config)
     tokenizer = load_tokenizer(str(local))
     check_tokenizer_fits(tokenizer, config, str(local))
-    return tokenizer
+    return (tokenizer, config) if with_config else tokenizer
 
 
 def load_policy(

@@ -15,7 +15,11 @@ The rendered text is the rollout's `prompt`, and the engines encode it with
 add_special_tokens=False, which is exactly apply_chat_template's ids (the template writes any BOS
 itself, so there is no second one, and special tokens in the text, `<|im_start|>`, `<think>`,
 come back as their single ids). Rows whose rendered prompt has more than
-generation.max_prompt_tokens tokens are dropped, counted and logged, never truncated.
+generation.max_prompt_tokens tokens are dropped, counted and logged, never truncated. Each kept
+prompt's ids must decode back to its text (lossy_round_trip: a tokenizer missing characters of
+the data drops them silently); more than LOSSY_MAX_SHARE of a split lossy is refused, fewer are
+counted and logged. A model's positions must hold max_prompt_tokens + max_new_tokens
+(check_context_fits).
 
 Rendering happens once, where the run is prepared: the prompt splits of the run hold rendered
 text, and generation and evaluation read those (one renderer per run, never a second copy).
@@ -33,6 +37,57 @@ from scalerl.config import HELDOUT_SET
 
 class PromptError(ValueError):
     """A template, tokenizer or setting that cannot render the run's prompts; one line with the fix."""
+
+
+# The builtin models' positions: scalerl.models.build_tiny_model's max_position_embeddings
+# (builtin:tiny and builtin:tiny-warm; tests/scalerl/test_models_checks.py holds them equal).
+BUILTIN_MAX_POSITIONS = 4096
+
+
+def model_positions(model_config) -> tuple[int | None, str]:
+    """The positions a model can attend over, from its config (a transformers config or the
+    dict of config.json), and the field they came from: max_position_embeddings (n_positions
+    for GPT-2-style configs), times a RoPE scaling factor when one is configured (YaRN and
+    linear scaling extend the context the engines accept). (None, '') when the config says none."""
+
+    def get(obj, key):
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    text = get(model_config, "text_config") or model_config
+    for key in ("max_position_embeddings", "n_positions"):
+        positions = get(text, key)
+        if isinstance(positions, int) and positions > 0:
+            break
+    else:
+        return None, ""
+    rope = get(text, "rope_scaling") or get(text, "rope_parameters") or {}
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if isinstance(factor, int | float) and factor > 1 and rope.get("rope_type") != "dynamic":
+        base = rope.get("original_max_position_embeddings") or positions
+        return max(positions, int(base * factor)), f"{key} with RoPE scaling factor {factor}"
+    return positions, key
+
+
+def check_context_fits(positions: int | None, where: str, model: str, generation) -> None:
+    """Raise PromptError when a prompt of generation.max_prompt_tokens plus a completion of
+    generation.max_new_tokens cannot fit the model's positions: the engine would cut every long
+    completion at the context end (finish_reason 'length') without saying why."""
+    need = generation.max_prompt_tokens + generation.max_new_tokens
+    if positions is None or need <= positions:
+        return
+    room = positions - generation.max_prompt_tokens
+    fix = (
+        f"lower generation.max_new_tokens to at most {room:,} ({positions:,} - "
+        f"{generation.max_prompt_tokens:,})"
+        if room > 0
+        else f"lower generation.max_prompt_tokens below {positions:,} first"
+    )
+    raise PromptError(
+        f"generation.max_prompt_tokens + generation.max_new_tokens = "
+        f"{generation.max_prompt_tokens:,} + {generation.max_new_tokens:,} = {need:,} tokens, but "
+        f"model {model} has {positions:,} positions ({where}), so completions would be cut at the "
+        f"end of its context. Fix: {fix}, or use a model with a longer context."
+    )
 
 
 def eval_split(name: str) -> str:
@@ -170,33 +225,74 @@ class PromptRenderer:
             tokenizer = self.tokenizer = self.load_tokenizer()
         return len(tokenizer.encode(text, add_special_tokens=False))
 
+    def count_and_check(self, text: str, limit: int) -> tuple[int, str | None]:
+        """count_tokens(text, limit), and with a model tokenizer the text its ids decode to when
+        that is not `text` (None when the round trip keeps it: see lossy_round_trip). Without a
+        tokenizer (the builtin models' byte tokenizer, lossless by construction) never lossy."""
+        if self.tokenizer is None:
+            return self.count_tokens(text, limit), None
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        back = self.tokenizer.decode(
+            ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        return len(ids), back if lossy_round_trip(text, back) else None
+
+
+def lossy_round_trip(text: str, back: str) -> bool:
+    """Whether decode(encode(text)) lost what the model should see: characters the vocabulary
+    cannot encode (dropped, or an unknown token). Not a loss: what the tokenizer's own
+    normalisation changes (Unicode NFC/NFKC forms, e.g. Qwen3's NFC) and whitespace runs."""
+    if back == text:
+        return False
+    import unicodedata
+
+    def squash(s: str) -> str:
+        return "".join(unicodedata.normalize("NFKC", s).split())
+
+    return squash(back) != squash(text)
+
+
+def round_trip_example(prompt_id: str, text: str, back: str) -> str:
+    """'p3: ...12 + 7?... comes back as ...12 + 7...' around the first difference."""
+    i = next((i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b), None)
+    i = min(len(text), len(back)) if i is None else i
+    lo = max(0, i - 20)
+    return f"{prompt_id}: {text[lo : i + 20]!r} comes back as {back[lo : i + 20]!r}"
+
+
+LOSSY_MAX_SHARE = 0.01  # more lossy prompts than this share of a split: refused
+
 
 @dataclass
 class RenderedRows:
     rows: list[dict[str, str]]
     dropped: list[str]  # prompt ids over the prompt budget
     longest: int  # tokens of the longest dropped prompt (0: none dropped)
+    lossy: list[tuple[str, str, str]] = field(default_factory=list)  # (id, text, decoded)
 
 
 def render_rows(
     rows: list[dict[str, str]], renderer: PromptRenderer, max_prompt_tokens: int
 ) -> RenderedRows:
     """Rows with "prompt" rendered (and "raw_prompt" holding the unrendered prompt, or the chat
-    as JSON, when a template rendered it), without the prompts longer than max_prompt_tokens."""
-    kept, dropped, longest = [], [], 0
+    as JSON, when a template rendered it), without the prompts longer than max_prompt_tokens;
+    `lossy` lists the kept prompts whose tokens do not decode back to them (lossy_round_trip)."""
+    kept, dropped, longest, lossy = [], [], 0, []
     for row in rows:
         text = renderer.render(row)
-        n = renderer.count_tokens(text, max_prompt_tokens)
+        n, back = renderer.count_and_check(text, max_prompt_tokens)
         if n > max_prompt_tokens:
             dropped.append(row["prompt_id"])
             longest = max(longest, n)
             continue
+        if back is not None:
+            lossy.append((row["prompt_id"], text, back))
         out = {k: v for k, v in row.items() if k != "messages"}
         if not renderer.raw:
             out["raw_prompt"] = row.get("messages") or row["prompt"]
             out["prompt"] = text
         kept.append(out)
-    return RenderedRows(kept, dropped, longest)
+    return RenderedRows(kept, dropped, longest, lossy)
 
 
 def check_thinking_tokens(config, tokenizer) -> None:

@@ -5,8 +5,10 @@ checkpoints (checkpoints/step-{N}/).
     weights/v{N}/_MANIFEST.json      written last: [{path, bytes, sha256}], committed_at
     weights/LATEST                   {"weights": N}, moved forward after the manifest
 
-A directory without a manifest is invisible (a writer died mid-upload); a reader downloads
-exactly the manifest's files and checks their sizes. Publishing a committed entry again is
+A directory without a manifest is invisible (a writer died mid-upload, or a remove died between
+the manifest and the files); remove(n) deletes the ones numbered below n, which no publish can be
+writing (remove_unpublished). A reader downloads exactly the manifest's files and checks their
+sizes. Publishing a committed entry again is
 a no-op when every file's digest matches; different content raises CommitConflictError
 unless overwrite=True, which first withdraws the manifest so readers never mix old and new
 files. The LATEST pointer is a hint for cheap polling; listings read manifests.
@@ -174,9 +176,10 @@ class ManifestDirs:
 
     def remove(self, n: int) -> int:
         """Delete committed entry n for good (retention): its manifest first, so no reader
-        trusts a half-deleted entry, then its files. Returns the bytes its manifest listed (0
-        when it was not committed). The newest committed entry is never removed: the LATEST
-        pointer and every reader rely on it."""
+        trusts a half-deleted entry, then its files, then what earlier removes left half done
+        (remove_unpublished below n). Returns the bytes its manifest listed (0 when it was not
+        committed). The newest committed entry is never removed: the LATEST pointer and every
+        reader rely on it."""
         manifest = self._manifest(n)
         if manifest is None:
             return 0
@@ -191,7 +194,32 @@ class ManifestDirs:
         fsio.fault_point(f"{self._what}.prune_after_manifest")
         with contextlib.suppress(FileNotFoundError):
             self._loc.fs.rm(dest, recursive=True)
+        self.remove_unpublished(below=n)
         return sum(int(e.get("bytes", 0)) for e in manifest.get("files", []))
+
+    def remove_unpublished(self, *, below: int) -> list[int]:
+        """Delete the entries numbered below `below` that have no manifest: what a remove killed
+        between its manifest and its files left (or a publish killed mid-upload that nothing
+        redid). `below` is a committed entry (remove() passes the one it deletes, never the
+        newest), so none of them is in flight: a publish writes the newest number, and a
+        republish (overwrite) happens on the same thread as retention. One listing of the
+        base; returns the numbers deleted."""
+        base = self._base.rstrip("/").split("://")[-1] + "/"
+        names: dict[str, bool] = {}  # entry name -> has a manifest
+        for path in self._loc.fs.find(self._base, withdirs=True):
+            rel = path.split("://")[-1].partition(base)[2]
+            name, _, rest = rel.partition("/")
+            if self._re.fullmatch(name):
+                names[name] = names.get(name, False) or rest == MANIFEST
+        doomed = sorted(
+            n
+            for name, committed in names.items()
+            if not committed and (n := int(self._re.fullmatch(name).group(1))) < below
+        )
+        for n in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                self._loc.fs.rm(self.path(n), recursive=True)
+        return doomed
 
     def entry_bytes(self, numbers: list[int]) -> dict[int, int]:
         """Bytes each committed entry's manifest lists (one batched read; uncommitted left out)."""

@@ -270,6 +270,13 @@ def build_inputs(tmp: Path) -> None:
     big_vocab = shutil.copytree(tiny, inp / "big_vocab")  # Qwen3's tokenizer on a 260-row model
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(qwen3_tokenizer_dir() / name, big_vocab / name)
+    vocab100 = shutil.copytree(tiny, inp / "vocab100")  # config.json not the weights' shapes
+    cfg = json.loads((vocab100 / "config.json").read_text())
+    (vocab100 / "config.json").write_text(json.dumps(cfg | {"vocab_size": 100}))
+    cut60 = shutil.copytree(tiny, inp / "cut60")  # a tokenizer cut to its first 60 tokens
+    tok = json.loads((cut60 / "tokenizer.json").read_text())
+    tok["model"]["vocab"] = {k: i for k, i in tok["model"]["vocab"].items() if i < 60}
+    (cut60 / "tokenizer.json").write_text(json.dumps(tok))
     build_qwen3_model(inp / "qwen3", seed=0)
     (inp / "broken.jinja").write_text("{% for m in messages %}{{ m.content }")
     # -- storage --
