@@ -75,11 +75,17 @@ class RunShardSource:
         self._position: dict[str, int] = {}
         self._read_upto = 0
         self._next_step: int | None = None
+        self._gone: int | None = None  # quarantined keys of the stage (list_ready)
 
     def list_ready(self) -> list[str]:
+        """Committed keys in commit order: one listing (plus the records not seen before).
+        The stage's quarantined keys are listed again only when they can have changed: at the
+        first call, after this source quarantined one, or when a key listed before is gone
+        (a quarantine removes the commit record after writing its reason)."""
         keys = [info.key for info in self.run.list_shards(self.stage)]
-        gone = len(self.run.quarantined_keys(self.stage))
-        self._position = {key: gone + i for i, key in enumerate(keys)}
+        if self._gone is None or not self._position.keys() <= set(keys):
+            self._gone = len(self.run.quarantined_keys(self.stage))
+        self._position = {key: self._gone + i for i, key in enumerate(keys)}
         return keys
 
     def read(self, key: str) -> pa.Table:
@@ -114,6 +120,7 @@ class RunShardSource:
 
         from storage.errors import StorageUnreachableError, StoreError
 
+        self._gone = None  # list_ready counts them again
         try:
             self.run.quarantine_shard(self.stage, key, error, by="trainer")
         except StorageUnreachableError:

@@ -7,7 +7,8 @@ that becomes part of a path so nothing can escape the root.
 Supported: local paths (relative, absolute, file://), s3:// (s3fs; endpoint and credentials
 from storage_options or the usual AWS_* variables incl. AWS_ENDPOINT_URL) and memory://
 (tests). S3 clients get short connect timeouts and few retries, so an unreachable endpoint
-fails in seconds instead of minutes.
+fails in seconds instead of minutes, and read an object with one GET (s3fs sends a HEAD first;
+every request counts on a distant or slow store: bench/store_latency.py).
 """
 
 from __future__ import annotations
@@ -198,6 +199,13 @@ def _s3_class() -> type:
                 ) from None
 
         call_s3 = sync_wrapper(_call_s3)  # the base class's wraps its own _call_s3
+
+        async def _cat_file(self, path, version_id=None, start=None, end=None, **kwargs):
+            # One GET. s3fs sends a HEAD first to decide on ranged parallel GETs (files over
+            # default_block_size, 50 MiB), and for a missing key a HEAD and a LIST: two
+            # requests where one does, on every marker, status, record and shard read.
+            kwargs.setdefault("max_concurrency", 1)
+            return await super()._cat_file(path, version_id, start, end, **kwargs)
 
     _GuardedS3FileSystem.__module__ = __name__
     _GuardedS3FileSystem.__qualname__ = "_GuardedS3FileSystem"
