@@ -30,6 +30,11 @@ Contract with the child:
 - The child exits when the flow process dies (checked every second) and is killed if the
   supervising task is interrupted. SIGKILL of the flow process's group (a node loss) takes it
   and the fork server too.
+- It ignores SIGINT and SIGTERM, and the fork server starts with SIGTERM blocked: Ctrl-C, a pod
+  stop, systemd and `timeout` signal the whole process group, and the flow process stops its
+  children in order through the run's status (a clean stop checkpoints the trainer first), so
+  they must not die of the signal first (a killed trainer was retried by Prefect and trained
+  on). stop_children() ends them with SIGKILL.
 - Chaos (scalerl/faults.py): a kill point hit in the child kills the flow process first, so a
   crash at a generator's or the trainer's seam is still a whole-node loss.
 
@@ -80,6 +85,23 @@ def start_server() -> None:
     _context()
     with _without_main():
         multiprocessing.forkserver.ensure_running()
+
+
+@contextlib.contextmanager
+def _term_blocked():
+    """SIGTERM blocked in this thread while a process starts from it: the fork server (started
+    here, or restarted by a child's start if it died) inherits the block, and so does every
+    child forked from it until _child() ignores SIGTERM; a group's SIGTERM meanwhile stays
+    pending and is then dropped (see the module docstring). multiprocessing's resource tracker
+    is started first: starting, it unblocks SIGTERM in the calling thread."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def wait_for_server() -> None:
@@ -139,7 +161,7 @@ def _without_main():
             data.pop(key, None)
         return data
 
-    with _MAIN_LOCK:
+    with _MAIN_LOCK, _term_blocked():
         spawn.get_preparation_data = without_main
         try:
             yield
@@ -277,12 +299,16 @@ _CLOSED = threading.Event()  # stop_children() was called: start no more
 def stop_children(grace_s: float = 10.0) -> int:
     """End every child process this flow process supervises, and start no more until
     reopen_children(): for a failing flow whose children cannot learn of the failure through
-    the store (e.g. the disk is full, so the status cannot be written), so that no supervising
-    task waits forever. SIGTERM first, SIGKILL after `grace_s`. Returns how many were running."""
+    the store (e.g. the disk is full, so the status cannot be written), and for a stop past its
+    grace period (flows.run.hard_stop), so that no supervising task waits forever. An isolated
+    child gets SIGKILL at once (it ignores SIGTERM); a torchrun group SIGTERM first, SIGKILL
+    after `grace_s`. Returns how many were running."""
+    from multiprocessing.process import BaseProcess
+
     _CLOSED.set()
     procs = [p for p in list(_LIVE) if p.is_alive()]
     for proc in procs:
-        proc.terminate()
+        (proc.kill if isinstance(proc, BaseProcess) else proc.terminate)()
     deadline = time.monotonic() + grace_s
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
@@ -379,9 +405,12 @@ def _child(spec: dict, conn) -> None:
     with contextlib.suppress(OSError):  # Linux: the name ps, top and bench/soak.py show
         Path("/proc/self/comm").write_text(spec["name"][:15])
     watch_parents(spec["parent"])
-    # Ctrl-C reaches the whole process group: the flow process stops its children through the
-    # run's status (a clean stop checkpoints the trainer), so they must not die of it first.
+    # Ctrl-C and a pod stop reach the whole process group: the flow process stops its children
+    # through the run's status (a clean stop checkpoints the trainer), so they must not die of
+    # it first. SIGTERM came blocked from the fork server: ignoring it drops one pending.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     if spec.get("nice"):
         os.nice(int(spec["nice"]))
     global _CHILD_HANDLER

@@ -3,7 +3,9 @@
 It consumes `filtered` shards in commit order under the k-step staleness bound, publishes weights
 v+1 after every optimizer step, appends `trainer` metrics, and checkpoints atomically. It ends at
 schedule.max_steps, at the compute budget, or when the run's status leaves "running" (the flow
-sets that when every prompt is retired or a generator failed). A retried or resumed task
+sets that when every prompt is retired or a generator failed); it fails with RunDeletedError
+when the run's directory was deleted under it (no status, no run marker), instead of waiting for
+shards that can no longer come. A retried or resumed task
 continues from the newest checkpoint with the same ledger of consumed shards.
 """
 
@@ -11,12 +13,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from runtime.common import WeightCache, open_run
 from scalerl.config import RunConfig
 
 TRAIN_STAGE = "filtered"
+STATUS_EVERY_S = 0.5  # how often the trainer reads the run's status (a stop, a deletion)
 
 
 def trainer_body(config: RunConfig, run_id: str) -> dict:
@@ -34,8 +38,21 @@ def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
     from runtime.trainer_io import TrainerIO
     from scalerl.trainer import Trainer, TrainerOptions
 
+    checked = {"at": float("-inf"), "stop": False}
+
     def should_stop() -> bool:
-        return (run.read_status() or {}).get("state", "running") != "running"
+        # the trainer asks before every poll for shards (every 10 ms to 1 s): one status read
+        # per STATUS_EVERY_S at most, which on an object store is most of an idle poll's cost
+        now = time.monotonic()
+        if checked["stop"] or now - checked["at"] < STATUS_EVERY_S:
+            return checked["stop"]
+        status = run.read_status()
+        if status is None and run.created_at() is None:  # the run's directory is gone
+            from storage.fsio import run_deleted
+
+            raise run_deleted(None, run.url)
+        checked.update(at=now, stop=(status or {}).get("state", "running") != "running")
+        return checked["stop"]
 
     from runtime.common import accelerator
 

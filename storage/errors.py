@@ -33,6 +33,12 @@ class RunNotFoundError(StoreError, LookupError):
     """The run directory does not exist and create=False."""
 
 
+class RunDeletedError(RunNotFoundError, ValueError):
+    """The run's directory was deleted while a writer was writing it (its lease file or run
+    marker is gone): the writer stops and re-creates nothing. A ValueError: no retry can
+    bring the run back."""
+
+
 class NotCommittedError(StoreError, LookupError):
     """A config, prompt split, weight version or checkpoint was never committed."""
 

@@ -4,6 +4,8 @@
   '.tmp-*' sibling, then os.replace. S3 and memory: a single PUT is already atomic.
 - create_exclusive: write only if absent (commit records). Local: os.link of a temp file
   (fails if the target exists); S3: PUT with If-None-Match: * (s3fs mode="create").
+- within=RUN_ROOT (write_atomic, create_exclusive): a run directory deleted while its writer
+  runs is never re-created; RunDeletedError (run_deleted: the one line) instead.
 - put_unreferenced: large payloads (shard data) that need not be atomic because nothing
   points at them until a commit record does.
 - guarded: maps botocore/s3fs failures to StorageUnreachableError / StorageCredentialsError
@@ -28,6 +30,7 @@ from typing import Any, TypeVar
 
 from storage.errors import (
     BucketNotFoundError,
+    RunDeletedError,
     StorageCredentialsError,
     StorageFullError,
     StoragePermissionError,
@@ -52,15 +55,31 @@ def tmp_name(path: str) -> str:
     return f"{head}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{base}"
 
 
-def _local_parent(path: str) -> None:
+def _local_parent(path: str, within: str | None = None) -> None:
+    if within is not None and not os.path.isdir(within):
+        raise run_deleted(None, within)  # never re-create a run directory that is gone
     os.makedirs(os.path.dirname(path), exist_ok=True)
 
 
-def write_atomic(loc: Location, path: str, data: bytes) -> None:
+def run_deleted(loc: Location | None, run_root: str) -> RunDeletedError:
+    """The one line for a run whose directory was deleted while a writer wrote it."""
+    store, _, run_id = run_root.rstrip("/").rpartition("/")
+    where = store if loc is None else loc.url_of(store)
+    return RunDeletedError(
+        f"run {run_id} was deleted from {where} while it ran: its writer stops and writes "
+        "nothing more (a deleted run is never re-created). Fix: if that was a mistake, restore "
+        f"the run's directory from a copy and `scalerl resume {run_id}`; otherwise start a new "
+        "run (`scalerl run`)."
+    )
+
+
+def write_atomic(loc: Location, path: str, data: bytes, *, within: str | None = None) -> None:
+    """within: a run directory that must still exist (local disk: RunDeletedError if it is
+    gone, and no directory is made)."""
     if not loc.is_local:
         loc.fs.pipe_file(path, data)
         return
-    _local_parent(path)
+    _local_parent(path, within)
     tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as f:
@@ -71,15 +90,16 @@ def write_atomic(loc: Location, path: str, data: bytes) -> None:
         raise
 
 
-def create_exclusive(loc: Location, path: str, data: bytes) -> bool:
-    """Write `data` at `path` unless something is already there; return whether we wrote."""
+def create_exclusive(loc: Location, path: str, data: bytes, *, within: str | None = None) -> bool:
+    """Write `data` at `path` unless something is already there; return whether we wrote.
+    within: as for write_atomic."""
     if not loc.is_local:
         try:
             loc.fs.pipe_file(path, data, mode="create")
         except FileExistsError:
             return False
         return True
-    _local_parent(path)
+    _local_parent(path, within)
     tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as f:
@@ -182,12 +202,7 @@ def _translate(loc: Location, err: BaseException) -> StoreError | None:
         code = str((response.get("Error") or {}).get("Code") or "")
         return s3_access_denied(loc.url_of(loc.root), loc.endpoint, loc.root, code)
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageFullError(
-            f"no space left on the storage of {loc.url_of(loc.root)} (writing "
-            f"{getattr(err, 'filename', None) or 'a file'}). Fix: free space there or raise "
-            "the quota (or move the run to a larger disk), then continue the run with "
-            "`scalerl resume RUN_ID`: what was committed is intact."
-        )
+        return _full_error(loc, err)
     if loc.is_local and isinstance(err, PermissionError):
         return StoragePermissionError(
             f"permission denied: {getattr(err, 'filename', None) or where}. Fix: run as a user "
@@ -200,6 +215,42 @@ def _translate(loc: Location, err: BaseException) -> StoreError | None:
             "or correct the storage URL."
         )
     return None
+
+
+def _full_error(loc: Location, err: OSError) -> StorageFullError:
+    """ENOSPC/EDQUOT named where it happened: the file being written is the copy's destination
+    (filename2; filename is then its source, e.g. a staging file under TMPDIR). Inside a local
+    run store: the store is full; elsewhere (TMPDIR, a staging directory, any local file of an S3
+    run): that file system is, not the store."""
+    dest = getattr(err, "filename2", None) or getattr(err, "filename", None)
+    resume = "then continue the run with `scalerl resume RUN_ID`: what was committed is intact."
+    root = os.path.abspath(loc.root) if loc.is_local else None
+    if dest is None or (root is not None and _inside(os.path.abspath(dest), root)):
+        return StorageFullError(
+            f"no space left on the storage of {loc.url_of(loc.root)} (writing "
+            f"{dest or 'a file'}). Fix: free space there or raise the quota (or move the run "
+            f"to a larger disk), {resume}"
+        )
+    mount = _mount_point(os.path.dirname(os.path.abspath(dest)))
+    return StorageFullError(
+        f"no space left on the local file system at {mount} (writing {dest}), not on the run "
+        f"store {loc.url_of(loc.root)}. Fix: free space on {mount}, or point TMPDIR (temporary "
+        f"and staging files) at a disk with room, {resume}"
+    )
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _mount_point(path: str) -> str:
+    """The mount point of the file system holding `path` (its nearest existing ancestor's)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def guarded(method: F) -> F:

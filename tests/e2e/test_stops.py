@@ -124,6 +124,52 @@ def test_sigterm_stops_the_run_cleanly(tmp_path, how):
     assert process_group_gone(proc.pid)
 
 
+POD_STEPS = 8  # the pod-stop run: stopped after step 2, resumed to the end
+
+
+def test_sigterm_to_the_process_group_stops_within_the_grace_period(tmp_path):
+    """A pod stop (Kubernetes, systemd, `timeout`, `kill -- -PGID`): SIGTERM reaches every process
+    of the group at once, the temporary Prefect server and the run's children included. The run
+    still stops cleanly within the grace period (default 25 s, SCALERL_STOP_GRACE_S), exit
+    128 + SIGTERM, status "stopped" at its newest checkpoint, and resumes to a clean end."""
+    grace_s = 25.0  # flows/cli_signals.py DEFAULT_GRACE_S: a pod's SIGKILL comes after 30 s
+    root = tmp_path / "runs"
+    proc = _scalerl(
+        "run", "--preset", "tiny-cpu", "--storage", str(root), "--run-id", "pod",
+        "--set", f"schedule.max_steps={POD_STEPS}", *SMALL,
+    )  # fmt: skip
+    _wait_for_step(root / "pod", 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    asked = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=grace_s + 5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"no exit {grace_s + 5:g} s after the group's SIGTERM:\n{err[-3000:]}")
+    took = time.monotonic() - asked
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert took < grace_s, f"the stop took {took:.1f} s"
+    assert process_group_gone(proc.pid), "processes of the stopped run are still alive"
+    run = open_store(str(root)).run("pod")
+    status = run.read_status()
+    assert status["state"] == "stopped", status
+    assert status["reason"] == "stopped by SIGTERM", status
+    step = status["step"]
+    assert 2 <= step < POD_STEPS and run.latest_checkpoint_step() == step, status
+    assert "ConnectError" not in err, err[-3000:]  # the temporary server outlived the stop
+    # no training after the stop request: the trainer's rows end at the stopped step
+    rows = run.read_metrics("trainer", all_rows=True).column("step").to_pylist()
+    assert sorted(rows) == list(range(1, step + 1)), rows
+    resumed = _scalerl("resume", "pod", "--storage", str(root))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert run.read_status()["state"] == "finished"
+    rows = run.read_metrics("trainer", all_rows=True).column("step").to_pylist()
+    assert sorted(rows) == list(range(1, POD_STEPS + 1))  # every step trained once
+    assert verify_run(run).ok
+
+
 def test_a_run_that_cannot_learn_stops_as_stalled_with_the_reason(tmp_path):
     """builtin:tiny is untrained: every reward is 0, so no batch makes a trainer step."""
     root = tmp_path / "runs"

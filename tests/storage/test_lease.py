@@ -20,13 +20,12 @@ def _run(backend, run_id="r1"):
     return open_store(url, storage_options=options).run(run_id, create=True)
 
 
-def _age(run, generation, seconds):
-    """Make the holder of `generation` look silent for `seconds` (as if its clock stopped)."""
-    path = f"{run._root}/lease/{generation:012d}.json"
-    doc = json.loads(run._loc.fs.cat_file(path))
-    doc["heartbeat_at"] -= seconds
-    doc["expires_at"] -= seconds
-    run._loc.fs.pipe_file(path, json.dumps(doc).encode())
+def _age(run, generation, seconds, monkeypatch):
+    """Make the holder of `generation` silent for longer than the TTL, on the store's clock:
+    the TTL is made shorter than `seconds` and that much time passes (S3 times are whole
+    seconds, so at least 2 s)."""
+    monkeypatch.setenv(leases.TTL_ENV, str(max(0.5, seconds - 1.5)))
+    time.sleep(seconds)
 
 
 @pytest.fixture(autouse=True)
@@ -46,11 +45,11 @@ def test_a_second_writer_is_refused_with_the_holder_named(backend):
     assert f"taken over {leases.TTL_S:.0f} s after its last heartbeat" in message
 
 
-def test_an_expired_holder_is_taken_over_and_stops_writing(backend):
+def test_an_expired_holder_is_taken_over_and_stops_writing(backend, monkeypatch):
     run = _run(backend)
     old = run.acquire_lease()
     run.write_status({"state": "running"})  # the holder writes
-    _age(run, 1, leases.TTL_S + 1)  # no heartbeat for longer than the TTL
+    _age(run, 1, 2.1, monkeypatch)  # no heartbeat for longer than the TTL
     new_run = _run(backend)
     new = new_run.acquire_lease()
     assert new.generation == 2 and new.doc["took_over"] == 1
@@ -68,11 +67,11 @@ def test_an_expired_holder_is_taken_over_and_stops_writing(backend):
 def test_a_released_lease_is_free_at_once_and_a_heartbeat_extends_it(backend):
     run = _run(backend)
     held = run.acquire_lease()
-    before = held.doc["expires_at"]
+    before = held.doc["heartbeat_at"]
     time.sleep(0.01)
     held.heartbeat()
-    assert held.doc["expires_at"] > before
-    assert run.lease_holder()["expires_at"] == held.doc["expires_at"]
+    assert held.doc["heartbeat_at"] > before
+    assert run.lease_holder()["heartbeat_at"] == held.doc["heartbeat_at"]
     held.release()
     assert _run(backend).acquire_lease().generation == 2  # no wait for the expiry
 
@@ -90,7 +89,8 @@ def test_a_dead_holder_on_this_host_and_a_retried_flow_run_are_taken_over(backen
     # a Retry of the same Prefect flow run: the attempt before it has ended
     assert leases.free_reason(doc, flow_run_id="fr-1") == "an earlier attempt of this flow run"
     assert leases.free_reason(doc, flow_run_id="fr-2") is None  # alive, another flow run
-    assert leases.free_reason(doc, flow_run_id=None, now=doc["expires_at"]) == "expired"
+    assert leases.free_reason(doc, flow_run_id="fr-2", age=leases.TTL_S) == "expired"
+    assert leases.free_reason(doc, flow_run_id="fr-2", age=leases.TTL_S - 1) is None
 
 
 def test_of_racing_writers_exactly_one_wins(backend):
@@ -122,7 +122,7 @@ def test_children_inherit_the_lease_and_readers_never_check(backend, monkeypatch
     child = _run(backend)  # a generator or trainer process opening the run
     assert child._lease is not None and child._lease.generation == held.generation
     assert _run(backend, "other")._lease is None  # the variable names another run
-    _age(run, 1, leases.TTL_S + 1)
+    _age(run, 1, 2.1, monkeypatch)
     monkeypatch.delenv(leases.ENV)
     _run(backend).acquire_lease()
     with pytest.raises(leases.LeaseLostError):
