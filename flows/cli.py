@@ -47,6 +47,7 @@ from flows.cli_curve import curve_app
 from flows.cli_doctor import doctor
 from flows.cli_rollouts import rollouts_app
 from flows.cli_signals import graceful_stop
+from flows.cli_tracking import runs_track
 
 app = typer.Typer(
     name="scalerl",
@@ -62,6 +63,7 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(rollouts_app, name="rollouts")
 app.add_typer(curve_app, name="curve")
 app.command("doctor")(doctor)
+runs_app.command("track")(runs_track)
 
 
 @app.callback()
@@ -379,14 +381,26 @@ def runs_evals(
 
 @runs_app.command("verify")
 def runs_verify(
-    run_id: RunArg, storage: StorageOpt = "./runs", endpoint_url: EndpointOpt = None
+    run_id: RunArg,
+    storage: StorageOpt = "./runs",
+    endpoint_url: EndpointOpt = None,
+    fast: Annotated[
+        bool,
+        typer.Option(
+            "--fast",
+            help="Check sizes only: no file is hashed (a file altered at the same size is not "
+            "found). Default: every committed shard data file and every checked weights and "
+            "checkpoint file is hashed against its recorded sha256.",
+        ),
+    ] = False,
 ) -> None:
     """Check a run from its stored data: no committed shard lost, nothing trained twice,
-    continuous weight versions, curriculum retirements never undone. Exit 1 on a problem."""
+    continuous weight versions, curriculum retirements never undone, every stored file's
+    content as recorded (--fast: sizes only). Exit 1 on a problem."""
     from runtime.verify import verify_run
 
     with _guard():
-        report = verify_run(_open_run(storage, endpoint_url, run_id))
+        report = verify_run(_open_run(storage, endpoint_url, run_id), content=not fast)
     for key, value in report.facts.items():
         typer.echo(f"{key}: {value}")
     for note in report.notes:

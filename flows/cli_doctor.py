@@ -1,4 +1,5 @@
-"""`scalerl doctor`: is this machine ready to run? One line per check, with the fix."""
+"""`scalerl doctor`: is this machine ready to run? One line per check, with the fix; with a
+config (-c), also its experiment trackers (importable; the MLflow server and W&B reachable)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from flows.cli_common import (
     EndpointOpt,
+    SetOpt,
     StorageOpt,
+    _fail,
     _store,
 )
 
@@ -83,8 +87,106 @@ def _check_prefect() -> tuple[str, str, str]:
     return ("ok", "Prefect API", f"{url} answers")
 
 
-def doctor(storage: StorageOpt = "./runs", endpoint_url: EndpointOpt = None) -> None:
-    """Check Python, torch, CUDA, vLLM, the run store and the Prefect API.
+def _installed(module: str, extra: str) -> tuple[str, str] | None:
+    """(version, "") when `module` imports, else None."""
+    import importlib
+    import importlib.metadata
+
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any failure to import is "not usable"
+        return None
+    for dist in (module, f"{module}-skinny"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(dist), extra
+    return "installed", extra
+
+
+def _answers(url: str) -> str | None:
+    """None when `url` answers HTTP (any status), else the error's name."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            response.read(64)
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__
+    return None
+
+
+def _check_trackers(tracking: dict, storage: str) -> list[tuple[str, str, str]]:
+    """One line per configured tracker: importable, and reachable where it is a server."""
+    lines = []
+    extra = "Fix: pip install -e '.[trackers]'"
+    mlflow = tracking.get("mlflow")
+    if mlflow:
+        found = _installed("mlflow", extra)
+        uri = mlflow["tracking_uri"]
+        if found is None:
+            lines.append(("fail", "MLflow", f"not importable. {extra} (mlflow-skinny)"))
+        elif uri.startswith(("http://", "https://")):
+            error = _answers(f"{uri.rstrip('/')}/health")
+            lines.append(
+                ("ok", "MLflow", f"{found[0]}, {uri} answers")
+                if error is None
+                else (
+                    "warn",
+                    "MLflow",
+                    f"{uri} does not answer ({error}). Fix: start the server "
+                    "(`mlflow server --host 127.0.0.1 --port 5000`) or correct "
+                    "tracking.mlflow.tracking_uri; the run would go on without it",
+                )  # fmt: skip
+            )
+        else:
+            lines.append(("ok", "MLflow", f"{found[0]}, store {uri}"))
+    tb = tracking.get("tensorboard")
+    if tb is not None:
+        found = _installed("tensorboard", extra)
+        where = tb.get("log_dir") or (None if "://" in storage else f"{storage}/RUN/tensorboard")
+        if found is None:
+            lines.append(("fail", "TensorBoard", f"not importable. {extra}"))
+        elif where is None:
+            lines.append(("fail", "TensorBoard", "the run store is not local and "
+                          "tracking.tensorboard.log_dir is unset. Fix: set it to a local directory"))  # fmt: skip
+        else:
+            lines.append(("ok", "TensorBoard", f"{found[0]}, event files under {where}"))
+    wandb = tracking.get("wandb")
+    if wandb:
+        found = _installed("wandb", extra)
+        mode = wandb.get("mode", "online")
+        if found is None:
+            lines.append(("fail", "W&B", f"not importable. {extra}"))
+        elif mode != "online":
+            lines.append(("ok", "W&B", f"{found[0]}, mode {mode} (no server needed)"))
+        else:
+            host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+            error = _answers(host)
+            has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists()
+            if error is not None:
+                lines.append(("warn", "W&B", f"{host} does not answer ({error}). Fix: check the "
+                              "network, or set tracking.wandb.mode=offline and `wandb sync` later"))  # fmt: skip
+            elif not has_key:
+                lines.append(("warn", "W&B", "no API key (WANDB_API_KEY or `wandb login`). Fix: "
+                              "export WANDB_API_KEY, or set tracking.wandb.mode=offline"))  # fmt: skip
+            else:
+                lines.append(("ok", "W&B", f"{found[0]}, {host} answers"))
+    return lines
+
+
+def doctor(
+    storage: StorageOpt = "./runs",
+    endpoint_url: EndpointOpt = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Run configuration whose trackers to check."),
+    ] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Check Python, torch, CUDA, vLLM, the run store and the Prefect API, and with a config
+    (-c / --set tracking.*) its experiment trackers.
 
     One line each, with the fix when something is missing. Exit 0 when runs can start, 2
     otherwise."""
@@ -101,6 +203,14 @@ def doctor(storage: StorageOpt = "./runs", endpoint_url: EndpointOpt = None) -> 
     checks.append(_check_vllm())
     checks.append(_check_storage(storage, endpoint_url))
     checks.append(_check_prefect())
+    if config_file is not None or overrides:
+        from scalerl.config import ConfigError, load_config
+
+        try:
+            config = load_config(config_file, overrides=overrides or [])
+        except ConfigError as exc:
+            _fail(exc)
+        checks += _check_trackers(config.tracking.model_dump(mode="json"), storage)
     for status, what, detail in checks:
         typer.echo(f"{status:<5} {what}: {detail}")
     if any(status == "fail" for status, _, _ in checks):

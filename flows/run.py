@@ -13,6 +13,9 @@ curriculum -> filter, in commit order) are driven by the driver of pipeline.stag
 advance-stream task run). The loop evaluates every `evaluation.every_steps` versions and keeps
 the progress, metrics and plots artifacts current. It ends when the trainer ends (max steps,
 compute budget, or no more prompts), then marks the run finished, which stops the generators.
+The trackers of config.tracking (MLflow, TensorBoard, W&B) are fed by one thread of this
+process that tails the store (runtime/tracking/), from the time the run is held to a last pass
+before it is released.
 
 Resume: call it again with the same config.storage.run_id (`scalerl resume RUN_ID`, the
 scalerl-resume deployment, or Prefect's Retry of the flow run, which finds the run its first
@@ -33,12 +36,15 @@ from prefect.utilities.annotations import quote
 
 from runtime.common import open_run, with_run_id
 from runtime.isolated import in_process, reopen_children, start_server, stop_children
+from runtime.tracking.mirror import start_mirror
 from runtime.transports import end_of_run, published_version
 from runtime.writer import RunWriter, hold_run
 from scalerl.config import RunConfig
 from scalerl.faults import kill_point
 from scalerl.stall import RunStalledError
 from storage import Run
+from storage.errors import RunDeletedError, RunNotFoundError
+from storage.fsio import run_deleted
 from storage.lease import LeaseLostError
 from tasks.evaluate import evaluate_policy
 from tasks.flow_runs import (
@@ -165,8 +171,37 @@ stop_signal_handler = None
 def request_stop(reason: str) -> None:
     """Ask the run flow of this process to stop (e.g. on SIGINT/SIGTERM): its loop sets the
     status to stopping, the trainer checkpoints and ends, the generators end, and the flow
-    returns with state "stopped" (resumable). Safe to call from a signal handler."""
+    returns with state "stopped" (resumable). Safe to call from a signal handler. A request
+    made before the loop starts (during prepare) holds until clear_stop()."""
     _stop_reason.append(reason)
+
+
+def clear_stop() -> None:
+    """Forget stop requests (flows/cli_signals.py, before and after the flow it guards)."""
+    _stop_reason.clear()
+
+
+_writing: list[tuple[Run, RunWriter]] = []  # the run this process's flow holds (hard_stop)
+
+
+def hard_stop(reason: str) -> dict | None:
+    """A stop that did not end within its grace period (flows/cli_signals.py): kill the run's
+    processes here, and mark the run this process writes "stopped" at its newest committed
+    checkpoint (what `scalerl resume` continues from), then free its lease; the caller exits the
+    process next. From any thread. Returns the status written (with "run_id"), or None: no run
+    held here, or it has ended or been taken over meanwhile (its status stands)."""
+    stop_children(grace_s=1.0)
+    if not _writing:
+        return None
+    run, writer = _writing[-1]
+    writer.check()  # LeaseLostError: taken over, not ours to mark
+    if (run.read_status() or {}).get("state") not in ("running", "stopping"):
+        return None
+    status = {"state": "stopped", "reason": reason, "step": run.latest_checkpoint_step()}
+    run.write_status(status)
+    with contextlib.suppress(Exception):
+        writer.release()
+    return {**status, "run_id": run.run_id}
 
 
 class _RunPage:
@@ -177,14 +212,20 @@ class _RunPage:
     def __init__(self, parts: Pipeline) -> None:
         self.parts = parts
         self.shown_step, self.shown_at, self.held_out = -1, 0.0, None
+        self.looked_at = 0.0
         self.table_at = time.monotonic()
         self.plots, self.plots_at, self.plots_due = None, 0.0, False
 
     def update(self, moved: bool) -> None:
         """One look of the loop; `moved`: shards went through the stages since the last."""
         config, run = self.parts.config, self.parts.run
-        step = published_version(run, config) or 0
-        if step != self.shown_step and time.monotonic() - self.shown_at >= PROGRESS_EVERY_S:
+        # the loop looks several times a second: the weights pointer (a store read) only as
+        # often as the progress may change
+        now = time.monotonic()
+        due = now - max(self.shown_at, self.looked_at) >= PROGRESS_EVERY_S
+        step = (published_version(run, config) or 0) if due else self.shown_step
+        self.looked_at = now if due else self.looked_at
+        if step != self.shown_step and now - self.shown_at >= PROGRESS_EVERY_S:
             if evaluate_due(config, run, self.parts.evaluated):
                 self.plots_due, self.held_out = True, latest_pass_rate(run)
             max_steps, quarantined = config.schedule.max_steps, len(run.quarantined_keys())
@@ -211,7 +252,6 @@ def _supervise(parts: Pipeline) -> dict:
     """The loop of scalerl_run while the trainer runs; returns the trainer's summary. Stops
     early when request_stop() was called (the summary then carries "stopped": the reason) and
     fails if the run was taken over."""
-    _stop_reason.clear()
     page, stopped = _RunPage(parts), None
     while not parts.trainer.done():  # (a task run's .state would be an API call per loop)
         kill_point("flow.loop")
@@ -253,9 +293,14 @@ def scalerl_run(config: RunConfig) -> dict:
     run_id = prepare_run(config, run_id)  # refuses another config under an existing run id
     run = open_run(config, run_id)  # the flow's one handle on the run from here on
     writer = hold_run(run, current_flow_run_id())  # one writer per run
+    _writing.append((run, writer))  # a stop past its grace period marks it (hard_stop)
+    tracker = start_mirror(run, config.model_dump(mode="json"), logger)  # runtime/tracking/
     try:
         return _run_held(config, run, writer, logger)
     finally:
+        _writing.remove((run, writer))
+        if tracker is not None:
+            tracker.stop()  # a last pass: the final metrics, plots and status
         writer.release()
 
 
@@ -286,6 +331,8 @@ def _run_held(config: RunConfig, run: Run, writer: RunWriter, logger) -> dict:
         summary = _supervise(parts)
     except BaseException as exc:
         _wind_down_failed(parts, exc, logger)
+        if _deleted_under_us(run, exc):  # a task found it gone before the heartbeat did
+            raise run_deleted(None, run.url) from exc
         raise
     failed = run.read_status() or {}
     if failed.get("state") == "failed":  # e.g. every replacement of a generator was lost too
@@ -312,17 +359,32 @@ def _run_held(config: RunConfig, run: Run, writer: RunWriter, logger) -> dict:
     return _finish(parts, summary, logger)
 
 
+def _deleted_under_us(run: Run, exc: BaseException) -> bool:
+    """A task's RunNotFoundError while the flow ran this run means its directory was deleted:
+    say that (one line, RunDeletedError), not "does not exist" as for a mistyped id."""
+    if not isinstance(exc, RunNotFoundError) or isinstance(exc, RunDeletedError):
+        return False
+    try:
+        return run.created_at() is None
+    except Exception:  # noqa: BLE001 - the original error is then the one to show
+        return False
+
+
 def _wind_down_failed(parts: Pipeline, exc: BaseException, logger) -> None:
     """The run flow failed with `exc`: stop every part of the run before it raises.
 
     The generators and the trainer run until the run's status leaves "running": without this,
     a failing flow would wait on them forever. Resuming sets it back to running. (Not when the
     run was taken over: it belongs to its new writer.) When the status cannot be written (e.g.
-    the disk is full), the children cannot learn of the failure from the store: they are
-    stopped directly, so nothing waits on them forever."""
+    the disk is full), or the run was deleted (RunDeletedError, or no status.json left), the
+    children cannot learn of the failure from the store: they are stopped directly, so nothing
+    waits on them forever."""
     run = parts.run
     try:
-        if (run.read_status() or {}).get("state") == "running":
+        status = None if isinstance(exc, RunDeletedError) else run.read_status()
+        if status is None:  # the run was deleted (status.json with it): stop them directly
+            stop_children()
+        elif status.get("state") == "running":
             run.write_status({"state": "failed", "reason": f"the run flow failed: {exc!r}"[:500]})
     except LeaseLostError:
         pass

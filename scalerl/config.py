@@ -812,6 +812,62 @@ class ScheduleConfig(_Section):
     )
 
 
+class MlflowTracking(_Section):
+    tracking_uri: str = Field(
+        min_length=1,
+        description="Where MLflow keeps the run: a server URL (http://host:5000), sqlite:///path/mlflow.db or a local directory. Credentials never go here: MLflow reads MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN from the environment.",
+    )
+    experiment: str = Field(
+        "scalerl", min_length=1, description="MLflow experiment (created when missing)."
+    )
+    run_name: str | None = Field(None, description="MLflow run name. Unset: the run id.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@", value):  # never echoed
+            raise ValueError(
+                "tracking.mlflow.tracking_uri carries credentials (user:password@ in the URL); "
+                "the configuration is saved in run.json and shown in the Prefect UI. Fix: drop "
+                "them from the URL and export MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead."
+            )
+        return value
+
+
+class TensorBoardTracking(_Section):
+    log_dir: str | None = Field(
+        None,
+        description="Directory of the event files (a local path; one subdirectory per run id). Unset: {storage.url}/{run_id}/tensorboard for a local store (an s3:// store needs it set).",
+    )
+
+
+class WandbTracking(_Section):
+    project: str = Field(min_length=1, description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (user or team). Unset: your default.")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online",
+        description="online logs to the W&B server (WANDB_API_KEY from the environment, never here); offline writes under WANDB_DIR for `wandb sync`; disabled logs nothing.",
+    )
+    group: str | None = Field(None, description="W&B run group.")
+    tags: list[str] = Field(default_factory=list, description="W&B run tags.")
+
+
+class TrackingConfig(_Section):
+    mlflow: MlflowTracking | None = Field(
+        None,
+        description="Mirror the run to MLflow; fields: tracking_uri (required), experiment (default scalerl), run_name (default: the run id).",
+    )
+    tensorboard: TensorBoardTracking | None = Field(
+        None,
+        description="Mirror the run to TensorBoard event files; field: log_dir (default: under the run's directory for a local store). `{}` turns it on with the defaults.",
+    )
+    wandb: WandbTracking | None = Field(
+        None,
+        description="Mirror the run to Weights & Biases; fields: project (required), entity, mode (online, offline, disabled; default online), group, tags.",
+    )
+
+
 class RunConfig(_Section):
     """A whole ScaleRL run. The flow's parameter, the YAML file and the CLI all validate against it."""
 
@@ -851,6 +907,10 @@ class RunConfig(_Section):
     )
     schedule: ScheduleConfig = Field(
         default_factory=ScheduleConfig, description="When the run ends."
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Experiment trackers the run is mirrored to (runtime/tracking/): its config as parameters (secrets redacted), trainer metrics per step, evaluations per version, the scaling fit, plots, completion samples and the final status. None by default; a tracker that fails never fails the run.",
     )
 
     @property

@@ -1,7 +1,13 @@
 """A crash + resume counts every trained sample once: a tiny run whose trainer is SIGKILLed
 after a checkpoint and some later steps, then resumed from that checkpoint (so those steps are
 trained again and their metrics rows written twice), reads back one trainer row per step, a
-staleness histogram that sums to the samples trained, and one eval row per version."""
+staleness histogram that sums to the samples trained, and one eval row per version.
+
+The same run is mirrored into a real MLflow tracking server (started here on 127.0.0.1) and
+TensorBoard (runtime/tracking/): the resumed run continues the SAME MLflow run and every trainer
+step is there once, with the evaluations at their versions, the plots and the final status; a
+planted secret is in no tracker's data; `scalerl runs track` back-fills the finished run into
+another tracker from the store. (One pair of runs for both: each is ~20 s of a 2-core machine.)"""
 
 import contextlib
 import json
@@ -10,6 +16,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +28,7 @@ from runtime.verify import verify_run
 from scalerl.config import load_config
 from scalerl.stats import eval_points, staleness_histogram
 from storage import open_store
+from tests.e2e.conftest import BIN, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -35,6 +44,7 @@ OVERRIDES = [
     "data.num_eval_prompts=8",
     "evaluation.samples_per_prompt=4",
 ]
+SECRET = "PLANTED-e2e-s3cr3t-4Kq"
 SCRIPT = """
 import sys
 from scalerl.config import load_config
@@ -47,13 +57,51 @@ if __name__ == "__main__":
 """
 
 
-def _run(env: dict, root: Path, run_id: str, log: Path, chaos: str | None) -> int:
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """An MLflow tracking server on loopback (SQLite store, local artifacts); its URL."""
+    port, home = free_port(), tmp_path / "mlflow"
+    home.mkdir()
+    log = open(home / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
+         "--default-artifact-root", str(home / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"{url}/health", timeout=2) as r,
+        ):
+            if r.status == 200:
+                break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise RuntimeError(
+                f"mlflow server did not start:\n{(home / 'server.log').read_text()[-3000:]}"
+            )
+        time.sleep(0.5)
+    try:
+        yield url, home
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _run(env: dict, root: Path, run_id: str, log: Path, chaos: str | None, extra: list[str]) -> int:
     env = {k: v for k, v in env.items() if k != "SCALERL_CHAOS"}
     if chaos:
         env["SCALERL_CHAOS"] = chaos
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, str(root), run_id, *OVERRIDES],
+            [sys.executable, "-c", SCRIPT, str(root), run_id, *OVERRIDES, *extra],
             env=env,
             cwd=REPO,
             stdout=out,
@@ -77,22 +125,36 @@ def _ledger(run) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def test_steps_redone_after_a_crash_are_counted_once(prefect_server, tmp_path):
+def test_steps_redone_after_a_crash_are_counted_once_in_the_store_and_the_trackers(
+    prefect_server, mlflow_server, tmp_path
+):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    url, mlflow_home = mlflow_server
     root, run_id = tmp_path / "runs", "redo"
+    env = {**prefect_server, "SCALERL_TRACKING_INTERVAL_S": "1", "AWS_SECRET_ACCESS_KEY": SECRET}
+    trackers = [
+        f"tracking.mlflow.tracking_uri={url}",
+        "tracking.mlflow.experiment=e2e",
+        "tracking.tensorboard={}",
+    ]
     config = load_config(preset="tiny-cpu", overrides=[f"storage.url={root}", *OVERRIDES])
     from runtime.common import materialize_base_model  # cached per machine; not on the clock
 
     materialize_base_model(config, tmp_path / "base-model")
 
     chaos = f"trainer.after_publish:{KILL_AT}"
-    rc = _run(prefect_server, root, run_id, tmp_path / "crash.log", chaos)
+    rc = _run(env, root, run_id, tmp_path / "crash.log", chaos, trackers)
     assert rc == -signal.SIGKILL, (tmp_path / "crash.log").read_text()[-4000:]
     run = open_store(str(root)).run(run_id)
     assert run.latest_checkpoint_step() == CHECKPOINT_EVERY
     before = run.read_metrics("trainer", all_rows=True).column("step").to_pylist()
     assert before == list(range(1, KILL_AT))  # 4 and 5 logged after the checkpoint at 3
+    mlflow_key = f"mlflow {url} experiment e2e"  # the marker's progress is per destination
+    first_id = run.read_marker("tracking")["sinks"][mlflow_key]["id"]
 
-    rc = _run(prefect_server, root, run_id, tmp_path / "resume.log", None)
+    rc = _run(env, root, run_id, tmp_path / "resume.log", None, trackers)
     assert rc == 0, (tmp_path / "resume.log").read_text()[-4000:]
     assert run.read_status()["state"] == "finished"
 
@@ -127,3 +189,52 @@ def test_steps_redone_after_a_crash_are_counted_once(prefect_server, tmp_path):
     assert report.facts["trainer_steps_redone"] == len(redone)
     assert report.facts["trainer_rows_replaced"] == len(redone)
     assert any("trained again after a resume" in note for note in report.notes)
+
+    # -- the trackers: one MLflow run across the crash, each step once --------------------
+    marker = run.read_marker("tracking")
+    assert marker["sinks"][mlflow_key]["id"] == first_id  # the same MLflow run, continued
+    assert marker["behind"] == {"mlflow": 0, "tensorboard": 0}
+
+    client = MlflowClient(tracking_uri=url)
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert [r.info.run_id for r in runs] == [first_id]
+    trainer = {r["step"]: r for r in run.read_metrics("trainer").to_pylist()}
+    assert sorted(trainer) == list(range(1, MAX_STEPS + 1))
+    history = client.get_metric_history(first_id, "trainer/loss")
+    assert sorted(m.step for m in history) == sorted(trainer)  # one value per step
+    evals = run.read_metrics("eval").to_pylist()
+    pass_rates = client.get_metric_history(first_id, "eval/pass_rate")
+    assert sorted((m.step, m.value) for m in pass_rates) == sorted(
+        (e["version"], pytest.approx(e["pass_rate"])) for e in evals
+    )
+    assert {e["version"] for e in evals} >= {0, 3, 6}
+    got = client.get_run(first_id)
+    assert got.data.tags["scalerl.status"] == "finished" and got.info.status == "FINISHED"
+    assert got.data.params["schedule.max_steps"] == str(MAX_STEPS)
+    plots = {a.path for a in client.list_artifacts(first_id, "plots")}
+    assert "plots/curve.png" in plots
+    assert {a.path for a in client.list_artifacts(first_id, "completions")} == {
+        f"completions/v{e['version']:06d}.json" for e in evals
+    }
+
+    acc = EventAccumulator(str(root / run_id / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("trainer/loss")] == sorted(trainer)
+    assert "plots/curve" in acc.Tags()["images"]
+
+    for path in [*mlflow_home.rglob("*"), *(root / run_id / "tensorboard").rglob("*")]:
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+    # the back-fill: the finished run into a TensorBoard directory it never logged to
+    backfill = tmp_path / "tb-backfill"
+    out = subprocess.run(
+        [str(BIN / "scalerl"), "runs", "track", run_id, "--storage", str(root),
+         "--set", "tracking.mlflow=null", "--set", f"tracking.tensorboard.log_dir={backfill}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "tensorboard: up to date" in out.stdout
+    acc = EventAccumulator(str(backfill / run_id), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("trainer/loss")] == sorted(trainer)
