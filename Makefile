@@ -26,8 +26,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/scalerl run --preset tiny-cpu
 
+# Two workers, whole modules each (module fixtures such as the chaos run are built once), the
+# longest modules first (tests/conftest.py); PYTEST_ARGS="-n 0" runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -76,6 +76,34 @@ def pytest_make_collect_report(collector):
             report.longrepr = (str(collector.path), 0, f"Skipped: not installed: {found.group(1)}")
 
 
+# The longest modules (minutes each, tests/e2e): with `-n 2 --dist loadfile` (the Makefile's
+# `make test`) xdist hands files out in collection order, so these go first and the short
+# modules fill in beside them instead of one long module running alone at the end.
+LONGEST_FIRST = (
+    "tests/e2e/test_chaos.py",
+    "tests/e2e/test_work_pools.py",
+    "tests/e2e/test_ui_recovery.py",
+    "tests/e2e/test_real_model_run.py",
+    "tests/e2e/test_stops.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Under xdist only: the longest modules first, then every other e2e module, then the rest
+    (a stable sort: the order inside a module is unchanged). A serial run keeps pytest's order."""
+    if not getattr(config.option, "numprocesses", None):
+        return
+    root = Path(str(config.rootpath))
+
+    def rank(item) -> tuple[int, int]:
+        rel = Path(str(item.path)).relative_to(root).as_posix()
+        if rel in LONGEST_FIRST:
+            return 0, LONGEST_FIRST.index(rel)
+        return (1, 0) if rel.startswith("tests/e2e/") else (2, 0)
+
+    items.sort(key=rank)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

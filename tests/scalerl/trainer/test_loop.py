@@ -143,6 +143,7 @@ class _SlowPublisher:
 
     def __init__(self, kit, delay_s: float, fail_at: int | None = None) -> None:
         self.inner, self.delay, self.fail_at = kit.MemoryPublisher(), delay_s, fail_at
+        self.hold_until_next: int | None = None
         self.order: list[int] = []
         self.steps_when_done: dict[int, int] = {}
         self.trainer = None
@@ -157,6 +158,12 @@ class _SlowPublisher:
         if version == self.fail_at:
             raise OSError("disk gone")
         time.sleep(self.delay if version else 0)
+        if version == self.hold_until_next and self.trainer is not None:
+            # held until the trainer has finished the next step: only a publisher that runs
+            # beside the training steps lets it get there (bounded, so a serial one fails)
+            deadline = time.monotonic() + 60
+            while self.trainer.version <= version and time.monotonic() < deadline:
+                time.sleep(0.01)
         self.inner.publish(version, model, tokenizer, state_dict)
         self.order.append(version)
         if self.trainer is not None:
@@ -187,6 +194,7 @@ def test_background_publishing_keeps_order_overlaps_steps_and_checkpoints_wait(
     )
     slow = trainer.publisher = _SlowPublisher(kit, delay_s=0.3)
     slow.trainer = trainer
+    slow.hold_until_next = 1  # deterministic under any load, unlike a race of sleeps
     saved_with = {}
     save = ck.save
 
