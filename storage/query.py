@@ -39,6 +39,7 @@ CorruptShardError naming the file.
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -117,6 +118,7 @@ class RolloutQuery:
     def _register_views(self, run: Run, metrics: bool) -> None:
         self.shards: dict[str, int] = {}
         self._files: dict[str, str] = {}  # filesystem path -> URL, for error messages
+        self._view_paths: dict[str, list[str]] = {}  # stage view -> its files' paths
         stages = list(dict.fromkeys([*PIPELINE_STAGES, *run.stages()]))
         for stage in stages:
             self._stage_view(stage, stage, run.shard_urls(stage))
@@ -165,6 +167,7 @@ class RolloutQuery:
         fmt = ds.ParquetFileFormat()
         paths = [self._path(u) for u in urls]
         self._files.update(zip(paths, urls, strict=True))
+        self._view_paths[view] = paths
         fragments = [fmt.make_fragment(p, self._fs) for p in paths]
         self.con.register(view, ds.FileSystemDataset(fragments, schema, fmt, self._fs))
 
@@ -174,6 +177,7 @@ class RolloutQuery:
             raise QueryError(
                 'the SQL query is empty. Fix: pass a query, e.g. "SELECT count(*) FROM rollouts".'
             )
+        self._check_files_present(query)
         try:
             relation = self.con.sql(query, params=params)
             if relation is None:  # a statement without a result (SET, CREATE ...)
@@ -188,6 +192,37 @@ class RolloutQuery:
                 f"the SQL query failed: {first}. Fix: correct the query; views are "
                 f"{', '.join(self.views)} (columns: docs/ROLLOUT_SCHEMA.md)."
             ) from None
+
+    def _check_files_present(self, query: str) -> None:
+        """On an object store, before a query scans: every file of the stage views the query
+        names still exists (one listing per data directory). A scan that meets a deleted file
+        reads it through pyarrow's PyFileSystem, whose error path can deadlock with DuckDB's
+        scan threads (seen under load: the query never returned); this names the file instead.
+        A local scan reports a missing file itself."""
+        if self._loc.is_local or not self._files:
+            return
+        named = {
+            self.rollouts_stage if view == "rollouts" else view
+            for view in [*self._view_paths, "rollouts"]
+            if re.search(rf"\b{re.escape(view)}\b", query, re.IGNORECASE)
+        }
+        by_dir: dict[str, list[str]] = {}
+        for view in named:
+            for path in self._view_paths.get(view, []):
+                by_dir.setdefault(path.rsplit("/", 1)[0], []).append(path)
+        fs = self._loc.fs
+        for parent, paths in by_dir.items():
+            fs.invalidate_cache(parent)
+            present = {
+                p.rstrip("/").split("://")[-1].lstrip("/") for p in fs.ls(parent, detail=False)
+            }
+            for path in paths:
+                if path.lstrip("/") not in present:
+                    raise CorruptShardError(
+                        f"committed shard file {self._files[path]} is missing. Fix: run "
+                        f"`scalerl runs verify {self.run.run_id}` and re-run the stage that "
+                        "produced it (or quarantine the shard)."
+                    )
 
     def _raise_special(self, error: duckdb.Error, first: str) -> None:
         """A refused file/extension/setting access or an unreadable shard file: its own error."""
