@@ -360,19 +360,20 @@ def _curriculum_problems(
     facts: dict,
 ) -> list[str]:
     """Curriculum versions in a row, each applying exactly one new scored shard (a damaged
-    version is named by _curriculum_states; the versions on either side of it are not
-    compared)."""
+    version is named by _curriculum_states; the intact versions on either side of it are not
+    compared with each other; a gap of missing files is)."""
     problems = []
     versions = curriculum.versions
     if versions and versions != list(range(versions[-1] + 1)):
         problems.append(f"curriculum versions are not continuous: {versions[:10]}")
     before: list[str] = []
     last = -1
+    damaged = set(versions) - {version for version, _ in curriculum.states}
     for version, state in curriculum.states:
         applied = state["applied"]
         if (
             version
-            and version == last + 1
+            and not damaged.intersection(range(last + 1, version))  # none damaged between
             and (applied[:-1] != before or len(applied) != len(before) + 1)
         ):
             problems.append(

@@ -91,7 +91,8 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(session, config, items):
     """Under xdist only: the longest modules first, then every other e2e module, then the rest
     (a stable sort: the order inside a module is unchanged). A serial run keeps pytest's order."""
-    if not getattr(config.option, "numprocesses", None):
+    # xdist's workers collect (config.workerinput) and the scheduler hands out their order
+    if not hasattr(config, "workerinput") and not getattr(config.option, "numprocesses", None):
         return
     root = Path(str(config.rootpath))
 
