@@ -36,7 +36,8 @@ def _prefect(env, *args, timeout=300):
 
 def test_deploy_run_and_watch_through_the_api(prefect_server, tmp_path):
     env = prefect_server
-    _prefect(env, "work-pool", "create", "scalerl-process", "--type", "process")
+    # the session's server may have the pool already (test_ui_recovery.py creates it too)
+    _prefect(env, "work-pool", "create", "scalerl-process", "--type", "process", "--overwrite")
     _prefect(env, "--no-prompt", "deploy", "--name", "scalerl-tiny-cpu")
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][1]["parameters"][
         "config"
