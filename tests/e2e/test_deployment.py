@@ -4,6 +4,7 @@ artifacts are visible through the API."""
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,8 @@ def test_deploy_run_and_watch_through_the_api(prefect_server, tmp_path):
         json.dumps({"config": config}),
     )
     assert "Created flow run" in out
+    created = re.search(r"UUID: ([0-9a-f-]{36})", out)
+    assert created, out
     _prefect(env, "worker", "start", "--pool", "scalerl-process", "--run-once", timeout=600)
 
     from prefect.client.orchestration import get_client
@@ -68,9 +71,9 @@ def test_deploy_run_and_watch_through_the_api(prefect_server, tmp_path):
 
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
         runs, artifacts = asyncio.run(read())
-    # The server is shared with the other e2e tests (chaos and recovery leave SIGKILLed flow
-    # runs RUNNING forever): look at the deployment's run only.
-    deployed = [r for r in runs if r.deployment_id is not None]
+    # The server is shared with the other e2e tests (test_ui_recovery runs deployments too, and
+    # leaves SIGKILLed flow runs behind): look at the flow run this test created only.
+    deployed = [r for r in runs if str(r.id) == created.group(1)]
     assert [r.state.type.value for r in deployed] == ["COMPLETED"]
     keys = {a.key for a in artifacts}
     assert {
