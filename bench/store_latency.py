@@ -92,6 +92,7 @@ class LatencyProxy:
         self._lock = threading.Lock()
         self.counts: Counter = Counter()
         self._handlers: set = set()
+        self.trace: list | None = None  # [(time, pid, kind, area)] when tracing
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
@@ -104,9 +105,10 @@ class LatencyProxy:
         with self._lock:
             return Counter(self.counts)
 
-    def reset(self) -> None:
+    def reset(self, trace: bool = False) -> None:
         with self._lock:
             self.counts.clear()
+            self.trace = [] if trace else None
 
     def close(self) -> None:
         async def stop() -> None:
@@ -144,6 +146,10 @@ class LatencyProxy:
         except OSError:
             writer.close()
             return
+        pid = None
+        if self.trace is not None:  # which process holds the client end of this connection
+            port = writer.get_extra_info("peername")[1]
+            pid = await asyncio.get_running_loop().run_in_executor(None, _pid_of_port, port)
         back = asyncio.ensure_future(self._pump(up_reader, writer))
         self._handlers.add(back)
         back.add_done_callback(self._handlers.discard)
@@ -158,6 +164,8 @@ class LatencyProxy:
                 kind_area = classify(method.decode(), target.decode("latin-1"))
                 with self._lock:
                     self.counts[kind_area] += 1
+                    if self.trace is not None:
+                        self.trace.append((time.time(), pid, *kind_area))
                 if self.delay_ms > 0:
                     await asyncio.sleep(self.delay_ms / 1000)
                 # the head first: a client that sent `Expect: 100-continue` sends its body
@@ -212,6 +220,16 @@ class LatencyProxy:
         finally:
             with contextlib.suppress(OSError):
                 dst.close()
+
+
+def _pid_of_port(port: int) -> int | None:
+    """The process whose TCP socket has local port `port` on loopback (tracing only)."""
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp4"):
+        if conn.laddr and conn.laddr.port == port and conn.pid:
+            return conn.pid
+    return None
 
 
 @contextlib.contextmanager
@@ -296,16 +314,23 @@ if __name__ == "__main__":
 
 
 def run_once(
-    env: dict, moto: str, proxy: LatencyProxy, delay_ms: float, steps: int, repo: Path
+    env: dict,
+    moto: str,
+    proxy: LatencyProxy,
+    delay_ms: float,
+    steps: int,
+    repo: Path,
+    trace_dir: Path | None = None,
 ) -> dict:
     """One run through the proxy at `delay_ms` with the code of checkout `repo`; its counts,
-    rates and times."""
+    rates and times. With `trace_dir`, every request's (time, process role, kind, area) and the
+    trainer's step times go to trace_dir/trace-<delay>ms.json."""
     from storage import open_store
 
     url = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/runs"
     run_id = f"lat{int(delay_ms)}"
     proxy.delay_ms = delay_ms
-    proxy.reset()
+    proxy.reset(trace=trace_dir is not None)
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-c", RUN_SCRIPT, url, proxy.url, run_id, str(steps)],
@@ -317,6 +342,7 @@ def run_once(
     )
     wall = time.monotonic() - start
     counts = proxy.snapshot()
+    trace = proxy.trace
     if proc.returncode != 0:
         raise RuntimeError(f"the run at {delay_ms} ms failed:\n{proc.stdout[-3000:]}")
     options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": moto}}
@@ -332,6 +358,8 @@ def run_once(
         by_kind[kind] += n
         by_area[f"{kind} {area}"] += n
     total = sum(counts.values())
+    if trace_dir is not None and trace is not None:
+        _write_trace(trace_dir / f"trace-{int(delay_ms)}ms.json", trace, times)
     return {
         "delay_ms": delay_ms,
         "steps": trained,
@@ -348,6 +376,21 @@ def run_once(
     }
 
 
+def _write_trace(path: Path, trace: list, step_times: list[float]) -> None:
+    """The request trace with each process named by what it writes: trainer (metrics/trainer),
+    generator (shards/raw), flow (shards/scored); others by pid."""
+    import json
+
+    roles: dict = {}
+    role = {"metrics/trainer": "trainer", "shards/raw": "generator", "shards/scored": "flow"}
+    for _, pid, kind, area in trace:
+        if kind == "put" and area in role and pid not in roles:
+            roles[pid] = role[area]
+    rows = [[round(t, 4), roles.get(pid, f"pid{pid}"), kind, area] for t, pid, kind, area in trace]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"step_times": step_times, "requests": rows}))
+
+
 def main(argv: list[str] | None = None) -> dict:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "bench"))
@@ -357,6 +400,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--delays", default="0,20,100", help="ms per request, comma-separated")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--trace",
+        default=None,
+        help="folder for a per-request trace of each run (time, process, kind, area)",
+    )
     parser.add_argument(
         "--repo",
         default=str(REPO),
@@ -375,7 +423,10 @@ def main(argv: list[str] | None = None) -> dict:
         proxy = LatencyProxy((host, int(port)))
         try:
             for delay in delays:
-                results.append(run_once(env, moto, proxy, delay, args.steps, Path(args.repo)))
+                trace = Path(args.trace) if args.trace else None
+                results.append(
+                    run_once(env, moto, proxy, delay, args.steps, Path(args.repo), trace)
+                )
                 print(results[-1], file=sys.stderr, flush=True)
         finally:
             proxy.close()

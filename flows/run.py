@@ -43,7 +43,7 @@ from scalerl.config import RunConfig
 from scalerl.faults import kill_point
 from scalerl.stall import RunStalledError
 from storage import Run
-from storage.errors import RunDeletedError, RunNotFoundError
+from storage.errors import RunDeletedError, StoreError
 from storage.fsio import run_deleted
 from storage.lease import LeaseLostError
 from tasks.evaluate import evaluate_policy
@@ -360,9 +360,11 @@ def _run_held(config: RunConfig, run: Run, writer: RunWriter, logger) -> dict:
 
 
 def _deleted_under_us(run: Run, exc: BaseException) -> bool:
-    """A task's RunNotFoundError while the flow ran this run means its directory was deleted:
-    say that (one line, RunDeletedError), not "does not exist" as for a mistyped id."""
-    if not isinstance(exc, RunNotFoundError) or isinstance(exc, RunDeletedError):
+    """A task's failure while run.json is gone means the run's directory was deleted under
+    the flow: say that (one line, RunDeletedError), not the task's own error (a RunNotFoundError
+    "does not exist" as for a mistyped id, or a missing shard: advance-stream keeps its Run open
+    across shards, so it meets the deletion as files gone rather than as a run not found)."""
+    if isinstance(exc, RunDeletedError) or not isinstance(exc, StoreError):
         return False
     try:
         return run.created_at() is None

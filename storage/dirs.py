@@ -36,6 +36,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from storage import fsio
@@ -48,6 +49,7 @@ from storage.errors import (
 )
 from storage.paths import Location
 
+TRANSFER_WORKERS = 8  # files of one entry moved at once: on an object store each is a round trip
 MANIFEST = "_MANIFEST.json"
 LATEST = "LATEST"
 REASON = "reason.json"
@@ -63,6 +65,19 @@ class DamagedEntryError(StoreError):
     def __init__(self, message: str, damage: list[str] | tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.damage = list(damage)
+
+
+def _each(fn, items) -> list:
+    """fn over items, up to TRANSFER_WORKERS at once (an entry's files are independent requests:
+    a weights version of seven files costs one round trip instead of seven); results in order.
+    The first failure (in item order) is raised once every call has ended."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    workers = min(TRANSFER_WORKERS, len(items))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="storage-transfer") as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        return [f.result() for f in futures]
 
 
 def _sha256(path: Path) -> str:
@@ -112,15 +127,18 @@ class ManifestDirs:
                 "parts. Fix: withdraw it first."
             )
         src = Path(local_dir)
-        entries = []
-        for p in sorted(p for p in src.rglob("*") if p.is_file()):
+
+        def upload(p: Path) -> dict:
             rel = p.relative_to(src).as_posix()
-            target = f"{self.path(n)}/{rel}"
-            if self._loc.is_local:
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-            self._loc.fs.put_file(str(p), target)
-            entries.append({"path": rel, "bytes": p.stat().st_size, "sha256": _sha256(p)})
-        return entries
+            self._put(p, f"{self.path(n)}/{rel}")
+            return {"path": rel, "bytes": p.stat().st_size, "sha256": _sha256(p)}
+
+        return _each(upload, sorted(p for p in src.rglob("*") if p.is_file()))
+
+    def _put(self, src: Path, target: str) -> None:
+        if self._loc.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        self._loc.fs.put_file(str(src), target)
 
     def publish(
         self,
@@ -140,10 +158,14 @@ class ManifestDirs:
                 f"{self._what} directory {src} does not exist or holds no files. "
                 "Fix: save the files there first (e.g. model.save_pretrained(dir))."
             )
-        entries = [
-            {"path": p.relative_to(src).as_posix(), "bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in files
-        ]
+        entries = _each(
+            lambda p: {
+                "path": p.relative_to(src).as_posix(),
+                "bytes": p.stat().st_size,
+                "sha256": _sha256(p),  # hashlib drops the GIL: the files hash in parallel
+            },
+            files,
+        )
         local_paths = {e["path"] for e in entries}
         uploaded = [e for e in extra or [] if e["path"] not in local_paths]
         listed = sorted([*entries, *uploaded], key=lambda e: e["path"])
@@ -163,11 +185,9 @@ class ManifestDirs:
                     "from a checkpoint republishing the same version)."
                 )
             self._loc.fs.rm_file(f"{dest}/{MANIFEST}")  # withdraw first: never mix versions
-        for entry, p in zip(entries, files, strict=True):
-            target = f"{dest}/{entry['path']}"
-            if self._loc.is_local:
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-            self._loc.fs.put_file(str(p), target)
+        _each(
+            lambda ep: self._put(ep[1], f"{dest}/{ep[0]['path']}"), zip(entries, files, strict=True)
+        )
         fsio.fault_point(f"{self._what}.before_manifest")
         manifest = {"files": listed, "committed_at": time.time()}
         fsio.write_atomic(self._loc, f"{dest}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
@@ -345,24 +365,23 @@ class ManifestDirs:
                     f"{', '.join(unknown)} in its manifest. Fix: pick another {self._what}."
                 )
         dst = Path(local_dir)
-        damage = []
-        for entry in entries:
+
+        def fetch(entry: dict) -> str | None:
+            """The file's damage, None when it arrived whole."""
             target = dst / entry["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 self._loc.fs.get_file(f"{self.path(n)}/{entry['path']}", str(target))
             except FileNotFoundError:
-                damage.append(
-                    f"{entry['path']} is missing (its manifest lists {entry['bytes']:,} bytes)"
-                )
-                continue
+                return f"{entry['path']} is missing (its manifest lists {entry['bytes']:,} bytes)"
             size = target.stat().st_size
             if size != entry["bytes"]:
-                damage.append(
-                    f"{entry['path']} is {size:,} bytes, its manifest says {entry['bytes']:,}"
-                )
-            elif checksum and entry.get("sha256") and _sha256(target) != entry["sha256"]:
-                damage.append(f"{entry['path']} does not match its manifest's sha256")
+                return f"{entry['path']} is {size:,} bytes, its manifest says {entry['bytes']:,}"
+            if checksum and entry.get("sha256") and _sha256(target) != entry["sha256"]:
+                return f"{entry['path']} does not match its manifest's sha256"
+            return None
+
+        damage = [d for d in _each(fetch, entries) if d is not None]
         if self._manifest_raw(n) != raw:
             raise NotCommittedError(
                 f"{self._what} {self._prefix}{n} was republished while downloading. "

@@ -79,14 +79,16 @@ def score_shard(config: RunConfig, run_id: str, key: str) -> dict:
     return _score(config, run_id, key)[0]
 
 
-def _score(config: RunConfig, run_id: str, key: str):
+def _score(config: RunConfig, run_id: str, key: str, run=None):
     """score_shard's work; also returns the scored table it committed (None if it committed
-    none), which the stages after it in the same call use instead of reading it back."""
+    none), which the stages after it in the same call use instead of reading it back. `run`:
+    the Run when the caller has it open (advance_shard: one open per shard, not per stage; on
+    an object store each open is a request)."""
     import pyarrow as pa
 
     from scalerl.rewards import score_many
 
-    run = open_run(config, run_id)
+    run = run or open_run(config, run_id)
     if run.has_shard(SCORED, key):
         return {"key": key, "skipped": True}, None
     table, quarantined = read_or_quarantine(run, RAW, key, "score-shard")
@@ -133,10 +135,17 @@ def filter_shard(config: RunConfig, run_id: str, key: str, scored=None) -> dict:
     and rows the trainer must never use (no completion tokens) are marked too. `scored`: the
     table of scored/{key} when the caller has just committed it (advance_shard), else read.
     """
+    return _filter(config, run_id, key, scored)
+
+
+def _filter(config: RunConfig, run_id: str, key: str, scored=None, run=None) -> dict:
+    """filter_shard's work. With `scored` (committed by the caller just now) filtered/{key}
+    cannot exist yet, so it is not asked for (a commit of it by a racing writer would be told
+    apart by the commit itself: identical content is accepted, different content refused)."""
     from scalerl.filtering import filter_reasons
 
-    run = open_run(config, run_id)
-    if run.has_shard(FILTERED, key):
+    run = run or open_run(config, run_id)
+    if scored is None and run.has_shard(FILTERED, key):
         return {"key": key, "skipped": True}
     table, quarantined = (
         (scored, None)
@@ -175,9 +184,16 @@ def update_curriculum(
     so the next call loads the committed state; a stale one cannot commit (the store refuses a
     different state under a version already committed).
     """
+    return _update_curriculum(config, run_id, key, scored, live)
+
+
+def _update_curriculum(
+    config: RunConfig, run_id: str, key: str, scored=None, live: dict | None = None, run=None
+) -> dict:
+    """update_curriculum's work (`run`: as for _score)."""
     from scalerl.curriculum import NoPositiveResampling
 
-    run = open_run(config, run_id)
+    run = run or open_run(config, run_id)
     if live:
         version, applied, sampler = live["version"], live["applied"], live["sampler"]
     else:
@@ -242,22 +258,26 @@ STAGES = (("score", score_shard), ("curriculum", update_curriculum), ("filter", 
     timeout_seconds=1800,
     cache_policy=None,  # idempotent through the store; see the module docstring
 )
-def advance_shard(config: RunConfig, run_id: str, key: str, live: dict | None = None) -> dict:
+def advance_shard(
+    config: RunConfig, run_id: str, key: str, live: dict | None = None, run=None
+) -> dict:
     """score -> curriculum -> filter for raw/{key} in one task run (pipeline.stage_tasks =
     per_shard). Each stage commits its own output and skips what is already committed, so a
     retry resumes at the first stage not yet done. Stops at a quarantined input and returns
     {"quarantined": stage, ...} as the stage did; a failure names the stage. `live`: passed to
-    update_curriculum (advance-stream keeps the curriculum state there between shards)."""
+    update_curriculum (advance-stream keeps the curriculum state there between shards). `run`:
+    the Run when the caller has it open (advance-stream), else opened once here."""
     out: dict = {"key": key}
     scored = None  # scored/{key} as committed by this call: the later stages need not read it
+    run = run or open_run(config, run_id)  # once for the three stages
     for name, stage in STAGES:
         try:
             if stage is score_shard:
-                result, scored = _score(config, run_id, key)
+                result, scored = _score(config, run_id, key, run=run)
             elif stage is update_curriculum:
-                result = stage.fn(config, run_id, key, scored=scored, live=live)
+                result = _update_curriculum(config, run_id, key, scored, live, run=run)
             else:
-                result = stage.fn(config, run_id, key, scored=scored)
+                result = _filter(config, run_id, key, scored, run=run)
         except Exception as e:
             get_run_logger().error("shard %s: stage %s failed: %r", key, name, e)
             raise
@@ -344,7 +364,7 @@ def advance_stream(config: RunConfig, run_id: str) -> dict:
             ending = end.is_set()  # read before the pass: a pass after end_stream drains all
             todo = [s.key for s in run.list_shards(RAW) if s.key not in done]
             for key in todo:
-                out = advance_shard.fn(config, run_id, key, live=curriculum)
+                out = advance_shard.fn(config, run_id, key, live=curriculum, run=run)
                 done.add(key)
                 totals["shards"] += 1
                 totals["quarantined"] += "quarantined" in out
