@@ -18,6 +18,7 @@ are missing, from the shards.
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,7 +261,12 @@ def evaluate_version(config: RunConfig, run_id: str, version: int) -> dict:
         else:
             generate_eval_shards(config, run_id, version)
     tables = {s.name: run.read_shard(EVAL, s.shard_key(version)) for s in sets}
-    base = {"step": version, "version": version, "compute": compute_at(config, version)}
+    base = {
+        "step": version,
+        "version": version,
+        "compute": compute_at(config, version),
+        "time": time.time(),  # when it was measured (the trackers' clock for this row)
+    }
     set_rows = {s.name: set_row(s, tables[s.name], base) for s in sets}
     _append_new(run, EVAL_SETS, list(set_rows.values()), "key")
     # the "eval" row last: it marks the version as evaluated (retention, the flow's resume)

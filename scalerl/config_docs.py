@@ -5,6 +5,7 @@ The document is generated, never edited by hand; tests/scalerl/test_config.py fa
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 from pydantic import BaseModel
@@ -18,6 +19,7 @@ from scalerl.config import (
     EvalSetConfig,
     EvaluationConfig,
     RunConfig,
+    TrackingConfig,
 )
 
 _BOUNDS = (
@@ -79,6 +81,15 @@ def _variants(variants: dict[str, type[BaseModel]], prefix: str, tag: str) -> li
     return out
 
 
+def _optional_model(info: FieldInfo) -> type[BaseModel]:
+    """The model of a `Model | None` field (a tracking sink)."""
+    return next(
+        t
+        for t in typing.get_args(info.annotation)
+        if isinstance(t, type) and issubclass(t, BaseModel)
+    )
+
+
 def render_config_markdown() -> str:
     out = [
         "# Run configuration reference",
@@ -108,6 +119,11 @@ def render_config_markdown() -> str:
             out += ["Each entry of `evaluation.sets`:", ""]
             out += _table(EvalSetConfig, "evaluation.sets[].")
             out.append("")
+        if model is TrackingConfig:
+            for name, sink in TrackingConfig.model_fields.items():
+                out += [f"### `{section}.{name}`", ""]
+                out += _table(_optional_model(sink), f"{section}.{name}.")
+                out.append("")
     for name, overrides in PRESETS.items():
         out += [f"## Preset `{name}`", ""]
         if not overrides:

@@ -75,6 +75,7 @@ from storage.schema import PROMPT_SCHEMA, check_columns
 from storage.shards import ShardInfo, Shards
 
 RUN_MARKER = ".scalerl-run.json"
+TRACKING = "tracking"  # the config section a resume may change (experiment trackers only)
 _CURRICULUM_RE = re.compile(r"v(0|[1-9][0-9]*)\.json")
 _PART_RE = re.compile(r"part-[0-9]{19}-[0-9a-f]{8}\.parquet")
 # The metrics streams with one row per key: a step redone after a resume from an older
@@ -320,7 +321,10 @@ class Run:
         if overwrite:
             fsio.write_atomic(self._loc, path, data)
         elif not fsio.create_exclusive(self._loc, path, data):
-            self._refuse_other_config(self.read_config(), json.loads(data))
+            saved = self.read_config()
+            self._refuse_other_config(saved, json.loads(data))
+            if saved.get(TRACKING) != config.get(TRACKING):  # a tracker added on resume
+                fsio.write_atomic(self._loc, path, data)
 
     @retrying
     def check_config(self, config: dict) -> None:
@@ -330,8 +334,12 @@ class Run:
             self._refuse_other_config(self.read_config(), json.loads(_json_bytes(config, "config")))
 
     def _refuse_other_config(self, saved: dict, given: dict) -> None:
+        """The trackers (the `tracking` section) may differ: they change what the run is
+        mirrored to, not what it computes, so a resume may add or move one."""
+        saved, given = dict(saved), dict(given)
+        saved.pop(TRACKING, None), given.pop(TRACKING, None)
         if (saved.get("storage") or {}).get("run_id", "") is None:  # written before ids were
-            saved["storage"]["run_id"] = self.run_id  # kept in the snapshot
+            saved["storage"] = {**saved["storage"], "run_id": self.run_id}  # kept in the snapshot
         if saved != given:
             raise ConfigMismatchError(
                 f"run {self.run_id} was started with another config "
@@ -783,11 +791,17 @@ class Run:
         fsio.write_atomic(self._loc, path, data)
 
     @retrying
-    def read_metrics(self, name: str, *, all_rows: bool = False) -> pa.Table:
+    def read_metrics(
+        self, name: str, *, all_rows: bool = False, parts_seen: dict | None = None
+    ) -> pa.Table:
         """The rows of metrics stream `name`. For a stream with a key (METRICS_KEYS: trainer
         by step, eval by version) one row per key, the LAST written (parts in name order,
         i.e. by their time_ns, then rows in part order), sorted by key; rows whose key is
-        null follow, all kept. Other streams, or `all_rows=True`: every row in append order."""
+        null follow, all kept. Other streams, or `all_rows=True`: every row in append order.
+        `parts_seen`: a dict the caller keeps between calls (a reader that polls, e.g. the
+        tracker mirror): the part files read before are taken from it, only new ones are
+        fetched (a committed part never changes: its name is fixed before its one upload), so
+        a poll costs one listing plus the new parts, not the whole stream."""
         base = f"{self._root}/metrics/{validate_name(name, 'metrics name')}"
         parts = []
         for info in fsio.ls(self._loc, base):
@@ -802,10 +816,18 @@ class Run:
             parts.append(f"{base}/{part}")
         if not parts:
             return pa.table({})
-        raws = self._loc.fs.cat(sorted(parts))
+        seen = parts_seen if parts_seen is not None else {}  # part file name -> its table
+        names = {p.rsplit("/", 1)[-1] for p in parts}
+        new = [p for p in parts if p.rsplit("/", 1)[-1] not in seen]
+        if new:
+            raws = self._loc.fs.cat(sorted(new))
+            seen.update(
+                {k.rsplit("/", 1)[-1]: pq.read_table(pa.BufferReader(v)) for k, v in raws.items()}
+            )
+        for gone in set(seen) - names:
+            del seen[gone]
         # append order: part-{time_ns:019d}-{id} sorts by the time it was written
-        order = sorted(raws, key=lambda k: k.rsplit("/", 1)[-1])
-        tables = [pq.read_table(pa.BufferReader(raws[k])) for k in order]
+        tables = [seen[n] for n in sorted(names)]
         table = pa.concat_tables(tables, promote_options="permissive")
         return table if all_rows else latest_metrics(name, table)
 

@@ -10,6 +10,8 @@ at the end plus the noise of one evaluation, with Student's t). Appends one row 
 
 from __future__ import annotations
 
+import time
+
 from prefect import get_run_logger, task
 
 from runtime.common import open_run
@@ -54,6 +56,7 @@ def fit_scaling_curve(config: RunConfig, run_id: str) -> dict | None:
     fit = fit_sigmoid(C, R, R0=R0, exclude_fraction=0.0, bootstrap=100, seed=config.data.seed)
     row = {
         "step": steps[-1],
+        "time": time.time(),  # when it was fitted (the trackers' clock for this row)
         "compute": C[-1],
         "compute_unit": config.schedule.compute_unit,
         "A": fit.A,

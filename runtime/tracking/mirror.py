@@ -45,7 +45,7 @@ from runtime.tracking.sinks import make_sinks
 MARKER = "tracking"
 STREAMS = ("trainer", "eval", "eval_sets", "scaling", "prompts")  # storage.query.METRICS
 PLOT_NAMES = ("curve", "lengths", "staleness")  # tasks/report.py draw_plots
-KEYS = {"step", "version", "key", "set", "split", "run_id"}  # axes and labels, not metrics
+KEYS = {"step", "version", "key", "set", "split", "run_id", "time"}  # axes, labels, the clock
 SAMPLE_ROWS = 16  # completions per evaluation table
 MAX_TEXT_CHARS = 2_000  # a 16k-token completion is ~60 kB: cut, so a table stays small
 INTERVAL_S = float(os.environ.get("SCALERL_TRACKING_INTERVAL_S", "10"))  # between passes
@@ -70,9 +70,15 @@ def metric_name(name: str) -> str:
     return _NAME_RE.sub("_", str(name).replace("@", "_at_"))
 
 
-def stream_points(stream: str, rows: list[dict]) -> list[tuple[str, str, int, dict]]:
-    """(group, axis, order, {metric: value}) for each row of `stream`, in order: the group and
-    its order are what the mirror's progress counts (the last order logged per group)."""
+def stream_points(
+    stream: str, rows: list[dict], t0: float | None = None
+) -> list[tuple[str, str, int, dict, float | None]]:
+    """(group, axis, order, {metric: value}, wall_time) for each row of `stream`, in order: the
+    group and its order are what the mirror's progress counts (the last order logged per group).
+    wall_time: the row's own "time" (trainer, eval and scaling rows carry one), else `t0` (the
+    run's creation): a point logged again after a crash carries the same time, and MLflow keeps
+    one of identical (key, value, step, time) points, so a kill between a tracker taking a pass
+    and the marker recording it logs nothing twice there."""
     out = []
     for i, row in enumerate(rows):
         if stream == "trainer":
@@ -94,8 +100,9 @@ def stream_points(stream: str, rows: list[dict]) -> list[tuple[str, str, int, di
             for k, v in row.items()
             if k not in KEYS and (x := _number(v)) is not None
         }
+        t = _number(row.get("time"))
         if values:
-            out.append((group, axis, int(order), values))
+            out.append((group, axis, int(order), values, t if t is not None else t0))
     return out
 
 
@@ -104,6 +111,11 @@ class _SinkSlot:
         self.sink, self.opened = sink, False
         self.key = f"{sink.name} {sink.where}"  # the marker's progress is per destination
         self.failures, self.next_try, self.warned = 0, 0.0, False
+        # a sink whose points are on disk only once it is closed (W&B: wandb-core buffers its
+        # run file; a SIGKILL loses every point since the run was opened) has its progress
+        # in the marker moved on at close only; `live` is what this process logged meanwhile
+        self.durable = getattr(sink, "durable_on_log", True)
+        self.live: dict | None = None
 
 
 class TrackerMirror:
@@ -129,6 +141,8 @@ class TrackerMirror:
         self.state.setdefault("sinks", {})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._t0: float | None = None  # the run's creation time: rows without their own
+        self._parts: dict[str, dict] = {name: {} for name in STREAMS}  # read_metrics' cache
 
     @property
     def active(self) -> bool:
@@ -187,8 +201,13 @@ class TrackerMirror:
         """One pass: every sink (not waiting out a backoff) gets what it has not logged yet.
         `final`: also the run's status (read from the store unless given) and the count of
         points each sink is still behind, logged and kept in the marker."""
-        streams = {name: self.run.read_metrics(name).to_pylist() for name in STREAMS}
-        points = {name: stream_points(name, rows) for name, rows in streams.items()}
+        streams = {  # each pass fetches only the part files it has not read before
+            name: self.run.read_metrics(name, parts_seen=self._parts[name]).to_pylist()
+            for name in STREAMS
+        }
+        if self._t0 is None:
+            self._t0 = self.run.created_at() or 0.0
+        points = {name: stream_points(name, rows, self._t0) for name, rows in streams.items()}
         if final and status is None:
             status = (self.run.read_status() or {}).get("state")
         cache: dict = {}
@@ -201,11 +220,11 @@ class TrackerMirror:
             return {}
         behind = {}
         for slot in self.slots:
-            done = self.state["sinks"].get(slot.key, {}).get("done", {})
+            done = self._progress(slot).get("done", {})
             behind[slot.sink.name] = sum(
                 1
                 for stream, pts in points.items()
-                for group, _, order, _ in pts
+                for group, _, order, _, _ in pts
                 if order > done.get(stream, {}).get(group, -1)
             )
         self.state["behind"] = behind
@@ -223,8 +242,8 @@ class TrackerMirror:
 
     def _sync_sink(self, slot: _SinkSlot, points, streams, cache, status) -> None:
         sink = slot.sink
-        saved = self.state["sinks"].setdefault(slot.key, {"sink": sink.name, "done": {}})
-        st = copy.deepcopy(saved)  # progress is committed only once the sink took it
+        self.state["sinks"].setdefault(slot.key, {"sink": sink.name, "done": {}})
+        st = copy.deepcopy(self._progress(slot))  # moved on only once the sink took it
         try:
             if not slot.opened:
                 st = self._open(slot, st)
@@ -235,11 +254,11 @@ class TrackerMirror:
             top = -1
             for stream, pts in points.items():
                 marks = done.setdefault(stream, {})
-                for group, axis, order, values in pts:
+                for group, axis, order, values, wall_time in pts:
                     if stream == "trainer":
                         top = max(top, order)
                     if order > marks.get(group, -1):
-                        sink.log_metrics(axis, order, values)
+                        sink.log_metrics(axis, order, values, wall_time)
                         marks[group] = order
             top = max(top, 0)
             plots = st.setdefault("plots", {})
@@ -268,8 +287,11 @@ class TrackerMirror:
         if slot.failures:
             self.log.info("tracking: %s works again; logging goes on", sink.name)
         slot.failures, slot.warned = 0, False
-        self.state["sinks"][slot.key] = st
-        self._save()
+        if slot.durable:
+            self.state["sinks"][slot.key] = st
+            self._save()
+        else:
+            slot.live = st
 
     def _open(self, slot: _SinkSlot, st: dict) -> dict:
         sink = slot.sink
@@ -314,12 +336,25 @@ class TrackerMirror:
             slot.warned = True
         self._close(slot)
 
+    def _progress(self, slot: _SinkSlot) -> dict:
+        """What `slot`'s sink has taken: this process's own record for a sink not yet durable
+        (slot.live), else the marker's."""
+        if slot.live is not None:
+            return slot.live
+        return self.state["sinks"].get(slot.key) or {"sink": slot.sink.name, "done": {}}
+
     def _close(self, slot: _SinkSlot) -> None:
         if slot.opened:
             try:
                 slot.sink.close()
             except Exception as e:  # noqa: BLE001
                 self.log.debug("tracking: closing %s: %s", slot.sink.name, e)
+            else:
+                if slot.live is not None:  # closed cleanly: what it took is on disk now
+                    keep = self.state["sinks"].get(slot.key, {})
+                    self.state["sinks"][slot.key] = {**keep, **slot.live}
+                    self._save()
+            slot.live = None
             slot.opened = False
 
     def _save(self) -> None:

@@ -8,7 +8,7 @@ from the mirror's thread (runtime/tracking/mirror.py), never from a trainer or a
                                         TensorBoard the same log dir, purged past the last
                                         step the mirror recorded as logged)
     sink.log_params(params)             the flattened, redacted config (once per tracker run)
-    sink.log_metrics(axis, step, values)  values {name: float} at `step` of `axis` (trainer
+    sink.log_metrics(axis, step, values, wall_time)  values {name: float} at `step` of `axis` (trainer
                                         step, eval version, fit number)
     sink.log_image(name, png, step)     a plot (PNG bytes); the latest replaces the last
     sink.log_table(name, rows, step)    a small table (completion samples)
@@ -37,7 +37,9 @@ class Sink(Protocol):
 
     def open(self, state: dict) -> dict: ...
     def log_params(self, params: dict[str, str]) -> None: ...
-    def log_metrics(self, axis: str, step: int, values: dict[str, float]) -> None: ...
+    def log_metrics(
+        self, axis: str, step: int, values: dict[str, float], wall_time: float | None = None
+    ) -> None: ...
     def log_image(self, name: str, png: bytes, step: int) -> None: ...
     def log_table(self, name: str, rows: list[dict], step: int) -> None: ...
     def set_status(self, state: str) -> None: ...
@@ -108,10 +110,14 @@ class MlflowSink:
         for i in range(0, len(items), 100):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def log_metrics(self, axis: str, step: int, values: dict[str, float]) -> None:
+    def log_metrics(
+        self, axis: str, step: int, values: dict[str, float], wall_time: float | None = None
+    ) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        # the row's own time (mirror.stream_points): the same point logged again is the same
+        # (key, value, step, timestamp), which MLflow's store keeps once
+        now = int((time.time() if wall_time is None else wall_time) * 1000)
         self._pending += [Metric(k, v, now, step) for k, v in values.items()]
         if len(self._pending) >= 900:
             self.flush()
@@ -171,12 +177,14 @@ class TensorBoardSink:
             )
         return state
 
-    def _summary(self, value, step: int) -> None:
+    def _summary(self, value, step: int, wall_time: float | None = None) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
         self.writer.add_event(
             event_pb2.Event(
-                wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=value)
+                wall_time=time.time() if wall_time is None else wall_time,
+                step=int(step),
+                summary=summary_pb2.Summary(value=value),
             )
         )
 
@@ -187,11 +195,15 @@ class TensorBoardSink:
         lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in sorted(params.items())]
         self._summary(text_pb("config", "\n".join(lines)).value, 0)
 
-    def log_metrics(self, axis: str, step: int, values: dict[str, float]) -> None:
+    def log_metrics(
+        self, axis: str, step: int, values: dict[str, float], wall_time: float | None = None
+    ) -> None:
         from tensorboard.compat.proto import summary_pb2
 
         self._summary(
-            [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()], step
+            [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()],
+            step,
+            wall_time,
         )
 
     def log_image(self, name: str, png: bytes, step: int) -> None:
@@ -229,6 +241,9 @@ class TensorBoardSink:
 
 class WandbSink:
     name = "wandb"
+    # wandb-core buffers the run's file (and what it streams online) until finish(): points
+    # logged before a SIGKILL are lost, so the mirror records W&B's progress at close only
+    durable_on_log = False
     fix = (
         "check tracking.wandb (project, entity, mode) and WANDB_API_KEY for online mode "
         "(`scalerl doctor -c CONFIG` checks it), or set tracking.wandb.mode=offline"
@@ -278,9 +293,11 @@ class WandbSink:
     def log_params(self, params: dict[str, str]) -> None:
         self.run.config.update(params, allow_val_change=True)
 
-    def log_metrics(self, axis: str, step: int, values: dict[str, float]) -> None:
+    def log_metrics(
+        self, axis: str, step: int, values: dict[str, float], wall_time: float | None = None
+    ) -> None:
         # one x axis per stream (trainer/step, eval/version, ...): W&B's own step must only
-        # grow, and the streams interleave
+        # grow, and the streams interleave (wall_time unused: W&B stamps its own _timestamp)
         x = f"{axis}/x"
         if axis not in self._axes:
             self.run.define_metric(x)

@@ -22,6 +22,7 @@ EVAL_ROW_COLUMNS = {
     "step",
     "version",
     "compute",
+    "time",  # when it was measured: the trackers' clock for the row
     "pass_rate",
     "pass_rate_se",
     "prompts",

@@ -82,6 +82,17 @@ def test_config_conflict(backend):
     assert run.read_config() == {"lr": 2}
 
 
+def test_a_resume_may_add_a_tracker_but_change_nothing_else(backend):
+    run = _run(backend)
+    run.write_config({"lr": 1, "tracking": {"mlflow": None}})
+    run.check_config({"lr": 1, "tracking": {"tensorboard": {}}})  # trackers only: accepted
+    run.write_config({"lr": 1, "tracking": {"tensorboard": {}}})
+    assert run.read_config() == {"lr": 1, "tracking": {"tensorboard": {}}}  # what it mirrors to
+    with pytest.raises(CommitConflictError, match=r"differing: lr: 1 in run.json, 2 given"):
+        run.write_config({"lr": 2, "tracking": {"wandb": {"project": "p"}}})
+    assert run.read_config() == {"lr": 1, "tracking": {"tensorboard": {}}}
+
+
 def test_weights_and_curriculum_conflicts(backend, tmp_path):
     run = _run(backend)
     (tmp_path / "a").mkdir()

@@ -133,3 +133,23 @@ def test_the_generator_gate_looks_with_one_get_and_one_listing(proxy, run):
         run.count_shards("raw")
 
     assert requests(proxy, look) == {"get": 1, "list": 1}
+
+
+def test_a_metrics_poll_fetches_only_the_parts_it_has_not_read(proxy, run):
+    for step in range(3):
+        run.append_metrics("trainer", [{"step": step, "loss": 1.0 / (step + 1)}])
+    parts: dict = {}
+    first = run.read_metrics("trainer", parts_seen=parts)
+    assert len(parts) == 3
+    # nothing new: one listing, no part fetched again
+    assert requests(proxy, lambda: run.read_metrics("trainer", parts_seen=parts)) == {"list": 1}
+    run.append_metrics("trainer", [{"step": 1, "loss": 7.0}, {"step": 3, "loss": 0.25}])
+    got = {}
+    n = requests(proxy, lambda: got.update(t=run.read_metrics("trainer", parts_seen=parts)))
+    assert n == {"list": 1, "get": 1}  # the one new part
+    # the same rows as a full read: the last row per step wins across cached and new parts
+    assert got["t"].to_pylist() == run.read_metrics("trainer").to_pylist()
+    assert [(r["step"], r["loss"]) for r in got["t"].to_pylist()] == [
+        (0, 1.0), (1, 7.0), (2, 1.0 / 3), (3, 0.25)
+    ]  # fmt: skip
+    assert first.num_rows == 3
