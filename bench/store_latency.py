@@ -1,7 +1,7 @@
 """A slow object store: a short tiny-cpu run on S3 (moto_server) behind a TCP proxy on loopback
 that delays every HTTP request by D ms before forwarding it, at D = 0, 20 and 100 ms.
 
-    .venv/bin/python bench/store_latency.py [--delays 0,20,100] [--steps 6] [--out FILE]
+    .venv/bin/python bench/store_latency.py [--delays 0,20,100] [--steps 12] [--repeat N] [--out FILE]
 
 The proxy (`LatencyProxy`, asyncio in a thread of its own) parses the request stream of each
 connection (request line, headers, a Content-Length or chunked body), sleeps D ms, forwards the
@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -398,7 +399,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--delays", default="0,20,100", help="ms per request, comma-separated")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per delay, interleaved (0, 20, 100, 0, 20, ...); the summary takes each "
+        "delay's median steps/s (one run of a few steps on 2 busy cores varies by tens of %%)",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument(
         "--trace",
@@ -422,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
         host, port = moto.removeprefix("http://").split(":")
         proxy = LatencyProxy((host, int(port)))
         try:
-            for delay in delays:
+            for delay in delays * args.repeat:
                 trace = Path(args.trace) if args.trace else None
                 results.append(
                     run_once(env, moto, proxy, delay, args.steps, Path(args.repo), trace)
@@ -436,12 +444,30 @@ def main(argv: list[str] | None = None) -> dict:
             round(base["steps_per_s"] / r["steps_per_s"], 3) if r["steps_per_s"] else None
         )
         r["wall_ratio_to_first"] = round(r["wall_s"] / base["wall_s"], 3)
+    summary = []
+    for delay in delays:
+        rates = [r["steps_per_s"] for r in results if r["delay_ms"] == delay and r["steps_per_s"]]
+        reqs = [r["requests_per_step"] for r in results if r["delay_ms"] == delay]
+        summary.append(
+            {
+                "delay_ms": delay,
+                "runs": len(rates),
+                "steps_per_s_each": rates,
+                "steps_per_s_median": statistics.median(rates) if rates else None,
+                "requests_per_step_median": statistics.median(reqs) if reqs else None,
+            }
+        )
+    first = summary[0]["steps_per_s_median"]
+    for row in summary:
+        med = row["steps_per_s_median"]
+        row["slowdown_vs_first"] = round(first / med, 3) if first and med else None
     report = {
         "machine": machine(),
         "what": "tiny-cpu run on S3 (moto_server) behind a proxy adding delay_ms per request",
         "steps": args.steps,
         "code": "this checkout" if Path(args.repo) == REPO else args.repo,
         "goal": "at 20 ms per request, steps/s within 1.3x of 0 ms",
+        "summary": summary,
         "results": results,
     }
     return emit(report, args.out)

@@ -127,6 +127,33 @@ _ACTIVITY = threading.Event()
 _CHILD_HANDLER: _PipeHandler | None = None  # set in an isolated child: its pipe to the parent
 
 
+# The reverse way: the flow wakes a child that waits on the flow's output (the trainer, on the
+# filtered shards the stages commit), so it need not poll the store on a backoff that grows to
+# a second while it waits. A child started with wake=True gets a multiprocessing Event;
+# in-process (in_process(config)) the waiter shares _WAKE_LOCAL.
+_WAKES: set = set()  # the Events of the live children started with wake=True
+_WAKE_LOCAL = threading.Event()
+_CHILD_WAKE = None  # set in a child started with wake=True: its Event
+
+
+def notify_children() -> None:
+    """Tell the waiting children (the trainer) that the flow committed something for them: a
+    filtered shard. Cheap and safe anywhere: no child waiting, nothing happens."""
+    _WAKE_LOCAL.set()
+    for event in list(_WAKES):
+        with contextlib.suppress(OSError, ValueError):
+            event.set()
+
+
+def wait_for_wake(timeout: float) -> bool:
+    """Sleep up to `timeout` seconds, ended early by notify_children() in the flow process
+    (this process, or the parent of a child started with wake=True); True if woken."""
+    event = _CHILD_WAKE if _CHILD_WAKE is not None else _WAKE_LOCAL
+    fired = event.wait(timeout)
+    event.clear()
+    return fired
+
+
 def notify_flow() -> None:
     """Tell the run flow that new data is committed (a generator's raw shard). In a child the
     message goes up the pipe and the supervising task sets the event; in-process, directly."""
@@ -212,6 +239,7 @@ def run_isolated(
     nice: int = 0,
     timeout_s: float | None = None,
     env: dict[str, str] | None = None,
+    wake: bool = False,
     **kwargs: Any,
 ) -> dict:
     """target(config, **kwargs) in a child process (or in-process, see in_process). `nice`: added
@@ -219,7 +247,8 @@ def run_isolated(
     `timeout_s`: the child is killed and TimeoutError raised when it has not returned by then
     (a Prefect task timeout cannot interrupt a task running on a worker thread; this can);
     ignored in-process. `env`: variables set in the child only (its CUDA_VISIBLE_DEVICES from
-    the run's placement, runtime/common.py process_env); ignored in-process."""
+    the run's placement, runtime/common.py process_env); ignored in-process. `wake`: the child
+    may wait_for_wake(), woken by notify_children() here (the trainer)."""
     if in_process(config):
         return _resolve(target)(config, **kwargs)
     logger = task_logger()
@@ -243,13 +272,18 @@ def run_isolated(
             "the run once it is fixed."
         )
     reader, writer = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(spec, writer), name=f"scalerl {what}", daemon=False)
+    woken = ctx.Event() if wake else None
+    proc = ctx.Process(
+        target=_child, args=(spec, writer, woken), name=f"scalerl {what}", daemon=False
+    )
     tail: deque[str] = deque(maxlen=20)
     outcome = None
     try:
         with _without_main():
             proc.start()
         _LIVE.add(proc)
+        if woken is not None:
+            _WAKES.add(woken)
         writer.close()  # the child holds the only writer: EOF means it has ended
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
@@ -276,6 +310,7 @@ def run_isolated(
         proc.join()
     finally:
         _LIVE.discard(proc)
+        _WAKES.discard(woken)
         reader.close()
         if proc.is_alive():  # the supervising task was interrupted
             proc.kill()
@@ -398,7 +433,9 @@ def watch_parents(*pids: int) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
-def _child(spec: dict, conn) -> None:
+def _child(spec: dict, conn, woken=None) -> None:
+    global _CHILD_WAKE
+    _CHILD_WAKE = woken
     os.environ.clear()
     os.environ.update(spec["env"])
     os.environ[PARENT_ENV] = str(spec["parent"])  # scalerl/faults.py kills it at a kill point

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from runtime.common import WeightCache, open_run
+from runtime.isolated import wait_for_wake
 from scalerl.config import RunConfig
 
 TRAIN_STAGE = "filtered"
@@ -73,7 +74,8 @@ def _train(config: RunConfig, run_id: str, run, base: Path) -> dict:
             model_path=str(base),
             should_stop=should_stop,
             poll_interval_s=0.01,  # a shard waiting on a sleeping trainer is pipeline latency
-            max_poll_interval_s=1.0,
+            max_poll_interval_s=1.0,  # polls back off to this; a commit of the stages wakes it
+            sleep=wait_for_wake,
         ),
     )
     summary = trainer.train()

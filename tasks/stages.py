@@ -31,6 +31,7 @@ import time
 from prefect import get_run_logger, task
 
 from runtime.common import open_run
+from runtime.isolated import notify_children
 from scalerl.config import RunConfig
 from scalerl.faults import kill_point
 from storage.errors import (
@@ -157,6 +158,7 @@ def _filter(config: RunConfig, run_id: str, key: str, scored=None, run=None) -> 
     annotated, counts = filter_reasons(table, zero_variance=config.algorithm.zero_variance_filter)
     kill_point("filter.before_commit")
     run.commit_shard(FILTERED, key, annotated)
+    notify_children()  # the trainer (a child of this flow process) reads it now, not at a poll
     return {"key": key, **counts}
 
 

@@ -21,4 +21,6 @@ def train_policy(config: RunConfig, run_id: str) -> dict:
         return run_torchrun(config, run_id, env=env)
     from runtime.isolated import run_isolated
 
-    return run_isolated("runtime.trainer:trainer_body", config, "trainer", env=env, run_id=run_id)
+    return run_isolated(  # wake: the stages wake it when they commit a filtered shard
+        "runtime.trainer:trainer_body", config, "trainer", env=env, wake=True, run_id=run_id
+    )

@@ -105,6 +105,10 @@ class TrainerOptions:
     idle_timeout_s: float | None = None
     should_stop: Callable[[], bool] | None = None
     max_steps: int | None = None  # default: schedule.max_steps
+    # how the trainer waits between polls; the runtime passes one that whoever commits the
+    # shards can end early (runtime/isolated.py wait_for_wake), so a shard is read when it is
+    # committed, not when a backed-off poll comes round
+    sleep: Callable[[float], object] | None = None  # None: time.sleep
 
 
 @dataclass(frozen=True)
@@ -393,7 +397,7 @@ class Trainer:
                     self.assembler.P,
                     self.assembler.newest_generator_version,
                 )
-            time.sleep(delay)
+            (self.opts.sleep or time.sleep)(delay)
             delay = min(2 * delay, self.opts.max_poll_interval_s)
 
     def ingest(self) -> bool:

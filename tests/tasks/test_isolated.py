@@ -44,6 +44,15 @@ def threads_target(config) -> dict:
     return {"threads": torch.get_num_threads()}
 
 
+def waking_target(config, timeout: float) -> dict:
+    from runtime.isolated import wait_for_wake
+
+    logging.getLogger("scalerl.test").info("waiting")
+    t0 = time.monotonic()
+    woken = wait_for_wake(timeout)
+    return {"woken": woken, "waited": time.monotonic() - t0}
+
+
 def _config(tmp_path, *overrides):
     return load_config(preset="tiny-cpu", overrides=[f"storage.url={tmp_path}", *overrides])
 
@@ -233,3 +242,29 @@ def test_children_start_under_a_temp_dir_too_long_for_a_unix_socket(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "6"
+
+
+def test_notify_children_wakes_a_child_started_with_wake(tmp_path, monkeypatch):
+    """The flow wakes its trainer child when the stages commit a filtered shard: the child's
+    wait ends at the notify, not at its timeout; a child never notified waits it out."""
+    import threading
+
+    from runtime.isolated import notify_children
+
+    def notify_when_waiting(*args):
+        if args[-1] == "waiting":
+            threading.Timer(0.5, notify_children).start()
+
+    monkeypatch.setattr(
+        "runtime.isolated.task_logger",
+        lambda: type("L", (), {"log": lambda _, *a: notify_when_waiting(*a)})(),
+    )
+    cfg = _config(tmp_path)
+    out = run_isolated("test_isolated:waking_target", cfg, "wake", wake=True, timeout=60.0)
+    assert out["woken"] and out["waited"] < 30.0
+    monkeypatch.setattr(
+        "runtime.isolated.task_logger",
+        lambda: type("L", (), {"log": lambda _, *a: None})(),
+    )
+    out = run_isolated("test_isolated:waking_target", cfg, "wake", wake=True, timeout=0.3)
+    assert not out["woken"] and out["waited"] >= 0.3
