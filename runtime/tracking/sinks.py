@@ -82,6 +82,10 @@ class MlflowSink:
     def open(self, state: dict) -> dict:
         for k, v in _MLFLOW_ENV.items():
             os.environ.setdefault(k, v)
+        if "://" not in self.uri or self.uri.startswith("file:"):
+            # a local directory: MLflow 3 keeps its file store in maintenance mode and refuses
+            # it unless asked; the config documents it as a choice, so it is asked for here
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.uri)

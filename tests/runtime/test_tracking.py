@@ -310,3 +310,24 @@ def test_a_dead_tracker_warns_once_and_the_others_go_on(run, tmp_path, caplog):
     acc = EventAccumulator(str(Path(run.url) / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("trainer/loss")] == [0, 1, 2, 3, 4]
+
+
+def test_mlflow_in_a_local_directory_takes_the_run_too(run, tmp_path, monkeypatch):
+    """tracking.mlflow.tracking_uri as a plain directory (MLflow's file store, which MLflow 3
+    refuses unless MLFLOW_ALLOW_FILE_STORE is set: the sink sets it)."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    store = tmp_path / "mlruns"
+    write_steps(run, range(3))
+    write_eval(run, 0)
+    mirror = TrackerMirror(
+        run, run.read_config(), tracking={"mlflow": {"tracking_uri": str(store)}}
+    )
+    assert mirror.stop(status="finished") == {"mlflow": 0}
+    run_uuid = run.read_marker("tracking")["sinks"][f"mlflow {store} experiment scalerl"]["id"]
+    client = MlflowClient(tracking_uri=str(store))
+    history = client.get_metric_history(run_uuid, "trainer/loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, loss_of(s)) for s in range(3)]
+    assert client.get_run(run_uuid).data.tags["scalerl.status"] == "finished"
+    assert_no_secret(store)
