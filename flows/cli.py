@@ -45,6 +45,7 @@ from flows.cli_common import (
 )
 from flows.cli_curve import curve_app
 from flows.cli_doctor import doctor
+from flows.cli_export_model import runs_export_model
 from flows.cli_rollouts import rollouts_app
 from flows.cli_signals import graceful_stop
 from flows.cli_tracking import runs_track
@@ -64,6 +65,7 @@ app.add_typer(rollouts_app, name="rollouts")
 app.add_typer(curve_app, name="curve")
 app.command("doctor")(doctor)
 runs_app.command("track")(runs_track)
+runs_app.command("export-model")(runs_export_model)
 
 
 @app.callback()

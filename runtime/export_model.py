@@ -1,0 +1,140 @@
+"""`scalerl runs export-model`: a weights version of a run as a Hugging Face model folder.
+
+    export_model(run, version=None, out_dir="qwen3-rl", overwrite=False) -> summary dict
+
+A published weights version is already a `save_pretrained` folder (model, config, generation
+config, tokenizer: runtime/transports/publisher.py), so the export downloads it with every
+file's sha256 checked against the version's manifest (a damaged version is refused, naming the
+file, never exported), adds a model card (README.md: the run, the version, its base model and
+recipe, the evaluation at that version) and `scalerl_export.json` (the same facts as data),
+and moves the whole folder into place at once: an interrupted export leaves no half folder
+under the name asked for, and an existing non-empty folder is replaced only with overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from storage.errors import InvalidInputError
+
+CARD = "README.md"
+FACTS = "scalerl_export.json"
+
+
+def pick_version(run, version: int | None) -> int:
+    """`version`, or the newest published one; one line naming what exists when it does not."""
+    versions = run.list_weight_versions()
+    if not versions:
+        raise InvalidInputError(
+            f"run {run.run_id} has published no weights yet. Fix: export after its trainer "
+            "has published a version (scalerl runs ls shows its step)."
+        )
+    if version is None:
+        return max(versions)
+    if version not in versions:
+        shown = ", ".join(map(str, versions[-10:]))
+        raise InvalidInputError(
+            f"run {run.run_id} has no weights version {version}: it keeps {len(versions)} "
+            f"version(s) ({'..., ' if len(versions) > 10 else ''}{shown}); older ones may have "
+            "been pruned by retention (weights.keep_last / keep_every). Fix: pass one of those "
+            "to --version, or leave it out for the newest."
+        )
+    return version
+
+
+def evaluation_at(run, version: int) -> dict | None:
+    """The `eval` row of `version`, else of the newest version evaluated before it (marked)."""
+    rows = [r for r in run.read_metrics("eval").to_pylist() if r.get("version") is not None]
+    exact = [r for r in rows if r["version"] == version]
+    if exact:
+        return {**exact[-1], "exact": True}
+    before = [r for r in rows if r["version"] < version]
+    return {**max(before, key=lambda r: r["version"]), "exact": False} if before else None
+
+
+def model_card(run, version: int, config: dict, evaluation: dict | None) -> str:
+    model = config.get("model") or {}
+    algo = config.get("algorithm") or {}
+    loss = (algo.get("loss") or {}).get("type", "?")
+    base = model.get("name_or_path", "?")
+    hub_base = "/" in str(base) and not str(base).startswith(("/", ".", "builtin:"))
+    lines = ["---", "library_name: transformers", "tags:", "- scalerl", "- reinforcement-learning"]
+    if hub_base:
+        lines.append(f"base_model: {base}")
+    lines += ["---", "", f"# {run.run_id} at weights version {version}", ""]
+    lines += [
+        f"Trained with reinforcement learning by the ScaleRL pipeline: run `{run.run_id}`, "
+        f"weights version {version} (the weights after trainer step {version}), from base "
+        f"model `{base}`.",
+        "",
+        "| recipe | value |",
+        "|---|---|",
+        f"| loss | {loss} |",
+        f"| loss aggregation | {algo.get('aggregation', '?')} |",
+        f"| advantage normalization | {algo.get('advantage_normalization', '?')} |",
+        f"| max off-policy steps (k) | {(config.get('pipeline') or {}).get('max_off_policy_steps', '?')} |",
+        f"| samples per prompt | {(config.get('generation') or {}).get('samples_per_prompt', '?')} |",
+        f"| data | {(config.get('data') or {}).get('source', '?')} |",
+        "",
+    ]  # fmt: skip
+    if evaluation is None:
+        lines.append("Not evaluated at or before this version.")
+    else:
+        where = (
+            f"at version {evaluation['version']}"
+            if evaluation["exact"]
+            else f"at version {evaluation['version']}, the last evaluated before {version}"
+        )
+        se = evaluation.get("pass_rate_se")
+        rate = f"{evaluation['pass_rate']:.4f}" + (f" ± {se:.4f} (s.e.)" if se is not None else "")
+        lines.append(
+            f"Held-out pass rate {where}: {rate} over {evaluation.get('samples', '?')} samples "
+            f"of {evaluation.get('prompts', '?')} prompts."
+        )
+    lines += [
+        "",
+        f"Exported {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
+        f"`scalerl runs export-model {run.run_id} --version {version}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_model(run, version: int | None, out_dir, *, overwrite: bool = False) -> dict:
+    version = pick_version(run, version)
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"{out} is a file. Fix: give -o a folder path.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InvalidInputError(
+            f"{out} is not empty. Fix: give -o a new folder, or --overwrite to replace it."
+        )
+    config = run.read_config()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        run._weights.download(version, staging, checksum=True)  # every file's sha256 checked
+        evaluation = evaluation_at(run, version)
+        (staging / CARD).write_text(model_card(run, version, config, evaluation))
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        facts = {
+            "run_id": run.run_id,
+            "version": version,
+            "base_model": (config.get("model") or {}).get("name_or_path"),
+            "evaluation": evaluation,
+            "files": files,
+            "exported_at": time.time(),
+        }
+        (staging / FACTS).write_text(json.dumps(facts, indent=1, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"version": version, "dir": str(out), "files": len(files) + 1, "bytes": size}
