@@ -107,6 +107,12 @@ def model_card(run, version: int, config: dict, evaluation: dict | None) -> str:
 def export_model(run, version: int | None, out_dir, *, overwrite: bool = False) -> dict:
     version = pick_version(run, version)
     out = Path(out_dir).expanduser().resolve()
+    if run.is_local and out.is_relative_to(Path(run.url).resolve()):
+        raise InvalidInputError(
+            f"{out} is inside run {run.run_id}'s directory, which holds only what the run "
+            "commits (verify would call the export a foreign file). Fix: give -o a folder "
+            "outside the run store's run directories."
+        )
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"{out} is a file. Fix: give -o a folder path.")
     if out.exists() and any(out.iterdir()) and not overwrite:

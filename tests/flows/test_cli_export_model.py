@@ -117,6 +117,11 @@ def test_bad_exports_are_one_line_and_leave_nothing_behind(run, tmp_path):
     assert "has no weights version 7" in result.output and "(0, 3)" in result.output
     assert "Fix:" in result.output and not out.exists()
 
+    inside = root / "r1" / "exported"
+    result = export(root, "-o", str(inside))
+    assert result.exit_code == 2 and "inside run r1's directory" in result.output
+    assert not inside.exists()
+
     out.mkdir()
     (out / "mine.txt").write_text("keep")
     result = export(root, "-o", str(out))
