@@ -123,7 +123,7 @@ def export_model(run, version: int | None, out_dir, *, overwrite: bool = False) 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        run._weights.download(version, staging, checksum=True)  # every file's sha256 checked
+        run.download_weights(version, staging, checksum=True)  # every file's sha256 checked
         evaluation = evaluation_at(run, version)
         (staging / CARD).write_text(model_card(run, version, config, evaluation))
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())

@@ -595,8 +595,12 @@ class Run:
         return self._weights.list()
 
     @retrying
-    def download_weights(self, version: int, local_dir: str | os.PathLike) -> Path:
-        return self._weights.download(version, local_dir)
+    def download_weights(
+        self, version: int, local_dir: str | os.PathLike, *, checksum: bool = False
+    ) -> Path:
+        """Weights `version` into local_dir, every file's size checked (and with checksum=True
+        its sha256 against the manifest: DamagedEntryError names a damaged file)."""
+        return self._weights.download(version, local_dir, checksum=checksum)
 
     @retrying
     def weights_url(self, version: int) -> str:

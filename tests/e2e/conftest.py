@@ -21,6 +21,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc, log: Path, what: str, timeout: float = 120.0) -> None:
+    """Block until `url` answers 200 (a server `proc` started); RuntimeError with the tail of
+    its `log` when it exits or does not answer within `timeout` (it is killed then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"{what} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """Yields the environment (dict) that points Prefect clients at the server; its UI is at
@@ -47,20 +66,7 @@ def prefect_server(tmp_path_factory):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(
-                f"prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}"
-            )
-        time.sleep(0.5)
+    wait_healthy(f"http://127.0.0.1:{port}/api/health", proc, home / "server.log", "prefect server")
     try:
         yield env
     finally:

@@ -12,14 +12,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from runtime.verify import verify_run
 from storage import open_store
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import free_port, wait_healthy
 from tests.runtime.test_tracking import wandb_history
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -60,18 +59,7 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root,
         )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"mlflow server did not start: {self.root / 'server.log'}")
-            time.sleep(0.3)
+        wait_healthy(f"{self.url}/health", self.proc, self.root / "server.log", "mlflow server")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
