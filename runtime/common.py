@@ -299,7 +299,9 @@ class WeightCache:
             if in_place is not None:
                 return in_place
         local = self.root / f"v{version}"
-        if not (local / "config.json").exists():
+        from scalerl.lora import version_complete  # a model, or a LoRA run's adapter
+
+        if not version_complete(local):
             self.run.download_weights(version, local)
         return local
 

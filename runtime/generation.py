@@ -105,6 +105,17 @@ def make_engine(config: RunConfig, path, version: int):
     )
 
 
+def start_engine(config: RunConfig, cache: WeightCache, version: int):
+    """The configured engine on weights `version` from `cache`. A LoRA run's engine (model.lora)
+    starts on version 0, the base model, and takes the adapter of `version` in place, as it
+    takes every later one (scalerl/lora.py)."""
+    if config.model.lora is None:
+        return make_engine(config, cache.path(version), version)
+    engine = make_engine(config, cache.path(0), version)
+    engine.load_weights(version, cache.path(version))
+    return engine
+
+
 def engine_kind(config: RunConfig) -> EngineKind:
     return ENGINES[config.generation.engine][1]
 
@@ -115,7 +126,7 @@ def shared_engine(config: RunConfig, cache: WeightCache, version: int):
     key = (cache.run.url, config.generation.engine)
     engine = _SHARED.get(key)
     if engine is None:
-        engine = _SHARED[key] = make_engine(config, cache.path(version), version)
+        engine = _SHARED[key] = start_engine(config, cache, version)
     elif engine.version != version:
         engine.load_weights(version, cache.path(version))
     return engine

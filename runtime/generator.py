@@ -151,8 +151,8 @@ def generator_body(
     from runtime.generation import (
         completion_records,
         length_policy,
-        make_engine,
         sampling_settings,
+        start_engine,
     )
     from runtime.isolated import notify_flow
     from runtime.logs import task_logger
@@ -177,8 +177,8 @@ def generator_body(
     # most COUNT_EVERY_S late; the engine's start takes longer than that)
     registration = GeneratorRegistration(run, generator_id, flow_run_id)
     try:
-        version, path = _start_version(run, config, cache, lease)
-        engine = make_engine(config, path, version)
+        version, _ = _start_version(run, config, cache, lease)
+        engine = start_engine(config, cache, version)
     except BaseException:
         local.cleanup()
         lease.release()

@@ -43,6 +43,64 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# The attention and MLP projections of the Qwen and Llama families (the same names in
+# transformers and vLLM): where LoRA adapters go by default.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(_Section):
+    """Low-rank adapters trained in place of the full weights (scalerl/lora.py). The LM head is
+    never adapted or trained: it stays the base model's, frozen, and keeps its FP32 matmul in
+    trainer and generator (algorithm.fp32_lm_head), so the head computes exactly what it
+    computes in a full-weight run; adapting it would make every published version carry a
+    vocabulary-sized tensor and vLLM would need its LoRA-extended vocabulary path."""
+
+    rank: int = Field(
+        32, description="Rank r of every adapter (vLLM serves ranks up to 512); at least 1."
+    )
+    alpha: float = Field(
+        64.0, gt=0, description="LoRA alpha: the adapter's update is scaled by alpha / rank."
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the adapter's input while training; 0 keeps the trainer's logprobs the generator's (the importance ratios of CISPO compare the two).",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS),
+        min_length=1,
+        description="Names of the linear modules that get adapters (module names or name suffixes, as peft matches them); the default fits Qwen and Llama attention and MLP projections.",
+    )
+    max_loras: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="vLLM's max_loras: adapter slots on the generator's device. One is enough: each new version replaces the adapter in place.",
+    )
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _rank(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool) and not 1 <= v <= 512:
+            raise ValueError(
+                f"model.lora.rank = {v} is out of range: an adapter has rank 1 to 512. Fix: "
+                "set model.lora.rank to a positive rank such as 8, 16 or 32, or remove "
+                "model.lora to train the full weights."
+            )
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if "lm_head" in v:
+            raise ValueError(
+                "model.lora.target_modules holds 'lm_head': the LM head stays the base model's, "
+                "frozen, in FP32 (see model.lora). Fix: leave lm_head out."
+            )
+        return v
+
+
 class ModelConfig(_Section):
     name_or_path: str = Field(
         "Qwen/Qwen3-8B",
@@ -58,6 +116,10 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(
         True,
         description="Recompute activations in the backward pass to save trainer memory (on in the paper preset: 32k-token micro-batches at 8B need far more than 80 GB of activations otherwise).",
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description="Train LoRA adapters instead of the full weights (unset: full weights). Each published version is then the adapter alone; the generators keep the base model and swap adapters in flight.",
     )
 
 

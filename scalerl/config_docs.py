@@ -18,6 +18,8 @@ from scalerl.config import (
     AlgorithmConfig,
     EvalSetConfig,
     EvaluationConfig,
+    LoraConfig,
+    ModelConfig,
     RunConfig,
     TrackingConfig,
 )
@@ -114,6 +116,10 @@ def render_config_markdown() -> str:
             out += _variants(_TRANSPORTS, "weights", "transport")
         else:
             out += _table(model, f"{section}.")
+            out.append("")
+        if model is ModelConfig:
+            out += ["### `model.lora`", "", " ".join((LoraConfig.__doc__ or "").split()), ""]
+            out += _table(LoraConfig, "model.lora.")
             out.append("")
         if model is EvaluationConfig:
             out += ["Each entry of `evaluation.sets`:", ""]

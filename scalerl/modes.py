@@ -36,6 +36,13 @@ def _check_engine(cfg) -> None:
 def _check_processes(cfg) -> None:
     """Roles as processes, and roles on other machines."""
     pl = cfg.placement
+    if cfg.model.lora is not None and pl.trainer_ranks > 1:
+        raise ValueError(
+            f"model.lora trains adapters in one trainer process, but placement.trainer_ranks = "
+            f"{pl.trainer_ranks}: sharding adapters over ranks is not built yet. Fix: set "
+            "placement.trainer_ranks=1 (an adapter's optimizer state is small), or remove "
+            "model.lora."
+        )
     if pl.trainer_ranks > 1 and (
         cfg.pipeline.isolation == "thread" or cfg.storage.url.startswith("memory://")
     ):

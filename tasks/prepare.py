@@ -44,10 +44,7 @@ def retry_unless_bad_input(_task, _task_run, state) -> bool:
 )
 def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
     from runtime.prompts import prepare_prompts
-    from scalerl.curriculum import NoPositiveResampling
-    from storage import PROMPT_SCHEMA
 
-    logger = get_run_logger()
     # Inputs first: a run started from the Prefect UI skips the CLI's checks, and a bad data
     # file or model must fail here with one line, before a run directory exists.
     if config.model.name_or_path == BUILTIN_TINY_WARM:
@@ -56,6 +53,35 @@ def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
     # its chat template and length-checked (runtime/prompts.py)
     prompts = prepare_prompts(config)
     check_placement(config)  # on cuda: the memory of the plan (a PlacementError, a ValueError)
+    with tempfile.TemporaryDirectory(prefix="scalerl-v0-") as tmp:
+        lora_base = None
+        if config.model.lora is not None:  # adapters that fit the model: before any write
+            lora_base = lora_version_zero(config, Path(tmp) / "v0")
+        return _prepare(config, run_id, prompts, lora_base)
+
+
+def lora_version_zero(config: RunConfig, out_dir: Path) -> Path:
+    """Version 0 of a LoRA run: the base model with the initial adapter beside it
+    (scalerl/lora.py), drawn from trainer.seed. Raises LoraError (a ValueError: not retried) when
+    the adapters do not fit the model or vLLM cannot serve LoRA for it."""
+    from scalerl import lora
+
+    base = materialize_base_model(config, out_dir)
+    if config.generation.engine != "transformers":
+        from scalerl.engines.vllm_common import check_lora_support
+
+        check_lora_support(str(base))
+    tensors = lora.initial_adapter(base, config.model.lora, config.trainer.seed)
+    lora.save_adapter(base / lora.ADAPTER_DIR, tensors, config.model.lora)
+    return base
+
+
+def _prepare(config: RunConfig, run_id: str | None, prompts, lora_base: Path | None) -> str:
+    """Everything prepare_run writes, once the inputs are checked."""
+    from scalerl.curriculum import NoPositiveResampling
+    from storage import PROMPT_SCHEMA
+
+    logger = get_run_logger()
     run_id = run_id or config.storage.run_id or new_run_id()
     run = open_run(config, run_id, create=True)
     run.write_config(config.model_dump(mode="json"))
@@ -68,7 +94,7 @@ def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
         from runtime.transports.publisher import record_version
 
         with tempfile.TemporaryDirectory(prefix="scalerl-v0-") as tmp:
-            base = materialize_base_model(config, Path(tmp) / "v0")
+            base = lora_base or materialize_base_model(config, Path(tmp) / "v0")
             size = sum(f.stat().st_size for f in Path(base).rglob("*") if f.is_file())
             record_version(run, 0, transport_for(config).name, True, size)
             run.publish_weights(0, base)

@@ -78,7 +78,9 @@ class LocalDirs:
         return self.root / f"v{n}"
 
     def has(self, n: int) -> bool:
-        return (self.path(n) / "config.json").is_file()
+        from scalerl.lora import version_complete  # a model, or a LoRA run's adapter
+
+        return version_complete(self.path(n))
 
     def staging(self, n: int) -> Path:
         """A fresh directory on the same filesystem to save version n into."""

@@ -5,7 +5,7 @@
     publisher.make_durable(v)                 # at a checkpoint: the store receives v now
 
 One publish: the state dict cast once to the generators' dtype, save_pretrained into a staging
-directory, the ledger row, the commit (the transport's: nothing for the store, a rename into the
+directory (under model.lora the adapter alone, in adapter/: scalerl/lora.py), the ledger row, the commit (the transport's: nothing for the store, a rename into the
 node-local directory for local), the store's copy when the transport says the version is
 durable (manifest-last, sha256 of each file), then retention (runtime/retention.py Pruner).
 Everything runs on the trainer's background publisher thread, off its step.
@@ -117,8 +117,24 @@ class TransportPublisher:
         return Path(tempfile.mkdtemp(prefix="scalerl-weights-"))
 
     def _save(self, version: int, staged: Path, model, tokenizer, state: dict) -> None:
-        model.save_pretrained(staged, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(staged)
+        adapters = getattr(model, "peft_config", None)  # peft injected them (model.lora)
+        if not adapters:
+            model.save_pretrained(staged, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(staged)
+            return
+        # model.lora: `state` is the adapter; the version holds it alone (scalerl/lora.py), and
+        # version 0 (published by a trainer that found none) the base model beside it
+        from scalerl.lora import ADAPTER_DIR, base_params, save_adapter
+
+        if version == 0:
+            dtype = self.dtype
+            base = {
+                n: p.detach().to(dtype) if p.is_floating_point() else p.detach()
+                for n, p in base_params(model).items()
+            }
+            model.save_pretrained(staged, state_dict=base, safe_serialization=True)
+            tokenizer.save_pretrained(staged)
+        save_adapter(staged / ADAPTER_DIR, state, adapters["default"])
 
     def _commit(self, version: int, staged: Path) -> Path:
         """Make the saved version visible the transport's way; the directory it is in now."""

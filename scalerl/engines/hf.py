@@ -226,8 +226,23 @@ class TransformersEngine(Engine):
     # -- weights ---------------------------------------------------------------------------
 
     def load_weights(self, version: int, path: str | Path) -> None:
-        """Copy a published checkpoint (safetensors) into the live parameters, in place."""
+        """Copy a published checkpoint (safetensors) into the live parameters, in place; a
+        version of a LoRA run (scalerl/lora.py: its adapter/ directory) goes into adapters that
+        peft injects into the model at the first such load, the base staying as loaded."""
         from safetensors.torch import load_file
+
+        from scalerl import lora
+
+        adapter = lora.adapter_dir(path)
+        if adapter is not None:
+            if not lora.has_adapters(self.model):
+                from peft import LoraConfig, inject_adapter_in_model
+
+                inject_adapter_in_model(LoraConfig.from_pretrained(str(adapter)), self.model)
+                self.model.eval()
+            lora.copy_adapter(self.model, lora.read_adapter(adapter), f"the adapter in {path}")
+            self.version = version
+            return
 
         files = safetensors_files(path)
         tensors: dict[str, torch.Tensor] = {}

@@ -9,7 +9,9 @@
 
 Layout of a checkpoint directory:
 
-    model/               save_pretrained: safetensors + config.json + tokenizer (exact float32)
+    model/               save_pretrained: safetensors + config.json + tokenizer (exact float32);
+                         under model.lora only model/adapter/ (scalerl/lora.py) + tokenizer:
+                         the adapter in float32, the base being the run's version 0
     optimizer.pt         AdamW state_dict (moments, step counts)
     dcp/                 instead of model/'s weights and optimizer.pt when the trainer ran as
                          several ranks: torch.distributed.checkpoint shards of model and AdamW
@@ -128,6 +130,7 @@ def write_checkpoint(
     model_state_dict: dict | None = None,
     optimizer_state_dict: dict | None = None,
     sharded: bool = False,
+    lora=None,
 ) -> Path:
     """Write a complete checkpoint into local_dir (created). The *_state_dict arguments let a
     caller pass full states; by default they are taken from the objects. sharded: the ranks
@@ -136,7 +139,11 @@ def write_checkpoint(
     and there is no optimizer.pt."""
     out = Path(local_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if sharded:
+    if lora is not None:  # model.lora: the adapter in float32, exact; the base is version 0
+        from scalerl.lora import ADAPTER_DIR, adapter_state, save_adapter
+
+        save_adapter(out / MODEL_DIR / ADAPTER_DIR, adapter_state(model), lora)
+    elif sharded:
         model.config.save_pretrained(out / MODEL_DIR)
     else:
         model.save_pretrained(out / MODEL_DIR, state_dict=model_state_dict, safe_serialization=True)

@@ -275,8 +275,11 @@ class Trainer:
         self._tmp = tempfile.TemporaryDirectory(prefix="scalerl-trainer-")
         local = self._checkpoint_to_resume()
         sharded_checkpoint = local is not None and (local / distributed.DCP_DIR).is_dir()
-        if local is not None:
+        lora = self.cfg.model.lora
+        if local is not None and lora is None:
             path = str(model_dir(local))
+        elif local is not None:  # a LoRA checkpoint holds the adapter: the base is version 0's
+            path = self.opts.model_path or self.cfg.model.name_or_path
         else:
             path = self.opts.model_path or self.cfg.model.name_or_path
             self._seed()
@@ -287,8 +290,13 @@ class Trainer:
             self.model, self.tokenizer = _model_from_config(path, self.device)
         else:
             self.model, self.tokenizer = load_policy(path, dtype="float32", device=self.device)
+        self.peft = None
+        if lora is not None:
+            self._attach_lora(path, local)
         if self.cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+            if lora is not None:  # a frozen embedding: the checkpointed blocks need a grad input
+                self.model.enable_input_require_grads()
         self.model.train()
         self.policy = PolicyLogprobs(
             self.model,
@@ -309,6 +317,22 @@ class Trainer:
             state = self._full_state()  # a collective under FSDP: every rank gathers
             if self.is_main:
                 self.publisher.publish(0, self.model, self.tokenizer, state)
+
+    def _attach_lora(self, base: str, checkpoint: Path | None) -> None:
+        """Adapters into the base model (model.lora, scalerl/lora.py); their tensors from the
+        checkpoint, else version 0's initial adapter (beside the base), else drawn as prepare
+        draws it (a trainer started on a bare model directory)."""
+        from scalerl import lora
+
+        self.peft = lora.attach(self.model, self.cfg.model.lora, base)
+        if checkpoint is not None:
+            tensors, where = lora.read_adapter(model_dir(checkpoint)), "the checkpoint's adapter"
+        elif lora.adapter_dir(base) is not None:
+            tensors, where = lora.read_adapter(base), f"version 0's adapter in {base}"
+        else:
+            tensors = lora.initial_adapter(base, self.cfg.model.lora, self.cfg.trainer.seed)
+            where = "the initial adapter"
+        lora.copy_adapter(self.model, tensors, where)
 
     def _checkpoint_to_resume(self) -> Path | None:
         """The newest intact checkpoint, downloaded; None to start fresh. Under torchrun rank 0
@@ -511,7 +535,7 @@ class Trainer:
             self.publisher.publish(self.version, self.model, self.tokenizer, state)
             return
         if state is None:  # one process: a copy, since the next step changes the parameters
-            state = cpu_copy(self.model.state_dict())
+            state = cpu_copy(self._publish_state())
         self._background.submit(self.version, self.model, self.tokenizer, state)
 
     def flush_published(self) -> None:
@@ -520,9 +544,19 @@ class Trainer:
         if self._background is not None:
             self._background.flush()
 
+    def _publish_state(self) -> dict:
+        """What a version holds: the full state dict, or under LoRA the adapter alone (the
+        publisher writes it as an adapter directory, runtime/transports/publisher.py)."""
+        if self.peft is not None:
+            from scalerl.lora import adapter_state
+
+            return adapter_state(self.model)
+        return self.model.state_dict()
+
     def _full_state(self) -> dict | None:
         if self.dp is None:
-            return None
+            # LoRA: the adapter, copied (the next step changes it while it is published)
+            return cpu_copy(self._publish_state()) if self.peft is not None else None
         return self.dp.full_model_state(self.policy, torch_dtype(self.cfg.model.dtype))
 
     def log_metrics(self, batch: Batch, out: StepOutput, waited: float) -> None:
@@ -627,6 +661,7 @@ class Trainer:
                 scheduler=self.scheduler,
                 state=state,
                 sharded=sharded is not None,
+                lora=self.cfg.model.lora,
             )
             if parts:
                 self.checkpoints.save(self.version, local, extra=parts)

@@ -1,0 +1,159 @@
+"""LoRA versions in the engines (scalerl/lora.py): an engine started on the base model takes each
+adapter in place, between steps, and samples what the trainer computes under that adapter.
+
+The reference is the trainer's own computation: PolicyLogprobs (FP32 head) over prompt +
+completion on the base model with the same adapter injected by peft. Tolerance 1e-4 in float32
+for the transformers engine: the same model code, the KV cache built step by step instead of in
+one forward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from scalerl.config import LoraConfig
+from scalerl.engines.base import GroupRequest, SamplingSettings
+from scalerl.engines.hf import TransformersEngine
+from scalerl.lora import (
+    ADAPTER_DIR,
+    adapter_state,
+    attach,
+    copy_adapter,
+    initial_adapter,
+    save_adapter,
+)
+from scalerl.models import load_policy
+from scalerl.trainer.step import PolicyLogprobs
+
+LORA = LoraConfig(rank=4, alpha=8.0)
+TOL = 1e-4
+
+
+def trained_adapter(base: Path, seed: int) -> dict[str, torch.Tensor]:
+    """An adapter as training leaves it: version 0's A, and a B drawn at random, large enough
+    that the policy visibly changes (B starts at zero, which is the base model itself)."""
+    tensors = initial_adapter(base, LORA, seed=0)
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn(v.shape, generator=g) * 0.5 if ".lora_B." in k else v
+        for k, v in tensors.items()
+    }
+
+
+def version_dir(root: Path, tensors: dict) -> Path:
+    """A published adapter version: only adapter/ (scalerl/lora.py)."""
+    save_adapter(root / ADAPTER_DIR, tensors, LORA)
+    return root
+
+
+def trainer_logprobs(base: Path, tensors: dict, prompt: list[int], completion: list[int]):
+    """log pi(completion | prompt) as the trainer computes it under the adapter `tensors`."""
+    model, _ = load_policy(str(base))
+    attach(model, LORA)
+    copy_adapter(model, tensors)
+    policy = PolicyLogprobs(model.eval(), fp32_head=True)
+    ids = torch.tensor([prompt + completion])
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)[None]
+    with torch.no_grad():
+        return policy(ids, torch.ones_like(ids), positions, torch.tensor([completion]))[0]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        0: version_dir(root / "v0", initial_adapter(tiny_model, LORA, seed=0)),
+        1: version_dir(root / "v1", trained_adapter(tiny_model, seed=1)),
+    }
+
+
+def by_key(groups):
+    return {(c.prompt_id, c.sample_index): c for g in groups for c in g}
+
+
+REQUESTS = [GroupRequest("a", "Hello there", 2), GroupRequest("b", "Q: 1+1?", 2)]
+
+
+def test_version_zero_adapter_is_the_base_model(tiny_model, adapters):
+    settings = SamplingSettings(max_new_tokens=12, temperature=1.0, seed=3)
+    plain = by_key(
+        TransformersEngine(str(tiny_model), max_batch_size=4).generate(REQUESTS, settings)
+    )
+    engine = TransformersEngine(str(tiny_model), max_batch_size=4)
+    engine.load_weights(0, adapters[0])
+    got = by_key(engine.generate(REQUESTS, settings))
+    for key, c in plain.items():
+        assert got[key].token_ids == c.token_ids
+        assert got[key].logprobs == pytest.approx(c.logprobs, abs=TOL)
+
+
+def test_transformers_engine_swaps_adapters_in_flight(tiny_model, adapters, scheduled):
+    settings = SamplingSettings(max_new_tokens=24, temperature=1.0, seed=5)
+    engine = TransformersEngine(str(tiny_model), max_batch_size=2)
+    engine.load_weights(0, adapters[0])
+    params = {n: p.data_ptr() for n, p in engine.model.named_parameters()}
+    got = by_key(engine.generate(REQUESTS, settings, weights=scheduled(1, adapters[1], at=11)))
+    assert engine.version == 1
+    # in place: no parameter was reallocated by the swap
+    assert {n: p.data_ptr() for n, p in engine.model.named_parameters()} == params
+    v1 = trained_adapter(tiny_model, seed=1)
+    for key in [("a", 0), ("a", 1)]:  # in flight at the update: not restarted
+        c = got[key]
+        k = c.versions.index(1)
+        assert 0 < k < 24 and c.versions == [0] * k + [1] * (24 - k)
+    for key in [("b", 0), ("b", 1)]:  # started after it: the trainer's logprobs under v1
+        c = got[key]
+        assert c.versions == [1] * 24
+        ref = trainer_logprobs(tiny_model, v1, c.prompt_token_ids, c.token_ids)
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=TOL), (c.logprobs, ref)
+    # and the adapter matters: the base model gives these tokens other logprobs
+    base = trainer_logprobs(tiny_model, initial_adapter(tiny_model, LORA, 0), *_pair(got))
+    assert not torch.allclose(base, trainer_logprobs(tiny_model, v1, *_pair(got)), atol=1e-2)
+
+
+def _pair(got):
+    c = got[("b", 0)]
+    return c.prompt_token_ids, c.token_ids
+
+
+def test_initial_adapter_is_peft_default_drawn_from_the_seed(tiny_model):
+    from safetensors.torch import load_file
+
+    tensors = initial_adapter(tiny_model, LORA, seed=7)
+    assert tensors.keys() == initial_adapter(tiny_model, LORA, seed=8).keys()
+    assert all(
+        torch.equal(v, initial_adapter(tiny_model, LORA, seed=7)[k]) for k, v in tensors.items()
+    )
+    hidden = load_file(str(tiny_model / "model.safetensors"))["model.embed_tokens.weight"].shape[1]
+    for k, v in tensors.items():
+        if ".lora_B." in k:
+            assert torch.count_nonzero(v) == 0  # B = 0: version 0 is the base model
+        else:  # kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            assert v.shape[0] == LORA.rank
+            fan_in = v.shape[1]
+            assert fan_in in (hidden, 2 * hidden)  # projections of width hidden or the MLP's
+            assert v.abs().max() <= 1 / fan_in**0.5 and v.std() > 0.3 / fan_in**0.5
+    # 2 adapters x 7 projections x 2 layers
+    assert len(tensors) == 2 * 7 * 2
+
+
+def test_adapter_state_round_trips_through_peft(tiny_model, tmp_path):
+    """What save_adapter writes, peft itself loads (PeftModel.from_pretrained) to the same
+    outputs: the format is peft's own, which vLLM reads too."""
+    from peft import PeftModel
+
+    tensors = trained_adapter(tiny_model, seed=2)
+    version_dir(tmp_path / "v", tensors)
+    ours, _ = load_policy(str(tiny_model))
+    attach(ours, LORA)
+    copy_adapter(ours, tensors)
+    theirs = PeftModel.from_pretrained(
+        load_policy(str(tiny_model))[0], tmp_path / "v" / ADAPTER_DIR
+    )
+    ids = torch.tensor([[11, 12, 13, 14, 15]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+    assert adapter_state(ours).keys() == tensors.keys()
