@@ -23,17 +23,26 @@ def runs_export_model(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a non-empty --output folder.")
     ] = False,
+    adapter_only: Annotated[
+        bool,
+        typer.Option(
+            "--adapter-only",
+            help="A LoRA run's adapter alone (peft format), not merged into the base model.",
+        ),
+    ] = False,
     storage: StorageOpt = "./runs",
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Export a weights version as a Hugging Face model folder that
     AutoModelForCausalLM.from_pretrained loads: the model, its config and tokenizer as
-    published, a model card and scalerl_export.json. A damaged version is refused."""
+    published, a model card and scalerl_export.json. A LoRA run's version is merged into its
+    base model (or, with --adapter-only, exported as the adapter). A damaged version is
+    refused."""
     from runtime.export_model import export_model
 
     with _guard():
         run = _open_run(storage, endpoint_url, run_id)
-        out = export_model(run, version, output, overwrite=overwrite)
+        out = export_model(run, version, output, overwrite=overwrite, adapter_only=adapter_only)
     typer.echo(
         f"exported run {run_id} weights version {out['version']} to {out['dir']} "
         f"({out['files']} files, {out['bytes']:,} bytes)"

@@ -9,6 +9,12 @@ file, never exported), adds a model card (README.md: the run, the version, its b
 recipe, the evaluation at that version) and `scalerl_export.json` (the same facts as data),
 and moves the whole folder into place at once: an interrupted export leaves no half folder
 under the name asked for, and an existing non-empty folder is replaced only with overwrite.
+
+A LoRA run (model.lora) publishes adapters (scalerl/lora.py): its export is the base model
+(version 0) with the version's adapter merged into the weights (peft's merge_and_unload, in
+float32, saved in the run's model dtype), which transformers loads without peft; with
+adapter_only it is the adapter alone (adapter_config.json naming the run's base model,
+adapter_model.safetensors) plus the tokenizer. Both downloads are sha256-checked.
 """
 
 from __future__ import annotations
@@ -56,20 +62,29 @@ def evaluation_at(run, version: int) -> dict | None:
     return {**max(before, key=lambda r: r["version"]), "exact": False} if before else None
 
 
-def model_card(run, version: int, config: dict, evaluation: dict | None) -> str:
+_WHAT = {
+    "full": "",
+    "merged": " Trained as a LoRA adapter, merged here into the base model's weights.",
+    "adapter": " This folder is the LoRA adapter alone (peft's format): load it on the base "
+    "model with peft (PeftModel.from_pretrained) or serve it with vLLM's LoRA support.",
+}
+
+
+def model_card(run, version: int, config: dict, evaluation: dict | None, what: str = "full") -> str:
     model = config.get("model") or {}
     algo = config.get("algorithm") or {}
     loss = (algo.get("loss") or {}).get("type", "?")
     base = model.get("name_or_path", "?")
     hub_base = "/" in str(base) and not str(base).startswith(("/", ".", "builtin:"))
-    lines = ["---", "library_name: transformers", "tags:", "- scalerl", "- reinforcement-learning"]
+    library = "peft" if what == "adapter" else "transformers"
+    lines = ["---", f"library_name: {library}", "tags:", "- scalerl", "- reinforcement-learning"]
     if hub_base:
         lines.append(f"base_model: {base}")
     lines += ["---", "", f"# {run.run_id} at weights version {version}", ""]
     lines += [
         f"Trained with reinforcement learning by the ScaleRL pipeline: run `{run.run_id}`, "
         f"weights version {version} (the weights after trainer step {version}), from base "
-        f"model `{base}`.",
+        f"model `{base}`.{_WHAT[what]}",
         "",
         "| recipe | value |",
         "|---|---|",
@@ -79,6 +94,9 @@ def model_card(run, version: int, config: dict, evaluation: dict | None) -> str:
         f"| max off-policy steps (k) | {(config.get('pipeline') or {}).get('max_off_policy_steps', '?')} |",
         f"| samples per prompt | {(config.get('generation') or {}).get('samples_per_prompt', '?')} |",
         f"| data | {(config.get('data') or {}).get('source', '?')} |",
+        *([f"| LoRA | rank {model['lora'].get('rank')}, alpha {model['lora'].get('alpha')}, "
+           f"on {', '.join(model['lora'].get('target_modules') or [])} |"]
+          if model.get("lora") else []),
         "",
     ]  # fmt: skip
     if evaluation is None:
@@ -104,7 +122,63 @@ def model_card(run, version: int, config: dict, evaluation: dict | None) -> str:
     return "\n".join(lines)
 
 
-def export_model(run, version: int | None, out_dir, *, overwrite: bool = False) -> dict:
+def _lora_files(run, version: int, staging: Path, config: dict, adapter_only: bool) -> None:
+    """A LoRA run's version into `staging` (module docstring): the base (version 0) with the
+    adapter merged into its weights, or the adapter alone with the tokenizer."""
+    from scalerl import lora
+
+    with tempfile.TemporaryDirectory(prefix="scalerl-export-") as tmp:
+        base = run.download_weights(0, Path(tmp) / "v0", checksum=True)
+        here = (
+            base if version == 0 else run.download_weights(version, Path(tmp) / "v", checksum=True)
+        )
+        adapter = lora.adapter_dir(here)
+        if adapter is None:
+            raise InvalidInputError(
+                f"weights version {version} of run {run.run_id} holds no adapter although the "
+                "run's config sets model.lora. Fix: export another version (scalerl runs "
+                "verify names what is wrong with this one)."
+            )
+        model_cfg = config.get("model") or {}
+        if adapter_only:
+            for f in adapter.iterdir():
+                shutil.copyfile(f, staging / f.name)
+            facts = json.loads((staging / lora.CONFIG_FILE).read_text())
+            facts["base_model_name_or_path"] = model_cfg.get("name_or_path")
+            (staging / lora.CONFIG_FILE).write_text(json.dumps(facts, indent=1))
+        else:
+            _merge(base, adapter, staging, model_cfg.get("dtype", "float32"))
+        for f in base.iterdir():  # the tokenizer, as published with the base
+            if f.is_file() and f.name.startswith(
+                ("tokenizer", "special_tokens", "vocab", "merges")
+            ):
+                shutil.copyfile(f, staging / f.name)
+
+
+def _merge(base: Path, adapter: Path, out: Path, dtype: str) -> None:
+    """base + adapter merged (W + alpha / r * B A, computed in float32), saved in the run's
+    model dtype: what transformers loads without peft."""
+    from peft import PeftModel
+
+    from scalerl.models import load_policy, torch_dtype
+
+    model, _ = load_policy(str(base), dtype="float32")
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.to(torch_dtype(dtype)).save_pretrained(out, safe_serialization=True)
+
+
+def export_model(
+    run, version: int | None, out_dir, *, overwrite: bool = False, adapter_only: bool = False
+) -> dict:
+    """The export (module docstring); adapter_only: a LoRA run's adapter alone, for peft or
+    vLLM's LoRA serving, instead of the merged model."""
+    config = run.read_config()
+    is_lora = (config.get("model") or {}).get("lora") is not None
+    if adapter_only and not is_lora:
+        raise InvalidInputError(
+            f"run {run.run_id} trained full weights (its config has no model.lora): there is "
+            "no adapter to export. Fix: leave out --adapter-only."
+        )
     version = pick_version(run, version)
     out = Path(out_dir).expanduser().resolve()
     if run.is_local and out.is_relative_to(Path(run.url).resolve()):
@@ -119,18 +193,23 @@ def export_model(run, version: int | None, out_dir, *, overwrite: bool = False) 
         raise InvalidInputError(
             f"{out} is not empty. Fix: give -o a new folder, or --overwrite to replace it."
         )
-    config = run.read_config()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        run.download_weights(version, staging, checksum=True)  # every file's sha256 checked
+        if is_lora:
+            _lora_files(run, version, staging, config, adapter_only)
+        else:
+            run.download_weights(version, staging, checksum=True)  # every file's sha256 checked
         evaluation = evaluation_at(run, version)
-        (staging / CARD).write_text(model_card(run, version, config, evaluation))
+        what = "adapter" if adapter_only else "merged" if is_lora else "full"
+        (staging / CARD).write_text(model_card(run, version, config, evaluation, what))
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         facts = {
             "run_id": run.run_id,
             "version": version,
             "base_model": (config.get("model") or {}).get("name_or_path"),
+            "weights": what,
+            "lora": (config.get("model") or {}).get("lora"),
             "evaluation": evaluation,
             "files": files,
             "exported_at": time.time(),
