@@ -73,6 +73,8 @@ def _vllm(engine_class, config: RunConfig, path: str, **common):
         from runtime.transports import transport_for
 
         extra.update(transport_for(config).engine_args())  # nccl: vLLM's weight transfer
+    if config.model.lora is not None:  # adapters swapped in flight (scalerl/lora.py)
+        extra["lora"] = config.model.lora
     return engine_class(
         path,
         gpu_memory_utilization=gen.gpu_memory_utilization,

@@ -145,11 +145,25 @@ class AsyncVLLMEngine(VLLMEngineBase):
     # -- weights ---------------------------------------------------------------------------
 
     def load_weights(self, version: int, path: str | Path) -> None:
-        """Reload weights in place from a published directory; in-flight requests continue."""
-        safetensors_files(path)
+        """Reload weights in place from a published directory; in-flight requests continue. A
+        LoRA engine takes the version's adapter (vllm_common.py _stage_adapter)."""
         self._check_open()
+        if self._lora_root is not None or (Path(path) / "adapter").is_dir():
+            self._call(self._load_adapter(version, self._stage_adapter(version, path)))
+            self.version = version
+            return
+        safetensors_files(path)
         self._call(self._load(version, str(path)))
         self.version = version
+
+    async def _load_adapter(self, version: int, request) -> None:
+        engine = self.engine
+        await engine.pause_generation(mode="keep", clear_cache=False)  # as _load: exact tags
+        try:
+            await engine.add_lora(request)
+            await engine.update_weight_version(str(version))
+        finally:
+            await engine.resume_generation()
 
     async def _load(self, version: int, path: str) -> None:
         engine = self.engine
@@ -213,6 +227,7 @@ class AsyncVLLMEngine(VLLMEngineBase):
             self._thread.join(timeout=60)
             if not self._thread.is_alive():
                 loop.close()
+            self._close_lora()
 
     # -- requests on the loop --------------------------------------------------------------
 
@@ -225,7 +240,9 @@ class AsyncVLLMEngine(VLLMEngineBase):
     async def _run(self, request_id: str, prompt: dict, params, priority: int, results) -> None:
         final = None
         try:
-            async for out in self.engine.generate(prompt, params, request_id, priority=priority):
+            async for out in self.engine.generate(
+                prompt, params, request_id, priority=priority, lora_request=self._lora_request
+            ):
                 final = out
         except asyncio.CancelledError:
             raise

@@ -59,6 +59,26 @@ def check_model(model: str) -> None:
     check_causal_lm_config(config, model)
 
 
+def check_lora_support(model: str) -> None:
+    """Refuse (LoraError, one line), before any engine starts, a model whose vLLM
+    implementation cannot serve LoRA adapters (vLLM itself would say so at start-up, after a
+    run was written)."""
+    from vllm.config import ModelConfig
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_lora
+
+    from scalerl.lora import LoraError
+
+    config = ModelConfig(model=str(model), dtype="float32")
+    model_cls, arch = ModelRegistry.resolve_model_cls(config.architectures, config)
+    if not supports_lora(model_cls):
+        raise LoraError(
+            f"vLLM cannot serve LoRA adapters for {arch} (model {model}): its implementation "
+            "has no LoRA support. Fix: set generation.engine=transformers, or train the full "
+            "weights (remove model.lora)."
+        )
+
+
 def refresh_tied_head(worker) -> bool:
     """Re-tie and re-process a tied LM head after reload_weights (runs on each worker).
 
@@ -201,6 +221,10 @@ class VLLMEngineBase(InPlaceEngine):
 
         self._on_cpu = current_platform.is_cpu()
         overrides = dict(engine_kwargs.pop("hf_overrides", None) or {})
+        self._lora_root, self._lora_request = None, None
+        lora = engine_kwargs.pop("lora", None)  # scalerl.config.LoraConfig: adapters in flight
+        if lora is not None:
+            engine_kwargs.update(self._lora_args(lora))
         if fp32_head and dtype != "float32":
             overrides["head_dtype"] = "float32"
         self._ids = itertools.count()
@@ -226,6 +250,63 @@ class VLLMEngineBase(InPlaceEngine):
         self.max_batch_size = max_batch_size
         self.version = version
         self.tied = bool(getattr(config.hf_text_config, "tie_word_embeddings", False))
+
+    # -- LoRA (model.lora: scalerl/lora.py) -------------------------------------------------
+
+    def _lora_args(self, lora) -> dict:
+        """vLLM's LoRA engine arguments. One adapter id (1) serves every version: a new version
+        replaces its files at one path of this engine's and is reloaded in place between two
+        steps, so requests in flight continue under it, their KV cache kept (as a full-weight
+        reload keeps it). On the CPU one slot more than asked: vLLM 0.32's CPU LoRA kernels
+        index the slots with the no-adapter index -1, which lands on the last slot."""
+        import tempfile
+
+        from scalerl.lora import vllm_lora_rank
+
+        self._lora_root = Path(tempfile.mkdtemp(prefix="scalerl-lora-"))
+        return dict(
+            enable_lora=True,
+            max_loras=lora.max_loras + (1 if self._on_cpu else 0),
+            max_lora_rank=vllm_lora_rank(lora.rank),
+        )
+
+    def _stage_adapter(self, version: int, path: str | Path):
+        """The adapter of a version directory, renamed into this engine's one adapter path;
+        returns the LoRARequest that reloads it in place (vLLM's load_inplace)."""
+        import shutil
+
+        from vllm.lora.request import LoRARequest
+
+        from scalerl.lora import adapter_dir
+
+        adapter = adapter_dir(path)
+        if self._lora_root is None or adapter is None:
+            raise EngineError(
+                f"{path} is {'an adapter' if adapter is not None else 'a full model'} but this "
+                f"engine {'serves full weights' if self._lora_root is None else 'serves LoRA adapters'}"
+                ". Fix: start the engine with lora= the run's model.lora for adapter versions, "
+                "without it for full ones."
+            )
+        current, staged = self._lora_root / "policy", self._lora_root / f".v{version}"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(adapter, staged)
+        if current.exists():
+            old = self._lora_root / ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            current.rename(old)
+            staged.rename(current)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staged.rename(current)
+        # requests carry the plain request; the in-place one only reloads the files now
+        self._lora_request = LoRARequest("policy", 1, str(current))
+        return LoRARequest("policy", 1, str(current), load_inplace=True)
+
+    def _close_lora(self) -> None:
+        if self._lora_root is not None:
+            import shutil
+
+            shutil.rmtree(self._lora_root, ignore_errors=True)
 
     def _start(self, args: dict, version: int) -> Any:
         """Build vLLM from the engine arguments `args`, tagged as `version`; return it."""

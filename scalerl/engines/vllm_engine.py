@@ -75,9 +75,15 @@ class VLLMEngine(VLLMEngineBase):
     # -- weights ---------------------------------------------------------------------------
 
     def load_weights(self, version: int, path: str | Path) -> None:
-        """Reload weights in place from a published directory; in-flight requests continue."""
-        safetensors_files(path)
+        """Reload weights in place from a published directory; in-flight requests continue. A
+        LoRA engine takes the version's adapter (vllm_common.py _stage_adapter)."""
         self._check_open()
+        if self._lora_root is not None or (Path(path) / "adapter").is_dir():
+            self.engine.add_lora(self._stage_adapter(version, path))
+            self.engine.set_weight_version(str(version))
+            self.version = version
+            return
+        safetensors_files(path)
         self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
         self.set_version(version)
 
@@ -97,6 +103,7 @@ class VLLMEngine(VLLMEngineBase):
         if getattr(self, "engine", None) is not None:
             self.engine.engine_core.shutdown()
             self.engine = None
+        self._close_lora()
 
     # -- segments in and out ---------------------------------------------------------------
 
@@ -110,7 +117,9 @@ class VLLMEngine(VLLMEngineBase):
 
     def _submit(self, seq, sampling, salt: str) -> str:
         request_id, prompt, params, priority = self._segment(seq, sampling, salt)
-        self.engine.add_request(request_id, prompt, params, priority=priority)
+        self.engine.add_request(
+            request_id, prompt, params, priority=priority, lora_request=self._lora_request
+        )
         return request_id
 
     def _cancel(self, request_ids: list[str]) -> None:

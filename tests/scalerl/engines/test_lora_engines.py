@@ -91,7 +91,7 @@ def test_version_zero_adapter_is_the_base_model(tiny_model, adapters):
 
 
 def test_transformers_engine_swaps_adapters_in_flight(tiny_model, adapters, scheduled):
-    settings = SamplingSettings(max_new_tokens=24, temperature=1.0, seed=5)
+    settings = SamplingSettings(max_new_tokens=24, temperature=1.0, seed=5, ignore_eos=True)
     engine = TransformersEngine(str(tiny_model), max_batch_size=2)
     engine.load_weights(0, adapters[0])
     params = {n: p.data_ptr() for n, p in engine.model.named_parameters()}
@@ -157,3 +157,77 @@ def test_adapter_state_round_trips_through_peft(tiny_model, tmp_path):
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, theirs(ids).logits)
     assert adapter_state(ours).keys() == tensors.keys()
+
+
+VLLM_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from scalerl.config import LoraConfig
+from scalerl.engines.base import GroupRequest, SamplingSettings
+from scalerl.engines.vllm_engine import VLLMEngine
+
+v0, v1, out = sys.argv[1:]
+
+
+class Scheduled:  # publishes version 1 once, at the 6th poll (between two engine steps)
+    polls = 0
+
+    def poll(self):
+        self.polls += 1
+        return (1, v1) if self.polls == 6 else None
+
+
+engine = VLLMEngine(v0, dtype="float32", gpu_memory_utilization=0.3, max_batch_size=2,
+                    lora=LoraConfig(rank=4, alpha=8.0))
+engine.load_weights(0, v0)
+requests = [GroupRequest("a", "Hello there", 2), GroupRequest("b", "Q: 1+1?", 2)]
+settings = SamplingSettings(max_new_tokens=24, temperature=1.0, seed=5, ignore_eos=True)
+rows = [
+    {"key": [c.prompt_id, c.sample_index], "prompt": c.prompt_token_ids, "tokens": c.token_ids,
+     "logprobs": c.logprobs, "versions": c.versions}
+    for g in engine.generate(requests, settings, weights=Scheduled()) for c in g
+]
+root = Path(engine._lora_root)
+engine.close()
+Path(out).write_text(json.dumps({"rows": rows, "version": engine.version,
+                                 "root_left": root.exists()}))
+"""
+
+
+@pytest.mark.slow
+def test_vllm_engine_swaps_adapters_in_flight(tiny_model, adapters, tmp_path):
+    """vLLM (CPU build) with LoRA: one adapter id, its files replaced and reloaded in place
+    between steps. Its own process: vLLM allows one in-process engine per process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm")
+    base = tmp_path / "v0"  # the base model with version 0's adapter, as prepare publishes it
+    import shutil
+
+    shutil.copytree(tiny_model, base)
+    shutil.copytree(adapters[0] / ADAPTER_DIR, base / ADAPTER_DIR)
+    script, out = tmp_path / "gen.py", tmp_path / "out.json"
+    script.write_text(VLLM_SCRIPT)
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run(
+        [sys.executable, str(script), str(base), str(adapters[1]), str(out)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["version"] == 1 and not result["root_left"]
+    got = {tuple(r["key"]): r for r in result["rows"]}
+    v1 = trained_adapter(tiny_model, seed=1)
+    for key in [("a", 0), ("a", 1)]:  # in flight at the update: not restarted
+        versions = got[key]["versions"]
+        k = versions.index(1)
+        assert 0 < k < 24 and versions == [0] * k + [1] * (24 - k)
+    for key in [("b", 0), ("b", 1)]:  # started after it: the trainer's logprobs under v1
+        r = got[key]
+        assert r["versions"] == [1] * 24
+        ref = trainer_logprobs(tiny_model, v1, r["prompt"], r["tokens"])
+        assert torch.allclose(torch.tensor(r["logprobs"]), ref, atol=TOL), (r["logprobs"], ref)
