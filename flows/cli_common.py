@@ -172,8 +172,9 @@ def _check_inputs(cfg) -> None:
     # the model (a local directory: config, weights, tokenizer; a hub id's tokenizer when
     # cached), then data, eval sets, chat template and prompt lengths
     prepare_prompts(cfg, check_only=True)  # data, eval sets, tokenizer, template, lengths
-    from runtime.common import check_placement
+    from runtime.common import check_lora, check_placement
 
+    check_lora(cfg)  # model.lora: target modules in the model, an engine that serves LoRA
     check_placement(cfg)  # on cuda: processes, devices and memory (scalerl plan)
     run_id = cfg.storage.run_id
     if run_id is not None:

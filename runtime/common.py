@@ -160,6 +160,44 @@ def materialize_base_model(config: RunConfig, out_dir: Path) -> Path:
     return out_dir
 
 
+def check_lora(config: RunConfig) -> None:
+    """model.lora against the model, before anything is written (LoraError, one line): its
+    target modules exist in the architecture (built on the meta device), and with a vLLM engine
+    vLLM can serve LoRA for it. The built-in models are checked on their own config; a hub id
+    whose config is not cached here is checked by prepare_run, when the run loads it."""
+    if config.model.lora is None:
+        return
+    from scalerl import lora
+
+    name = config.model.name_or_path
+    with tempfile.TemporaryDirectory(prefix="scalerl-lora-check-") as tmp:
+        if name == BUILTIN_TINY:
+            from scalerl.models import build_tiny_model
+
+            model_dir = build_tiny_model(Path(tmp) / "m", seed=config.data.seed)
+        elif name == BUILTIN_TINY_WARM:
+            from scalerl.warmstart import SHIPPED_DIR
+
+            model_dir = SHIPPED_DIR
+        elif Path(name).expanduser().is_dir():
+            model_dir = Path(name).expanduser()
+        else:
+            try:  # a hub id: its config from the local cache, never the network
+                from transformers import AutoConfig
+
+                AutoConfig.from_pretrained(
+                    name, revision=config.model.revision, local_files_only=True
+                )
+            except (OSError, ValueError):
+                return
+            model_dir = name
+        if config.generation.engine != "transformers":
+            from scalerl.engines.vllm_common import check_lora_support
+
+            check_lora_support(str(model_dir))
+        lora.check_targets(model_dir, config.model.lora, name)
+
+
 class WarmSource(NamedTuple):
     shipped: Path | None
     """The shipped copy's directory when it fits the run, else None."""

@@ -187,6 +187,23 @@ def copy_adapter(model, tensors: dict[str, torch.Tensor], where: str = "the adap
             p.copy_(tensors[k])
 
 
+def check_targets(model_dir: str | Path, lora, name: str | None = None) -> None:
+    """Raise LoraError (one line) when model.lora.target_modules names no module of the model at
+    `model_dir` (`name`: how the config names it): the architecture is built on the meta
+    device, no weights read."""
+    _meta_peft_model(model_dir, lora, name)
+
+
+def _meta_peft_model(model_dir: str | Path, lora, name: str | None = None):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return attach(model, lora, name or str(model_dir))
+
+
 def initial_adapter(model_dir: str | Path, lora, seed: int) -> dict[str, torch.Tensor]:
     """Version 0's adapter: peft's default initialisation (A kaiming-uniform, B zero) for the
     model at `model_dir`, drawn from `seed`. The model is built on the meta device (no weights
@@ -194,12 +211,8 @@ def initial_adapter(model_dir: str | Path, lora, seed: int) -> dict[str, torch.T
     LoraError when target_modules names no module of the model."""
     import torch
     from peft.tuners.lora import LoraLayer
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    peft_model = attach(model, lora, str(model_dir))
+    peft_model = _meta_peft_model(model_dir, lora)
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:

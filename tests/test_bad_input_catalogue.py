@@ -278,6 +278,18 @@ def build_inputs(tmp: Path) -> None:
     tok["model"]["vocab"] = {k: i for k, i in tok["model"]["vocab"].items() if i < 60}
     (cut60 / "tokenizer.json").write_text(json.dumps(tok))
     build_qwen3_model(inp / "qwen3", seed=0)
+    # a GPT-2 (vLLM has no LoRA support for it) with the tiny tokenizer, positions to spare
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2Config(
+        vocab_size=260, n_positions=4096, n_embd=64, n_layer=1, n_head=1, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    GPT2LMHeadModel(gpt2).save_pretrained(inp / "gpt2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, inp / "gpt2" / name)
     (inp / "broken.jinja").write_text("{% for m in messages %}{{ m.content }")
     # -- storage --
     (inp / "a_file").write_text("not a directory\n")

@@ -62,10 +62,14 @@ def check_model(model: str) -> None:
 def check_lora_support(model: str) -> None:
     """Refuse (LoraError, one line), before any engine starts, a model whose vLLM
     implementation cannot serve LoRA adapters (vLLM itself would say so at start-up, after a
-    run was written)."""
-    from vllm.config import ModelConfig
-    from vllm.model_executor.models import ModelRegistry
-    from vllm.model_executor.models.interfaces import supports_lora
+    run was written). A check before a run: what vLLM prints while it is first imported (a
+    Triton notice on the CPU) is kept off the command's stderr, which carries the one error."""
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        from vllm.config import ModelConfig
+        from vllm.model_executor.models import ModelRegistry
+        from vllm.model_executor.models.interfaces import supports_lora
 
     from scalerl.lora import LoraError
 

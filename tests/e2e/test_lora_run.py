@@ -101,7 +101,7 @@ def test_a_whole_lora_run(prefect_server, tmp_path, engine):
         files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
         assert files == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
         with safe_open(str(local / "adapter" / "adapter_model.safetensors"), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         assert shapes == expected
         size = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
         assert size < 0.10 * base_bytes, (v, size, base_bytes)
