@@ -114,6 +114,12 @@ def _check_transport(cfg) -> None:
             f"{cfg.placement.accelerator!r}. Fix: on CPU use weights.transport=local (one node) "
             "or store; nccl needs a vLLM engine on CUDA."
         )
+    if w.transport == "nccl" and cfg.model.lora is not None:
+        raise ValueError(
+            "weights.transport = 'nccl' broadcasts full weights, but model.lora publishes "
+            "each version as an adapter (a few MB to a few hundred). Fix: "
+            "weights.transport=local (one node) or store."
+        )
     if w.transport == "nccl" and cfg.placement.colocate:
         _check_nccl_colocate(cfg)
 

@@ -68,3 +68,18 @@ def test_memory_shares_add_up_only_when_the_evaluation_shares_gen0s_device():
     }
     cfg = RunConfig.model_validate({**shares, "placement": own})
     assert cfg.placement.evaluation_devices == [2]
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["placement.trainer_ranks=2", "pipeline.isolation=process"], "sharding adapters"),
+        ([*NCCL_ON_CUDA, "placement.devices_per_node=2"], "broadcasts full weights"),
+    ],
+    ids=["ranks", "nccl"],
+)
+def test_lora_with_modes_it_cannot_use_is_refused(extra, says):
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="tiny-cpu", overrides=[*extra, "model.lora.rank=8"])
+    assert says in str(err.value) and "Fix:" in str(err.value)
+    load_config(preset="tiny-cpu", overrides=extra)  # the same without model.lora is accepted
