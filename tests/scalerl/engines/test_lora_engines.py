@@ -160,42 +160,67 @@ def test_adapter_state_round_trips_through_peft(tiny_model, tmp_path):
 
 
 VLLM_SCRIPT = r"""
-import json, sys
+import json, sys, time
 from pathlib import Path
 from scalerl.config import LoraConfig
 from scalerl.engines.base import GroupRequest, SamplingSettings
-from scalerl.engines.vllm_engine import VLLMEngine
 
-v0, v1, out = sys.argv[1:]
+N = 48
 
 
-class Scheduled:  # publishes version 1 once, at the 6th poll (between two engine steps)
-    polls = 0
+class AfterSeconds:  # publishes version 1 once, at the first poll delay_s after the first
+    def __init__(self, v1, delay_s):
+        self.v1, self.delay_s, self.start, self.done = v1, delay_s, None, False
 
     def poll(self):
-        self.polls += 1
-        return (1, v1) if self.polls == 6 else None
+        now = time.monotonic()
+        self.start = self.start or now
+        if not self.done and now - self.start >= self.delay_s:
+            self.done = True
+            return 1, self.v1
+        return None
 
 
-engine = VLLMEngine(v0, dtype="float32", gpu_memory_utilization=0.3, max_batch_size=2,
+def main():  # AsyncLLM's core starts in a spawned process: main-guarded
+    v0, v1, out, kind = sys.argv[1:]
+    if kind == "vllm":
+        from scalerl.engines.vllm_engine import VLLMEngine as Engine
+    else:
+        from scalerl.engines.vllm_async import AsyncVLLMEngine as Engine
+    engine = Engine(v0, dtype="float32", gpu_memory_utilization=0.3, max_batch_size=2,
                     lora=LoraConfig(rank=4, alpha=8.0))
-engine.load_weights(0, v0)
-requests = [GroupRequest("a", "Hello there", 2), GroupRequest("b", "Q: 1+1?", 2)]
-settings = SamplingSettings(max_new_tokens=24, temperature=1.0, seed=5, ignore_eos=True)
-rows = [
-    {"key": [c.prompt_id, c.sample_index], "prompt": c.prompt_token_ids, "tokens": c.token_ids,
-     "logprobs": c.logprobs, "versions": c.versions}
-    for g in engine.generate(requests, settings, weights=Scheduled()) for c in g
-]
-root = Path(engine._lora_root)
-engine.close()
-Path(out).write_text(json.dumps({"rows": rows, "version": engine.version,
-                                 "root_left": root.exists()}))
+    requests = [GroupRequest("a", "Hello there", 2), GroupRequest("b", "Q: 1+1?", 2)]
+    settings = SamplingSettings(max_new_tokens=N, temperature=1.0, seed=5, ignore_eos=True)
+    engine.load_weights(0, v0)
+    start = time.monotonic()
+    for g in engine.generate(requests, settings):  # how long "a" takes, for the timed switch
+        if g[0].prompt_id == "a":
+            a_done = time.monotonic() - start
+    for _ in range(3):  # timed: on a busy machine the switch may miss the "a" samples
+        engine.load_weights(0, v0)
+        rows = [
+            {"key": [c.prompt_id, c.sample_index], "prompt": c.prompt_token_ids,
+             "tokens": c.token_ids, "logprobs": c.logprobs, "versions": c.versions}
+            for g in engine.generate(requests, settings, weights=AfterSeconds(v1, 0.4 * a_done))
+            for c in g
+        ]
+        a = [r["versions"] for r in rows if r["key"][0] == "a"]
+        if all(0 < v.count(1) < N for v in a):
+            break
+    root = Path(engine._lora_root)
+    engine.close()
+    Path(out).write_text(json.dumps({"rows": rows, "version": engine.version,
+                                     "root_left": root.exists()}))
+
+
+if __name__ == "__main__":
+    main()
 """
 
 
 @pytest.mark.slow
-def test_vllm_engine_swaps_adapters_in_flight(tiny_model, adapters, tmp_path):
+@pytest.mark.parametrize("kind", ["vllm", "vllm-async"])
+def test_vllm_engines_swap_adapters_in_flight(tiny_model, adapters, tmp_path, kind):
     """vLLM (CPU build) with LoRA: one adapter id, its files replaced and reloaded in place
     between steps. Its own process: vLLM allows one in-process engine per process."""
     import json
@@ -214,7 +239,7 @@ def test_vllm_engine_swaps_adapters_in_flight(tiny_model, adapters, tmp_path):
     repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     done = subprocess.run(
-        [sys.executable, str(script), str(base), str(adapters[1]), str(out)],
+        [sys.executable, str(script), str(base), str(adapters[1]), str(out), kind],
         cwd=repo, env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -222,12 +247,13 @@ def test_vllm_engine_swaps_adapters_in_flight(tiny_model, adapters, tmp_path):
     assert result["version"] == 1 and not result["root_left"]
     got = {tuple(r["key"]): r for r in result["rows"]}
     v1 = trained_adapter(tiny_model, seed=1)
+    n = 48
     for key in [("a", 0), ("a", 1)]:  # in flight at the update: not restarted
         versions = got[key]["versions"]
         k = versions.index(1)
-        assert 0 < k < 24 and versions == [0] * k + [1] * (24 - k)
+        assert 0 < k < n and versions == [0] * k + [1] * (n - k)
     for key in [("b", 0), ("b", 1)]:  # started after it: the trainer's logprobs under v1
         r = got[key]
-        assert r["versions"] == [1] * 24
+        assert r["versions"] == [1] * n
         ref = trainer_logprobs(tiny_model, v1, r["prompt"], r["tokens"])
         assert torch.allclose(torch.tensor(r["logprobs"]), ref, atol=TOL), (r["logprobs"], ref)
