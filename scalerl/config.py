@@ -72,6 +72,10 @@ class LoraConfig(_Section):
         min_length=1,
         description="Names of the linear modules that get adapters (module names or name suffixes, as peft matches them); the default fits Qwen and Llama attention and MLP projections.",
     )
+    trained_modules: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full beside the adapters (peft's modules_to_save: module names or name suffixes, e.g. 'norm' for every RMSNorm); published in each version with the adapter. Not the LM head or the embedding (tied to it), not an adapted module; transformers engine only (vLLM serves adapters without them).",
+    )
     max_loras: int = Field(
         1,
         ge=1,
@@ -99,6 +103,28 @@ class LoraConfig(_Section):
                 "frozen, in FP32 (see model.lora). Fix: leave lm_head out."
             )
         return v
+
+    @field_validator("trained_modules")
+    @classmethod
+    def _trained(cls, v: list[str]) -> list[str]:
+        frozen = [m for m in v if m.endswith(("lm_head", "embed_tokens"))]
+        if frozen:
+            raise ValueError(
+                f"model.lora.trained_modules holds {frozen[0]!r}: the LM head and the embedding "
+                "(often tied to it) stay the base model's, frozen, in FP32 (see model.lora). "
+                "Fix: leave them out."
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _apart(self):
+        both = sorted(set(self.trained_modules) & set(self.target_modules))
+        if both:
+            raise ValueError(
+                f"model.lora names {both[0]!r} both in target_modules and trained_modules: a "
+                "module gets an adapter or is trained in full, not both. Fix: keep it in one."
+            )
+        return self
 
 
 class ModelConfig(_Section):

@@ -42,8 +42,13 @@ class LoraError(ValueError):
     """An adapter that cannot be built or loaded as configured; the message says the fix."""
 
 
+TRAINED = "scalerl_trained_modules"  # attribute of a model: its fully trained modules
+
+
 def peft_config(lora):
-    """peft's LoraConfig for the run's `model.lora` (scalerl.config.LoraConfig)."""
+    """peft's LoraConfig for the run's `model.lora` (scalerl.config.LoraConfig), as injected:
+    trained_modules are not wrapped (peft's modules_to_save would rename their parameters);
+    they keep their place and names and are only unfrozen (mark_trained)."""
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
@@ -57,17 +62,45 @@ def peft_config(lora):
 
 
 def attach(model, lora, name: str = "the model"):
-    """Inject adapters into `model` in place (peft's get_peft_model) and freeze everything else;
-    returns the PeftModel (its get_base_model() is `model`, now holding the adapters)."""
+    """Inject adapters into `model` in place (peft's get_peft_model) and freeze everything but
+    them and model.lora.trained_modules; returns the PeftModel (its get_base_model() is
+    `model`, now holding the adapters)."""
     from peft import get_peft_model
 
     try:
         peft_model = get_peft_model(model, peft_config(lora))
     except ValueError as e:  # peft's NoMatchingPeftModuleError is a ValueError
         raise LoraError(_no_targets_message(model, lora, name, e)) from e
+    mark_trained(model, lora.trained_modules, name)
+    trained = {id(p) for p in trained_params(model).values()}
     for n, p in model.named_parameters():
-        p.requires_grad_(is_adapter_param(n))
+        p.requires_grad_(is_adapter_param(n) or id(p) in trained)
     return peft_model
+
+
+def mark_trained(model, modules, name: str = "the model") -> None:
+    """Record which modules of `model` are trained in full (peft's modules_to_save matching:
+    a module whose name ends with one of them); LoraError when one matches nothing."""
+    names = [n for n, _ in model.named_modules()]
+    for m in modules:
+        if not any(n.endswith(m) for n in names):
+            raise LoraError(
+                f"model.lora.trained_modules names {m!r}, which is no module of {name}. Fix: "
+                "give module names or name suffixes of the model (e.g. 'norm'), or leave it empty."
+            )
+    setattr(model, TRAINED, tuple(modules))
+
+
+def trained_params(model) -> dict[str, torch.nn.Parameter]:
+    """The parameters of the fully trained modules, by their name in the model."""
+    modules = getattr(model, TRAINED, ())
+    out = {}
+    for n, module in model.named_modules():
+        if modules and any(n.endswith(m) for m in modules):
+            for pn, p in module.named_parameters():
+                if not is_adapter_param(pn):
+                    out[f"{n}.{pn}"] = p
+    return out
 
 
 def _no_targets_message(model, lora, name: str, error: Exception) -> str:
@@ -96,8 +129,11 @@ def _peft_key(param_name: str) -> str:
 
 
 def adapter_params(model) -> dict[str, torch.nn.Parameter]:
-    """The adapter parameters of a model with adapters injected, by peft's saved key."""
-    return {_peft_key(n): p for n, p in model.named_parameters() if is_adapter_param(n)}
+    """What a version holds of a model with adapters injected, by peft's saved key: the adapter
+    parameters and those of the fully trained modules."""
+    out = {_peft_key(n): p for n, p in model.named_parameters() if is_adapter_param(n)}
+    out.update({_PREFIX + n: p for n, p in trained_params(model).items()})
+    return out
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
@@ -111,21 +147,27 @@ def has_adapters(model) -> bool:
     return any(is_adapter_param(n) for n, _ in model.named_parameters())
 
 
-def adapter_config_dict(lora) -> dict:
-    """adapter_config.json as peft writes it, of `model.lora` or of peft's own LoraConfig."""
+def adapter_config_dict(lora, trained=None) -> dict:
+    """adapter_config.json as peft writes it, of `model.lora` or of peft's own LoraConfig;
+    the fully trained modules as peft's modules_to_save (peft loads them so)."""
     cfg = (lora if hasattr(lora, "to_dict") else peft_config(lora)).to_dict()
+    if trained is None:
+        trained = getattr(lora, "trained_modules", None)
+    cfg["modules_to_save"] = list(trained) or None if trained is not None else None
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
 
 
-def save_adapter(directory: str | Path, state: dict[str, torch.Tensor], lora) -> Path:
-    """Write an adapter directory (adapter_config.json + adapter_model.safetensors)."""
+def save_adapter(directory: str | Path, state: dict[str, torch.Tensor], lora, trained=None) -> Path:
+    """Write an adapter directory (adapter_config.json + adapter_model.safetensors); trained:
+    the fully trained modules (default: `lora`'s trained_modules)."""
     from safetensors.torch import save_file
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps(adapter_config_dict(lora), indent=1, default=str))
+    config = adapter_config_dict(lora, trained)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
     return out
 
 
@@ -173,7 +215,9 @@ def copy_adapter(model, tensors: dict[str, torch.Tensor], where: str = "the adap
     import torch
 
     params = adapter_params(model)
-    missing = sorted(set(params) - set(tensors))
+    # a fully trained module absent from `tensors` keeps its values: version 0's adapter holds
+    # none (they start as the base's)
+    missing = sorted(k for k in set(params) - set(tensors) if is_adapter_param(k))
     extra = sorted(set(tensors) - set(params))
     bad = [k for k in params if k in tensors and tensors[k].shape != params[k].shape]
     if missing or extra or bad:
@@ -184,7 +228,8 @@ def copy_adapter(model, tensors: dict[str, torch.Tensor], where: str = "the adap
         )
     with torch.no_grad():
         for k, p in params.items():
-            p.copy_(tensors[k])
+            if k in tensors:
+                p.copy_(tensors[k])
 
 
 def check_targets(model_dir: str | Path, lora, name: str | None = None) -> None:
@@ -223,7 +268,9 @@ def initial_adapter(model_dir: str | Path, lora, seed: int) -> dict[str, torch.T
                 module.reset_lora_parameters("default", True)
     finally:
         torch.set_rng_state(generator_state)
-    return {k: v.clone() for k, v in adapter_state(peft_model).items()}
+    # the adapters only: fully trained modules start as the base's own (their tensors in the
+    # base model; here they are on the meta device)
+    return {k: v.clone() for k, v in adapter_state(peft_model).items() if is_adapter_param(k)}
 
 
 def base_params(model) -> dict:

@@ -22,6 +22,14 @@ def check_modes(cfg) -> None:
 
 
 def _check_engine(cfg) -> None:
+    lora = cfg.model.lora
+    if lora is not None and lora.trained_modules and cfg.generation.engine != "transformers":
+        raise ValueError(
+            f"model.lora.trained_modules = {lora.trained_modules} trains those modules in full, "
+            f"but generation.engine = {cfg.generation.engine!r}: vLLM serves LoRA adapters "
+            "without fully trained modules. Fix: generation.engine=transformers, or leave "
+            "model.lora.trained_modules empty."
+        )
     shares = cfg.generation.gpu_memory_utilization + cfg.evaluation.gpu_memory_utilization
     beside = cfg.placement.evaluation_devices is None  # else the evaluation has its own devices
     if cfg.generation.engine != "transformers" and beside and shares > 0.95:

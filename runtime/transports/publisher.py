@@ -134,7 +134,9 @@ class TransportPublisher:
             }
             model.save_pretrained(staged, state_dict=base, safe_serialization=True)
             tokenizer.save_pretrained(staged)
-        save_adapter(staged / ADAPTER_DIR, state, adapters["default"])
+        from scalerl.lora import TRAINED
+
+        save_adapter(staged / ADAPTER_DIR, state, adapters["default"], getattr(model, TRAINED, ()))
 
     def _commit(self, version: int, staged: Path) -> Path:
         """Make the saved version visible the transport's way; the directory it is in now."""

@@ -238,8 +238,12 @@ class TransformersEngine(Engine):
             if not lora.has_adapters(self.model):
                 from peft import LoraConfig, inject_adapter_in_model
 
-                inject_adapter_in_model(LoraConfig.from_pretrained(str(adapter)), self.model)
+                config = LoraConfig.from_pretrained(str(adapter))
+                config.modules_to_save = None  # fully trained modules: copied in place
+                inject_adapter_in_model(config, self.model)
                 self.model.eval()
+            trained = lora.read_adapter_config(adapter).get("modules_to_save") or []
+            lora.mark_trained(self.model, trained, str(path))
             lora.copy_adapter(self.model, lora.read_adapter(adapter), f"the adapter in {path}")
             self.version = version
             return

@@ -83,3 +83,30 @@ def test_lora_with_modes_it_cannot_use_is_refused(extra, says):
         load_config(preset="tiny-cpu", overrides=[*extra, "model.lora.rank=8"])
     assert says in str(err.value) and "Fix:" in str(err.value)
     load_config(preset="tiny-cpu", overrides=extra)  # the same without model.lora is accepted
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["model.lora.trained_modules=[norm]", "generation.engine=vllm"], "vLLM serves LoRA"),
+        (["model.lora.trained_modules=[embed_tokens]"], "the LM head and the embedding"),
+        (["model.lora.trained_modules=[q_proj]"], "both in target_modules and trained_modules"),
+    ],
+    ids=["vllm", "embedding", "both"],
+)
+def test_lora_trained_modules_that_cannot_work_are_refused(overrides, says):
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="tiny-cpu", overrides=["model.lora.rank=8", *overrides])
+    assert says in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_lora_trained_modules_on_the_transformers_engine_are_accepted():
+    cfg = load_config(
+        preset="tiny-cpu",
+        overrides=[
+            "model.lora.rank=8",
+            "model.lora.trained_modules=[norm]",
+            "generation.engine=transformers",
+        ],
+    )
+    assert cfg.model.lora.trained_modules == ["norm"]

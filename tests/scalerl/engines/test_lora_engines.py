@@ -9,6 +9,7 @@ one forward.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,50 @@ def test_vllm_engines_swap_adapters_in_flight(tiny_model, adapters, tmp_path, ki
         assert r["versions"] == [1] * n
         ref = trainer_logprobs(tiny_model, v1, r["prompt"], r["tokens"])
         assert torch.allclose(torch.tensor(r["logprobs"]), ref, atol=TOL), (r["logprobs"], ref)
+
+
+def test_fully_trained_modules_travel_with_the_adapter(tiny_model, adapters, tmp_path):
+    """model.lora.trained_modules: the RMSNorms ('norm' matches every one, as peft's
+    modules_to_save matches) are trained in full beside the adapters, published in the same
+    file as peft's modules_to_save (peft loads it to the same logits), and the transformers
+    engine copies them in place with the adapter: its logprobs are the trainer's."""
+    from peft import PeftModel
+
+    lora = LoraConfig(rank=4, alpha=8.0, trained_modules=["norm"])
+    model, _ = load_policy(str(tiny_model))
+    attach(model, lora)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    norms = {n for n in trainable if "norm" in n}
+    assert norms and all(".lora_" in n for n in trainable - norms)
+    assert len(norms) == 2 * 2 + 1  # input and post-attention norms of 2 layers, the final one
+    g = torch.Generator().manual_seed(3)
+    copy_adapter(model, trained_adapter(tiny_model, seed=1))
+    with torch.no_grad():  # "trained" norms
+        for n, p in model.named_parameters():
+            if n in norms:
+                p.mul_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    state = adapter_state(model)
+    assert sum(".lora_" not in k for k in state) == len(norms)
+    save_adapter(tmp_path / "v1" / ADAPTER_DIR, state, lora)
+    config = json.loads((tmp_path / "v1" / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["norm"]
+
+    theirs = PeftModel.from_pretrained(
+        load_policy(str(tiny_model))[0], tmp_path / "v1" / ADAPTER_DIR
+    )
+    ids = torch.tensor([[11, 12, 13, 14, 15]])
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids).logits, theirs(ids).logits, atol=1e-6)
+
+    engine = TransformersEngine(str(tiny_model), max_batch_size=4)
+    engine.load_weights(0, adapters[0])  # version 0: the base's norms
+    engine.load_weights(1, tmp_path / "v1")
+    settings = SamplingSettings(max_new_tokens=16, temperature=1.0, seed=2, ignore_eos=True)
+    policy = PolicyLogprobs(model.eval(), fp32_head=True)
+    for c in by_key(engine.generate(REQUESTS, settings)).values():
+        ids = torch.tensor([c.prompt_token_ids + c.token_ids])
+        p = len(c.prompt_token_ids)
+        positions = torch.arange(p - 1, p + len(c.token_ids) - 1)[None]
+        with torch.no_grad():
+            ref = policy(ids, torch.ones_like(ids), positions, torch.tensor([c.token_ids]))[0]
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=TOL)

@@ -97,8 +97,9 @@ def _final(store: Path, weights_file: str) -> tuple[str, bytes, dict]:
     return digest, (ckpt / "ledger.jsonl").read_bytes(), optimizer
 
 
-# LoRA (model.lora): every version is the adapter alone (scalerl/lora.py), in float32 here
-LORA = ("model.lora.rank=4", "model.lora.alpha=8")
+# LoRA (model.lora): every version is the adapter alone (scalerl/lora.py), in float32 here,
+# with the RMSNorms trained in full beside it
+LORA = ("model.lora.rank=4", "model.lora.alpha=8", "model.lora.trained_modules=[norm]")
 
 
 @pytest.mark.slow
@@ -149,8 +150,9 @@ def test_sigkill_and_resume_is_bit_identical_to_a_straight_run(
     for i, moments in optim_straight["state"].items():
         for name, t in moments.items():
             assert torch.equal(optim_killed["state"][i][name], t), (i, name)
-    if extra:  # the adapter's moments only: 2 adapters (A, B) x 7 projections x 2 layers
-        assert len(optim_straight["state"]) == 2 * 7 * 2
+    if extra:  # the adapter's moments only: 2 adapters (A, B) x 7 projections x 2 layers,
+        # and the 2 x 2 + 1 RMSNorms
+        assert len(optim_straight["state"]) == 2 * 7 * 2 + 5
         weights = open_store(str(straight)).run(RUN).download_weights(6, tmp_path / "w6")
         assert sorted(p.name for p in weights.rglob("*") if p.is_file()) == [
             "adapter_config.json",
