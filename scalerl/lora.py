@@ -283,6 +283,28 @@ def base_params(model) -> dict:
     }
 
 
+def adapter_param_count(shape, lora) -> int:
+    """Parameters of the adapters on a model of `shape` (scalerl.placement.ModelShape): r x
+    (in + out) per adapted projection of the Qwen/Llama layer, for each target_modules name it
+    has (a name it lacks adds none; fully trained modules are not counted: norms are small)."""
+    h, q, kv, m = (
+        shape.hidden,
+        shape.heads * shape.head_dim,
+        shape.kv_heads * shape.head_dim,
+        shape.intermediate,
+    )
+    dims = {
+        "q_proj": h + q,
+        "k_proj": h + kv,
+        "v_proj": h + kv,
+        "o_proj": q + h,
+        "gate_proj": h + m,
+        "up_proj": h + m,
+        "down_proj": m + h,
+    }
+    return lora.rank * shape.layers * sum(dims.get(t, 0) for t in lora.target_modules)
+
+
 def vllm_lora_rank(rank: int) -> int:
     """The smallest max_lora_rank vLLM accepts that holds `rank`."""
     for allowed in (1, 8, 16, 32, 64, 128, 256, 320, 512):

@@ -637,6 +637,64 @@ def make_plan(
     return Plan("cuda", procs, shape, max_num_seqs, kv_tokens, warnings, visible)
 
 
+def _activations(cfg, shape: ModelShape, cdt: int, tokens: int) -> int:
+    """A trainer's activations for a micro-batch of `tokens` (an estimate)."""
+    if cfg.model.gradient_checkpointing:  # each layer's input kept, one layer recomputed
+        return tokens * shape.hidden * cdt * shape.layers + tokens * _layer_act(shape) * cdt
+    return tokens * _layer_act(shape) * cdt * shape.layers
+
+
+def _full_trainer(cfg, shape: ModelShape, world: int, device, cdt, tokens) -> dict:
+    """A full-weight trainer rank: FSDP2 fully sharded, fp32 master weights, gradients and AdamW
+    moments (scalerl/trainer/distributed.py)."""
+    trainer = {
+        "weights fp32 (1/ranks)": 4 * shape.params // world,
+        "gradients fp32 (1/ranks)": 4 * shape.params // world,
+        "AdamW moments fp32 (1/ranks)": 8 * shape.params // world,
+        # FSDP2 gathers one decoder layer at a time (and prefetches the next) in the compute
+        # dtype; the root (embeddings, norm, head) stays gathered through the step, in fp32
+        # with the FP32 head (scalerl/trainer/distributed.py: the head's weights stay fp32)
+        "gathered layers (compute dtype) + root": 2 * shape.layer_params * cdt
+        + shape.outside_layers * (4 if cfg.algorithm.fp32_lm_head else cdt),
+        "fp32 head logits, one chunk": min(tokens, HEAD_CHUNK_TOKENS) * shape.vocab * 4 * 2,
+    }
+    trainer["activations (estimate)"] = _activations(cfg, shape, cdt, tokens)
+    if 16 * shape.params / world > device:
+        raise PlacementError(
+            f"the trainer's sharded fp32 weights, gradients and AdamW moments alone take "
+            f"{16 * shape.params / world / GIB:.1f} GiB per rank over {world} ranks "
+            f"({shape.params:,} parameters x 16 bytes), above placement.device_memory_gib = "
+            f"{cfg.placement.device_memory_gib:g}. Fix: raise placement.trainer_ranks to at least "
+            f"{math.ceil(16 * shape.params / device)}."
+        )
+    return trainer
+
+
+def _lora_trainer(cfg, shape: ModelShape, device, cdt, tokens) -> dict:
+    """The trainer of a LoRA run (model.lora, scalerl/lora.py): one process, the base frozen in
+    model.dtype, the adapters' fp32 weights, gradients and AdamW moments (16 bytes each), the
+    activations of the body's backward (the adapters need the inputs of every adapted layer)."""
+    from scalerl.lora import adapter_param_count
+
+    adapter = adapter_param_count(shape, cfg.model.lora)
+    trainer = {
+        "base weights, frozen (model.dtype)": shape.params * cdt,
+        "adapter weights, gradients, AdamW moments fp32": 16 * adapter,
+        "fp32 head logits, one chunk": min(tokens, HEAD_CHUNK_TOKENS) * shape.vocab * 4 * 2,
+    }
+    trainer["activations (estimate)"] = _activations(cfg, shape, cdt, tokens)
+    fixed = trainer["base weights, frozen (model.dtype)"] + 16 * adapter
+    if fixed > device:
+        raise PlacementError(
+            f"the LoRA trainer's frozen base ({shape.params:,} parameters x {cdt} bytes) and "
+            f"adapters ({adapter:,} parameters x 16 bytes) alone take {fixed / GIB:.1f} GiB, "
+            f"above placement.device_memory_gib = {cfg.placement.device_memory_gib:g}. Fix: a "
+            "device with more memory, or a smaller model (adapters are not sharded over ranks "
+            "yet)."
+        )
+    return trainer
+
+
 def _memory(cfg, lay: Layout, shape: ModelShape, procs, warnings) -> tuple[int, int]:
     pl, gen, ev = cfg.placement, cfg.generation, cfg.evaluation
     tp, device = pl.tensor_parallel, pl.device_memory_gib * GIB
@@ -651,34 +709,13 @@ def _memory(cfg, lay: Layout, shape: ModelShape, procs, warnings) -> tuple[int, 
             )
     # -- trainer rank: FSDP2 fully sharded, fp32 master weights (scalerl/trainer/distributed.py)
     tokens = cfg.trainer.micro_batch_tokens
-    trainer = {
-        "weights fp32 (1/ranks)": 4 * shape.params // world,
-        "gradients fp32 (1/ranks)": 4 * shape.params // world,
-        "AdamW moments fp32 (1/ranks)": 8 * shape.params // world,
-        # FSDP2 gathers one decoder layer at a time (and prefetches the next) in the compute
-        # dtype; the root (embeddings, norm, head) stays gathered through the step, in fp32
-        # with the FP32 head (scalerl/trainer/distributed.py: the head's weights stay fp32)
-        "gathered layers (compute dtype) + root": 2 * shape.layer_params * cdt
-        + shape.outside_layers * (4 if cfg.algorithm.fp32_lm_head else cdt),
-        "fp32 head logits, one chunk": min(tokens, HEAD_CHUNK_TOKENS) * shape.vocab * 4 * 2,
-    }
-    if cfg.model.gradient_checkpointing:
-        # estimate: each layer's input kept, one layer's activations recomputed at a time
-        act = tokens * shape.hidden * cdt * shape.layers + tokens * _layer_act(shape) * cdt
+    if cfg.model.lora is not None:  # one rank: a frozen base in model.dtype, fp32 adapters
+        trainer = _lora_trainer(cfg, shape, device, cdt, tokens)
     else:
-        act = tokens * _layer_act(shape) * cdt * shape.layers
-    trainer["activations (estimate)"] = act
+        trainer = _full_trainer(cfg, shape, world, device, cdt, tokens)
     for p in procs:
         if p.role == "trainer":
             p.memory = dict(trainer)
-    if 16 * shape.params / world > device:
-        raise PlacementError(
-            f"the trainer's sharded fp32 weights, gradients and AdamW moments alone take "
-            f"{16 * shape.params / world / GIB:.1f} GiB per rank over {world} ranks "
-            f"({shape.params:,} parameters x 16 bytes), above placement.device_memory_gib = "
-            f"{pl.device_memory_gib:g}. Fix: raise placement.trainer_ranks to at least "
-            f"{math.ceil(16 * shape.params / device)}."
-        )
     room = device
     if pl.colocate:  # the trainer runs beside the engines on the same devices
         share = gen.gpu_memory_utilization + (

@@ -289,7 +289,10 @@ class Trainer:
         elif sharded_checkpoint:  # one process resuming a sharded checkpoint: DCP fills it
             self.model, self.tokenizer = _model_from_config(path, self.device)
         else:
-            self.model, self.tokenizer = load_policy(path, dtype="float32", device=self.device)
+            # fp32 master weights; under LoRA the base is frozen and stays in model.dtype, as
+            # version 0 holds it (the adapters are fp32: peft's autocast_adapter_dtype)
+            dtype = "float32" if lora is None else self.cfg.model.dtype
+            self.model, self.tokenizer = load_policy(path, dtype=dtype, device=self.device)
         self.peft = None
         if lora is not None:
             self._attach_lora(path, local)
@@ -325,6 +328,8 @@ class Trainer:
         from scalerl import lora
 
         self.peft = lora.attach(self.model, self.cfg.model.lora, base)
+        for p in lora.trained_params(self.model).values():  # fully trained: fp32 masters
+            p.data = p.data.float()
         if checkpoint is not None:
             tensors, where = lora.read_adapter(model_dir(checkpoint)), "the checkpoint's adapter"
         elif lora.adapter_dir(base) is not None:

@@ -374,3 +374,21 @@ def test_gpu_count_reads_nvidia_smi(monkeypatch):
     assert placement.gpu_count() == 2
     monkeypatch.setattr(placement.shutil, "which", lambda _name: None)
     assert placement.gpu_count() == 0
+
+
+def test_a_lora_trainer_of_qwen3_8b_fits_one_gpu_that_full_weights_do_not():
+    """model.lora: the trainer holds the base frozen in bf16 (2 bytes a parameter) and the
+    adapters in fp32 with gradients and AdamW moments (16 bytes each); r = 32 on the 7
+    projections of Qwen3-8B (36 layers, hidden 4096, 32 x 128 query and 8 x 128 KV, MLP 12288)
+    is 32 x 36 x (2 x (4096 + 4096) + 2 x (4096 + 1024) + 3 x (4096 + 12288)) parameters."""
+    shape = model_shape("Qwen/Qwen3-8B")
+    one = ["placement.trainer_ranks=1", "placement.devices_per_node=2", "placement.nodes=1"]
+    one += ["generation.num_generators=1", "placement.evaluation_devices=null"]
+    with pytest.raises(PlacementError, match="raise placement.trainer_ranks to at least 2"):
+        make_plan(cfg(*one), shape)
+    plan = make_plan(cfg(*one, "model.lora.rank=32"), shape)
+    adapter = 32 * 36 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 12288))
+    trainer = plan.process("trainer@node0").memory
+    assert trainer["base weights, frozen (model.dtype)"] == 8_190_735_360 * 2
+    assert trainer["adapter weights, gradients, AdamW moments fp32"] == 16 * adapter
+    assert sum(trainer.values()) < 80 * GIB

@@ -254,3 +254,38 @@ def test_the_background_copy_keeps_tied_weights_one_tensor(tmp_path):
     assert (tmp_path / "copy" / "model.safetensors").stat().st_size == (
         tmp_path / "live" / "model.safetensors"
     ).stat().st_size
+
+
+def test_a_lora_trainer_trains_only_the_adapters_on_a_frozen_bf16_base(
+    kit, tiny_model_dir, tmp_path
+):
+    """model.lora with model.dtype bfloat16: the base is loaded and kept in bf16 (frozen, never
+    changed by a step), the adapters and the fully trained norms are fp32 masters, and every
+    published version holds exactly those tensors, each version's differing from the last."""
+    from safetensors.torch import load_file
+
+    tables = {
+        "s0": kit.shard_table(RUN, "s0", [("a", [0]), ("b", [0])], G=4),
+        "s1": kit.shard_table(RUN, "s1", [("c", [1]), ("d", [1])], G=4),
+    }
+    lora = {"dtype": "bfloat16", "lora.rank": 4, "lora.alpha": 8, "lora.trained_modules": "[norm]"}
+    trainer, (_, pub, _, _) = _trainer(kit, tiny_model_dir, tmp_path, tables, model=lora)
+    assert trainer.train().version == 2
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    params = dict(trainer.model.named_parameters())
+    for name, p in params.items():
+        if ".lora_" in name or "norm" in name:
+            assert p.dtype == torch.float32, name
+        else:  # frozen: the base's bf16 values, untouched by two steps
+            assert p.dtype == torch.bfloat16 and not p.requires_grad, name
+            key = name.replace(".base_layer.", ".")
+            assert torch.equal(p, base[key].to(torch.bfloat16)), name
+    lora_keys = {n for n in params if ".lora_" in n}
+    norm_keys = {n for n in params if "norm" in n}
+    for v in (1, 2):
+        assert len(pub.versions[v]) == len(lora_keys) + len(norm_keys)
+        assert all(k.startswith("base_model.model.") for k in pub.versions[v])
+    changed = [
+        k for k in pub.versions[1] if not torch.equal(pub.versions[1][k], pub.versions[2][k])
+    ]
+    assert any(".lora_B." in k for k in changed) and any("norm" in k for k in changed)
