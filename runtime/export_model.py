@@ -148,11 +148,11 @@ def _lora_files(run, version: int, staging: Path, config: dict, adapter_only: bo
             (staging / lora.CONFIG_FILE).write_text(json.dumps(facts, indent=1))
         else:
             _merge(base, adapter, staging, model_cfg.get("dtype", "float32"))
-        for f in base.iterdir():  # the tokenizer, as published with the base
-            if f.is_file() and f.name.startswith(
-                ("tokenizer", "special_tokens", "vocab", "merges")
-            ):
-                shutil.copyfile(f, staging / f.name)
+        from scalerl.models import load_tokenizer
+
+        # the tokenizer as published with the base, saved as transformers saves it (the chat
+        # template, added tokens and special tokens files included)
+        load_tokenizer(str(base)).save_pretrained(staging)
 
 
 def _merge(base: Path, adapter: Path, out: Path, dtype: str) -> None:

@@ -56,7 +56,7 @@ class LoraConfig(_Section):
     vocabulary-sized tensor and vLLM would need its LoRA-extended vocabulary path."""
 
     rank: int = Field(
-        32, description="Rank r of every adapter (vLLM serves ranks up to 512); at least 1."
+        32, ge=1, le=512, description="Rank r of every adapter (vLLM serves ranks up to 512)."
     )
     alpha: float = Field(
         64.0, gt=0, description="LoRA alpha: the adapter's update is scaled by alpha / rank."

@@ -43,6 +43,7 @@ class LoraError(ValueError):
 
 
 TRAINED = "scalerl_trained_modules"  # attribute of a model: its fully trained modules
+_FROZEN = ("embed_tokens.weight", "lm_head.weight")
 
 
 def peft_config(lora):
@@ -72,6 +73,13 @@ def attach(model, lora, name: str = "the model"):
     except ValueError as e:  # peft's NoMatchingPeftModuleError is a ValueError
         raise LoraError(_no_targets_message(model, lora, name, e)) from e
     mark_trained(model, lora.trained_modules, name)
+    bad = [n for n in trained_params(model) if n.endswith(_FROZEN) or ".base_layer." in n]
+    if bad:
+        raise LoraError(
+            f"model.lora.trained_modules = {list(lora.trained_modules)} reaches {bad[0]} of "
+            f"{name}, which stays frozen (the embedding and LM head) or gets an adapter. Fix: "
+            "name modules that hold neither, e.g. 'norm'."
+        )
     trained = {id(p) for p in trained_params(model).values()}
     for n, p in model.named_parameters():
         p.requires_grad_(is_adapter_param(n) or id(p) in trained)
@@ -268,9 +276,32 @@ def initial_adapter(model_dir: str | Path, lora, seed: int) -> dict[str, torch.T
                 module.reset_lora_parameters("default", True)
     finally:
         torch.set_rng_state(generator_state)
-    # the adapters only: fully trained modules start as the base's own (their tensors in the
-    # base model; here they are on the meta device)
-    return {k: v.clone() for k, v in adapter_state(peft_model).items() if is_adapter_param(k)}
+    out = {k: v.clone() for k, v in adapter_state(peft_model).items() if is_adapter_param(k)}
+    # fully trained modules start as the base's own: read from its safetensors (the meta model
+    # has none), so version 0 restores them in an engine that has held a later version
+    names = list(trained_params(peft_model.get_base_model()))
+    if names:
+        out.update({_PREFIX + n: t for n, t in _base_tensors(Path(model_dir), names).items()})
+    return out
+
+
+def _base_tensors(model_dir: Path, names: list[str]) -> dict:
+    """The tensors `names` from the safetensors files of a model directory."""
+    from safetensors import safe_open
+
+    found = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():  # noqa: SIM118 - safe_open is not iterable
+                if key in names:
+                    found[key] = st.get_tensor(key)
+    missing = sorted(set(names) - set(found))
+    if missing:
+        raise LoraError(
+            f"{model_dir} has no tensor {missing[0]} of model.lora.trained_modules. Fix: name "
+            "modules whose weights the model's safetensors hold."
+        )
+    return found
 
 
 def base_params(model) -> dict:

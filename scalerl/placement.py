@@ -682,6 +682,8 @@ def _lora_trainer(cfg, shape: ModelShape, device, cdt, tokens) -> dict:
         "adapter weights, gradients, AdamW moments fp32": 16 * adapter,
         "fp32 head logits, one chunk": min(tokens, HEAD_CHUNK_TOKENS) * shape.vocab * 4 * 2,
     }
+    if cfg.algorithm.fp32_lm_head and cdt != 4:  # the frozen head's weight, cast for the matmul
+        trainer["fp32 copy of the head"] = shape.vocab * shape.hidden * 4
     trainer["activations (estimate)"] = _activations(cfg, shape, cdt, tokens)
     fixed = trainer["base weights, frozen (model.dtype)"] + 16 * adapter
     if fixed > device:

@@ -56,8 +56,24 @@ def prepare_run(config: RunConfig, run_id: str | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="scalerl-v0-") as tmp:
         lora_base = None
         if config.model.lora is not None:  # adapters that fit the model: before any write
-            lora_base = lora_version_zero(config, Path(tmp) / "v0")
+            if _has_version_zero(config, run_id or config.storage.run_id):
+                from runtime.common import check_lora  # a resume: the checks, no new base
+
+                check_lora(config)
+            else:
+                lora_base = lora_version_zero(config, Path(tmp) / "v0")
         return _prepare(config, run_id, prompts, lora_base)
+
+
+def _has_version_zero(config: RunConfig, run_id: str | None) -> bool:
+    from storage.errors import RunNotFoundError
+
+    if run_id is None:
+        return False
+    try:
+        return open_run(config, run_id).has_weights(0)
+    except RunNotFoundError:
+        return False
 
 
 def lora_version_zero(config: RunConfig, out_dir: Path) -> Path:

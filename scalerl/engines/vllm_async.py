@@ -211,6 +211,7 @@ class AsyncVLLMEngine(VLLMEngineBase):
         engine, self.engine = getattr(self, "engine", None), None
         loop = getattr(self, "_loop", None)
         if loop is None or loop.is_closed():
+            self._close_lora()
             return
         try:
             if engine is not None:

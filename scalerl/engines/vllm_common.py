@@ -247,7 +247,11 @@ class VLLMEngineBase(InPlaceEngine):
             disable_log_stats=True,
             **engine_kwargs,
         )
-        self.engine = self._start(args, version)
+        try:
+            self.engine = self._start(args, version)
+        except BaseException:
+            self._close_lora()  # vLLM did not start: nothing will close this engine
+            raise
         config = self.engine.model_config
         self.context_len = int(config.max_model_len)
         self.head_dtype = config.head_dtype
@@ -307,7 +311,7 @@ class VLLMEngineBase(InPlaceEngine):
         return LoRARequest("policy", 1, str(current), load_inplace=True)
 
     def _close_lora(self) -> None:
-        if self._lora_root is not None:
+        if getattr(self, "_lora_root", None) is not None:
             import shutil
 
             shutil.rmtree(self._lora_root, ignore_errors=True)

@@ -112,3 +112,48 @@ def test_changed_shipped_warm_weights_fail_before_the_run_exists(
     with pytest.raises(ShippedWeightsError, match="config.json does not match its manifest"):
         just_prepare()
     assert not (root / "r1").exists()
+
+
+def test_a_lora_run_gets_version_zero_once_and_a_resume_builds_no_base(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """model.lora: prepare publishes version 0 (the base with the initial adapter beside it,
+    the RMSNorms' base values in it); preparing the run again (a resume) checks the adapters on
+    the meta device and builds no base model."""
+    import json
+
+    import runtime.common
+    import tasks.prepare
+    from storage import open_store
+
+    root = tmp_path / "runs"
+    cfg = load_config(
+        preset="tiny-cpu",
+        overrides=[
+            f"storage.url={root}",
+            "storage.run_id=lora",
+            "model.name_or_path=builtin:tiny",
+            "data.source=synthetic:arithmetic",
+            "model.lora.rank=4",
+            "model.lora.trained_modules=[norm]",
+        ],
+    )
+    built = []
+    real = runtime.common.materialize_base_model
+
+    def counted(config, out_dir):
+        built.append(out_dir)
+        return real(config, out_dir)
+
+    monkeypatch.setattr(tasks.prepare, "materialize_base_model", counted)
+
+    @flow
+    def just_prepare():
+        return prepare_run(cfg, "lora")
+
+    assert just_prepare() == "lora" and len(built) == 1
+    v0 = open_store(str(root)).run("lora").download_weights(0, tmp_path / "v0")
+    assert (v0 / "config.json").is_file() and (v0 / "model.safetensors").is_file()
+    adapter = json.loads((v0 / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["modules_to_save"] == ["norm"]
+    assert just_prepare() == "lora" and len(built) == 1  # the resume: nothing rebuilt

@@ -305,3 +305,26 @@ def test_fully_trained_modules_travel_with_the_adapter(tiny_model, adapters, tmp
         with torch.no_grad():
             ref = policy(ids, torch.ones_like(ids), positions, torch.tensor([c.token_ids]))[0]
         assert torch.allclose(torch.tensor(c.logprobs), ref, atol=TOL)
+
+
+@pytest.mark.parametrize("modules", [["self_attn"], ["layers"], ["model"]])
+def test_trained_modules_that_reach_frozen_or_adapted_weights_are_refused(tiny_model, modules):
+    """Module names match as suffixes (peft's rule): 'self_attn' holds the adapted projections,
+    'layers' and 'model' the embedding (the tied LM head) too; one line each."""
+    from scalerl.lora import LoraError
+
+    model, _ = load_policy(str(tiny_model))
+    with pytest.raises(LoraError, match=r"stays frozen .* or gets an adapter\. Fix: name"):
+        attach(model, LoraConfig(rank=4, trained_modules=modules))
+
+
+def test_version_zero_carries_the_base_values_of_trained_modules(tiny_model):
+    from safetensors.torch import load_file
+
+    lora = LoraConfig(rank=4, trained_modules=["norm"])
+    tensors = initial_adapter(tiny_model, lora, seed=0)
+    base = load_file(str(tiny_model / "model.safetensors"))
+    norms = {k: v for k, v in tensors.items() if ".lora_" not in k}
+    assert len(norms) == 5
+    for k, v in norms.items():
+        assert torch.equal(v, base[k.removeprefix("base_model.model.")])
