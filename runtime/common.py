@@ -163,8 +163,9 @@ def materialize_base_model(config: RunConfig, out_dir: Path) -> Path:
 def check_lora(config: RunConfig) -> None:
     """model.lora against the model, before anything is written (LoraError, one line): its
     target modules exist in the architecture (built on the meta device), and with a vLLM engine
-    vLLM can serve LoRA for it. The built-in models are checked on their own config; a hub id
-    whose config is not cached here is checked by prepare_run, when the run loads it."""
+    vLLM can serve LoRA for it. The built-in models are checked on their own config, a hub id on
+    its snapshot at model.revision in the local cache; one not cached here is checked by
+    prepare_run, when the run loads it."""
     if config.model.lora is None:
         return
     from scalerl import lora
@@ -182,15 +183,23 @@ def check_lora(config: RunConfig) -> None:
         elif Path(name).expanduser().is_dir():
             model_dir = Path(name).expanduser()
         else:
-            try:  # a hub id: its config from the local cache, never the network
-                from transformers import AutoConfig
+            try:  # a hub id: its snapshot at model.revision in the local cache, never the network
+                from huggingface_hub import snapshot_download
 
-                AutoConfig.from_pretrained(
-                    name, revision=config.model.revision, local_files_only=True
+                from scalerl.placement import hub_cache_dir
+
+                model_dir = Path(
+                    snapshot_download(
+                        name,
+                        revision=config.model.revision,
+                        cache_dir=hub_cache_dir(),
+                        local_files_only=True,
+                    )
                 )
-            except (OSError, ValueError):
+            except Exception:  # noqa: BLE001 - not cached here: prepare_run checks it
                 return
-            model_dir = name
+            if not (model_dir / "config.json").is_file():
+                return
         if config.generation.engine != "transformers":
             from scalerl.engines.vllm_common import check_lora_support
 
