@@ -14,7 +14,8 @@ A LoRA run (model.lora) publishes adapters (scalerl/lora.py): its export is the 
 (version 0) with the version's adapter merged into the weights (peft's merge_and_unload, in
 float32, saved in the run's model dtype), which transformers loads without peft; with
 adapter_only it is the adapter alone (adapter_config.json naming the run's base model,
-adapter_model.safetensors) plus the tokenizer. Both downloads are sha256-checked.
+adapter_model.safetensors) plus the tokenizer, and only version 0's small files are downloaded
+for it (tokenizer, config), not the base's weights. Every download is sha256-checked.
 """
 
 from __future__ import annotations
@@ -128,7 +129,15 @@ def _lora_files(run, version: int, staging: Path, config: dict, adapter_only: bo
     from scalerl import lora
 
     with tempfile.TemporaryDirectory(prefix="scalerl-export-") as tmp:
-        base = run.download_weights(0, Path(tmp) / "v0", checksum=True)
+        # the adapter alone needs only the base's tokenizer and config, not its weights
+        small = [
+            f
+            for f in run.weights_files(0)
+            if f.startswith(f"{lora.ADAPTER_DIR}/")
+            or not f.endswith((".safetensors", ".safetensors.index.json"))
+        ]
+        files = small if adapter_only else None
+        base = run.download_weights(0, Path(tmp) / "v0", checksum=True, files=files)
         here = (
             base if version == 0 else run.download_weights(version, Path(tmp) / "v", checksum=True)
         )

@@ -314,6 +314,10 @@ class ManifestDirs:
     def has(self, n: int) -> bool:
         return self._manifest(n) is not None
 
+    def files(self, n: int) -> list[str]:
+        """The paths entry n's manifest lists (NotCommittedError when it is not committed)."""
+        return [e["path"] for e in self._require(n)["files"]]
+
     def _require(self, n: int) -> dict:
         manifest = self._manifest(n)
         if manifest is None:

@@ -596,11 +596,22 @@ class Run:
 
     @retrying
     def download_weights(
-        self, version: int, local_dir: str | os.PathLike, *, checksum: bool = False
+        self,
+        version: int,
+        local_dir: str | os.PathLike,
+        *,
+        checksum: bool = False,
+        files: list[str] | None = None,
     ) -> Path:
-        """Weights `version` into local_dir, every file's size checked (and with checksum=True
-        its sha256 against the manifest: DamagedEntryError names a damaged file)."""
-        return self._weights.download(version, local_dir, checksum=checksum)
+        """Weights `version` into local_dir (only the paths in `files`, if given), every file's
+        size checked (and with checksum=True its sha256 against the manifest:
+        DamagedEntryError names a damaged file)."""
+        return self._weights.download(version, local_dir, files=files, checksum=checksum)
+
+    @retrying
+    def weights_files(self, version: int) -> list[str]:
+        """The paths weights `version` holds, from its manifest."""
+        return self._weights.files(version)
 
     @retrying
     def weights_url(self, version: int) -> str:

@@ -132,6 +132,22 @@ def test_merged_and_adapter_exports_generate_what_the_generator_generates(run, t
     assert differs_from_base  # the adapter changes completions: the comparison can tell
 
 
+def test_adapter_only_of_version_zero_is_the_initial_adapter(run, tmp_path):
+    """Version 0's adapter lives beside the base: the adapter-only export takes it (and the
+    tokenizer), not the base's weights."""
+    from safetensors.torch import load_file
+
+    root, _ = run
+    out = tmp_path / "a0"
+    result = export(root, "-o", str(out), "--adapter-only", "--version", "0")
+    assert result.exit_code == 0, result.output
+    assert not (out / "model.safetensors").exists()
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    expected = initial_adapter(tmp_path / "v0", LORA, seed=0)
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
+
+
 def test_adapter_only_on_a_full_weight_run_is_one_line(tmp_path):
     root = tmp_path / "runs"
     run = open_store(str(root)).run("r1", create=True)
