@@ -23,6 +23,29 @@ def machine() -> dict:
     }
 
 
+def add_model_args(ap) -> None:
+    """--layers, --hidden, --heads, --vocab of the bench model (default: the 138M one, a random
+    Qwen2 architecture with hidden 768, 12 layers and heads, MLP 3,072, vocabulary 32,000)."""
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=32_000)
+
+
+def build_bench_model(path, args) -> Path:
+    """The bench model of add_model_args' arguments, written to `path` (MLP 4 x hidden)."""
+    from scalerl.models import build_tiny_model
+
+    return build_tiny_model(
+        path,
+        hidden_size=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        intermediate_size=4 * args.hidden,
+        vocab_size=args.vocab,
+    )
+
+
 def emit(report: dict, out: str | None) -> dict:
     """Print the report as JSON, and also write it to `out` when given."""
     text = json.dumps(report, indent=2)

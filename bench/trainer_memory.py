@@ -34,6 +34,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO))
+
+from common import add_model_args, build_bench_model  # noqa: E402
+
 MIB = 1024 * 1024
 
 
@@ -98,25 +103,14 @@ def _run(model: Path, root: Path, ranks: int, steps: int) -> tuple[list[float], 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--vocab", type=int, default=32_000)
+    add_model_args(ap)
     ap.add_argument("--steps", type=int, default=2)
     args = ap.parse_args()
 
-    from scalerl.models import build_tiny_model
     from scalerl.placement import model_shape
 
     with tempfile.TemporaryDirectory(prefix="scalerl-bench-mem-") as tmp:
-        model = build_tiny_model(
-            Path(tmp) / "model",
-            hidden_size=args.hidden,
-            layers=args.layers,
-            heads=args.heads,
-            intermediate_size=4 * args.hidden,
-            vocab_size=args.vocab,
-        )
+        model = build_bench_model(Path(tmp) / "model", args)
         params = model_shape(str(model)).params
         state = 16 * params / MIB
         baseline = _baseline_mib()

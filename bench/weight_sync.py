@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import emit, machine  # noqa: E402
+from common import add_model_args, build_bench_model, emit, machine  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' save_pretrained progress bars
 
@@ -349,30 +349,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--updates", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--vocab", type=int, default=32_000)
+    add_model_args(ap)
     ap.add_argument("--skip-engines", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
 
     import torch
 
-    from scalerl.models import build_tiny_model
     from scalerl.placement import model_shape
 
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="scalerl-bench-ws-") as tmp:
         tmp = Path(tmp)
-        model_dir = build_tiny_model(
-            tmp / "model",
-            hidden_size=args.hidden,
-            layers=args.layers,
-            heads=args.heads,
-            intermediate_size=4 * args.hidden,
-            vocab_size=args.vocab,
-        )
+        model_dir = build_bench_model(tmp / "model", args)
         t0 = time.monotonic()
         trainer = trainer_blocking(model_dir, tmp, args.steps)
         gens = {} if args.skip_engines else generator_stalls(model_dir, tmp, args.updates)

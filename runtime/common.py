@@ -168,8 +168,6 @@ def check_lora(config: RunConfig) -> None:
     prepare_run, when the run loads it."""
     if config.model.lora is None:
         return
-    from scalerl import lora
-
     name = config.model.name_or_path
     with tempfile.TemporaryDirectory(prefix="scalerl-lora-check-") as tmp:
         if name == BUILTIN_TINY:
@@ -200,11 +198,20 @@ def check_lora(config: RunConfig) -> None:
                 return
             if not (model_dir / "config.json").is_file():
                 return
-        if config.generation.engine != "transformers":
-            from scalerl.engines.vllm_common import check_lora_support
+        check_lora_model(config, model_dir, name)
 
-            check_lora_support(str(model_dir))
-        lora.check_targets(model_dir, config.model.lora, name)
+
+def check_lora_model(config: RunConfig, model_dir, name: str) -> None:
+    """model.lora against the model at `model_dir` (`name`: as the config names it): with a
+    vLLM engine vLLM serves LoRA for its architecture, and the adapters' target modules (and
+    trained modules) are in it (LoraError, one line)."""
+    from scalerl import lora
+
+    if config.generation.engine != "transformers":
+        from scalerl.engines.vllm_common import check_lora_support
+
+        check_lora_support(str(model_dir))
+    lora.check_targets(model_dir, config.model.lora, name)
 
 
 class WarmSource(NamedTuple):

@@ -220,24 +220,19 @@ def read_adapter_config(version_dir: str | Path) -> dict:
 def copy_adapter(model, tensors: dict[str, torch.Tensor], where: str = "the adapter") -> None:
     """Copy adapter tensors into the adapter parameters of `model`, in place (same storage, so
     whatever holds the parameters keeps working). One line when they do not fit."""
-    import torch
+    from scalerl.models import copy_present, state_misfit
 
     params = adapter_params(model)
-    # a fully trained module absent from `tensors` keeps its values: version 0's adapter holds
-    # none (they start as the base's)
-    missing = sorted(k for k in set(params) - set(tensors) if is_adapter_param(k))
-    extra = sorted(set(tensors) - set(params))
-    bad = [k for k in params if k in tensors and tensors[k].shape != params[k].shape]
-    if missing or extra or bad:
+    # a fully trained module absent from `tensors` keeps its values (an adapter written before
+    # version 0 carried the base's)
+    optional = {k for k in params if not is_adapter_param(k)}
+    misfit = state_misfit(params, tensors, optional=optional, shown=2)
+    if misfit:
         raise LoraError(
-            f"{where} does not fit the model's adapters (missing {missing[:2]}, unexpected "
-            f"{extra[:2]}, wrong shape {bad[:2]}). Fix: load adapters of this run's model.lora "
-            "(rank and target_modules) on its base model."
+            f"{where} does not fit the model's adapters ({misfit}). Fix: load adapters of this "
+            "run's model.lora (rank and target_modules) on its base model."
         )
-    with torch.no_grad():
-        for k, p in params.items():
-            if k in tensors:
-                p.copy_(tensors[k])
+    copy_present(params, tensors)
 
 
 def check_targets(model_dir: str | Path, lora, name: str | None = None) -> None:

@@ -469,6 +469,28 @@ def load_policy(
     return model.to(device).eval(), tokenizer
 
 
+def state_misfit(
+    params: dict, tensors: dict, *, optional=frozenset(), extra_ok=frozenset(), shown: int = 3
+) -> str | None:
+    """How `tensors` fail to fit `params` (both by name): "missing [...], unexpected [...],
+    wrong shape [...]" (at most `shown` names each), None when they fit. optional: names of
+    params that may be absent; extra_ok: names of tensors that may have no param."""
+    missing = sorted(set(params) - set(tensors) - set(optional))
+    extra = sorted(set(tensors) - set(params) - set(extra_ok))
+    bad = [n for n in params if n in tensors and tensors[n].shape != params[n].shape]
+    if not (missing or extra or bad):
+        return None
+    return f"missing {missing[:shown]}, unexpected {extra[:shown]}, wrong shape {bad[:shown]}"
+
+
+def copy_present(params: dict, tensors: dict) -> None:
+    """Copy each tensor into the param of its name, in place (no reallocation)."""
+    with torch.no_grad():
+        for name, p in params.items():
+            if name in tensors:
+                p.copy_(tensors[name])
+
+
 def map_tensors(state: dict, fn) -> dict:
     """`fn` applied once per distinct tensor of a state dict, keeping its aliasing: tied
     tensors (an LM head sharing the embedding) stay one tensor, so save_pretrained writes them

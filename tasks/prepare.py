@@ -80,13 +80,11 @@ def lora_version_zero(config: RunConfig, out_dir: Path) -> Path:
     """Version 0 of a LoRA run: the base model with the initial adapter beside it
     (scalerl/lora.py), drawn from trainer.seed. Raises LoraError (a ValueError: not retried) when
     the adapters do not fit the model or vLLM cannot serve LoRA for it."""
+    from runtime.common import check_lora_model
     from scalerl import lora
 
     base = materialize_base_model(config, out_dir)
-    if config.generation.engine != "transformers":
-        from scalerl.engines.vllm_common import check_lora_support
-
-        check_lora_support(str(base))
+    check_lora_model(config, base, config.model.name_or_path)
     tensors = lora.initial_adapter(base, config.model.lora, config.trainer.seed)
     lora.save_adapter(base / lora.ADAPTER_DIR, tensors, config.model.lora)
     return base

@@ -5,8 +5,9 @@
     publisher.make_durable(v)                 # at a checkpoint: the store receives v now
 
 One publish: the state dict cast once to the generators' dtype, save_pretrained into a staging
-directory (under model.lora the adapter alone, in adapter/: scalerl/lora.py), the ledger row, the commit (the transport's: nothing for the store, a rename into the
-node-local directory for local), the store's copy when the transport says the version is
+directory (under model.lora the adapter alone, in adapter/: scalerl/lora.py), the ledger row,
+the commit (the transport's: nothing for the store, a rename into the node-local directory for
+local), the store's copy when the transport says the version is
 durable (manifest-last, sha256 of each file), then retention (runtime/retention.py Pruner).
 Everything runs on the trainer's background publisher thread, off its step.
 
@@ -124,7 +125,7 @@ class TransportPublisher:
             return
         # model.lora: `state` is the adapter; the version holds it alone (scalerl/lora.py), and
         # version 0 (published by a trainer that found none) the base model beside it
-        from scalerl.lora import ADAPTER_DIR, base_params, save_adapter
+        from scalerl.lora import ADAPTER_DIR, TRAINED, base_params, save_adapter
 
         if version == 0:
             dtype = self.dtype
@@ -134,8 +135,6 @@ class TransportPublisher:
             }
             model.save_pretrained(staged, state_dict=base, safe_serialization=True)
             tokenizer.save_pretrained(staged)
-        from scalerl.lora import TRAINED
-
         save_adapter(staged / ADAPTER_DIR, state, adapters["default"], getattr(model, TRAINED, ()))
 
     def _commit(self, version: int, staged: Path) -> Path:

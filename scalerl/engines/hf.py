@@ -42,7 +42,7 @@ from scalerl.engines.base import (
     safetensors_files,
 )
 from scalerl.fp32_head import fp32_logits
-from scalerl.models import load_policy
+from scalerl.models import copy_present, load_policy, state_misfit
 
 # SplitMix64 constants as signed int64 (torch int64 arithmetic wraps around)
 _GOLDEN, _M1, _M2 = (
@@ -256,18 +256,13 @@ class TransformersEngine(Engine):
         tied = (
             {"lm_head.weight"} if self.model.config.get_text_config().tie_word_embeddings else set()
         )
-        missing = sorted(set(params) - set(tensors))
-        extra = sorted(set(tensors) - set(params) - tied)
-        bad = [n for n in params if n in tensors and tensors[n].shape != params[n].shape]
-        if missing or extra or bad:
+        misfit = state_misfit(params, tensors, extra_ok=tied)
+        if misfit:
             raise EngineError(
-                f"weights in {path} do not fit the loaded model (missing {missing[:3]}, "
-                f"unexpected {extra[:3]}, wrong shape {bad[:3]}). "
+                f"weights in {path} do not fit the loaded model ({misfit}). "
                 "Fix: publish a full checkpoint of the same architecture."
             )
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors[name])
+        copy_present(params, tensors)
         self.version = version
 
     def close(self) -> None:

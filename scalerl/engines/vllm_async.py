@@ -148,7 +148,7 @@ class AsyncVLLMEngine(VLLMEngineBase):
         """Reload weights in place from a published directory; in-flight requests continue. A
         LoRA engine takes the version's adapter (vllm_common.py _stage_adapter)."""
         self._check_open()
-        if self._lora_root is not None or (Path(path) / "adapter").is_dir():
+        if self._takes_adapter(path):
             self._call(self._load_adapter(version, self._stage_adapter(version, path)))
             self.version = version
             return

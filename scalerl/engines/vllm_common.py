@@ -278,6 +278,13 @@ class VLLMEngineBase(InPlaceEngine):
             max_lora_rank=vllm_lora_rank(lora.rank),
         )
 
+    def _takes_adapter(self, path: str | Path) -> bool:
+        """Whether loading `path` is an adapter swap: a LoRA engine, or an adapter version
+        (_stage_adapter then says which of the two does not fit)."""
+        from scalerl.lora import adapter_dir
+
+        return self._lora_root is not None or adapter_dir(path) is not None
+
     def _stage_adapter(self, version: int, path: str | Path):
         """The adapter of a version directory, renamed into this engine's one adapter path;
         returns the LoRARequest that reloads it in place (vLLM's load_inplace)."""

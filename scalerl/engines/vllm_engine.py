@@ -78,7 +78,7 @@ class VLLMEngine(VLLMEngineBase):
         """Reload weights in place from a published directory; in-flight requests continue. A
         LoRA engine takes the version's adapter (vllm_common.py _stage_adapter)."""
         self._check_open()
-        if self._lora_root is not None or (Path(path) / "adapter").is_dir():
+        if self._takes_adapter(path):
             self.engine.add_lora(self._stage_adapter(version, path))
             self.engine.set_weight_version(str(version))
             self.version = version

@@ -278,10 +278,9 @@ class Trainer:
         lora = self.cfg.model.lora
         if local is not None and lora is None:
             path = str(model_dir(local))
-        elif local is not None:  # a LoRA checkpoint holds the adapter: the base is version 0's
+        else:  # a LoRA checkpoint holds the adapter alone: the base is version 0's
             path = self.opts.model_path or self.cfg.model.name_or_path
-        else:
-            path = self.opts.model_path or self.cfg.model.name_or_path
+        if local is None:
             self._seed()
         on_meta = self.dp is not None and Path(path).is_dir()
         if on_meta:  # no rank holds the whole model: shards are allocated after fully_shard
@@ -540,7 +539,7 @@ class Trainer:
             self.publisher.publish(self.version, self.model, self.tokenizer, state)
             return
         if state is None:  # one process: a copy, since the next step changes the parameters
-            state = cpu_copy(self._publish_state())
+            state = cpu_copy(self.model.state_dict())
         self._background.submit(self.version, self.model, self.tokenizer, state)
 
     def flush_published(self) -> None:
@@ -549,19 +548,16 @@ class Trainer:
         if self._background is not None:
             self._background.flush()
 
-    def _publish_state(self) -> dict:
-        """What a version holds: the full state dict, or under LoRA the adapter alone (the
-        publisher writes it as an adapter directory, runtime/transports/publisher.py)."""
+    def _full_state(self) -> dict | None:
+        """What a version holds when it is not the model's own state dict: under LoRA the
+        adapter alone, copied (the next step changes it while it is published; the publisher
+        writes it as an adapter directory); under FSDP the gathered full state."""
         if self.peft is not None:
             from scalerl.lora import adapter_state
 
-            return adapter_state(self.model)
-        return self.model.state_dict()
-
-    def _full_state(self) -> dict | None:
+            return cpu_copy(adapter_state(self.model))
         if self.dp is None:
-            # LoRA: the adapter, copied (the next step changes it while it is published)
-            return cpu_copy(self._publish_state()) if self.peft is not None else None
+            return None
         return self.dp.full_model_state(self.policy, torch_dtype(self.cfg.model.dtype))
 
     def log_metrics(self, batch: Batch, out: StepOutput, waited: float) -> None:

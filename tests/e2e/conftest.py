@@ -125,3 +125,16 @@ def wait_run(proc: subprocess.Popen, log: Path, timeout: float) -> int:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def finished_and_verified(root: Path, run_id: str):
+    """The run at `root`, asserted finished (status) and sound (verify_run: nothing lost or
+    altered, nothing trained twice)."""
+    from runtime.verify import verify_run
+    from storage import open_store
+
+    run = open_store(str(root)).run(run_id)
+    assert run.read_status()["state"] == "finished"
+    report = verify_run(run)
+    assert report.ok, report.problems
+    return run

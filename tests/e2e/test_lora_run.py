@@ -19,9 +19,7 @@ import json
 
 import pytest
 
-from runtime.verify import verify_run
-from storage import open_store
-from tests.e2e.conftest import start_run, wait_run
+from tests.e2e.conftest import finished_and_verified, start_run, wait_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -78,10 +76,7 @@ def test_a_whole_lora_run(prefect_server, tmp_path, engine):
     rc = wait_run(start_run(prefect_server, overrides, log), log, 400)
     text = log.read_text()
     assert rc == 0, text[-4000:]
-    run = open_store(str(root)).run(run_id)
-    assert run.read_status()["state"] == "finished"
-    report = verify_run(run)
-    assert report.ok, report.problems
+    run = finished_and_verified(root, run_id)
 
     v0 = run.download_weights(0, tmp_path / "v0")
     config = json.loads((v0 / "config.json").read_text())

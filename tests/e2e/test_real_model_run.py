@@ -20,10 +20,8 @@ import json
 
 import pytest
 
-from runtime.verify import verify_run
 from scalerl.length_control import INTERRUPTION_PHRASE
-from storage import open_store
-from tests.e2e.conftest import start_run, wait_run
+from tests.e2e.conftest import finished_and_verified, start_run, wait_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -197,10 +195,7 @@ def test_a_whole_run_with_a_real_tokenizer_template_and_datasets(
     rc = wait_run(start_run(env, _overrides(real_parts, root, run_id, engine), log), log, 600)
     text = log.read_text()
     assert rc == 0, text[-4000:]
-    run = open_store(str(root)).run(run_id)
-    assert run.read_status()["state"] == "finished"
-    report = verify_run(run)
-    assert report.ok, report.problems
+    run = finished_and_verified(root, run_id)
     tok = real_parts["tokenizer"]
 
     # the too-long prompt was dropped and counted, never truncated

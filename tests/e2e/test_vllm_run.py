@@ -9,9 +9,7 @@ import math
 
 import pytest
 
-from runtime.verify import verify_run
-from storage import open_store
-from tests.e2e.conftest import start_run, wait_run
+from tests.e2e.conftest import finished_and_verified, start_run, wait_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -35,10 +33,7 @@ def test_a_whole_run_on_vllm_with_evaluations(prefect_server, tmp_path):
     text = log.read_text()
     assert rc == 0, text[-4000:]
     assert "(scalerl generator gen0" in text and "Initializing a V1 LLM engine" in text
-    run = open_store(str(root)).run(run_id)
-    assert run.read_status()["state"] == "finished"
-    report = verify_run(run)
-    assert report.ok, report.problems
+    run = finished_and_verified(root, run_id)
     ledger = run.read_metrics("weights").to_pylist()
     assert [(r["version"], r["transport"]) for r in ledger] == [(v, "local") for v in range(4)]
     assert not (tmp_path / "shm" / run_id).exists()
